@@ -124,3 +124,6 @@ class Task(Record, frozen=True, kw_only=True):
     model_id: ModelId
     kind: TaskKind
     params: GenerationParams
+    # "pending" until the runner starts it, then "running"; "failed" before deletion.
+    status: str = "pending"
+    error_message: str | None = None

@@ -1,0 +1,186 @@
+"""Events: facts in the past tense, indexed into the log by the master only.
+
+Workers raise *local* events (telemetry, runner statuses, task completions);
+the master validates them, drops task events for tasks it does not know (the
+ingest cap that stops event storms), and indexes the rest into the session's
+global log. ``apply`` (skulk.core.state) folds global events into state.
+
+Event 0 of every session is ``SessionStarted``, which carries the new master's
+last replicated instances, downloads and connectivity (failover carryover).
+"""
+
+from __future__ import annotations
+
+from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
+from skulk.core.instances import Instance, RunnerStatus
+from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.records import Record, TaggedRecord
+from skulk.core.session import Session
+from skulk.core.tasks import Task
+
+__all__ = [
+    "Carryover",
+    "SessionStarted",
+    "NodeGatheredInfo",
+    "NodeTimedOut",
+    "ConnectionObserved",
+    "ConnectionLost",
+    "DownloadCompleted",
+    "InstanceCreated",
+    "InstanceDeleted",
+    "InstanceStillHosted",
+    "RunnerStatusUpdated",
+    "RunnerDeleted",
+    "TaskCreated",
+    "TaskStatusUpdated",
+    "TaskFailed",
+    "TaskDeleted",
+    "Event",
+    "LOCAL_EVENT_TYPES",
+    "TASK_EVENT_TYPES",
+    "IndexedEvent",
+]
+
+
+class Carryover(Record, frozen=True, kw_only=True):
+    instances: dict[InstanceId, Instance] = {}
+    downloads: dict[NodeId, tuple[ModelId, ...]] = {}
+    connections: tuple[Connection, ...] = ()
+    next_port_offset: int = 0
+
+
+class SessionStarted(TaggedRecord, frozen=True, kw_only=True):
+    session: Session
+    carryover: Carryover
+
+
+class NodeGatheredInfo(TaggedRecord, frozen=True, kw_only=True):
+    """Telemetry from ``node_id``; any field left None is unchanged."""
+
+    node_id: NodeId
+    identity: NodeIdentity | None = None
+    memory: MemoryInfo | None = None
+    network: NetworkInfo | None = None
+    system: SystemInfo | None = None
+
+
+class NodeTimedOut(TaggedRecord, frozen=True, kw_only=True):
+    node_id: NodeId
+
+
+class ConnectionObserved(TaggedRecord, frozen=True, kw_only=True):
+    connection: Connection
+
+
+class ConnectionLost(TaggedRecord, frozen=True, kw_only=True):
+    connection: Connection
+
+
+class DownloadCompleted(TaggedRecord, frozen=True, kw_only=True):
+    node_id: NodeId
+    model_id: ModelId
+
+
+class InstanceCreated(TaggedRecord, frozen=True, kw_only=True):
+    instance: Instance
+    # The command that asked for it (None for re-placements and re-reports).
+    command_id: CommandId | None = None
+
+
+class InstanceDeleted(TaggedRecord, frozen=True, kw_only=True):
+    instance_id: InstanceId
+    reason: str = ""
+
+
+class InstanceStillHosted(TaggedRecord, frozen=True, kw_only=True):
+    """Local only: a worker still runs a runner for ``instance`` after a failover.
+
+    The master re-creates the instance if it lost it (a lagging new master) and
+    it still fits; this is how invariant 5 (no placement lost) holds even when
+    the new master had not applied the instance's creation.
+    """
+
+    instance: Instance
+
+
+class RunnerStatusUpdated(TaggedRecord, frozen=True, kw_only=True):
+    runner_id: RunnerId
+    node_id: NodeId
+    instance_id: InstanceId
+    status: RunnerStatus
+
+
+class RunnerDeleted(TaggedRecord, frozen=True, kw_only=True):
+    runner_id: RunnerId
+
+
+class TaskCreated(TaggedRecord, frozen=True, kw_only=True):
+    task: Task
+
+
+class TaskStatusUpdated(TaggedRecord, frozen=True, kw_only=True):
+    task_id: TaskId
+    status: str  # "running"
+
+
+class TaskFailed(TaggedRecord, frozen=True, kw_only=True):
+    task_id: TaskId
+    error_message: str
+
+
+class TaskDeleted(TaggedRecord, frozen=True, kw_only=True):
+    """The task ended (completed, cancelled or failed) and leaves the state."""
+
+    task_id: TaskId
+    outcome: str = "completed"
+
+
+Event = (
+    SessionStarted
+    | NodeGatheredInfo
+    | NodeTimedOut
+    | ConnectionObserved
+    | ConnectionLost
+    | DownloadCompleted
+    | InstanceCreated
+    | InstanceDeleted
+    | InstanceStillHosted
+    | RunnerStatusUpdated
+    | RunnerDeleted
+    | TaskCreated
+    | TaskStatusUpdated
+    | TaskFailed
+    | TaskDeleted
+)
+
+# Events a worker may raise; anything else arriving as a local event is dropped.
+LOCAL_EVENT_TYPES: tuple[type, ...] = (
+    NodeGatheredInfo,
+    ConnectionObserved,
+    ConnectionLost,
+    DownloadCompleted,
+    InstanceStillHosted,
+    RunnerStatusUpdated,
+    RunnerDeleted,
+    TaskStatusUpdated,
+    TaskFailed,
+    TaskDeleted,
+)
+
+# Task events the ingest cap drops when the master does not know the task.
+TASK_EVENT_TYPES: tuple[type, ...] = (TaskStatusUpdated, TaskFailed, TaskDeleted)
+
+
+class IndexedEvent(Record, frozen=True, kw_only=True):
+    """An event at ``index`` in ``session``'s log, stamped with the master's clock.
+
+    ``origin``/``origin_idx`` identify the local event it came from (None for
+    events the master raised itself), which is how a worker learns that its
+    local event was indexed.
+    """
+
+    index: int
+    event: Event
+    at: float
+    origin: NodeId | None = None
+    origin_idx: int | None = None

@@ -1,0 +1,127 @@
+"""Inputs: everything that can happen to a node, as plain data.
+
+Drivers feed these to ``CoreNode.handle(now, input)``.
+"""
+
+from __future__ import annotations
+
+from skulk.core.commands import Command
+from skulk.core.ids import CommandId, NodeId, RunnerId
+from skulk.core.instances import LinkKind, RunnerStatus
+from skulk.core.messages import Message
+from skulk.core.nodes import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.records import TaggedRecord
+from skulk.core.tasks import TokenChunk
+
+__all__ = [
+    "Boot",
+    "PeersChanged",
+    "Received",
+    "TimerFired",
+    "InfoObserved",
+    "LinkProbed",
+    "ModelAvailable",
+    "RunnerStatusObserved",
+    "RunnerExited",
+    "RunnerOutput",
+    "SubmitCommand",
+    "AbandonRequest",
+    "PersistFailed",
+    "Input",
+]
+
+
+class Boot(TaggedRecord, frozen=True, kw_only=True):
+    """The node process started (fresh or after a restart)."""
+
+
+class PeersChanged(TaggedRecord, frozen=True, kw_only=True):
+    """The set of peers the transport currently has a live path to (membership).
+
+    A multi-homed peer whose second link flaps stays in the set; only a real
+    change of the set matters to the election.
+    """
+
+    peers: frozenset[NodeId]
+
+
+class Received(TaggedRecord, frozen=True, kw_only=True):
+    sender: NodeId
+    message: Message
+
+
+class TimerFired(TaggedRecord, frozen=True, kw_only=True):
+    key: str
+
+
+class InfoObserved(TaggedRecord, frozen=True, kw_only=True):
+    """Fresh local telemetry; fields left None were not measured this time."""
+
+    identity: NodeIdentity | None = None
+    memory: MemoryInfo | None = None
+    network: NetworkInfo | None = None
+    system: SystemInfo | None = None
+
+
+class LinkProbed(TaggedRecord, frozen=True, kw_only=True):
+    """A probe of ``address`` (advertised by ``sink``) succeeded or failed."""
+
+    sink: NodeId
+    address: str
+    kind: LinkKind
+    reachable: bool
+
+
+class ModelAvailable(TaggedRecord, frozen=True, kw_only=True):
+    model_id: str
+
+
+class RunnerStatusObserved(TaggedRecord, frozen=True, kw_only=True):
+    runner_id: RunnerId
+    status: RunnerStatus
+
+
+class RunnerExited(TaggedRecord, frozen=True, kw_only=True):
+    runner_id: RunnerId
+    exit_code: int
+
+
+class RunnerOutput(TaggedRecord, frozen=True, kw_only=True):
+    runner_id: RunnerId
+    chunk: TokenChunk
+
+
+class SubmitCommand(TaggedRecord, frozen=True, kw_only=True):
+    """A command accepted by this node's API."""
+
+    command: Command
+
+
+class AbandonRequest(TaggedRecord, frozen=True, kw_only=True):
+    """The client of ``command_id`` went away (or asked to cancel)."""
+
+    command_id: CommandId
+
+
+class PersistFailed(TaggedRecord, frozen=True, kw_only=True):
+    """A disk write failed (full disk, I/O error); the node keeps serving."""
+
+    what: str
+    error: str
+
+
+Input = (
+    Boot
+    | PeersChanged
+    | Received
+    | TimerFired
+    | InfoObserved
+    | LinkProbed
+    | ModelAvailable
+    | RunnerStatusObserved
+    | RunnerExited
+    | RunnerOutput
+    | SubmitCommand
+    | AbandonRequest
+    | PersistFailed
+)

@@ -1,0 +1,146 @@
+"""Messages between nodes, one record type per topic.
+
+Every message travels on a topic named by ``topic_of``; the transport maps
+topics to key expressions (zenoh) or simulated links. Messages are the only
+thing nodes exchange; the ordered event log is carried by ``GlobalEvent`` and
+``SyncResponse``, tokens by ``ChunkMessage`` on the data topic.
+"""
+
+from __future__ import annotations
+
+from skulk.core.commands import Command, CommandResult
+from skulk.core.events import Event, IndexedEvent
+from skulk.core.ids import NodeId
+from skulk.core.records import Record, TaggedRecord
+from skulk.core.session import Session
+from skulk.core.tasks import TokenChunk
+
+__all__ = [
+    "Candidate",
+    "ElectionMessage",
+    "CommandMessage",
+    "CommandResultMessage",
+    "LocalEventMessage",
+    "LocalEventAck",
+    "GlobalEvent",
+    "Snapshot",
+    "SyncRequest",
+    "SyncResponse",
+    "ChunkMessage",
+    "Message",
+    "TOPICS",
+    "topic_of",
+]
+
+
+class Candidate(Record, frozen=True, kw_only=True, order=True):
+    """A node's claim in an election; compared by ``rank()``, highest wins."""
+
+    clock: int
+    seniority: int
+    commands_seen: int
+    node_id: NodeId
+
+    def rank(self) -> tuple[int, int, int, str]:
+        return (self.clock, self.seniority, self.commands_seen, self.node_id)
+
+
+class ElectionMessage(TaggedRecord, frozen=True, kw_only=True):
+    """A campaign vote, or (``campaigning`` False) a heartbeat of a settled node."""
+
+    candidate: Candidate
+    campaigning: bool
+    # The session the sender currently follows (None before its first election).
+    session: Session | None = None
+
+
+class CommandMessage(TaggedRecord, frozen=True, kw_only=True):
+    origin: NodeId
+    command: Command
+
+
+class CommandResultMessage(TaggedRecord, frozen=True, kw_only=True):
+    session: Session
+    result: CommandResult
+
+
+class LocalEventMessage(TaggedRecord, frozen=True, kw_only=True):
+    """A worker's event for ``session``'s master; ``origin_idx`` is dense per session."""
+
+    origin: NodeId
+    session: Session
+    origin_idx: int
+    event: Event
+
+
+class LocalEventAck(TaggedRecord, frozen=True, kw_only=True):
+    """The master has processed ``origin``'s local events below ``next_idx``."""
+
+    session: Session
+    origin: NodeId
+    next_idx: int
+
+
+class GlobalEvent(TaggedRecord, frozen=True, kw_only=True):
+    session: Session
+    indexed: IndexedEvent
+
+
+class Snapshot(Record, frozen=True, kw_only=True):
+    """The encoded state after applying index ``index`` of ``session``."""
+
+    session: Session
+    index: int
+    state: bytes
+    digest: str
+
+
+class SyncRequest(TaggedRecord, frozen=True, kw_only=True):
+    """Ask the master for indices ``[from_index, to_index)`` (to_index None: all)."""
+
+    session: Session
+    requester: NodeId
+    from_index: int
+    to_index: int | None = None
+
+
+class SyncResponse(TaggedRecord, frozen=True, kw_only=True):
+    session: Session
+    snapshot: Snapshot | None = None
+    events: tuple[IndexedEvent, ...] = ()
+
+
+class ChunkMessage(TaggedRecord, frozen=True, kw_only=True):
+    """Tokens on the data topic, from the runner's node to the request's origin."""
+
+    destination: NodeId
+    chunk: TokenChunk
+
+
+Message = (
+    ElectionMessage
+    | CommandMessage
+    | CommandResultMessage
+    | LocalEventMessage
+    | LocalEventAck
+    | GlobalEvent
+    | SyncRequest
+    | SyncResponse
+    | ChunkMessage
+)
+
+TOPICS: dict[type, str] = {
+    ElectionMessage: "election",
+    CommandMessage: "commands",
+    CommandResultMessage: "command_results",
+    LocalEventMessage: "local_events",
+    LocalEventAck: "local_events",
+    GlobalEvent: "global_events",
+    SyncRequest: "state_sync",
+    SyncResponse: "state_sync",
+    ChunkMessage: "data",
+}
+
+
+def topic_of(message: Message) -> str:
+    return TOPICS[type(message)]
