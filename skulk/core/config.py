@@ -16,7 +16,7 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     # Election.
     campaign_timeout_s: float = 3.0  # longest a campaign waits for votes
     settle_delay_s: float = 0.2  # connection-change settle delay before campaigning
-    heartbeat_interval_s: float = 1.0  # settled nodes re-announce their session
+    heartbeat_interval_s: float = 2.0  # settled nodes re-announce their session
     force_master: bool = False  # gives huge seniority (operator override)
     # Liveness and pruning (master).
     node_timeout_s: float = 30.0  # no telemetry for this long: node considered gone
@@ -38,6 +38,8 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     command_retry_s: float = 1.0  # resend an unanswered command after this
     command_deadline_s: float = 15.0  # pending placement info: give up (503) after this
     command_dedupe_max: int = 4_096  # recent command results the master remembers
+    persist_state_every: int = 64  # applied events between persisted state copies
+    request_linger_s: float = 5.0  # after TaskDeleted, wait this long for the last chunk
     # Telemetry.
     telemetry_interval_s: float = 5.0  # how often a node re-reports itself (last_seen)
     # Runners.

@@ -17,6 +17,7 @@ from skulk.core.tasks import TokenChunk
 
 __all__ = [
     "Candidate",
+    "Vote",
     "ElectionMessage",
     "CommandMessage",
     "CommandResultMessage",
@@ -45,13 +46,33 @@ class Candidate(Record, frozen=True, kw_only=True, order=True):
         return (self.clock, self.seniority, self.commands_seen, self.node_id)
 
 
-class ElectionMessage(TaggedRecord, frozen=True, kw_only=True):
-    """A campaign vote, or (``campaigning`` False) a heartbeat of a settled node."""
+class Vote(Record, frozen=True, kw_only=True):
+    """A candidate and the session it currently follows (None before any)."""
 
     candidate: Candidate
-    campaigning: bool
-    # The session the sender currently follows (None before its first election).
     session: Session | None = None
+
+
+class ElectionMessage(TaggedRecord, frozen=True, kw_only=True):
+    """A campaign vote, or (``campaigning`` False) a settled node's heartbeat.
+
+    ``votes`` holds the sender's own vote first, then every other vote it knows
+    for ``clock`` (gossiped, so nodes without a direct link still learn each
+    other's candidates). ``fast`` campaigns may conclude as soon as every
+    connected peer has voted; slow ones always wait for the campaign timeout.
+    """
+
+    clock: int
+    campaigning: bool
+    votes: tuple[Vote, ...]
+    fast: bool = True
+    # A settled master's heartbeat carries its log length so a follower that
+    # missed the tail notices and asks for it, even when the cluster is idle.
+    log_next: int | None = None
+
+    @property
+    def sender_vote(self) -> Vote:
+        return self.votes[0]
 
 
 class CommandMessage(TaggedRecord, frozen=True, kw_only=True):

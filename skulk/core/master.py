@@ -1,0 +1,489 @@
+"""The master: the single writer of a session's event log.
+
+Theory of operation
+-------------------
+Only the master of a session turns commands and workers' local events into
+indexed events: dense indices from 0, stamped with the master's clock. Event 0
+is ``SessionStarted`` carrying the carryover (instances, completed downloads,
+connectivity) from the master's last replicated state; tasks, runner statuses
+and topology are rebuilt by the workers, not carried.
+
+Local events from each origin are processed in ``origin_idx`` order (early
+ones are buffered, duplicates are acknowledged and dropped). Before an event
+takes an index it passes the *ingest cap*: task events for tasks the master
+does not know are dropped, runner statuses for runners it does not know are
+dropped, and facts it already holds are not indexed again. That is what keeps
+an abandonment storm at a small constant number of events per request.
+
+Liveness pruning (nodes silent for ``node_timeout_s``) is suppressed for
+``prune_grace_s`` after the session starts, while the topology settles.
+Whenever an instance or node is removed, ``TaskFailed`` is indexed for each of
+its in-flight tasks first.
+
+The log kept in memory is bounded: a snapshot every ``snapshot_every`` events,
+keeping ``retain_before_snapshot`` events before it plus everything after.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+
+from skulk.core import placement
+from skulk.core.cards import ModelCard
+from skulk.core.commands import (
+    CancelTask,
+    Command,
+    CommandResult,
+    DeleteInstance,
+    PlaceInstance,
+    SubmitTask,
+)
+from skulk.core.config import CoreConfig
+from skulk.core.effects import AppendLog, Effect, Log, Send, SetTimer, WriteSnapshot
+from skulk.core.events import (
+    LOCAL_EVENT_TYPES,
+    TASK_EVENT_TYPES,
+    Carryover,
+    ConnectionLost,
+    ConnectionObserved,
+    DownloadCompleted,
+    Event,
+    IndexedEvent,
+    InstanceCreated,
+    InstanceDeleted,
+    InstanceStillHosted,
+    NodeGatheredInfo,
+    NodeTimedOut,
+    RunnerDeleted,
+    RunnerStatusUpdated,
+    SessionStarted,
+    TaskCreated,
+    TaskDeleted,
+    TaskFailed,
+    TaskStatusUpdated,
+)
+from skulk.core.ids import CommandId, InstanceId, NodeId, TaskId, derive_id
+from skulk.core.instances import RUNNER_SERVING, Instance, RunnerFailed
+from skulk.core.messages import (
+    CommandResultMessage,
+    GlobalEvent,
+    LocalEventAck,
+    LocalEventMessage,
+    Snapshot,
+    SyncRequest,
+    SyncResponse,
+)
+from skulk.core.session import Session
+from skulk.core.state import State, digest, encode_state, hosting_nodes
+from skulk.core.tasks import Task
+
+__all__ = ["Master", "PRUNE_TIMER", "removal_events"]
+
+PRUNE_TIMER = "master.prune"
+# Marker in a RunnerFailed message that asks for re-placement on a fresh port.
+GROUP_CONNECT_FAILED = "group connect"
+
+
+def removal_events(state: State, instance_id: InstanceId, reason: str) -> list[Event]:
+    """Events that remove an instance: TaskFailed (then TaskDeleted) for every
+    in-flight task on it first, then ``InstanceDeleted``."""
+    events: list[Event] = []
+    for task_id in sorted(state.tasks):
+        task = state.tasks[task_id]
+        if task.instance_id != instance_id:
+            continue
+        if task.status != "failed":
+            events.append(TaskFailed(task_id=task_id, error_message=f"instance removed: {reason}"))
+        events.append(TaskDeleted(task_id=task_id, outcome="failed"))
+    events.append(InstanceDeleted(instance_id=instance_id, reason=reason))
+    return events
+
+
+class Master:
+    """Indexes events for one session. Created when this node wins an election."""
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        config: CoreConfig,
+        session: Session,
+        cards: Mapping[str, ModelCard],
+        apply_own: Callable[[IndexedEvent], State],
+    ) -> None:
+        assert session.master == node_id or config.canary_double_master
+        self.node_id = node_id
+        self.config = config
+        self.session = session
+        self.cards = cards
+        self._apply_own = apply_own
+        self.state: State | None = None
+        self.started_at = 0.0
+        self.next_index = 0
+        # Retained log: events[i] has index log_base + i.
+        self._log: list[IndexedEvent] = []
+        self._log_base = 0
+        self._snapshot: Snapshot | None = None
+        self._origin_next: dict[NodeId, int] = {}
+        self._origin_buffer: dict[NodeId, dict[int, LocalEventMessage]] = {}
+        self._results: OrderedDict[CommandId, CommandResult] = OrderedDict()
+        self._cancelled: OrderedDict[CommandId, None] = OrderedDict()
+        self.dropped_by_ingest_cap = 0
+        self.active = True
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    def start(self, now: float, last_state: State) -> list[Effect]:
+        """Seed the session from our last replicated state (event 0)."""
+        self.started_at = now
+        carry = Carryover(
+            instances=dict(last_state.instances),
+            downloads=dict(last_state.downloads),
+            connections=last_state.topology.connections,
+            next_port_offset=last_state.next_port_offset,
+        )
+        effects = self._index(now, SessionStarted(session=self.session, carryover=carry))
+        effects.append(SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s))
+        effects.append(
+            Log(
+                level="info",
+                message=f"master of session {self.session}: carried over {len(carry.instances)} instance(s)",
+            )
+        )
+        return effects
+
+    def stop(self) -> None:
+        self.active = False
+
+    # --- indexing ----------------------------------------------------------------
+
+    def _index(
+        self, now: float, event: Event, origin: NodeId | None = None, origin_idx: int | None = None
+    ) -> list[Effect]:
+        assert self.active, "a deposed master must not index"
+        indexed = IndexedEvent(index=self.next_index, event=event, at=now, origin=origin, origin_idx=origin_idx)
+        self.next_index += 1
+        self.state = self._apply_own(indexed)
+        assert self.state.last_index == indexed.index
+        self._log.append(indexed)
+        effects: list[Effect] = [
+            AppendLog(session=self.session, indexed=indexed),
+            Send(message=GlobalEvent(session=self.session, indexed=indexed)),
+        ]
+        if self.next_index % self.config.snapshot_every == 0:
+            effects += self._take_snapshot()
+        return effects
+
+    def _index_all(self, now: float, events: list[Event]) -> list[Effect]:
+        effects: list[Effect] = []
+        for event in events:
+            effects += self._index(now, event)
+        return effects
+
+    def _take_snapshot(self) -> list[Effect]:
+        assert self.state is not None
+        snap = Snapshot(
+            session=self.session,
+            index=self.state.last_index,
+            state=encode_state(self.state),
+            digest=digest(self.state),
+        )
+        self._snapshot = snap
+        keep_from = max(0, snap.index + 1 - self.config.retain_before_snapshot)
+        if keep_from > self._log_base:
+            del self._log[: keep_from - self._log_base]
+            self._log_base = keep_from
+        return [WriteSnapshot(snapshot=snap)]
+
+    # --- commands ----------------------------------------------------------------
+
+    def on_command(self, now: float, origin: NodeId, command: Command) -> list[Effect]:
+        cached = self._results.get(command.command_id)
+        if cached is not None:
+            return [self._reply(origin, cached)]
+        effects, result = self._execute(now, origin, command)
+        if result.status != "pending":
+            self._results[command.command_id] = result
+            while len(self._results) > self.config.command_dedupe_max:
+                self._results.popitem(last=False)
+        effects.append(self._reply(origin, result))
+        return effects
+
+    def _reply(self, origin: NodeId, result: CommandResult) -> Effect:
+        return Send(message=CommandResultMessage(session=self.session, result=result), to=origin)
+
+    def _execute(self, now: float, origin: NodeId, command: Command) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        if isinstance(command, PlaceInstance):
+            outcome = placement.place(state, command, self.cards, self.config)
+            if isinstance(outcome, placement.PlacementRefused):
+                status = "pending" if outcome.pending else "rejected"
+                return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
+            inst = outcome.instance
+            effects = self._index(now, InstanceCreated(instance=inst, command_id=cid))
+            return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
+        if isinstance(command, DeleteInstance):
+            if command.instance_id not in state.instances:
+                return [], CommandResult(
+                    command_id=cid,
+                    status="rejected",
+                    code="instance_not_found",
+                    message=f"no instance {command.instance_id!r}",
+                )
+            effects = self._index_all(now, removal_events(state, command.instance_id, "deleted by request"))
+            return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
+        if isinstance(command, SubmitTask):
+            return self._submit(now, origin, command)
+        if isinstance(command, CancelTask):
+            self._cancelled[command.target] = None
+            while len(self._cancelled) > self.config.command_dedupe_max:
+                self._cancelled.popitem(last=False)
+            task_id = TaskId(derive_id("task", command.target))
+            if task_id in state.tasks:
+                return self._index(now, TaskDeleted(task_id=task_id, outcome="cancelled")), CommandResult(
+                    command_id=cid, status="accepted"
+                )
+            return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
+        raise AssertionError(f"unknown command {type(command).__name__}")
+
+    def _submit(self, now: float, origin: NodeId, command: SubmitTask) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        if cid in self._cancelled:
+            return [], CommandResult(command_id=cid, status="rejected", code="cancelled", message="request was cancelled")
+        instance = self._choose_instance(state, command)
+        if isinstance(instance, CommandResult):
+            return [], instance
+        task = Task(
+            task_id=TaskId(derive_id("task", cid)),
+            command_id=cid,
+            origin=origin,
+            instance_id=instance.instance_id,
+            model_id=command.model_id,
+            kind=command.kind,
+            params=command.params,
+        )
+        if task.task_id in state.tasks:
+            return [], CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
+        effects = self._index(now, TaskCreated(task=task))
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
+
+    def _choose_instance(self, state: State, command: SubmitTask) -> Instance | CommandResult:
+        cid = command.command_id
+        if command.instance_id is not None:
+            inst = state.instances.get(command.instance_id)
+            if inst is None:
+                return CommandResult(
+                    command_id=cid, status="rejected", code="instance_not_found",
+                    message=f"no instance {command.instance_id!r}",
+                )
+            return inst
+        candidates = [
+            state.instances[i]
+            for i in sorted(state.instances)
+            if state.instances[i].shard_assignments.model_id == command.model_id
+        ]
+        if not candidates:
+            return CommandResult(
+                command_id=cid,
+                status="rejected",
+                code="model_not_found",
+                message=f"model {command.model_id!r} is not placed on this cluster; place it with POST /place_instance",
+            )
+        healthy = [c for c in candidates if not self._instance_failed(state, c)]
+        if not healthy:
+            reasons = "; ".join(self._failure_reasons(state, candidates[0]))
+            return CommandResult(
+                command_id=cid, status="rejected", code="instance_failed",
+                message=f"every instance of {command.model_id!r} has failed: {reasons}",
+            )
+        load = {c.instance_id: 0 for c in healthy}
+        for task in state.tasks.values():
+            if task.instance_id in load:
+                load[task.instance_id] += 1
+
+        def score(inst: Instance) -> tuple[int, int, str]:
+            ready = all(
+                isinstance(state.runners.get(r), RUNNER_SERVING)
+                for r in inst.shard_assignments.runner_to_shard
+            )
+            return (0 if ready else 1, load[inst.instance_id], inst.instance_id)
+
+        return min(healthy, key=score)
+
+    @staticmethod
+    def _instance_failed(state: State, inst: Instance) -> bool:
+        return any(
+            isinstance(state.runners.get(r), RunnerFailed) and state.runners[r].permanent  # type: ignore[union-attr]
+            for r in inst.shard_assignments.runner_to_shard
+        )
+
+    @staticmethod
+    def _failure_reasons(state: State, inst: Instance) -> list[str]:
+        out = []
+        for r in sorted(inst.shard_assignments.runner_to_shard):
+            status = state.runners.get(r)
+            if isinstance(status, RunnerFailed):
+                out.append(status.error_message)
+        return out
+
+    # --- local events ----------------------------------------------------------------
+
+    def on_local_event(self, now: float, msg: LocalEventMessage) -> list[Effect]:
+        if msg.session != self.session:
+            return []
+        origin = msg.origin
+        expected = self._origin_next.get(origin, 0)
+        if msg.origin_idx < expected:
+            return [Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin)]
+        if msg.origin_idx > expected:
+            buf = self._origin_buffer.setdefault(origin, {})
+            if len(buf) < self.config.local_outbox_max:
+                buf[msg.origin_idx] = msg
+            return []
+        effects: list[Effect] = []
+        dropped = False
+        while True:
+            effects_one, was_dropped = self._ingest(now, msg)
+            effects += effects_one
+            dropped = dropped or was_dropped
+            expected += 1
+            self._origin_next[origin] = expected
+            nxt = self._origin_buffer.get(origin, {}).pop(expected, None)
+            if nxt is None:
+                break
+            msg = nxt
+        if dropped:
+            effects.append(Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin))
+        return effects
+
+    def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:
+        """Index one local event, or drop it (returns dropped=True)."""
+        state = self.state
+        assert state is not None
+        event = msg.event
+        origin, idx = msg.origin, msg.origin_idx
+        if not isinstance(event, LOCAL_EVENT_TYPES):
+            return [Log(level="warning", message=f"dropped non-local event {type(event).__name__} from {origin}")], True
+        if isinstance(event, TASK_EVENT_TYPES):
+            task = state.tasks.get(event.task_id)  # type: ignore[union-attr]
+            if task is None:
+                self.dropped_by_ingest_cap += 1
+                return [], True
+            if isinstance(event, TaskFailed):
+                if task.status == "failed":
+                    return [], True
+                effects = self._index(now, event, origin, idx)
+                effects += self._index(now, TaskDeleted(task_id=event.task_id, outcome="failed"))
+                return effects, False
+            if isinstance(event, TaskStatusUpdated) and task.status == event.status:
+                return [], True
+        elif isinstance(event, RunnerStatusUpdated):
+            if event.runner_id not in state.runner_instance or event.instance_id not in state.instances:
+                self.dropped_by_ingest_cap += 1
+                return [], True
+            if state.runners.get(event.runner_id) == event.status:
+                return [], True
+            effects = self._index(now, event, origin, idx)
+            if isinstance(event.status, RunnerFailed) and GROUP_CONNECT_FAILED in event.status.error_message:
+                effects += self._replace_instance(now, event.instance_id, event.status.error_message)
+            elif isinstance(event.status, RunnerFailed) and event.status.permanent:
+                effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
+            return effects, False
+        elif isinstance(event, RunnerDeleted):
+            if event.runner_id not in state.runners:
+                return [], True
+        elif isinstance(event, InstanceStillHosted):
+            inst = event.instance
+            if inst.instance_id in state.instances:
+                return [], True
+            problem = placement.fits(state, inst)
+            if problem is not None:
+                return [Log(level="warning", message=f"not re-adopting {inst.instance_id}: {problem}")], True
+            return self._index(now, InstanceCreated(instance=inst), origin, idx), False
+        elif isinstance(event, ConnectionObserved):
+            if event.connection in state.topology.connections:
+                return [], True
+        elif isinstance(event, ConnectionLost):
+            if event.connection not in state.topology.connections:
+                return [], True
+        elif isinstance(event, DownloadCompleted):
+            if event.model_id in state.downloads.get(event.node_id, ()):
+                return [], True
+        elif isinstance(event, NodeGatheredInfo):
+            if event.node_id != origin:
+                return [Log(level="warning", message=f"{origin} reported info for {event.node_id}")], True
+        return self._index(now, event, origin, idx), False
+
+    def _fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
+        state = self.state
+        assert state is not None
+        events: list[Event] = []
+        for task_id in sorted(state.tasks):
+            task = state.tasks[task_id]
+            if task.instance_id == instance_id and task.status != "failed":
+                events.append(TaskFailed(task_id=task_id, error_message=f"instance failed: {reason}"))
+                events.append(TaskDeleted(task_id=task_id, outcome="failed"))
+        return self._index_all(now, events)
+
+    def _replace_instance(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
+        state = self.state
+        assert state is not None
+        old = state.instances.get(instance_id)
+        if old is None:
+            return []
+        effects = self._index_all(now, removal_events(state, instance_id, f"re-placing: {reason}"))
+        assert self.state is not None
+        outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
+        if isinstance(outcome, placement.PlacementRefused):
+            effects.append(Log(level="error", message=f"could not re-place {instance_id}: {outcome.message}"))
+            return effects
+        effects += self._index(now, InstanceCreated(instance=outcome.instance))
+        effects.append(
+            Log(level="warning", message=f"re-placed {instance_id} as {outcome.instance.instance_id}: {reason}")
+        )
+        return effects
+
+    # --- sync ----------------------------------------------------------------------
+
+    def on_sync_request(self, now: float, msg: SyncRequest) -> list[Effect]:
+        if msg.session != self.session:
+            return []
+        start = max(0, msg.from_index)
+        end = self.next_index if msg.to_index is None else min(msg.to_index, self.next_index)
+        snapshot = None
+        if start < self._log_base:
+            snapshot = self._snapshot
+            assert snapshot is not None, "log trimmed without a snapshot"
+            start = snapshot.index + 1
+            end = self.next_index
+        end = min(end, start + self.config.replay_batch_max)
+        events = tuple(self._log[start - self._log_base : end - self._log_base]) if end > start else ()
+        return [Send(message=SyncResponse(session=self.session, snapshot=snapshot, events=events), to=msg.requester)]
+
+    # --- pruning -------------------------------------------------------------------
+
+    def on_prune_timer(self, now: float) -> list[Effect]:
+        effects: list[Effect] = [SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s)]
+        if now - self.started_at < self.config.prune_grace_s:
+            return effects
+        state = self.state
+        assert state is not None
+        cutoff = now - self.config.node_timeout_s
+        gone = sorted(n for n, seen in state.last_seen.items() if seen < cutoff and n != self.node_id)
+        present = set(state.topology.nodes)
+        for iid in sorted(state.instances):
+            inst = state.instances[iid]
+            hosts = hosting_nodes(inst)
+            missing = [n for n in hosts if n in gone or n not in present]
+            if missing:
+                assert self.state is not None
+                effects += self._index_all(
+                    now, removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} gone")
+                )
+        for node in gone:
+            effects += self._index(now, NodeTimedOut(node_id=node))
+        return effects

@@ -1,0 +1,240 @@
+"""The origin side of commands: what this node's API submitted, until it ends.
+
+Theory of operation
+-------------------
+A command from the local API is broadcast on the commands topic (every node
+counts it for the election; only the master acts). Until the master answers,
+it is re-sent every ``command_retry_s``; a ``pending`` answer (placement
+information not yet known) keeps it retrying until ``command_deadline_s``,
+after which it fails with a 503-class error. A command submitted while no
+master is known waits for one, within the same deadline.
+
+A task request stays *open* after acceptance: its chunks arrive on the data
+topic and are handed to the API, until the chunk with a ``finish_reason``.
+It also ends, with an error chunk, when:
+
+- the session changes while it is open (invariant 8: requests open on a dead
+  master end with a clear error, never hang);
+- the replicated state says its task failed or was deleted and the last chunk
+  does not follow within ``request_linger_s``.
+
+Abandoning a request sends a ``CancelTask`` and closes it at once.
+"""
+
+from __future__ import annotations
+
+from skulk.core.commands import CancelTask, Command, CommandResult, SubmitTask
+from skulk.core.config import CoreConfig
+from skulk.core.effects import CancelTimer, CommandCompleted, DeliverChunk, Effect, Send, SetTimer
+from skulk.core.events import IndexedEvent, TaskDeleted, TaskFailed
+from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
+from skulk.core.messages import CommandMessage
+from skulk.core.session import Session
+from skulk.core.tasks import ChunkError, TokenChunk
+
+__all__ = ["Requests", "REQUEST_TIMER_PREFIX", "SESSION_CHANGED"]
+
+REQUEST_TIMER_PREFIX = "request."
+SESSION_CHANGED = "session_changed"
+
+
+class _Open:
+    __slots__ = ("command", "submitted_at", "sent_session", "accepted", "next_seq", "retry_at", "linger")
+
+    def __init__(self, command: Command, now: float) -> None:
+        self.command = command
+        self.submitted_at = now
+        self.sent_session: Session | None = None
+        self.accepted = False
+        self.next_seq = 0
+        self.retry_at: float | None = None
+        self.linger = False
+
+
+class Requests:
+    def __init__(self, node_id: NodeId, config: CoreConfig) -> None:
+        self.node_id = node_id
+        self.config = config
+        self._open: dict[CommandId, _Open] = {}
+        self._by_task: dict[TaskId, CommandId] = {}
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def is_open(self, command_id: CommandId) -> bool:
+        return command_id in self._open
+
+    # --- from the API ----------------------------------------------------------------
+
+    def submit(self, now: float, command: Command, session: Session | None) -> list[Effect]:
+        """Track and send ``command``. Returns the effects (the caller routes to the master)."""
+        cid = command.command_id
+        if cid in self._open:
+            return []  # a duplicate submission of something in flight
+        entry = _Open(command, now)
+        self._open[cid] = entry
+        if isinstance(command, SubmitTask):
+            self._by_task[TaskId(derive_id("task", cid))] = cid
+        effects: list[Effect] = []
+        if session is not None:
+            effects += self._send(now, entry, session)
+        effects.append(self._arm(entry, now + self._retry_delay(entry, now)))
+        return effects
+
+    def abandon(self, now: float, command_id: CommandId, session: Session | None) -> list[Effect]:
+        entry = self._open.get(command_id)
+        if entry is None:
+            return []
+        effects = self._close(command_id)
+        if isinstance(entry.command, SubmitTask) and session is not None:
+            cancel = CancelTask(command_id=CommandId(derive_id("cancel", command_id)), target=command_id)
+            # Fire and forget: the master also remembers cancelled ids, so a
+            # cancel overtaking its submit still cancels it.
+            effects.append(Send(message=CommandMessage(origin=self.node_id, command=cancel)))
+        return effects
+
+    # --- from the master --------------------------------------------------------------
+
+    def on_result(self, now: float, result: CommandResult, session: Session | None) -> list[Effect]:
+        entry = self._open.get(result.command_id)
+        if entry is None:
+            return []
+        if result.status == "pending":
+            if now - entry.submitted_at >= self.config.command_deadline_s:
+                return self._fail(result.command_id, self._deadline_result(entry, result.message))
+            entry.retry_at = now + self.config.command_retry_s
+            return [self._arm(entry, entry.retry_at)]
+        if result.status == "rejected" or not isinstance(entry.command, SubmitTask):
+            effects = self._close(result.command_id)
+            effects.append(CommandCompleted(command_id=result.command_id, result=result))
+            return effects
+        if entry.accepted:
+            return []
+        entry.accepted = True
+        return [
+            CancelTimer(key=REQUEST_TIMER_PREFIX + result.command_id),
+            CommandCompleted(command_id=result.command_id, result=result),
+        ]
+
+    def on_chunk(self, now: float, chunk: TokenChunk) -> list[Effect]:
+        entry = self._open.get(chunk.command_id)
+        if entry is None or chunk.seq < entry.next_seq:
+            return []  # abandoned, finished, or a duplicate
+        entry.next_seq = chunk.seq + 1
+        effects: list[Effect] = [DeliverChunk(chunk=chunk)]
+        if chunk.finish_reason is not None:
+            effects += self._close(chunk.command_id)
+        return effects
+
+    # --- from the replicated state ------------------------------------------------------
+
+    def on_applied(self, now: float, indexed: IndexedEvent) -> list[Effect]:
+        event = indexed.event
+        if not isinstance(event, (TaskFailed, TaskDeleted)):
+            return []
+        cid = self._by_task.get(event.task_id)
+        if cid is None or cid not in self._open:
+            return []
+        entry = self._open[cid]
+        if isinstance(event, TaskFailed):
+            return self._error(cid, entry, event.error_message, "task_failed")
+        if event.outcome == "completed":
+            # The last chunk travels separately and may still be on its way.
+            entry.linger = True
+            return [self._arm(entry, now + self.config.request_linger_s)]
+        return self._error(cid, entry, f"the request was {event.outcome}", event.outcome)
+
+    def on_session_changed(self, now: float, old: Session | None, new: Session) -> list[Effect]:
+        effects: list[Effect] = []
+        for cid in sorted(self._open):
+            entry = self._open[cid]
+            if entry.sent_session is None:
+                effects += self._send(now, entry, new)
+                continue
+            if entry.sent_session == new:
+                continue
+            message = (
+                f"the cluster's master changed (session {entry.sent_session} -> {new}) while this "
+                "request was in flight; retry the request"
+            )
+            if isinstance(entry.command, SubmitTask) and entry.accepted:
+                effects += self._error(cid, entry, message, SESSION_CHANGED)
+            else:
+                effects += self._fail(
+                    cid, CommandResult(command_id=cid, status="rejected", code=SESSION_CHANGED, message=message)
+                )
+        return effects
+
+    # --- timers --------------------------------------------------------------------------
+
+    def on_timer(self, now: float, key: str, session: Session | None) -> list[Effect]:
+        cid = CommandId(key[len(REQUEST_TIMER_PREFIX) :])
+        entry = self._open.get(cid)
+        if entry is None:
+            return []
+        if entry.linger:
+            return self._error(cid, entry, "the request completed but its last chunk never arrived", "stream_lost")
+        if entry.accepted:
+            return []
+        if now - entry.submitted_at >= self.config.command_deadline_s:
+            return self._fail(cid, self._deadline_result(entry, ""))
+        effects: list[Effect] = []
+        if session is not None:
+            effects += self._send(now, entry, session)
+        effects.append(self._arm(entry, now + self._retry_delay(entry, now)))
+        return effects
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _retry_delay(self, entry: _Open, now: float) -> float:
+        left = entry.submitted_at + self.config.command_deadline_s - now
+        return max(0.0, min(self.config.command_retry_s, left))
+
+    def _deadline_result(self, entry: _Open, detail: str) -> CommandResult:
+        cid = entry.command.command_id
+        what = "no master answered" if entry.sent_session is None or not detail else detail
+        return CommandResult(
+            command_id=cid,
+            status="rejected",
+            code="unavailable",
+            message=f"gave up after {self.config.command_deadline_s:g} s: {what}",
+        )
+
+    def _send(self, now: float, entry: _Open, session: Session) -> list[Effect]:
+        entry.sent_session = session
+        return [Send(message=CommandMessage(origin=self.node_id, command=entry.command))]
+
+    def _arm(self, entry: _Open, at: float) -> Effect:
+        return SetTimer(key=REQUEST_TIMER_PREFIX + entry.command.command_id, at=at)
+
+    def _close(self, cid: CommandId) -> list[Effect]:
+        entry = self._open.pop(cid, None)
+        if entry is not None and isinstance(entry.command, SubmitTask):
+            self._by_task.pop(TaskId(derive_id("task", cid)), None)
+        return [CancelTimer(key=REQUEST_TIMER_PREFIX + cid)]
+
+    def _fail(self, cid: CommandId, result: CommandResult) -> list[Effect]:
+        effects = self._close(cid)
+        effects.append(CommandCompleted(command_id=cid, result=result))
+        return effects
+
+    def _error(self, cid: CommandId, entry: _Open, message: str, code: str) -> list[Effect]:
+        chunk = TokenChunk(
+            command_id=cid,
+            task_id=TaskId(derive_id("task", cid)),
+            seq=entry.next_seq,
+            finish_reason="error",
+            error=ChunkError(message=message, type="server_error", code=code),
+        )
+        effects = self._close(cid)
+        if not entry.accepted:
+            # The API still waits for the command's answer; give it one.
+            effects.append(
+                CommandCompleted(
+                    command_id=cid, result=CommandResult(command_id=cid, status="rejected", code=code, message=message)
+                )
+            )
+            return effects
+        effects.append(DeliverChunk(chunk=chunk))
+        return effects

@@ -1,0 +1,326 @@
+"""The worker: runs this node's share of every instance the state assigns it.
+
+Theory of operation
+-------------------
+``reconcile(now, state)`` compares the replicated state with the runners this
+node has, and returns effects that close the gap: start a runner for each
+shard assigned here (through the pre-spawn memory guard and the crash
+breaker), stop runners whose instance is gone, dispatch each pending task to
+the rank-0 runner of its instance once that runner is serving, and cancel
+dispatched tasks that left the state. Runner statuses, exits and output come
+back through ``on_*`` methods, which return local events for the master and
+effects.
+
+Runner policy (runner_policy.py) decides restarts: the breaker trips once per
+crash loop, wedge deaths (exit 86) are never retried, and first-report and
+warmup deadlines stop a runner that never becomes ready.
+
+A worker never restarts a runner because the master changed: a failover
+carries the instance over, the runner keeps its loaded weights and serves the
+new session's tasks (invariant 5, and the fast failover it buys).
+"""
+
+from __future__ import annotations
+
+from skulk.core import interconnect, memory, runner_policy
+from skulk.core.config import CoreConfig
+from skulk.core.effects import (
+    CancelRunnerTask,
+    CancelTimer,
+    DispatchTask,
+    Effect,
+    Log,
+    SetTimer,
+    StartRunner,
+    StopRunner,
+)
+from skulk.core.events import (
+    Event,
+    InstanceStillHosted,
+    RunnerStatusUpdated,
+    TaskDeleted,
+    TaskFailed,
+    TaskStatusUpdated,
+)
+from skulk.core.ids import InstanceId, NodeId, RunnerId, TaskId
+from skulk.core.instances import (
+    RUNNER_SERVING,
+    Instance,
+    RunnerFailed,
+    RunnerSpec,
+    RunnerStatus,
+)
+from skulk.core.nodes import MemoryInfo
+from skulk.core.state import State
+from skulk.core.tasks import TokenChunk
+
+__all__ = ["Worker", "RESTART_TIMER_PREFIX", "DEADLINE_TIMER_PREFIX"]
+
+RESTART_TIMER_PREFIX = "worker.restart."
+DEADLINE_TIMER_PREFIX = "worker.deadline."
+
+
+class _Runner:
+    __slots__ = ("spec", "instance", "status", "started_at", "stopping", "reported")
+
+    def __init__(self, spec: RunnerSpec, instance: Instance, now: float) -> None:
+        self.spec = spec
+        self.instance = instance
+        self.status: RunnerStatus | None = None
+        self.started_at = now
+        self.stopping = False
+        self.reported: RunnerStatus | None = None
+
+
+Output = tuple[list[Effect], list[Event]]
+
+
+class Worker:
+    def __init__(self, node_id: NodeId, config: CoreConfig) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.runners: dict[RunnerId, _Runner] = {}
+        self.dispatched: dict[TaskId, RunnerId] = {}
+        self.memory: MemoryInfo | None = None
+        self.breaker = runner_policy.CrashBreaker()
+        # Runners that must not be (re)started before a time, or ever (inf).
+        self._blocked_until: dict[RunnerId, float] = {}
+        self._failures: dict[RunnerId, RunnerFailed] = {}
+
+    # --- reconciliation ------------------------------------------------------------
+
+    def reconcile(self, now: float, state: State) -> Output:
+        effects: list[Effect] = []
+        events: list[Event] = []
+        desired: dict[RunnerId, Instance] = {}
+        for iid in sorted(state.instances):
+            inst = state.instances[iid]
+            runner_id = inst.shard_assignments.node_to_runner.get(self.node_id)
+            if runner_id is not None:
+                desired[runner_id] = inst
+        for runner_id in sorted(self.runners):
+            entry = self.runners[runner_id]
+            if runner_id not in desired and not entry.stopping:
+                entry.stopping = True
+                effects.append(StopRunner(runner_id=runner_id, reason="instance removed"))
+                effects.append(CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id))
+        for runner_id in [r for r in self._blocked_until if r not in desired]:
+            del self._blocked_until[runner_id]
+            self._failures.pop(runner_id, None)
+        for runner_id, inst in desired.items():
+            if runner_id in self.runners:
+                continue
+            if self._blocked_until.get(runner_id, -1.0) > now:
+                continue
+            e, ev = self._start(now, runner_id, inst)
+            effects += e
+            events += ev
+        e, ev = self._dispatch(now, state)
+        return effects + e, events + ev
+
+    def _start(self, now: float, runner_id: RunnerId, inst: Instance) -> Output:
+        shard = inst.shard_assignments.runner_to_shard[runner_id]
+        need = inst.memory_by_node.get(self.node_id, 0)
+        if self.memory is not None and need > 0:
+            usable = memory.usable_bytes(self.memory)
+            if need > usable:
+                failed = RunnerFailed(
+                    error_message=(
+                        f"pre-spawn memory guard: runner {runner_id} needs ~{memory.format_gb(need)} "
+                        f"but node {self.node_id} can use {memory.format_gb(usable)} now"
+                    ),
+                    permanent=False,
+                )
+                # Retry later: memory may free up (another runner exiting).
+                self._blocked_until[runner_id] = now + self.config.prune_check_interval_s
+                return [
+                    Log(level="warning", message=failed.error_message),
+                    SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=now + self.config.prune_check_interval_s),
+                ], self._report(inst, runner_id, failed)
+        spec = RunnerSpec(
+            instance_id=inst.instance_id,
+            runner_id=runner_id,
+            node_id=self.node_id,
+            model_id=inst.shard_assignments.model_id,
+            shard=shard,
+            hosts=interconnect.hostfile(inst),
+            context_ceiling=inst.context_ceiling,
+            max_concurrent_requests=self.config.max_concurrent_requests,
+            group_connect_deadline_s=self.config.group_connect_deadline_s,
+            warmup_deadline_s=self.config.warmup_deadline_s,
+            speculation=inst.speculation,
+        )
+        self.runners[runner_id] = _Runner(spec, inst, now)
+        self._blocked_until.pop(runner_id, None)
+        return [
+            StartRunner(spec=spec),
+            SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=now + self.config.first_report_deadline_s),
+        ], []
+
+    def _dispatch(self, now: float, state: State) -> Output:
+        effects: list[Effect] = []
+        events: list[Event] = []
+        for task_id in [t for t in self.dispatched if t not in state.tasks]:
+            runner_id = self.dispatched.pop(task_id)
+            if runner_id in self.runners:
+                effects.append(CancelRunnerTask(runner_id=runner_id, task_id=task_id))
+        for task_id in sorted(state.tasks):
+            if task_id in self.dispatched:
+                continue
+            task = state.tasks[task_id]
+            if task.status == "failed":
+                continue
+            inst = state.instances.get(task.instance_id)
+            if inst is None:
+                continue
+            runner_id = self._rank0_runner_here(inst)
+            if runner_id is None:
+                continue
+            entry = self.runners.get(runner_id)
+            if entry is None or entry.stopping or not isinstance(entry.status, RUNNER_SERVING):
+                continue
+            self.dispatched[task_id] = runner_id
+            effects.append(DispatchTask(runner_id=runner_id, task=task))
+            if task.status != "running":
+                events.append(TaskStatusUpdated(task_id=task_id, status="running"))
+        return effects, events
+
+    def _rank0_runner_here(self, inst: Instance) -> RunnerId | None:
+        runner_id = inst.shard_assignments.node_to_runner.get(self.node_id)
+        if runner_id is None:
+            return None
+        shard = inst.shard_assignments.runner_to_shard[runner_id]
+        return runner_id if shard.device_rank == 0 else None
+
+    # --- runner reports -------------------------------------------------------------
+
+    def on_status(self, now: float, runner_id: RunnerId, status: RunnerStatus) -> Output:
+        entry = self.runners.get(runner_id)
+        if entry is None:
+            return [], []
+        entry.status = status
+        effects: list[Effect] = []
+        if isinstance(status, RUNNER_SERVING):
+            effects.append(CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id))
+            self.breaker.record_ready(now, entry.instance.instance_id)
+        elif entry.reported is None or type(entry.reported) is not type(status):
+            # Progress: the next deadline is the warmup deadline from now on.
+            effects.append(
+                SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=entry.started_at + self.config.warmup_deadline_s)
+            )
+        return effects, self._report(entry.instance, runner_id, status)
+
+    def _report(self, inst: Instance, runner_id: RunnerId, status: RunnerStatus) -> list[Event]:
+        entry = self.runners.get(runner_id)
+        if entry is not None:
+            if entry.reported == status:
+                return []
+            entry.reported = status
+        return [
+            RunnerStatusUpdated(runner_id=runner_id, node_id=self.node_id, instance_id=inst.instance_id, status=status)
+        ]
+
+    def on_exit(self, now: float, runner_id: RunnerId, exit_code: int) -> Output:
+        entry = self.runners.pop(runner_id, None)
+        if entry is None:
+            return [], []
+        effects: list[Effect] = [CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id)]
+        events: list[Event] = []
+        for task_id in [t for t, r in self.dispatched.items() if r == runner_id]:
+            del self.dispatched[task_id]
+            if not entry.stopping:
+                events.append(TaskFailed(task_id=task_id, error_message=f"runner {runner_id} exited with code {exit_code}"))
+        if entry.stopping:
+            return effects, events
+        decision = self.breaker.record_exit(now, entry.instance.instance_id, exit_code)
+        if isinstance(decision, runner_policy.Restart):
+            self._blocked_until[runner_id] = now + decision.after_s
+            effects.append(SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=now + decision.after_s))
+            effects.append(
+                Log(level="warning", message=f"runner {runner_id} exited ({exit_code}); restarting in {decision.after_s:g} s")
+            )
+            events += self._report(
+                entry.instance,
+                runner_id,
+                RunnerFailed(error_message=f"runner exited with code {exit_code}; restarting", permanent=False),
+            )
+            return effects, events
+        assert isinstance(decision, runner_policy.GiveUp)
+        self._blocked_until[runner_id] = float("inf")
+        failed = RunnerFailed(error_message=decision.reason, permanent=True)
+        self._failures[runner_id] = failed
+        if decision.tripped_now:
+            effects.append(Log(level="error", message=f"instance {entry.instance.instance_id} failed: {decision.reason}"))
+        events += self._report(entry.instance, runner_id, failed)
+        return effects, events
+
+    def on_deadline(self, now: float, runner_id: RunnerId) -> Output:
+        entry = self.runners.get(runner_id)
+        if entry is None or entry.stopping or isinstance(entry.status, RUNNER_SERVING):
+            return [], []
+        what = "first report" if entry.status is None else "warmup"
+        limit = self.config.first_report_deadline_s if entry.status is None else self.config.warmup_deadline_s
+        entry.stopping = True
+        self.runners.pop(runner_id)
+        self._blocked_until[runner_id] = float("inf")
+        failed = RunnerFailed(
+            error_message=f"runner {runner_id} missed its {what} deadline ({limit:g} s); stopped", permanent=True
+        )
+        return [StopRunner(runner_id=runner_id, reason=failed.error_message), Log(level="error", message=failed.error_message)], self._report(
+            entry.instance, runner_id, failed
+        )
+
+    def on_restart_timer(self, now: float, runner_id: RunnerId) -> None:
+        if self._blocked_until.get(runner_id, float("inf")) <= now:
+            del self._blocked_until[runner_id]
+
+    def on_output(self, now: float, runner_id: RunnerId, chunk: TokenChunk) -> list[Event]:
+        """Local events for a chunk (the node routes the chunk itself)."""
+        if chunk.finish_reason is None:
+            return []
+        self.dispatched.pop(chunk.task_id, None)
+        if chunk.error is not None:
+            return [TaskFailed(task_id=chunk.task_id, error_message=chunk.error.message)]
+        outcome = "cancelled" if chunk.finish_reason == "cancelled" else "completed"
+        return [TaskDeleted(task_id=chunk.task_id, outcome=outcome)]
+
+    # --- failover ----------------------------------------------------------------------
+
+    def rebuild(self, state: State) -> list[Event]:
+        """Facts to re-report to a new master once its first event is applied."""
+        events: list[Event] = []
+        for runner_id in sorted(self.runners):
+            entry = self.runners[runner_id]
+            if entry.stopping:
+                continue
+            if entry.instance.instance_id not in state.instances:
+                events.append(InstanceStillHosted(instance=entry.instance))
+            entry.reported = None
+            if entry.status is not None:
+                events += self._report(entry.instance, runner_id, entry.status)
+        for runner_id in sorted(self._failures):
+            inst_id = next(
+                (i for i, inst in state.instances.items() if runner_id in inst.shard_assignments.runner_to_shard), None
+            )
+            if inst_id is not None:
+                events.append(
+                    RunnerStatusUpdated(
+                        runner_id=runner_id,
+                        node_id=self.node_id,
+                        instance_id=InstanceId(inst_id),
+                        status=self._failures[runner_id],
+                    )
+                )
+        return events
+
+    def hosted_instance_ids(self) -> list[InstanceId]:
+        return sorted({e.instance.instance_id for e in self.runners.values() if not e.stopping})
+
+    def stop_all(self) -> list[Effect]:
+        effects: list[Effect] = []
+        for runner_id in sorted(self.runners):
+            if not self.runners[runner_id].stopping:
+                self.runners[runner_id].stopping = True
+                effects.append(StopRunner(runner_id=runner_id, reason="node shutting down"))
+        return effects
+
