@@ -8,7 +8,8 @@ with/without comparison runs two such processes side by side.
 
 Request keys (all optional):
 
-- ``matmul_sizes``: square f32 sizes to time, reported as ``gflops`` per size;
+- ``matmul_sizes``: square f32 sizes to time, reported as ``gflops`` per size
+  (and ``numpy_gflops``, the same product in numpy, for a ceiling);
 - ``matmul_check``: when true, report ``matmul_errors``, the max relative
   error of mlx f32/f64 matmuls against numpy float64 on awkward shapes;
 - ``model``: a qwen2 config overlay for ``build_qwen2`` plus ``seed``;
@@ -45,14 +46,16 @@ QWEN2_10M: dict[str, Any] = {
     "max_position_embeddings": 4096,
     "tie_word_embeddings": True,
 }
-# Small enough for tests (~0.3M parameters), wide enough that its matmuls are
-# real gemms with k > 1.
+# Small enough for tests (~0.23M parameters), wide enough that its matmuls
+# are real gemms with k > 1. An untied head keeps random-weight greedy output
+# varied instead of repeating one token, so a token comparison means something.
 QWEN2_TINY: dict[str, Any] = {
     **QWEN2_10M,
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "intermediate_size": 192,
     "vocab_size": 1024,
+    "tie_word_embeddings": False,
 }
 
 
@@ -138,6 +141,23 @@ def _matmul_gflops(size: int) -> float:
     return 2.0 * size**3 * repeats / elapsed / 1e9
 
 
+def _numpy_gflops(size: int) -> float:
+    """The same product in numpy (its own OpenBLAS): the machine's ceiling."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    a @ b
+    repeats, elapsed = 0, 0.0
+    while repeats < 3 or elapsed < 0.3:
+        start = time.perf_counter()
+        a @ b
+        elapsed += time.perf_counter() - start
+        repeats += 1
+    return 2.0 * size**3 * repeats / elapsed / 1e9
+
+
 def _matmul_errors() -> dict[str, float]:
     import mlx.core as mx
     import numpy as np
@@ -172,6 +192,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
     }
     if request.get("matmul_sizes"):
         reply["gflops"] = {str(n): _matmul_gflops(int(n)) for n in request["matmul_sizes"]}
+        reply["numpy_gflops"] = {str(n): _numpy_gflops(int(n)) for n in request["matmul_sizes"]}
     if request.get("matmul_check"):
         reply["matmul_errors"] = _matmul_errors()
     if "model" in request:

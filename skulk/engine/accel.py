@@ -186,6 +186,9 @@ def _enable() -> BlasStatus:
             _revert_to_reference()
             return _inactive(f"{candidate.backend} failed the mlx self-check ({error}); using mlx's BLAS")
     except _Unavailable as exc:
+        # A candidate that failed its direct check may still be bound in the
+        # (local, unused) shim; leave nothing selected that failed a check.
+        _revert_to_reference()
         return _inactive(str(exc))
     return BlasStatus(
         active=True,
@@ -356,7 +359,7 @@ def _bind(shim: ctypes.CDLL, candidate: _Candidate, reference: ctypes.CDLL) -> t
         raw = config_fn()
         if raw:
             described = " ".join(raw.decode("utf-8", "replace").split())
-            config = f"{candidate.backend} ({described}, {threads} threads)"
+            config = f"{candidate.backend} ({described}; {threads} thread{'' if threads == 1 else 's'})"
 
     error = _check_direct(shim)
     if error is not None:
