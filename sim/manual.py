@@ -50,7 +50,7 @@ from skulk.core.inputs import (
     RunnerStatusObserved,
     TimerFired,
 )
-from skulk.core.instances import LinkKind, RunnerLoading, RunnerReady, RunnerSpec
+from skulk.core.instances import LinkKind, RunnerLoaded, RunnerLoading, RunnerReady, RunnerSpec, RunnerWarmingUp
 from skulk.core.messages import Message
 from skulk.core.node import CoreNode
 from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
@@ -326,9 +326,8 @@ class ManualCluster:
             if parts[2] == "loading":
                 self._feed(nid, RunnerStatusObserved(runner_id=runner_id, status=RunnerLoading()))
             else:
-                self._feed(
-                    nid, RunnerStatusObserved(runner_id=runner_id, status=RunnerReady(context_ceiling=spec.context_ceiling))
-                )
+                for status in (RunnerLoaded(), RunnerWarmingUp(), RunnerReady(context_ceiling=spec.context_ceiling)):
+                    self._feed(nid, RunnerStatusObserved(runner_id=runner_id, status=status))
         elif parts[1] == "task":
             runner_id, task_id, command_id = RunnerId(parts[2]), TaskId(parts[3]), parts[4]
             if host.tasks.pop(task_id, None) is None or runner_id not in host.runners:

@@ -38,6 +38,7 @@ __all__ = [
     "RunnerShuttingDown",
     "RunnerShutdown",
     "RunnerFailed",
+    "GROUP_CONNECT_TIMEOUT",
     "RunnerStatus",
     "RUNNER_SERVING",
     "RUNNER_TERMINAL",
@@ -192,6 +193,12 @@ class RunnerFailed(TaggedRecord, frozen=True, kw_only=True):
     error_message: str
     # True when the failure is final for this instance (breaker tripped, wedge).
     permanent: bool = False
+    # Machine-readable cause; GROUP_CONNECT_TIMEOUT asks the master to re-place
+    # the instance on a fresh port.
+    code: str | None = None
+
+
+GROUP_CONNECT_TIMEOUT = "group_connect_timeout"
 
 
 RunnerStatus = (

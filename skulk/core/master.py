@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
 from skulk.core import placement
+from skulk.core.runner_policy import instance_removal_events, node_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
     CancelTask,
@@ -51,10 +52,8 @@ from skulk.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
-    InstanceDeleted,
     InstanceStillHosted,
     NodeGatheredInfo,
-    NodeTimedOut,
     RunnerDeleted,
     RunnerStatusUpdated,
     SessionStarted,
@@ -64,7 +63,7 @@ from skulk.core.events import (
     TaskStatusUpdated,
 )
 from skulk.core.ids import CommandId, InstanceId, NodeId, TaskId, derive_id
-from skulk.core.instances import RUNNER_SERVING, Instance, RunnerFailed
+from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RUNNER_SERVING, Instance, RunnerFailed
 from skulk.core.messages import (
     CommandResultMessage,
     GlobalEvent,
@@ -78,28 +77,9 @@ from skulk.core.session import Session
 from skulk.core.state import State, digest, encode_state, hosting_nodes
 from skulk.core.tasks import Task
 
-__all__ = ["Master", "PRUNE_TIMER", "removal_events"]
+__all__ = ["Master", "PRUNE_TIMER"]
 
 PRUNE_TIMER = "master.prune"
-# Marker in a RunnerFailed message that asks for re-placement on a fresh port.
-GROUP_CONNECT_FAILED = "group connect"
-
-
-def removal_events(state: State, instance_id: InstanceId, reason: str) -> list[Event]:
-    """Events that remove an instance: TaskFailed (then TaskDeleted) for every
-    in-flight task on it first, then ``InstanceDeleted``."""
-    events: list[Event] = []
-    for task_id in sorted(state.tasks):
-        task = state.tasks[task_id]
-        if task.instance_id != instance_id:
-            continue
-        if task.status != "failed":
-            events.append(TaskFailed(task_id=task_id, error_message=f"instance removed: {reason}"))
-        events.append(TaskDeleted(task_id=task_id, outcome="failed"))
-    events.append(InstanceDeleted(instance_id=instance_id, reason=reason))
-    return events
-
-
 class Master:
     """Indexes events for one session. Created when this node wins an election."""
 
@@ -232,7 +212,7 @@ class Master:
                     code="instance_not_found",
                     message=f"no instance {command.instance_id!r}",
                 )
-            effects = self._index_all(now, removal_events(state, command.instance_id, "deleted by request"))
+            effects = self._index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
             return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
         if isinstance(command, SubmitTask):
             return self._submit(now, origin, command)
@@ -388,7 +368,7 @@ class Master:
             if state.runners.get(event.runner_id) == event.status:
                 return [], True
             effects = self._index(now, event, origin, idx)
-            if isinstance(event.status, RunnerFailed) and GROUP_CONNECT_FAILED in event.status.error_message:
+            if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
                 effects += self._replace_instance(now, event.instance_id, event.status.error_message)
             elif isinstance(event.status, RunnerFailed) and event.status.permanent:
                 effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
@@ -435,7 +415,7 @@ class Master:
         old = state.instances.get(instance_id)
         if old is None:
             return []
-        effects = self._index_all(now, removal_events(state, instance_id, f"re-placing: {reason}"))
+        effects = self._index_all(now, instance_removal_events(state, instance_id, f"re-placing: {reason}"))
         assert self.state is not None
         outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
         if isinstance(outcome, placement.PlacementRefused):
@@ -474,16 +454,18 @@ class Master:
         assert state is not None
         cutoff = now - self.config.node_timeout_s
         gone = sorted(n for n, seen in state.last_seen.items() if seen < cutoff and n != self.node_id)
-        present = set(state.topology.nodes)
-        for iid in sorted(state.instances):
-            inst = state.instances[iid]
-            hosts = hosting_nodes(inst)
-            missing = [n for n in hosts if n in gone or n not in present]
-            if missing:
-                assert self.state is not None
-                effects += self._index_all(
-                    now, removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} gone")
-                )
         for node in gone:
-            effects += self._index(now, NodeTimedOut(node_id=node))
+            assert self.state is not None
+            effects += self._index_all(now, node_removal_events(self.state, node, "no telemetry"))
+        # Carried-over instances whose hosts never reported in this session are gone too.
+        assert self.state is not None
+        present = set(self.state.topology.nodes)
+        for iid in sorted(self.state.instances):
+            hosts = hosting_nodes(self.state.instances[iid])
+            missing = [n for n in hosts if n not in present]
+            if missing:
+                effects += self._index_all(
+                    now,
+                    instance_removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} never reported"),
+                )
         return effects

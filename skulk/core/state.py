@@ -109,10 +109,16 @@ def apply(state: State, indexed: IndexedEvent) -> State:
     if isinstance(event, SessionStarted):
         assert indexed.index == 0, f"SessionStarted must be event 0, got index {indexed.index}"
         carry = event.carryover
+        runner_instance = {
+            runner_id: iid
+            for iid in sorted(carry.instances)
+            for runner_id in sorted(carry.instances[iid].shard_assignments.runner_to_shard)
+        }
         return State(
             session=event.session,
             last_index=0,
             instances=dict(carry.instances),
+            runner_instance=runner_instance,
             downloads=dict(carry.downloads),
             topology=Topology(connections=tuple(sorted(carry.connections, key=_conn_key))),
             next_port_offset=carry.next_port_offset,

@@ -22,7 +22,7 @@ new session's tasks (invariant 5, and the fast failover it buys).
 
 from __future__ import annotations
 
-from skulk.core import interconnect, memory, runner_policy
+from skulk.core import interconnect, runner_policy
 from skulk.core.config import CoreConfig
 from skulk.core.effects import (
     CancelRunnerTask,
@@ -44,6 +44,7 @@ from skulk.core.events import (
 )
 from skulk.core.ids import InstanceId, NodeId, RunnerId, TaskId
 from skulk.core.instances import (
+    GROUP_CONNECT_TIMEOUT,
     RUNNER_SERVING,
     Instance,
     RunnerFailed,
@@ -61,13 +62,14 @@ DEADLINE_TIMER_PREFIX = "worker.deadline."
 
 
 class _Runner:
-    __slots__ = ("spec", "instance", "status", "started_at", "stopping", "reported")
+    __slots__ = ("spec", "instance", "status", "started_at", "entered_at", "stopping", "reported")
 
     def __init__(self, spec: RunnerSpec, instance: Instance, now: float) -> None:
         self.spec = spec
         self.instance = instance
         self.status: RunnerStatus | None = None
         self.started_at = now
+        self.entered_at = now  # when the runner entered its current lifecycle state
         self.stopping = False
         self.reported: RunnerStatus | None = None
 
@@ -112,31 +114,24 @@ class Worker:
                 continue
             if self._blocked_until.get(runner_id, -1.0) > now:
                 continue
-            e, ev = self._start(now, runner_id, inst)
+            e, ev = self._start(now, state, runner_id, inst)
             effects += e
             events += ev
         e, ev = self._dispatch(now, state)
         return effects + e, events + ev
 
-    def _start(self, now: float, runner_id: RunnerId, inst: Instance) -> Output:
+    def _start(self, now: float, state: State, runner_id: RunnerId, inst: Instance) -> Output:
         shard = inst.shard_assignments.runner_to_shard[runner_id]
-        need = inst.memory_by_node.get(self.node_id, 0)
-        if self.memory is not None and need > 0:
-            usable = memory.usable_bytes(self.memory)
-            if need > usable:
-                failed = RunnerFailed(
-                    error_message=(
-                        f"pre-spawn memory guard: runner {runner_id} needs ~{memory.format_gb(need)} "
-                        f"but node {self.node_id} can use {memory.format_gb(usable)} now"
-                    ),
-                    permanent=False,
-                )
-                # Retry later: memory may free up (another runner exiting).
-                self._blocked_until[runner_id] = now + self.config.prune_check_interval_s
-                return [
-                    Log(level="warning", message=failed.error_message),
-                    SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=now + self.config.prune_check_interval_s),
-                ], self._report(inst, runner_id, failed)
+        refusal = runner_policy.prespawn_guard(state, inst, self.node_id, self.memory)
+        if refusal is not None:
+            # Not permanent: memory may free up (another runner exiting); retry later.
+            failed = RunnerFailed(error_message=refusal, permanent=False, code="prespawn_memory")
+            retry_at = now + self.config.prune_check_interval_s
+            self._blocked_until[runner_id] = retry_at
+            return [
+                Log(level="warning", message=refusal),
+                SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=retry_at),
+            ], self._report(inst, runner_id, failed)
         spec = RunnerSpec(
             instance_id=inst.instance_id,
             runner_id=runner_id,
@@ -150,12 +145,17 @@ class Worker:
             warmup_deadline_s=self.config.warmup_deadline_s,
             speculation=inst.speculation,
         )
-        self.runners[runner_id] = _Runner(spec, inst, now)
+        entry = _Runner(spec, inst, now)
+        self.runners[runner_id] = entry
         self._blocked_until.pop(runner_id, None)
-        return [
-            StartRunner(spec=spec),
-            SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=now + self.config.first_report_deadline_s),
-        ], []
+        return [StartRunner(spec=spec), *self._arm_deadline(now, entry, runner_id)], []
+
+    def _arm_deadline(self, now: float, entry: _Runner, runner_id: RunnerId) -> list[Effect]:
+        state = None if entry.status is None else runner_policy.state_of(entry.status)
+        deadline = runner_policy.deadline_for(state, entry.entered_at, self.config)
+        if deadline is None:
+            return [CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id)]
+        return [SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=deadline.at)]
 
     def _dispatch(self, now: float, state: State) -> Output:
         effects: list[Effect] = []
@@ -198,16 +198,17 @@ class Worker:
         entry = self.runners.get(runner_id)
         if entry is None:
             return [], []
-        entry.status = status
         effects: list[Effect] = []
+        problem = runner_policy.check_transition(entry.status, status)
+        if problem is not None:
+            effects.append(Log(level="warning", message=f"runner {runner_id}: {problem}"))
+        changed = entry.status is None or type(entry.status) is not type(status)
+        entry.status = status
+        if changed:
+            entry.entered_at = now
+            effects += self._arm_deadline(now, entry, runner_id)
         if isinstance(status, RUNNER_SERVING):
-            effects.append(CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id))
             self.breaker.record_ready(now, entry.instance.instance_id)
-        elif entry.reported is None or type(entry.reported) is not type(status):
-            # Progress: the next deadline is the warmup deadline from now on.
-            effects.append(
-                SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=entry.started_at + self.config.warmup_deadline_s)
-            )
         return effects, self._report(entry.instance, runner_id, status)
 
     def _report(self, inst: Instance, runner_id: RunnerId, status: RunnerStatus) -> list[Event]:
@@ -256,19 +257,21 @@ class Worker:
 
     def on_deadline(self, now: float, runner_id: RunnerId) -> Output:
         entry = self.runners.get(runner_id)
-        if entry is None or entry.stopping or isinstance(entry.status, RUNNER_SERVING):
+        if entry is None or entry.stopping:
             return [], []
-        what = "first report" if entry.status is None else "warmup"
-        limit = self.config.first_report_deadline_s if entry.status is None else self.config.warmup_deadline_s
+        state = None if entry.status is None else runner_policy.state_of(entry.status)
+        deadline = runner_policy.deadline_for(state, entry.entered_at, self.config)
+        if deadline is None or deadline.at > now:
+            return [], []  # the runner moved on meanwhile
         entry.stopping = True
-        self.runners.pop(runner_id)
         self._blocked_until[runner_id] = float("inf")
+        code = GROUP_CONNECT_TIMEOUT if deadline.kind == "group_connect" else f"{deadline.kind}_deadline"
         failed = RunnerFailed(
-            error_message=f"runner {runner_id} missed its {what} deadline ({limit:g} s); stopped", permanent=True
+            error_message=f"runner {runner_id}: {deadline.message}; stopped", permanent=code != GROUP_CONNECT_TIMEOUT, code=code
         )
-        return [StopRunner(runner_id=runner_id, reason=failed.error_message), Log(level="error", message=failed.error_message)], self._report(
-            entry.instance, runner_id, failed
-        )
+        self._failures[runner_id] = failed
+        events = self._report(entry.instance, runner_id, failed)
+        return [StopRunner(runner_id=runner_id, reason=failed.error_message), Log(level="error", message=failed.error_message)], events
 
     def on_restart_timer(self, now: float, runner_id: RunnerId) -> None:
         if self._blocked_until.get(runner_id, float("inf")) <= now:
