@@ -1,0 +1,619 @@
+"""The generation engine: continuous batching, chunked prefill, lockstep ranks.
+
+Theory of operation
+-------------------
+Requests move through three places on rank 0:
+
+``waiting`` (admitted, FIFO) -> ``prefilling`` (at most one, its prompt fed in
+chunks into a private KV cache) -> ``rows`` (the decode batch: one row of a
+batched KV cache per request, all decoding together, one token per step).
+
+Each engine step is described by a ``Plan``:
+
+1. ``keep``: rows to keep (finished, cancelled and length-complete rows go);
+2. ``prefill_start`` / ``prefill_tokens``: feed the next chunk of the
+   prefilling request's prompt (all but its last token) into its cache;
+3. ``join``: the prefilled request becomes the batch's last row, its last
+   prompt token as that row's input;
+4. decode: one forward for the whole batch, then one sampled token per row.
+
+While rows are decoding, a prefill chunk is at most ``prefill_chunk_tokens``
+long, so a long prompt never stalls running streams for its whole length;
+with nobody decoding it uses ``prefill_step_tokens`` (mlx-lm's 2048).
+
+World of one: steps are *pipelined* exactly like ``mlx_lm.generate``: step
+n+1 is built from step n's still-lazy sampled tokens and handed to MLX
+(``async_eval``) before step n's tokens are read back, detokenised and
+emitted. A request that turns out to have finished wastes one row-step.
+
+Several ranks: rank 0 builds each plan, broadcasts it (``PlanChannel``) and
+every rank applies it to its own caches (``BatchState``), so all ranks keep
+identical batch layouts in lockstep. Followers run ``follow``. Distributed
+steps are evaluated eagerly (collectives must pair up in the same order).
+
+Invariants: every submitted task receives exactly one final chunk; chunk
+``seq`` numbers are dense from 0; a task never holds a row after its final
+chunk; all ranks apply the same plans in the same order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
+
+from skulk.core.admission import Refused, admit
+from skulk.core.ids import TaskId
+from skulk.core.tasks import (
+    ChunkError,
+    FinishReason,
+    GenerationStats,
+    Task,
+    TokenChunk,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from skulk.engine.sampling import SampleOut, SampleRow, SamplingParams, resolve_sampling, sample_batch
+from skulk.engine.shard import Shard
+from skulk.engine.textstream import StopText
+
+__all__ = ["EngineConfig", "Plan", "BatchState", "Engine", "follow", "OP_STEP", "OP_SHUTDOWN"]
+
+OP_STEP = 1
+OP_SHUTDOWN = 2
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Knobs of one engine (the runner fills them from the spec and env)."""
+
+    context_ceiling: int
+    max_concurrent: int = 8
+    default_max_tokens: int = 4096
+    prefill_step_tokens: int = 2048
+    prefill_chunk_tokens: int = 256
+    default_temperature: float = 1.0
+    # Test knob: hang inside this step number (provokes the wedge exit).
+    wedge_at_step: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.context_ceiling > 0, self.context_ceiling
+        assert self.max_concurrent > 0, self.max_concurrent
+        assert self.default_max_tokens > 0, self.default_max_tokens
+        assert 0 < self.prefill_chunk_tokens <= self.prefill_step_tokens, (
+            self.prefill_chunk_tokens,
+            self.prefill_step_tokens,
+        )
+
+
+# --- plans -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One engine step, as rank 0 broadcasts it (see the module docstring)."""
+
+    op: int = OP_STEP
+    keep: tuple[int, ...] | None = None
+    prefill_start: bool = False
+    prefill_tokens: tuple[int, ...] = ()
+    join: bool = False
+    inputs: tuple[int, ...] = ()
+
+    def encode(self) -> list[int]:
+        out = [self.op]
+        if self.keep is None:
+            out += [0]
+        else:
+            out += [1, len(self.keep), *self.keep]
+        out += [int(self.prefill_start), len(self.prefill_tokens), *self.prefill_tokens]
+        out += [int(self.join), len(self.inputs), *self.inputs]
+        return out
+
+    @classmethod
+    def decode(cls, values: list[int]) -> Plan:
+        it = iter(values)
+
+        def take(n: int) -> tuple[int, ...]:
+            got = tuple(next(it) for _ in range(n))
+            assert len(got) == n
+            return got
+
+        op = next(it)
+        keep = take(next(it)) if next(it) else None
+        prefill_start = bool(next(it))
+        prefill_tokens = take(next(it))
+        join = bool(next(it))
+        inputs = take(next(it))
+        assert next(it, None) is None, "trailing values in plan"
+        return cls(op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs)
+
+
+class BatchState:
+    """The KV caches one rank holds: the decode batch and the prefill cache."""
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self.decode_cache: list[Any] | None = None
+        self.batch = 0
+        self.prefill_cache: list[Any] | None = None
+
+    def apply(self, plan: Plan, inputs: mx.array | None) -> tuple[mx.array | None, list[Any]]:
+        """Apply ``plan``; returns (logits (B, V) or None, arrays to evaluate).
+
+        ``inputs`` are the decode inputs as an array (rank 0 may pass a lazy
+        array; other ranks pass None and ``plan.inputs`` is used).
+        """
+        pending: list[Any] = []
+        if plan.keep is not None:
+            keep = list(plan.keep)
+            assert all(0 <= i < self.batch for i in keep), (keep, self.batch)
+            if not keep:
+                self.decode_cache, self.batch = None, 0
+            elif len(keep) != self.batch:
+                assert self.decode_cache is not None
+                for c in self.decode_cache:
+                    c.filter(keep)
+                self.batch = len(keep)
+        if plan.prefill_start:
+            self.prefill_cache = self.shard.new_cache()
+        if plan.prefill_tokens:
+            assert self.prefill_cache is not None, "prefill chunk without a started prefill"
+            pending += self.shard.prefill(mx.array(plan.prefill_tokens, dtype=mx.uint32)[None], self.prefill_cache)
+        if plan.join:
+            assert self.prefill_cache is not None, "join without a prefilled request"
+            merged = [BatchKVCache.merge([c]) for c in self.prefill_cache]
+            if self.decode_cache is None:
+                self.decode_cache = merged
+            else:
+                for mine, theirs in zip(self.decode_cache, merged):
+                    mine.extend(theirs)
+            self.batch += 1
+            self.prefill_cache = None
+        if self.batch == 0:
+            assert not plan.inputs, plan.inputs
+            return None, pending
+        assert self.decode_cache is not None
+        if inputs is None:
+            assert len(plan.inputs) == self.batch, (len(plan.inputs), self.batch)
+            inputs = mx.array(plan.inputs, dtype=mx.uint32)
+        logits = self.shard.decode(inputs, self.decode_cache)
+        return logits, pending
+
+
+def follow(shard: Shard, recv: Callable[[], list[int]], on_step: Callable[[bool], None] | None = None) -> None:
+    """Ranks other than 0: apply rank 0's plans until it broadcasts shutdown.
+
+    ``on_step(True)`` is called when a plan arrives and ``on_step(False)``
+    when it has been applied (the runner's wedge watchdog uses these).
+    """
+    state = BatchState(shard)
+    while True:
+        plan = Plan.decode(recv())
+        if plan.op == OP_SHUTDOWN:
+            return
+        assert plan.op == OP_STEP, plan.op
+        if on_step is not None:
+            on_step(True)
+        logits, pending = state.apply(plan, None)
+        mx.eval(pending, [] if logits is None else logits)
+        if on_step is not None:
+            on_step(False)
+
+
+# --- rank 0 ----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Request:
+    task: Task
+    sampling: SamplingParams
+    prompt: list[int]
+    max_tokens: int
+    detok: Any
+    stop: StopText
+    submitted_at: float
+    generated: list[int] = field(default_factory=list)
+    scheduled: int = 0
+    prefill_pos: int = 0
+    next_seq: int = 0
+    done: bool = False
+    cancelled: bool = False
+    prefill_started_at: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+
+    @property
+    def task_id(self) -> TaskId:
+        return self.task.task_id
+
+
+@dataclass
+class _Outstanding:
+    rows: list[_Request]
+    out: SampleOut
+
+
+class Engine:
+    """Rank 0's engine: accepts tasks, schedules steps, emits chunks.
+
+    ``emit`` receives the chunks produced by each call (a list, possibly
+    empty calls are skipped). ``plans`` broadcasts a plan to other ranks
+    (None for a world of one).
+    """
+
+    def __init__(
+        self,
+        shard: Shard,
+        tokenizer: Any,
+        config: EngineConfig,
+        emit: Callable[[list[TokenChunk]], None],
+        plans: Callable[[list[int]], None] | None = None,
+    ) -> None:
+        assert shard.rank == 0, "only rank 0 runs the engine; others run follow()"
+        assert (plans is None) == (shard.world_size == 1), "a plan channel is needed exactly when distributed"
+        self.shard = shard
+        self.tokenizer = tokenizer
+        self.config = config
+        self._emit = emit
+        self._plans = plans
+        self._state = BatchState(shard)
+        self._pipelined = not shard.eager
+        self.waiting: deque[_Request] = deque()
+        self.prefilling: _Request | None = None
+        self.rows: list[_Request] = []
+        self._outstanding: _Outstanding | None = None
+        self._by_id: dict[str, _Request] = {}
+        self._out: list[TokenChunk] = []
+        self._eos = frozenset(int(t) for t in (tokenizer.eos_token_ids or ()))
+        self._token_text: dict[int, str] = {}
+        self.steps = 0
+        self.step_started_at: float | None = None
+        self.vocab_size = len(tokenizer)
+
+    # --- intake ------------------------------------------------------------
+
+    @property
+    def active_tasks(self) -> int:
+        """Tasks admitted and not yet finished (waiting ones included)."""
+        return len(self._by_id)
+
+    @property
+    def queued_tasks(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self._by_id) or self._outstanding is not None or bool(self._out)
+
+    def submit(self, task: Task) -> None:
+        """Tokenise, validate and admit ``task``; refusals end it at once."""
+        now = time.monotonic()
+        if task.task_id in self._by_id:
+            return  # a duplicate delivery of a task already running
+        try:
+            sampling = resolve_sampling(task.params, self.config.default_temperature)
+            prompt = self._tokenize(task)
+        except (ValueError, TypeError, KeyError) as exc:
+            self._refuse(task, f"invalid request: {exc}", "invalid_request_error", "invalid_value", 0)
+            return
+        decision = admit(
+            prompt_tokens=len(prompt),
+            max_tokens=task.params.max_tokens,
+            ceiling=self.config.context_ceiling,
+            default_max_tokens=self.config.default_max_tokens,
+        )
+        if isinstance(decision, Refused):
+            self._refuse(task, decision.message, decision.type, decision.code, len(prompt))
+            return
+        request = _Request(
+            task=task,
+            sampling=sampling,
+            prompt=prompt,
+            max_tokens=decision.max_tokens,
+            detok=self.tokenizer.detokenizer,
+            stop=StopText(task.params.stop),
+            submitted_at=now,
+        )
+        self._by_id[task.task_id] = request
+        self.waiting.append(request)
+
+    def _tokenize(self, task: Task) -> list[int]:
+        params = task.params
+        if task.kind == "chat" or params.messages is not None:
+            if not params.messages:
+                raise ValueError("a chat task needs at least one message")
+            messages = [{"role": m.role, "content": m.content} for m in params.messages]
+            if getattr(self.tokenizer, "has_chat_template", False):
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            else:
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+                ids = self.tokenizer.encode(text)
+        else:
+            if params.prompt is None:
+                raise ValueError("a completion task needs a prompt")
+            ids = self.tokenizer.encode(params.prompt)
+        ids = [int(t) for t in ids]
+        if not ids:
+            # An empty prompt conditions on end-of-text, as OpenAI does.
+            if not self._eos:
+                raise ValueError("the prompt is empty")
+            ids = [min(self._eos)]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids outside the vocabulary: {bad[:5]}")
+        return ids
+
+    def _refuse(self, task: Task, message: str, err_type: str, code: str | None, prompt_tokens: int) -> None:
+        self._out.append(
+            TokenChunk(
+                command_id=task.command_id,
+                task_id=task.task_id,
+                seq=0,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=0, total_tokens=prompt_tokens),
+                error=ChunkError(message=message, type=err_type, code=code),
+            )
+        )
+        self._flush()
+
+    def cancel(self, task_id: str) -> bool:
+        """Cancel ``task_id``; returns False when it is unknown or finished."""
+        request = self._by_id.get(task_id)
+        if request is None or request.done:
+            return False
+        request.cancelled = True
+        if request in self.waiting:
+            self.waiting.remove(request)
+            self._finish(request, "cancelled", "", ())
+        elif request is self.prefilling:
+            self.prefilling = None
+            self._finish(request, "cancelled", "", ())
+        # A decoding row ends at the next step (its slot goes with the plan).
+        self._flush()
+        return True
+
+    def cancel_all(self) -> None:
+        for task_id in list(self._by_id):
+            self.cancel(task_id)
+        for request in list(self._by_id.values()):
+            if not request.done:
+                self._finish(request, "cancelled", "", ())
+        self._flush()
+
+    # --- steps -------------------------------------------------------------
+
+    def step(self) -> None:
+        """Run one engine step (see the module docstring). Cheap when idle."""
+        self.steps += 1
+        self.step_started_at = time.monotonic()
+        if self.config.wedge_at_step and self.steps == self.config.wedge_at_step:
+            while True:  # test knob: a step that never finishes
+                time.sleep(3600)
+        try:
+            self._step()
+        finally:
+            self.step_started_at = None
+        self._flush()
+
+    def _step(self) -> None:
+        # Rows that finished, were cancelled or scheduled all their tokens leave.
+        for request in self.rows:
+            if request.cancelled and not request.done:
+                self._finish(request, "cancelled", "", ())
+        keep_rows = [i for i, r in enumerate(self.rows) if not r.done and r.scheduled < r.max_tokens]
+        keep = None if len(keep_rows) == len(self.rows) else tuple(keep_rows)
+        rows = [self.rows[i] for i in keep_rows]
+
+        # Prefill: start the next waiting request when a slot is free.
+        prefill_start = False
+        if self.prefilling is None and self.waiting and len(rows) < self.config.max_concurrent:
+            self.prefilling = self.waiting.popleft()
+            self.prefilling.prefill_started_at = time.monotonic()
+            prefill_start = True
+        chunk: tuple[int, ...] = ()
+        join = False
+        joining = self.prefilling
+        if joining is not None:
+            budget = self.config.prefill_chunk_tokens if rows else self.config.prefill_step_tokens
+            body = joining.prompt[:-1]
+            chunk = tuple(body[joining.prefill_pos : joining.prefill_pos + budget])
+            joining.prefill_pos += len(chunk)
+            join = joining.prefill_pos == len(body)
+
+        # Decode inputs: kept rows continue from their last token; a joining
+        # request starts from its last prompt token.
+        host_inputs: list[int] = []
+        lazy_inputs: mx.array | None = None
+        prev = self._outstanding
+        if self._pipelined and prev is not None and rows:
+            # Map kept rows to their positions in the previous step's output.
+            index = {id(r): i for i, r in enumerate(prev.rows)}
+            pos = [index[id(r)] for r in rows]
+            taken = prev.out.tokens if len(pos) == len(prev.rows) else prev.out.tokens[mx.array(pos)]
+            lazy_inputs = taken
+        else:
+            host_inputs = [r.generated[-1] if r.generated else r.prompt[-1] for r in rows]
+        if join:
+            assert joining is not None
+            rows.append(joining)
+            self.prefilling = None
+            if lazy_inputs is not None:
+                lazy_inputs = mx.concatenate([lazy_inputs, mx.array([joining.prompt[-1]], dtype=lazy_inputs.dtype)])
+            else:
+                host_inputs.append(joining.prompt[-1])
+
+        plan = Plan(
+            keep=keep,
+            prefill_start=prefill_start,
+            prefill_tokens=chunk,
+            join=join,
+            inputs=tuple(host_inputs) if lazy_inputs is None else (),
+        )
+        if self._plans is not None:
+            assert lazy_inputs is None
+            self._plans(plan.encode())
+        if lazy_inputs is None and rows:
+            inputs = mx.array(host_inputs, dtype=mx.uint32)
+        else:
+            inputs = lazy_inputs
+        logits, pending = self._state.apply(plan, inputs if rows else None)
+        self.rows = rows
+
+        out = None
+        if logits is not None:
+            assert inputs is not None
+            sample_rows = [self._sample_row(r) for r in rows]
+            out = sample_batch(logits, sample_rows, inputs)
+            for r in rows:
+                r.scheduled += 1
+        outputs = [] if out is None else [a for a in (out.tokens, out.chosen_logprobs, out.top_ids, out.top_logprobs) if a is not None]
+        if self._pipelined:
+            mx.async_eval(outputs, pending)
+            self._outstanding = None if out is None else _Outstanding(list(rows), out)
+            if prev is not None:
+                self._materialize(prev)
+        else:
+            mx.eval(outputs, pending)
+            if out is not None:
+                self._materialize(_Outstanding(list(rows), out))
+
+    def _sample_row(self, r: _Request) -> SampleRow:
+        preceding: tuple[int, ...] = ()
+        if r.sampling.repetition_penalty != 1.0:
+            # The input of this step is token len(prompt) - 1 + scheduled of the
+            # full sequence; at most one generated token is still unread, so
+            # everything before the input is known on the host.
+            end = len(r.prompt) - 1 + r.scheduled
+            known = r.prompt + r.generated
+            assert len(known) >= end, (len(known), end)
+            preceding = tuple(known[max(0, end - 32) : end])
+        return SampleRow(params=r.sampling, index=r.scheduled, preceding=preceding)
+
+    def _materialize(self, done: _Outstanding) -> None:
+        tokens = done.out.tokens.tolist()
+        chosen = done.out.chosen_logprobs.tolist() if done.out.chosen_logprobs is not None else None
+        top_ids = done.out.top_ids.tolist() if done.out.top_ids is not None else None
+        top_lps = done.out.top_logprobs.tolist() if done.out.top_logprobs is not None else None
+        now = time.monotonic()
+        for i, request in enumerate(done.rows):
+            if request.done:
+                continue
+            token = int(tokens[i])
+            request.generated.append(token)
+            if not request.first_token_at:
+                request.first_token_at = now
+            request.last_token_at = now
+            logprobs = None
+            if request.sampling.logprobs and chosen is not None:
+                tops: tuple[TopLogprob, ...] = ()
+                k = request.sampling.top_logprobs
+                if k and top_ids is not None and top_lps is not None:
+                    pairs = sorted(zip(top_lps[i], top_ids[i]), key=lambda p: (-p[0], p[1]))[:k]
+                    tops = tuple(TopLogprob(token=self._text_of(t), logprob=float(lp)) for lp, t in pairs)
+                logprobs = (TokenLogprob(token=self._text_of(token), logprob=float(chosen[i]), top_logprobs=tops),)
+            self._accept(request, token, logprobs)
+
+    def _text_of(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token])
+            self._token_text[token] = text
+        return text
+
+    def _accept(self, request: _Request, token: int, logprobs: tuple[TokenLogprob, ...] | None) -> None:
+        if request.cancelled:
+            self._finish(request, "cancelled", "", ())
+            return
+        finish: FinishReason | None = None
+        text = ""
+        if token in self._eos:
+            finish = "stop"
+            request.detok.finalize()
+            shown, stopped = request.stop.push(request.detok.last_segment)
+            text = shown if stopped else shown + request.stop.flush()
+        else:
+            request.detok.add_token(token)
+            text, stopped = request.stop.push(request.detok.last_segment)
+            if stopped:
+                finish = "stop"
+            elif len(request.generated) >= request.max_tokens:
+                finish = "length"
+                request.detok.finalize()
+                shown, stopped = request.stop.push(request.detok.last_segment)
+                text += shown if stopped else shown + request.stop.flush()
+                if stopped:
+                    finish = "stop"
+        if finish is None:
+            self._chunk(request, text=text, token_ids=(token,), logprobs=logprobs)
+        else:
+            self._finish(request, finish, text, (token,), logprobs)
+
+    def _chunk(
+        self,
+        request: _Request,
+        *,
+        text: str,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+        finish: FinishReason | None = None,
+        usage: Usage | None = None,
+        stats: GenerationStats | None = None,
+    ) -> None:
+        self._out.append(
+            TokenChunk(
+                command_id=request.task.command_id,
+                task_id=request.task_id,
+                seq=request.next_seq,
+                text=text,
+                token_ids=token_ids,
+                logprobs=logprobs,
+                finish_reason=finish,
+                usage=usage,
+                stats=stats,
+            )
+        )
+        request.next_seq += 1
+
+    def _finish(
+        self,
+        request: _Request,
+        reason: FinishReason,
+        text: str,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...] | None = None,
+    ) -> None:
+        assert not request.done, request.task_id
+        request.done = True
+        n_prompt, n_gen = len(request.prompt), len(request.generated)
+        prefill_s = (request.first_token_at or time.monotonic()) - (request.prefill_started_at or request.submitted_at)
+        decode_s = request.last_token_at - request.first_token_at
+        stats = GenerationStats(
+            prompt_tps=n_prompt / prefill_s if n_gen and prefill_s > 0 else 0.0,
+            generation_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
+            prompt_tokens=n_prompt,
+            generation_tokens=n_gen,
+        )
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
+        self._chunk(request, text=text, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)
+        del self._by_id[request.task_id]
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            self._emit(out)
+
+    def drain(self) -> None:
+        """Run steps until every admitted task has finished."""
+        while self.has_work():
+            self.step()
+
+    def stop_followers(self) -> None:
+        """Distributed only: tell the other ranks to leave ``follow``."""
+        if self._plans is not None:
+            self._plans(Plan(op=OP_SHUTDOWN).encode())

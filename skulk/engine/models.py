@@ -1,0 +1,390 @@
+"""Local models: the embedded default model, its presets, and model directories.
+
+Theory of operation
+-------------------
+No model hub is reachable, so Skulk *generates* its default model on first use:
+a small Qwen2-architecture transformer in real mlx-lm format (``config.json``,
+``model.safetensors`` + ``model.safetensors.index.json``, a byte-level BPE
+``tokenizer.json`` trained with the ``tokenizers`` library on a fixed built-in
+corpus, and a ``tokenizer_config.json`` carrying a ChatML chat template).
+Weights are float32 (the fastest dtype on the MLX CPU backend) and random, drawn
+from a NumPy PCG64 generator seeded from the preset, so every machine that
+generates a preset gets byte-identical files.
+
+A generated model is written to a temporary sibling directory and renamed into
+place, so concurrent nodes on one machine never observe a half-written model:
+whoever renames first wins and the loser discards its copy. Next to the weights
+sits ``model_card.toml`` with the figures placement needs.
+
+Any local mlx-lm model directory (for example one downloaded on a Mac) works in
+place of a preset: pass its path wherever a model id is accepted.
+
+This module imports MLX lazily (only while generating), so importing it for the
+preset table or the resolver has no MLX side effects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skulk.core.cards import ModelCard, card_from_mlx_config, card_to_toml
+from skulk.paths import models_dir
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "SMALL_MODEL_ID",
+    "PRESETS",
+    "ModelPreset",
+    "CARD_FILENAME",
+    "SPECIAL_TOKENS",
+    "CHATML_TEMPLATE",
+    "ensure_model",
+    "resolve_model_path",
+    "generate_model",
+    "card_from_model_dir",
+    "write_model_card",
+    "train_tokenizer",
+    "model_fingerprint",
+]
+
+DEFAULT_MODEL_ID = "skulk/tiny-qwen2"
+SMALL_MODEL_ID = "skulk/small-qwen2-10m"
+CARD_FILENAME = "model_card.toml"
+
+# <|im_end|> ends an assistant turn (the chat EOS); <|endoftext|> ends a document.
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Shape of a generated Qwen2 model. Sizes are chosen so that:
+
+    - ``num_hidden_layers`` splits across three pipeline ranks;
+    - ``hidden_size``, ``num_attention_heads``, ``num_key_value_heads`` and
+      ``intermediate_size`` divide by 2 (tensor sharding over two ranks).
+    """
+
+    model_id: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_target: int
+    context_length: int
+    seed: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+PRESETS: dict[str, ModelPreset] = {
+    # About 1.0M parameters: the default, fast enough for every test.
+    DEFAULT_MODEL_ID: ModelPreset(
+        model_id=DEFAULT_MODEL_ID,
+        hidden_size=128,
+        num_hidden_layers=6,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_target=1024,
+        context_length=8192,
+        seed=20240601,
+    ),
+    # About 10M parameters: realistic figures for benchmarks.
+    SMALL_MODEL_ID: ModelPreset(
+        model_id=SMALL_MODEL_ID,
+        hidden_size=256,
+        num_hidden_layers=12,
+        intermediate_size=768,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_target=2048,
+        context_length=8192,
+        seed=20240602,
+    ),
+}
+
+# A fixed corpus: the tokenizer is trained on exactly this text, so its merges
+# (and therefore every token id) are the same on every machine.
+_CORPUS = """\
+A skulk of foxes crossed the frozen field at dawn, one behind the other, each stepping in the tracks of the one before.
+The cluster joins several machines into one, and serves models larger than any one of them behind a single endpoint.
+When the master fails, a new master is elected, and every node converges to the same state, byte for byte.
+Tokens stream back to the client one at a time, while the runner keeps the cache of keys and values warm.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+How vexingly quick daft zebras jump! The five boxing wizards jump quickly.
+In the morning the market opens, the baker lights the oven, and the smell of fresh bread fills the street.
+She wrote the numbers down: one, two, three, four, five, six, seven, eight, nine, ten, eleven, twelve.
+Numbers like 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 42, 100, 256, 1024, 2048, 4096 and 65536 appear in code and in tables.
+def generate(prompt, max_tokens=16):
+    tokens = tokenize(prompt)
+    for step in range(max_tokens):
+        logits = model(tokens)
+        tokens.append(int(logits.argmax()))
+    return detokenize(tokens)
+The river runs north through the valley, past the old mill, under the stone bridge and into the lake.
+Rain fell all afternoon; by evening the roads were wet and the lamps made long yellow reflections.
+What is the capital of France? The capital of France is Paris. What is two plus two? Two plus two is four.
+Please summarize the following text in one sentence, and answer the question that follows it.
+The weather today is cloudy with a chance of light rain, a gentle wind from the west, and cool temperatures.
+Every request carries its own sampling settings: temperature, top p, top k, min p, a seed and stop sequences.
+A good test asserts a behaviour that a user cares about, and it fails loudly when that behaviour breaks.
+The library has thousands of books: novels, histories, poems, atlases, dictionaries and old newspapers.
+He asked, "Are you coming with us tonight?" and she replied, "Yes, but only if we are back before midnight."
+Mountains, forests, deserts, oceans, islands, glaciers and plains: the planet is large and full of wonders.
+Memory is limited, so the placement splits the layers across nodes in proportion to what each can hold.
+Hello! Hi there. Good morning. Good evening. Thank you very much. You are welcome. See you later.
+The cat sat on the mat; the dog slept by the fire; the bird sang in the garden until the sun went down.
+Monday, Tuesday, Wednesday, Thursday, Friday, Saturday and Sunday are the seven days of the week.
+January, February, March, April, May, June, July, August, September, October, November, December.
+Red, orange, yellow, green, blue, indigo and violet are the colours of the rainbow after a summer storm.
+Science asks questions and tests answers; engineering builds things that work and keeps them working.
+{"role": "user", "content": "Tell me a short story about a fox."}
+{"role": "assistant", "content": "Once upon a time, a clever fox lived at the edge of a quiet forest."}
+"""
+
+
+def _corpus_lines() -> list[str]:
+    lines = [line for line in _CORPUS.splitlines() if line.strip()]
+    # Chat-shaped lines teach the tokenizer the template's surroundings.
+    lines += [f"<|im_start|>user\n{line}<|im_end|>" for line in lines[:8]]
+    return lines
+
+
+def train_tokenizer(vocab_target: int) -> Any:
+    """Train the byte-level BPE tokenizer on the built-in corpus.
+
+    Inputs: ``vocab_target``, the largest vocabulary wanted (the corpus may
+    support fewer merges; the real size is ``tokenizer.get_vocab_size()``).
+    Output: a ``tokenizers.Tokenizer``. Deterministic for a fixed corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    assert vocab_target > 256 + len(SPECIAL_TOKENS), vocab_target
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_target,
+        min_frequency=1,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_corpus_lines(), trainer=trainer)
+    return tokenizer
+
+
+def _config_for(preset: ModelPreset, vocab_size: int, eos_ids: list[int]) -> dict[str, Any]:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": preset.hidden_size,
+        "num_hidden_layers": preset.num_hidden_layers,
+        "intermediate_size": preset.intermediate_size,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.num_key_value_heads,
+        "rms_norm_eps": 1e-6,
+        "vocab_size": vocab_size,
+        "max_position_embeddings": preset.context_length,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": eos_ids,
+        "skulk_generated": {"preset": preset.model_id, "seed": preset.seed},
+    }
+
+
+# Input embeddings at unit scale keep the token's identity comparable to the
+# layers' outputs; an untied head with logit std about 2.5 avoids the
+# self-copying loops a tied random head falls into and leaves sampling a
+# moderately peaked distribution.
+_EMBED_STD = 1.0
+_LOGIT_STD = 2.5
+
+
+def _init_weights(preset: ModelPreset, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Random float32 weights for every parameter, deterministic per preset.
+
+    Scales keep activations O(1) through the residual stream; the head gives
+    logits a standard deviation of about 2.5, so the gap between the best and
+    second-best token is almost always far above float32 reduction-order noise
+    and batched, sharded and single-process runs pick the same greedy tokens.
+    """
+    import numpy as np
+
+    rng = np.random.Generator(np.random.PCG64(preset.seed))
+    weights: dict[str, Any] = {}
+    for name in sorted(shapes):
+        shape = shapes[name]
+        if name.endswith("norm.weight"):
+            value = np.ones(shape, dtype=np.float32)
+        elif name.endswith("embed_tokens.weight"):
+            value = rng.standard_normal(shape, dtype=np.float32) * _EMBED_STD
+        elif name.endswith("lm_head.weight"):
+            value = rng.standard_normal(shape, dtype=np.float32) * (_LOGIT_STD / np.sqrt(shape[1]))
+        elif name.endswith(".bias"):
+            value = rng.standard_normal(shape, dtype=np.float32) * 0.02
+        else:
+            assert len(shape) == 2, (name, shape)
+            value = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(shape[1])
+        weights[name] = value.astype(np.float32)
+    return weights
+
+
+def generate_model(preset: ModelPreset, dest: Path) -> Path:
+    """Write ``preset`` as an mlx-lm model directory at ``dest`` (must not exist).
+
+    Output: ``dest``. The directory is complete when this returns; callers that
+    share ``dest`` with other processes go through ``ensure_model``, which
+    writes to a temporary directory and renames.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import qwen2
+
+    assert not dest.exists(), dest
+    dest.mkdir(parents=True)
+    tokenizer = train_tokenizer(preset.vocab_target)
+    vocab_size = tokenizer.get_vocab_size()
+    eos_ids = [tokenizer.token_to_id("<|im_end|>"), tokenizer.token_to_id("<|endoftext|>")]
+    assert all(i is not None for i in eos_ids), eos_ids
+    tokenizer.save(str(dest / "tokenizer.json"))
+
+    config = _config_for(preset, vocab_size, eos_ids)
+    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
+    shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
+    arrays = {k: mx.array(v) for k, v in _init_weights(preset, shapes).items()}
+    mx.save_safetensors(str(dest / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    total_bytes = sum(int(a.nbytes) for a in arrays.values())
+    index = {
+        "metadata": {"total_size": total_bytes, "total_parameters": sum(int(a.size) for a in arrays.values())},
+        "weight_map": {k: "model.safetensors" for k in sorted(arrays)},
+    }
+    (dest / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": preset.context_length,
+        "chat_template": CHATML_TEMPLATE,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    }
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (dest / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos_ids, "do_sample": False}, indent=2)
+    )
+    write_model_card(dest, model_id=preset.model_id)
+    return dest
+
+
+def _model_dir_for(model_id: str, root: Path) -> Path:
+    assert model_id and not model_id.startswith("/") and ".." not in model_id.split("/"), model_id
+    return root.joinpath(*model_id.split("/"))
+
+
+def ensure_model(model_id: str = DEFAULT_MODEL_ID, *, root: Path | None = None) -> Path:
+    """Return the directory of preset ``model_id``, generating it if missing.
+
+    Inputs: a preset id (``PRESETS``) and optionally the models root (default
+    ``models_dir()``). Output: a complete mlx-lm model directory. Safe to call
+    from several processes at once: generation happens in a private temporary
+    directory that is renamed into place atomically.
+    """
+    if model_id not in PRESETS:
+        raise KeyError(f"unknown preset {model_id!r}; presets: {sorted(PRESETS)}")
+    root = Path(root) if root is not None else models_dir()
+    final = _model_dir_for(model_id, root)
+    if (final / "config.json").is_file() and (final / CARD_FILENAME).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        built = generate_model(PRESETS[model_id], staging / "model")
+        try:
+            os.rename(built, final)
+        except OSError:
+            # Another process renamed its copy first; theirs is identical.
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    assert (final / "config.json").is_file(), final
+    return final
+
+
+def resolve_model_path(model: str | os.PathLike[str], *, root: Path | None = None) -> Path:
+    """Find the mlx-lm directory for ``model``: a path, a cached id, or a preset.
+
+    Order: an existing directory holding ``config.json``; ``<root>/<model_id>``
+    when it holds ``config.json``; a preset id (generated on demand). Raises
+    ``FileNotFoundError`` naming every place looked at otherwise.
+    """
+    candidate = Path(model).expanduser()
+    if (candidate / "config.json").is_file():
+        return candidate
+    model_id = str(model)
+    root = Path(root) if root is not None else models_dir()
+    cached = _model_dir_for(model_id, root) if not candidate.is_absolute() else candidate
+    if model_id in PRESETS:
+        return ensure_model(model_id, root=root)
+    if (cached / "config.json").is_file():
+        return cached
+    raise FileNotFoundError(
+        f"no mlx-lm model directory for {model_id!r}: looked at {candidate} and {cached}; "
+        f"presets that Skulk can generate: {sorted(PRESETS)}"
+    )
+
+
+def card_from_model_dir(path: Path, *, model_id: str | None = None) -> ModelCard:
+    """Derive the model card of an mlx-lm directory (its ``config.json`` and weights).
+
+    ``model_id`` defaults to the preset a generated model came from, else the
+    directory name. Raises ``skulk.core.cards.CardError`` on a config that
+    lacks a figure placement needs.
+    """
+    config = json.loads((path / "config.json").read_text())
+    weight_bytes = sum(f.stat().st_size for f in sorted(path.glob("model*.safetensors")))
+    default_id = str(config.get("skulk_generated", {}).get("preset", path.name))
+    return card_from_mlx_config(model_id or default_id, config, weight_bytes)
+
+
+def write_model_card(path: Path, *, model_id: str) -> Path:
+    """Write ``model_card.toml`` (the core's card format) into model directory ``path``."""
+    card = card_from_model_dir(path, model_id=model_id)
+    out = path / CARD_FILENAME
+    out.write_text(card_to_toml(card, comment=f"generated by skulk.engine.models for {model_id}"))
+    return out
+
+
+def model_fingerprint(path: Path) -> str:
+    """SHA-256 over a model directory's files (name and bytes), for equality checks."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(path)).encode() + b"\0")
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
