@@ -1,0 +1,125 @@
+"""``GET /metrics``: the API's own counters, the cluster as this node sees it, and the node's.
+
+Theory of operation
+-------------------
+Three sources, one Prometheus text exposition (version 0.0.4):
+
+- ``ApiMetrics``: counters the API keeps itself (requests by method, route
+  template and status; streams open; tokens streamed; time to first token);
+- gauges derived from the replicated state (nodes, instances, tasks, runners
+  by status, whether this node is master);
+- ``NodeHandle.metrics()``: whatever the runtime counts (names ending in
+  ``_total`` are exposed as counters, others as gauges).
+
+Label values are escaped per the exposition format; metric names are checked,
+so a bad name from the runtime is dropped with a comment rather than breaking
+the whole page for scrapers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from skulk.api.handle import NodeHandle
+
+__all__ = ["ApiMetrics", "render_metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+@dataclass
+class ApiMetrics:
+    """Counters the API keeps; mutated only from the event loop (no locking needed)."""
+
+    requests: Counter[tuple[str, str, int]] = field(default_factory=Counter)
+    streams_active: int = 0
+    streams_total: int = 0
+    tokens_streamed_total: int = 0
+    abandoned_total: int = 0
+    ttft_seconds_sum: float = 0.0
+    ttft_count: int = 0
+
+    def observe_request(self, method: str, route: str, status: int) -> None:
+        assert 100 <= status <= 599, status
+        self.requests[(method, route, status)] += 1
+
+    def observe_ttft(self, seconds: float) -> None:
+        assert seconds >= 0.0, seconds
+        self.ttft_seconds_sum += seconds
+        self.ttft_count += 1
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def _family(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+    assert _NAME.match(name), name
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in sorted(labels.items()))
+        lines.append(f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}")
+
+
+def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
+    """The whole exposition text, ending with a newline."""
+    lines: list[str] = []
+    _family(
+        lines,
+        "skulk_api_requests_total",
+        "counter",
+        "HTTP requests answered by this node's API.",
+        [
+            ({"method": m, "route": r, "status": str(s)}, n)
+            for (m, r, s), n in sorted(api.requests.items())
+        ],
+    )
+    _family(lines, "skulk_api_streams_active", "gauge", "Server-sent event streams open now.", [({}, api.streams_active)])
+    _family(lines, "skulk_api_streams_total", "counter", "Server-sent event streams opened.", [({}, api.streams_total)])
+    _family(lines, "skulk_api_tokens_streamed_total", "counter", "Chunks of generated text streamed to clients.", [({}, api.tokens_streamed_total)])
+    _family(lines, "skulk_api_abandoned_total", "counter", "Requests abandoned because the client went away or cancelled.", [({}, api.abandoned_total)])
+    _family(
+        lines,
+        "skulk_api_time_to_first_token_seconds",
+        "summary",
+        "Time from accepting a streamed request to its first generated text.",
+        [],
+    )
+    lines.append(f"skulk_api_time_to_first_token_seconds_sum {_number(api.ttft_seconds_sum)}")
+    lines.append(f"skulk_api_time_to_first_token_seconds_count {api.ttft_count}")
+
+    state = handle.state
+    _family(lines, "skulk_cluster_nodes", "gauge", "Nodes in this node's replicated topology.", [({}, len(state.topology.nodes))])
+    _family(lines, "skulk_cluster_instances", "gauge", "Placed model instances.", [({}, len(state.instances))])
+    _family(lines, "skulk_cluster_tasks", "gauge", "Generation tasks the master has indexed and not yet deleted.", [({}, len(state.tasks))])
+    by_status = Counter(type(s).__name__ for s in state.runners.values())
+    _family(
+        lines, "skulk_cluster_runners", "gauge", "Runners by status.", [({"status": k}, v) for k, v in sorted(by_status.items())]
+    )
+    _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if handle.is_master else 0)])
+    _family(lines, "skulk_state_last_index", "gauge", "Index of the last applied event in this session.", [({}, state.last_index)])
+
+    for name, value in sorted(handle.metrics().items()):
+        if not _NAME.match(name) or name.startswith("skulk_api_"):
+            lines.append(f"# skipped invalid or reserved metric name {name!r}")
+            continue
+        kind = "counter" if name.endswith("_total") else "gauge"
+        _family(lines, name, kind, "Reported by the node runtime.", [({}, value)])
+    return "\n".join(lines) + "\n"

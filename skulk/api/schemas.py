@@ -1,0 +1,346 @@
+"""Request and response records of the HTTP API, typed once for decoding, encoding and OpenAPI.
+
+Theory of operation
+-------------------
+The OpenAI-compatible records keep OpenAI's snake_case field names; Skulk's
+control records keep Skulk's published names (snake_case request bodies such
+as ``model_id``, camelCase where the published wire is camelCase, such as
+``runtime.masterNodeId``). Requests are decoded straight into these records
+by ``skulk.api.body.decode_body`` (unknown fields are ignored, as OpenAI
+clients send extras), so the constraints declared here (``Meta(ge=1)``) are
+the validation, and ``skulk.api.openapi`` derives the published schema from
+the very same types.
+
+Responses that embed replicated-state records (``/state``, previews,
+``/instance/{id}``) are encoded with ``skulk.core.codec.to_wire``; the
+records below that mention core types exist so the schema describes them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from skulk.core.cards import ModelCard
+from skulk.core.instances import Instance
+from skulk.core.state import State
+
+__all__ = [
+    "ContentPart",
+    "ChatMessageIn",
+    "StreamOptions",
+    "ChatCompletionRequest",
+    "CompletionRequest",
+    "TopLogprobOut",
+    "TokenLogprobOut",
+    "ChoiceLogprobs",
+    "AssistantMessage",
+    "ChatChoice",
+    "UsageOut",
+    "ChatCompletion",
+    "Delta",
+    "ChunkChoice",
+    "ChatCompletionChunk",
+    "CompletionLogprobs",
+    "CompletionChoice",
+    "Completion",
+    "ModelObject",
+    "ModelList",
+    "GenerationStatsOut",
+    "PlaceInstanceRequest",
+    "PlaceInstanceResponse",
+    "DeleteInstanceResponse",
+    "CancelResponse",
+    "Preview",
+    "PreviewsResponse",
+    "ModelsResponse",
+    "RuntimeInfo",
+    "NodeDiagnostics",
+    "StateResponse",
+    "InstanceResponse",
+    "ROLES",
+]
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# Generous but finite: every list a client sends is bounded.
+_MAX_MESSAGES = 4_096
+_MAX_STOP = 16
+
+
+class _Req(msgspec.Struct, frozen=True, kw_only=True):
+    """A request record: unknown fields are ignored (OpenAI clients send extras)."""
+
+
+class _Resp(msgspec.Struct, frozen=True, kw_only=True):
+    """A response record; field order is the order on the wire."""
+
+
+# --- OpenAI-compatible requests ---------------------------------------------------------
+
+
+class ContentPart(_Req, frozen=True, kw_only=True):
+    """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessageIn(_Req, frozen=True, kw_only=True):
+    role: Annotated[str, Meta(description="system, developer, user, assistant or tool")]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Req, frozen=True, kw_only=True):
+    include_usage: bool = False
+
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+TopK = Annotated[int, Meta(ge=0)]
+MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(gt=0.0)]
+Stop = str | Annotated[list[str], Meta(max_length=_MAX_STOP)]
+
+
+class ChatCompletionRequest(_Req, frozen=True, kw_only=True):
+    """``POST /v1/chat/completions``. ``max_completion_tokens`` wins over ``max_tokens``."""
+
+    model: str
+    messages: Annotated[list[ChatMessageIn], Meta(min_length=1, max_length=_MAX_MESSAGES)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: int | None = None
+    stop: Stop | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    repetition_penalty: Penalty | None = None
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is served")] | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_Req, frozen=True, kw_only=True):
+    """``POST /v1/completions`` (legacy text completion). ``logprobs`` is a count here."""
+
+    model: str
+    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    seed: int | None = None
+    stop: Stop | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    repetition_penalty: Penalty | None = None
+    echo: bool = False
+    n: Annotated[int, Meta(ge=1, le=1, description="only 1 is served")] | None = None
+    user: str | None = None
+
+
+# --- OpenAI-compatible responses --------------------------------------------------------
+
+
+class TopLogprobOut(_Resp, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprobOut(_Resp, frozen=True, kw_only=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprobOut] = []
+
+
+class ChoiceLogprobs(_Resp, frozen=True, kw_only=True):
+    content: list[TokenLogprobOut] | None = None
+
+
+class AssistantMessage(_Resp, frozen=True, kw_only=True):
+    role: str = "assistant"
+    content: str = ""
+
+
+class ChatChoice(_Resp, frozen=True, kw_only=True):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class UsageOut(_Resp, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(_Resp, frozen=True, kw_only=True):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageOut | None = None
+    system_fingerprint: str | None = None
+
+
+class Delta(_Resp, frozen=True, kw_only=True, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChunkChoice(_Resp, frozen=True, kw_only=True):
+    index: int = 0
+    delta: Delta
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(_Resp, frozen=True, kw_only=True):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: UsageOut | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(_Resp, frozen=True, kw_only=True):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Resp, frozen=True, kw_only=True):
+    index: int = 0
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(_Resp, frozen=True, kw_only=True):
+    """A text completion, and (with ``finish_reason`` null) one streamed chunk of one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageOut | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelObject(_Resp, frozen=True, kw_only=True):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "skulk"
+    # Skulk extras: is an instance placed, and its context ceiling (largest over instances).
+    placed: bool = False
+    context_length: int | None = None
+
+
+class ModelList(_Resp, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class GenerationStatsOut(_Resp, frozen=True, kw_only=True, omit_defaults=True):
+    """The body of the ``: generation_stats {...}`` SSE comment line."""
+
+    prompt_tps: float
+    generation_tps: float
+    prompt_tokens: int
+    generation_tokens: int
+    acceptance_rate: float | None = None
+    draft_depth: int | None = None
+
+
+# --- Skulk control ------------------------------------------------------------------------
+
+
+class PlaceInstanceRequest(_Req, frozen=True, kw_only=True):
+    """``POST /place_instance``: place ``model_id`` across the cluster."""
+
+    model_id: str
+    sharding: Literal["Pipeline", "Tensor"] = "Pipeline"
+    instance_meta: Literal["MlxRing", "MlxJaccl"] = "MlxRing"
+    min_nodes: Annotated[int, Meta(ge=1, le=1024)] = 1
+    excluded_nodes: Annotated[list[str], Meta(max_length=1024)] = []
+
+
+class PlaceInstanceResponse(_Resp, frozen=True, kw_only=True):
+    message: str
+    command_id: str
+    model_id: str
+    instance_id: str | None = None
+
+
+class DeleteInstanceResponse(_Resp, frozen=True, kw_only=True):
+    message: str
+    command_id: str
+    instance_id: str
+
+
+class CancelResponse(_Resp, frozen=True, kw_only=True):
+    message: str
+    command_id: str
+
+
+class Preview(_Resp, frozen=True, kw_only=True):
+    """One candidate placement; ``error`` set (and ``instance`` null) when it cannot fit."""
+
+    sharding: Literal["Pipeline", "Tensor"]
+    instance_meta: Literal["MlxRing", "MlxJaccl"]
+    node_count: int
+    error: str | None = None
+    # True when the refusal is "not yet known" (telemetry or links pending), not "impossible".
+    pending: bool = False
+    instance: Instance | None = None
+    memory_delta_by_node: dict[str, int] = {}
+
+
+class PreviewsResponse(_Resp, frozen=True, kw_only=True):
+    previews: list[Preview]
+
+
+class ModelsResponse(_Resp, frozen=True, kw_only=True):
+    """``GET /models``: the model cards this node knows (camelCase, as cards are records)."""
+
+    models: list[ModelCard]
+
+
+class RuntimeInfo(_Resp, frozen=True, kw_only=True, rename="camel"):
+    master_node_id: str | None
+    node_id: str
+    is_master: bool
+    friendly_name: str
+    skulk_version: str
+    session_clock: int | None = None
+    last_index: int = -1
+
+
+class NodeDiagnostics(_Resp, frozen=True, kw_only=True):
+    runtime: RuntimeInfo
+    runners: list[dict[str, Any]]
+
+
+# Documentation-only aliases: these are encoded with the core codec (tagged unions).
+StateResponse = State
+InstanceResponse = Instance
