@@ -1,0 +1,312 @@
+"""The asyncio driver of the core: inputs in, effects out, nothing decided here.
+
+Theory of operation
+-------------------
+``Driver.feed(input)`` is the one entry into the core. It runs on the event
+loop thread only (other threads use ``feed_threadsafe``) and serialises every
+``CoreNode.handle`` call through a queue: an input fed while effects are
+being carried out (a failed disk write becomes ``PersistFailed``, a runner
+spawn error becomes ``RunnerExited``) is queued and handled after the current
+one, never re-entrantly.
+
+``now`` is the wall clock (``time.time()``), held monotone: it never goes
+backwards even if the system clock is stepped, so timers and the master's
+event stamps only move forward. Timers are ``loop.call_later`` handles keyed
+like the core's ``SetTimer``/``CancelTimer`` (a new ``SetTimer`` replaces the
+old one of the same key).
+
+Effects are carried out in list order:
+
+==================  ====================================================
+Send                ``transport.send`` (zenoh put on the message's topic)
+SetTimer            ``loop.call_later`` -> ``TimerFired``
+CancelTimer         cancel the handle
+PersistNode         atomic write of ``node.msgpack``; failure -> PersistFailed
+AppendLog           ``eventlog.append`` (degraded mode -> PersistFailed)
+WriteSnapshot       ``eventlog.write_snapshot``
+StartRunner ...     the supervisor (start, stop, dispatch, cancel)
+DeliverChunk        to the API request waiting on the command id
+CommandCompleted    to the API request waiting on the command id
+SessionChanged      to the listeners (API handle, auto-placement)
+Log                 the ``skulk.core`` logger
+==================  ====================================================
+
+If the core raises, that is a broken invariant: the driver logs it as
+critical and stops the node (``fatal``) rather than serve on from a state it
+can no longer trust; the service manager restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from skulk.core.codec import WireError, decode_msgpack, encode_msgpack
+from skulk.core.commands import CommandResult
+from skulk.core.effects import (
+    AppendLog,
+    CancelRunnerTask,
+    CancelTimer,
+    CommandCompleted,
+    DeliverChunk,
+    DispatchTask,
+    Effect,
+    Log,
+    NodeRecord,
+    PersistNode,
+    Send,
+    SessionChanged,
+    SetTimer,
+    StartRunner,
+    StopRunner,
+    WriteSnapshot,
+)
+from skulk.core.ids import CommandId
+from skulk.core.inputs import Input, PersistFailed, TimerFired
+from skulk.core.node import CoreNode
+from skulk.core.session import Session
+from skulk.core.tasks import TokenChunk
+
+__all__ = ["Driver", "ApiSink", "load_node_record", "write_node_record", "NODE_RECORD_FILENAME"]
+
+log = logging.getLogger("skulk.driver")
+core_log = logging.getLogger("skulk.core")
+
+NODE_RECORD_FILENAME = "node.msgpack"
+_LOG_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class ApiSink(Protocol):
+    """Where results for the local API go (implemented by ``skulk.runtime.handle``)."""
+
+    def deliver_chunk(self, chunk: TokenChunk) -> None: ...
+
+    def command_completed(self, command_id: CommandId, result: CommandResult) -> None: ...
+
+    def session_changed(self, session: Session, is_master: bool) -> None: ...
+
+
+class _Transport(Protocol):
+    def send(self, message: object, to: object) -> None: ...
+
+
+def load_node_record(path: Path, node_id: str) -> NodeRecord | None:
+    """The persisted record of ``node_id`` at ``path``; None when absent or unreadable.
+
+    A record of another node (a copied data dir with a new id) is ignored.
+    """
+    if not path.is_file():
+        return None
+    try:
+        record = decode_msgpack(NodeRecord, path.read_bytes())
+    except (OSError, WireError) as exc:
+        log.error("ignoring unreadable node record %s: %s", path, exc)
+        return None
+    if record.node_id != node_id:
+        log.warning("ignoring node record of %s in %s (this node is %s)", record.node_id, path, node_id)
+        return None
+    return record
+
+
+def write_node_record(path: Path, record: NodeRecord) -> None:
+    """Atomically replace ``path`` with ``record`` (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    data = encode_msgpack(record)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Driver:
+    """Runs one ``CoreNode`` on the running asyncio loop."""
+
+    def __init__(
+        self,
+        core: CoreNode,
+        *,
+        transport: _Transport,
+        supervisor: object,
+        eventlog: object,
+        record_path: Path,
+        api: ApiSink | None = None,
+        fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.core = core
+        self.transport = transport
+        self.supervisor = supervisor
+        self.eventlog = eventlog
+        self.record_path = record_path
+        self.api = api
+        self.fatal = fatal
+        self.session_listeners: list[Callable[[Session, bool], None]] = []
+        self.loop = asyncio.get_running_loop()
+        self._queue: deque[Input] = deque()
+        self._draining = False
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._last_now = 0.0
+        self.failed: BaseException | None = None
+        # Metrics.
+        self.inputs: Counter[str] = Counter()
+        self.effects: Counter[str] = Counter()
+        self.handle_seconds_total = 0.0
+        self.handle_seconds_max = 0.0
+        self.persist_failures = 0
+        # Wall time of event 0 of the last session this node indexed as master.
+        self.master_session_started_at: float | None = None
+
+    # --- time ----------------------------------------------------------------------
+
+    def now(self) -> float:
+        """Wall-clock seconds, never decreasing."""
+        t = time.time()
+        if t < self._last_now:
+            t = self._last_now
+        self._last_now = t
+        return t
+
+    # --- inputs --------------------------------------------------------------------
+
+    def feed(self, inp: Input) -> None:
+        """Hand ``inp`` to the core and carry out its effects (loop thread only)."""
+        if self.failed is not None:
+            return
+        self._queue.append(inp)
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._queue and self.failed is None:
+                item = self._queue.popleft()
+                self.inputs[type(item).__name__] += 1
+                started = time.perf_counter()
+                try:
+                    effects = self.core.handle(self.now(), item)
+                except Exception as exc:  # a broken invariant: stop, do not limp on
+                    self.failed = exc
+                    log.critical("the core raised on %s: %r; stopping this node", type(item).__name__, exc,
+                                 exc_info=True)
+                    if self.fatal is not None:
+                        self.fatal(exc)
+                    return
+                elapsed = time.perf_counter() - started
+                self.handle_seconds_total += elapsed
+                self.handle_seconds_max = max(self.handle_seconds_max, elapsed)
+                for effect in effects:
+                    self.effects[type(effect).__name__] += 1
+                    try:
+                        self._execute(effect)
+                    except Exception:  # one effect failing must not lose the others
+                        log.exception("could not carry out %s", type(effect).__name__)
+            flush = getattr(self.eventlog, "flush", None)
+            if flush is not None:
+                flush()
+        finally:
+            self._draining = False
+
+    def feed_threadsafe(self, inp: Input) -> None:
+        """``feed`` from any thread."""
+        self.loop.call_soon_threadsafe(self.feed, inp)
+
+    # --- effects -------------------------------------------------------------------
+
+    def _execute(self, effect: Effect) -> None:
+        if isinstance(effect, Send):
+            self.transport.send(effect.message, effect.to)
+        elif isinstance(effect, SetTimer):
+            self._set_timer(effect.key, effect.at)
+        elif isinstance(effect, CancelTimer):
+            handle = self._timers.pop(effect.key, None)
+            if handle is not None:
+                handle.cancel()
+        elif isinstance(effect, PersistNode):
+            self._persist(effect.record)
+        elif isinstance(effect, AppendLog):
+            if effect.indexed.index == 0:
+                self.master_session_started_at = effect.indexed.at
+            self.eventlog.append(effect.session, effect.indexed)  # type: ignore[attr-defined]
+        elif isinstance(effect, WriteSnapshot):
+            self.eventlog.write_snapshot(effect.snapshot)  # type: ignore[attr-defined]
+        elif isinstance(effect, StartRunner):
+            self.supervisor.start(effect.spec)  # type: ignore[attr-defined]
+        elif isinstance(effect, StopRunner):
+            self.supervisor.stop(effect.runner_id, effect.reason)  # type: ignore[attr-defined]
+        elif isinstance(effect, DispatchTask):
+            self.supervisor.dispatch(effect.runner_id, effect.task)  # type: ignore[attr-defined]
+        elif isinstance(effect, CancelRunnerTask):
+            self.supervisor.cancel(effect.runner_id, effect.task_id)  # type: ignore[attr-defined]
+        elif isinstance(effect, DeliverChunk):
+            if self.api is not None:
+                self.api.deliver_chunk(effect.chunk)
+        elif isinstance(effect, CommandCompleted):
+            if self.api is not None:
+                self.api.command_completed(effect.command_id, effect.result)
+        elif isinstance(effect, SessionChanged):
+            if self.api is not None:
+                self.api.session_changed(effect.session, effect.is_master)
+            for listener in list(self.session_listeners):
+                listener(effect.session, effect.is_master)
+        elif isinstance(effect, Log):
+            core_log.log(_LOG_LEVELS[effect.level], effect.message)
+        else:
+            raise AssertionError(f"unknown effect {type(effect).__name__}")
+
+    def _set_timer(self, key: str, at: float) -> None:
+        old = self._timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        delay = max(0.0, at - time.time())
+        self._timers[key] = self.loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: str) -> None:
+        self._timers.pop(key, None)
+        self.feed(TimerFired(key=key))
+
+    def _persist(self, record: NodeRecord) -> None:
+        try:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            write_node_record(self.record_path, record)
+        except OSError as exc:
+            self.persist_failures += 1
+            self._queue.append(PersistFailed(what="node record", error=str(exc)))
+
+    def on_log_failure(self, error: str) -> None:
+        """The disk log turned degraded: tell the core (it logs the one critical line)."""
+        self.persist_failures += 1
+        self._queue.append(PersistFailed(what="event log", error=error))
+        if not self._draining:
+            self.feed(self._queue.pop())
+
+    # --- shutdown ------------------------------------------------------------------
+
+    def stop_runners(self) -> None:
+        """The node is going away: stop every runner as the core's worker asks.
+
+        The core has no shutdown input; its worker's ``stop_all`` marks each
+        runner as stopping (so the exits that follow are not crashes to
+        restart) and returns the ``StopRunner`` effects carried out here.
+        """
+        for effect in self.core.worker.stop_all():
+            self._execute(effect)
+
+    def cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+
+    @property
+    def pending_timers(self) -> list[str]:
+        return sorted(self._timers)

@@ -1,0 +1,230 @@
+"""Several real node processes on one machine, for trying a cluster and for tests.
+
+Theory of operation
+-------------------
+``plan_local_cluster`` assigns each node of an N-node loopback cluster:
+
+- its own data directory (``<base>/node-<i>``) and a shared models directory
+  (``<base>/models``: the default model is generated once);
+- its own API port (``api_base_port + i``) and zenoh port
+  (``zenoh_base_port + i``), every other node's zenoh endpoint as bootstrap
+  peer, multicast scouting off;
+- its own loopback address ``127.0.0.<i+1>``, advertised as its only
+  interface, with the API bound there. On Linux every ``127/8`` address is
+  local, so the MLX ring ranks of different nodes can all listen on the same
+  ring port (the core gives every rank of a ring one port) without clashing;
+- one cluster key shared by all (generated into ``<base>/cluster.key``).
+
+``LocalCluster`` starts the processes (``python -m skulk.cli``), waits until
+each answers ``GET /node_id``, and stops them (SIGTERM, then SIGKILL), always
+reaping. It is used by ``skulk cluster up`` and by the integration tests
+(``tests/support``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from skulk.runtime import auth
+
+__all__ = ["NodePlan", "plan_local_cluster", "LocalCluster", "http_json"]
+
+DEFAULT_API_BASE_PORT = 52415
+DEFAULT_ZENOH_BASE_PORT = 51415
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    index: int
+    node_id: str
+    home: Path
+    api_host: str
+    api_port: int
+    zenoh_port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.api_host}:{self.api_port}"
+
+
+def plan_local_cluster(
+    n: int,
+    base: Path,
+    *,
+    api_base_port: int = DEFAULT_API_BASE_PORT,
+    zenoh_base_port: int = DEFAULT_ZENOH_BASE_PORT,
+    namespace: str = "local",
+    cluster_key: str | None = None,
+    node_prefix: str = "local",
+    extra_env: Mapping[str, str] | None = None,
+    distinct_addresses: bool = sys.platform.startswith("linux"),
+) -> list[NodePlan]:
+    """The settings of each node of an ``n``-node cluster on this machine."""
+    assert 1 <= n <= 200, n
+    base.mkdir(parents=True, exist_ok=True)
+    if cluster_key is None:
+        _, cluster_key, _ = auth.load_or_create_secret(base)
+    plans: list[NodePlan] = []
+    hosts = [f"127.0.0.{i + 1}" if distinct_addresses else "127.0.0.1" for i in range(n)]
+    endpoints = [f"tcp/{hosts[i]}:{zenoh_base_port + i}" for i in range(n)]
+    for i in range(n):
+        env = {
+            "SKULK_HOME": str(base / f"node-{i + 1}"),
+            "SKULK_MODELS_DIR": str(base / "models"),
+            "SKULK_NODE_ID": f"{node_prefix}-{i + 1}",
+            "SKULK_FRIENDLY_NAME": f"{node_prefix}-{i + 1}",
+            "SKULK_NAMESPACE": namespace,
+            "SKULK_CLUSTER_KEY": cluster_key,
+            "SKULK_API_HOST": hosts[i],
+            "SKULK_API_PORT": str(api_base_port + i),
+            "SKULK_LISTEN": endpoints[i],
+            "SKULK_BOOTSTRAP_PEERS": ",".join(e for j, e in enumerate(endpoints) if j != i),
+            "SKULK_MULTICAST": "0",
+            "SKULK_ADVERTISE": f"{hosts[i]}=ethernet",
+        }
+        env.update(extra_env or {})
+        plans.append(
+            NodePlan(
+                index=i,
+                node_id=env["SKULK_NODE_ID"],
+                home=Path(env["SKULK_HOME"]),
+                api_host=hosts[i],
+                api_port=api_base_port + i,
+                zenoh_port=zenoh_base_port + i,
+                env=env,
+            )
+        )
+    return plans
+
+
+def http_json(url: str, *, method: str = "GET", body: Any = None, timeout_s: float = 5.0) -> Any:
+    """A JSON request with the standard library; raises ``urllib.error.URLError`` on failure.
+
+    HTTP error statuses return their decoded JSON body under ``{"_status": code, ...}``.
+    """
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+            return json.loads(resp.read().decode() or "null")
+    except urllib.error.HTTPError as exc:
+        try:
+            payload = json.loads(exc.read().decode() or "{}")
+        except ValueError:
+            payload = {}
+        if isinstance(payload, dict):
+            payload["_status"] = exc.code
+            return payload
+        return {"_status": exc.code, "body": payload}
+
+
+class LocalCluster:
+    """Start, wait for, and stop the node processes of ``plans``."""
+
+    def __init__(
+        self,
+        plans: list[NodePlan],
+        *,
+        python: str | None = None,
+        log_dir: Path | None = None,
+        stdout: IO[Any] | int | None = None,
+    ) -> None:
+        self.plans = plans
+        self.python = python or sys.executable
+        self.log_dir = log_dir
+        self.stdout = stdout
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: dict[str, IO[Any]] = {}
+
+    def start(self, node_id: str | None = None) -> None:
+        """Start every node (or only ``node_id``, e.g. to restart it)."""
+        for plan in self.plans:
+            if node_id is not None and plan.node_id != node_id:
+                continue
+            proc = self.procs.get(plan.node_id)
+            assert proc is None or proc.poll() is not None, f"{plan.node_id} is already running"
+            env = dict(os.environ)
+            env.update(plan.env)
+            out: IO[Any] | int | None = self.stdout
+            if self.log_dir is not None:
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                f = open(self.log_dir / f"{plan.node_id}.log", "ab")
+                self._logs[plan.node_id] = f
+                out = f
+            self.procs[plan.node_id] = subprocess.Popen(
+                [self.python, "-m", "skulk.cli", "run"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not None else None,
+            )
+
+    def plan(self, node_id: str) -> NodePlan:
+        return next(p for p in self.plans if p.node_id == node_id)
+
+    def alive(self) -> list[str]:
+        return [p.node_id for p in self.plans if (pr := self.procs.get(p.node_id)) is not None and pr.poll() is None]
+
+    def wait_ready(self, timeout_s: float = 60.0, nodes: list[str] | None = None) -> None:
+        """Wait until every (given) node answers ``GET /node_id`` with its own id."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(nodes or self.alive())
+        while pending:
+            for node in list(pending):
+                proc = self.procs[node]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting")
+                try:
+                    if http_json(self.plan(node).url + "/node_id", timeout_s=1.0) == node:
+                        pending.remove(node)
+                except (OSError, ValueError):
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"nodes {pending} did not answer within {timeout_s:g} s")
+            if pending:
+                time.sleep(0.1)
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> float:
+        """Send ``sig`` to a node (default ``kill -9``); returns the wall time it was sent."""
+        proc = self.procs[node_id]
+        at = time.time()
+        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+        return at
+
+    def stop(self, timeout_s: float = 20.0) -> dict[str, int]:
+        """SIGTERM every node, SIGKILL stragglers after ``timeout_s``; always reaps."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        codes: dict[str, int] = {}
+        for node, proc in self.procs.items():
+            try:
+                codes[node] = proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[node] = proc.wait(10)
+        for f in self._logs.values():
+            f.close()
+        self._logs.clear()
+        return codes
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

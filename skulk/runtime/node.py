@@ -1,0 +1,375 @@
+"""A whole node process: the core, its driver and every piece of I/O around it.
+
+Theory of operation
+-------------------
+``NodeRuntime.run()`` assembles, in order:
+
+1. model cards (built-in, ``<data_dir>/cards``, local model directories) and
+   the persisted node record (so a restart is the same node, never going back
+   in time);
+2. the disk event log, the runner supervisor, the driver and the API handle;
+3. the HTTP API (uvicorn on a socket bound here, so a busy port is a clear
+   start-up error);
+4. one telemetry measurement, the zenoh transport, then ``Boot`` (nothing is
+   delivered to the core before ``Boot``: deliveries are loop callbacks and
+   ``Boot`` is fed in the same loop step that finishes opening the transport);
+5. background tasks: telemetry, link probes, local-model reports and
+   auto-placement.
+
+Auto-placement is an operator convenience, not protocol: when this node
+becomes master and the replicated state has no instance of ``SKULK_AUTO_PLACE``
+(default: the embedded default model), it submits an ordinary
+``PlaceInstance`` through the handle, once per session.
+
+Shutdown (SIGINT/SIGTERM, or a fatal core error): stop the API, stop and reap
+every runner (escalating), close the transport and the event log. The exit
+code is 0 after a signal, 70 after a fatal error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import uvicorn
+
+import skulk
+from skulk.core.cards import CardError, ModelCard
+from skulk.core.commands import PlaceInstance
+from skulk.core.ids import CommandId, ModelId, NodeId
+from skulk.core.inputs import Boot, ModelAvailable, PeersChanged, Received
+from skulk.core.node import CoreNode
+from skulk.core.nodes import NetworkInterface, NodeIdentity
+from skulk.core.session import Session
+from skulk.runtime.config import RuntimeConfig
+from skulk.runtime.driver import NODE_RECORD_FILENAME, Driver, load_node_record
+from skulk.runtime.eventlog import EventLog
+from skulk.runtime.handle import RuntimeHandle
+from skulk.runtime.supervisor import Supervisor, find_local_models
+from skulk.runtime.telemetry import LinkProber, Telemetry
+from skulk.runtime.transport import Transport, TransportSettings
+
+__all__ = ["NodeRuntime", "EXIT_FATAL", "load_node_cards"]
+
+log = logging.getLogger("skulk.node")
+
+EXIT_FATAL = 70
+_MODEL_RESCAN_S = 60.0
+_AUTO_PLACE_ATTEMPTS = 5
+
+
+def load_node_cards(config: RuntimeConfig) -> dict[str, ModelCard]:
+    """Built-in cards, operator cards, then a card for each local model directory."""
+    from skulk.modelcards import card_for_model_dir, load_cards
+
+    def skip(path: Path, exc: CardError) -> None:
+        log.error("ignoring model card %s: %s", path, exc)
+
+    cards: dict[str, ModelCard] = dict(load_cards([config.data_dir / "cards"], on_error=skip))
+    for model_id in find_local_models(config.models_dir):
+        if model_id in cards:
+            continue
+        try:
+            cards[model_id] = card_for_model_dir(config.models_dir / model_id, model_id=model_id)
+        except CardError as exc:
+            log.warning("local model %s has no usable card: %s", model_id, exc)
+    return {k: cards[k] for k in sorted(cards)}
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the node owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[override]
+        yield
+
+
+class NodeRuntime:
+    """One node. ``await run()`` until stopped; ``request_stop()`` from anywhere on the loop."""
+
+    def __init__(self, config: RuntimeConfig, *, serve_api: bool = True) -> None:
+        self.config = config
+        self.serve_api = serve_api
+        self.exit_code = 0
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.driver: Driver | None = None
+        self.handle: RuntimeHandle | None = None
+        self.transport: Transport | None = None
+        self.supervisor: Supervisor | None = None
+        self.eventlog: EventLog | None = None
+        self.telemetry: Telemetry | None = None
+        self.prober: LinkProber | None = None
+        self.server: _Server | None = None
+        self._auto_placed: set[Session] = set()
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        self.exit_code = max(self.exit_code, exit_code)
+        self._stop.set()
+
+    # --- assembly ----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        log.info("node %s (%s) starting; data %s, models %s, namespace %s, cluster key from %s",
+                 cfg.node_id, cfg.friendly_name, cfg.data_dir, cfg.models_dir, cfg.namespace, cfg.cluster_key_source)
+
+        cards = await asyncio.to_thread(load_node_cards, cfg)
+        record = load_node_record(cfg.data_dir / NODE_RECORD_FILENAME, cfg.node_id)
+        core = CoreNode(NodeId(cfg.node_id), cfg.core, cards=cards, record=record)
+
+        def feed(inp: object) -> None:
+            assert self.driver is not None
+            self.driver.feed(inp)  # type: ignore[arg-type]
+
+        self.eventlog = EventLog(cfg.data_dir / "eventlog", on_failure=lambda err: self.driver.on_log_failure(err))  # type: ignore[union-attr]
+        self.supervisor = Supervisor(
+            feed=feed,
+            models_dir=cfg.models_dir,
+            work_dir=cfg.data_dir / "runners",
+            env=cfg.runner_env(),
+            stop_grace_s=cfg.runner_stop_grace_s,
+        )
+        incarnation = secrets.token_hex(6)
+        self.transport = Transport(
+            TransportSettings(
+                node_id=cfg.node_id,
+                namespace=cfg.namespace,
+                secret=cfg.cluster_secret,
+                listen=cfg.listen,
+                connect=cfg.bootstrap_peers,
+                multicast=cfg.multicast,
+                lease_ms=cfg.lease_ms,
+                api_port=cfg.api_port if self.serve_api else 0,
+                incarnation=incarnation,
+            ),
+            on_message=lambda sender, msg: feed(Received(sender=sender, message=msg)),
+            on_peers=lambda peers: feed(PeersChanged(peers=peers)),
+        )
+        self.driver = Driver(
+            core,
+            transport=self.transport,
+            supervisor=self.supervisor,
+            eventlog=self.eventlog,
+            record_path=cfg.data_dir / NODE_RECORD_FILENAME,
+            fatal=lambda exc: self.request_stop(EXIT_FATAL),
+        )
+        self.handle = RuntimeHandle(
+            core=core,
+            feed=feed,
+            friendly_name=cfg.friendly_name,
+            version=skulk.__version__,
+            metrics=self.metrics,
+            runner_diagnostics=self.supervisor.diagnostics,
+        )
+        self.driver.api = self.handle
+        self.handle.session_listeners.append(self._on_session)
+        if self.eventlog.degraded:
+            self.driver.on_log_failure(self.eventlog.degraded_reason)
+
+        try:
+            if self.serve_api:
+                await self._start_api()
+            identity = NodeIdentity(friendly_name=cfg.friendly_name, version=skulk.__version__)
+            self.telemetry = Telemetry(
+                identity=identity, advertise=cfg.advertise, interval_s=cfg.core.telemetry_interval_s, feed=feed
+            )
+            await self.telemetry.measure_once()
+            await self.transport.start()
+            feed(Boot())  # same loop step as the end of transport.start(): nothing was delivered before it
+            self.prober = LinkProber(
+                node_id=cfg.node_id,
+                targets=self._probe_targets,
+                feed=feed,
+                interval_s=cfg.probe_interval_s,
+                timeout_s=cfg.probe_timeout_s,
+            )
+            self._spawn(self.telemetry.run(), "telemetry")
+            self._spawn(self.prober.run(), "link-probes")
+            self._spawn(self._models_loop(), "models")
+            log.info("node %s up: API on %s:%d", cfg.node_id, cfg.api_host, cfg.api_port)
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+        return self.exit_code
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task %s failed: %r", task.get_name(), exc, exc_info=exc)
+
+    async def _start_api(self) -> None:
+        from skulk.api.app import create_app
+        from skulk.api.config import ApiConfig
+
+        assert self.handle is not None
+        cfg = self.config
+        family = socket.AF_INET6 if ":" in cfg.api_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((cfg.api_host, cfg.api_port))
+        except OSError as exc:
+            sock.close()
+            raise SystemExit(f"cannot serve the API on {cfg.api_host}:{cfg.api_port}: {exc} (set SKULK_API_PORT)") from None
+        sock.listen(1024)
+        sock.setblocking(False)
+        app = create_app(self.handle, config=ApiConfig(max_output_tokens=cfg.max_output_tokens))
+        server = _Server(
+            uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+        )
+        self.server = server
+        self._spawn(server.serve(sockets=[sock]), "api")
+        for _ in range(200):
+            if server.started:
+                return
+            await asyncio.sleep(0.01)
+
+    # --- background work ----------------------------------------------------------------
+
+    def _probe_targets(self) -> Mapping[str, tuple[int, tuple[NetworkInterface, ...]]]:
+        assert self.transport is not None and self.handle is not None
+        state = self.handle.state
+        out: dict[str, tuple[int, tuple[NetworkInterface, ...]]] = {}
+        for peer, info in self.transport.peer_info.items():
+            net = state.node_network.get(NodeId(peer))
+            if net is not None and info.api_port > 0:
+                out[peer] = (info.api_port, net.interfaces)
+        return out
+
+    async def _models_loop(self) -> None:
+        assert self.supervisor is not None and self.driver is not None
+        cfg = self.config
+        auto = cfg.auto_place
+        if auto is not None:
+            from skulk.engine.models import PRESETS, ensure_model
+
+            if auto in PRESETS:
+                try:
+                    await asyncio.to_thread(ensure_model, auto, root=cfg.models_dir)
+                except Exception as exc:
+                    log.error("could not generate the default model %s: %s", auto, exc)
+        while True:
+            try:
+                models = await asyncio.to_thread(find_local_models, cfg.models_dir)
+                for model_id in models:
+                    self.driver.feed(ModelAvailable(model_id=model_id))
+            except Exception:
+                log.exception("scanning local models failed")
+            await asyncio.sleep(_MODEL_RESCAN_S)
+
+    def _on_session(self, session: Session, is_master: bool) -> None:
+        if not is_master or self.config.auto_place is None or session in self._auto_placed:
+            return
+        self._auto_placed.add(session)
+        self._spawn(self._auto_place(session, ModelId(self.config.auto_place)), "auto-place")
+
+    async def _auto_place(self, session: Session, model_id: ModelId) -> None:
+        handle = self.handle
+        assert handle is not None
+        delay = 1.0
+        for attempt in range(1, _AUTO_PLACE_ATTEMPTS + 1):
+            # Act on this session's replicated state only, never a half-known one.
+            for _ in range(600):
+                if handle.session != session or handle.state.session == session:
+                    break
+                await asyncio.sleep(0.1)
+            if handle.session != session or not handle.is_master:
+                return
+            if any(i.shard_assignments.model_id == model_id for i in handle.state.instances.values()):
+                return
+            cid = CommandId(f"auto-place-{secrets.token_hex(6)}")
+            result = await handle.submit(PlaceInstance(command_id=cid, model_id=model_id))
+            if result.status == "accepted":
+                log.info("auto-placed %s as %s", model_id, result.instance_id)
+                return
+            log.warning("auto-place of %s (attempt %d): %s %s", model_id, attempt, result.code, result.message)
+            if result.code != "unavailable":
+                return  # impossible (too big, unknown model): retrying will not help
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    # --- metrics ------------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        t, d, s, e = self.transport, self.driver, self.supervisor, self.eventlog
+        if t is not None:
+            out["skulk_peers"] = float(len(t.members))
+            out["skulk_transport_sent_total"] = float(sum(t.sent.values()))
+            out["skulk_transport_received_total"] = float(sum(t.received.values()))
+            for reason in ("bad_mac", "foreign_namespace", "malformed", "wrong_topic", "misdirected", "send_error"):
+                out[f"skulk_transport_dropped_{reason}_total"] = float(t.drops.get(reason, 0))
+        if d is not None:
+            core = d.core
+            # (is-master and the state's last index are the API's own metrics.)
+            out["skulk_session_clock"] = float(core.session.clock if core.session else -1)
+            out["skulk_core_inputs_total"] = float(sum(d.inputs.values()))
+            out["skulk_core_effects_total"] = float(sum(d.effects.values()))
+            out["skulk_core_handle_seconds_total"] = d.handle_seconds_total
+            out["skulk_core_handle_seconds_max"] = d.handle_seconds_max
+            out["skulk_persist_failures_total"] = float(d.persist_failures)
+            if d.master_session_started_at is not None:
+                out["skulk_master_session_started_unixtime"] = d.master_session_started_at
+        if e is not None:
+            out["skulk_eventlog_appended_total"] = float(e.appended)
+            out["skulk_eventlog_dropped_total"] = float(e.dropped)
+            out["skulk_eventlog_degraded"] = 1.0 if e.degraded else 0.0
+        if s is not None:
+            out["skulk_runners"] = float(len(s.runners))
+            out["skulk_runner_exits_total"] = float(len(s.exits))
+            out["skulk_runner_sigterm_total"] = float(s.escalations["sigterm"])
+            out["skulk_runner_sigkill_total"] = float(s.escalations["sigkill"])
+        if self.telemetry is not None:
+            out["skulk_telemetry_failures_total"] = float(self.telemetry.failures)
+        if self.prober is not None:
+            out["skulk_link_probe_rounds_total"] = float(self.prober.rounds)
+        out["skulk_uptime_seconds"] = time.time() - _STARTED_AT
+        return out
+
+    # --- shutdown -----------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        log.info("node %s stopping", self.config.node_id)
+        if self.server is not None:
+            self.server.should_exit = True
+        for task in self._tasks:
+            if task.get_name() != "api":
+                task.cancel()
+        if self.driver is not None:
+            self.driver.stop_runners()  # through the core, so their exits are not taken for crashes
+        if self.supervisor is not None:
+            await self.supervisor.shutdown()
+        if self.transport is not None:
+            await self.transport.close()
+        if self.driver is not None:
+            self.driver.cancel_timers()
+        if self.eventlog is not None:
+            self.eventlog.close()
+        api = [t for t in self._tasks if t.get_name() == "api"]
+        if api:
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.gather(*api, return_exceptions=True), timeout=6)
+        log.info("node %s stopped", self.config.node_id)
+
+
+_STARTED_AT = time.time()
