@@ -77,10 +77,10 @@ def explain_node_capacity(card: ModelCard, share: Share, ram_total_bytes: int) -
     """The ceiling arithmetic for one node, for refusals and docs."""
     frac = as_share(share)
     capacity = math.floor(ram_total_bytes * USABLE_FRACTION_OF_TOTAL)
-    weights = math.ceil(card.weight_bytes * frac * WEIGHT_OVERHEAD_FACTOR)
+    weights = math.ceil(card.weight_bytes * frac)
     per_token = kv_bytes_per_token(card) * frac
     tokens = node_token_capacity(card, frac, ram_total_bytes)
     return (
-        f"({format_gb(capacity)} = 75% of {format_gb(ram_total_bytes)} RAM - {format_gb(weights)} weights x 1.30 "
+        f"({format_gb(capacity)} (75% of {format_gb(ram_total_bytes)} RAM) - {format_gb(weights)} weights x 1.30 "
         f"- 256 MiB) / {float(per_token):,.0f} KV bytes per token = {tokens:,} tokens"
     )

@@ -116,14 +116,17 @@ def classify_interface(name: str, ip_address: str, hardware_port: str | None = N
     if is_vpn_address(ip_address):
         return "vpn"
     port = (hardware_port or "").strip().lower()
+    words = port.replace("/", " ").split()
     if port:
-        if port.startswith("thunderbolt"):
+        # "Thunderbolt Bridge" and "Thunderbolt 1".."Thunderbolt N" are IP over Thunderbolt;
+        # "Thunderbolt Ethernet Slot 0" is an Ethernet adapter on a Thunderbolt port.
+        if port == "thunderbolt bridge" or (len(words) == 2 and words[0] == "thunderbolt" and words[1].isdigit()):
             return "thunderbolt"
         if "wi-fi" in port or "wifi" in port or "airport" in port or "wlan" in port:
             return "wifi"
-        if "ethernet" in port or port.startswith("lan"):
+        if "ethernet" in words or "lan" in words:
             return "ethernet"
-        if "vpn" in port or "tailscale" in port:
+        if "vpn" in words or "tailscale" in words:
             return "vpn"
     lowered = name.strip().lower()
     for prefix, kind in _NAME_RULES:

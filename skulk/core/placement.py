@@ -280,6 +280,8 @@ def _subsets(graph: nx.DiGraph, nodes: Sequence[NodeId], k: int, free: Mapping[N
 
 def _quality(order: Sequence[NodeId], links: _Links) -> tuple[int, ...]:
     """Link ranks of a ring order's hops, worst first (smaller tuples are better rings)."""
+    if len(order) == 1:
+        return ()
     ranks = (interconnect.KIND_RANK[interconnect.effective_kind(links[(order[i - 1], order[i])])] for i in range(len(order)))
     return tuple(sorted(ranks, reverse=True))
 
