@@ -112,6 +112,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _optional_model(text: str) -> str | None:
     text = text.strip()
     return None if text.lower() in ("", "0", "none", "off", "false") else text
@@ -186,6 +193,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RUNNER_STOP_GRACE_SECONDS", _positive_float, 10.0,
             "After a graceful Shutdown, wait this long before SIGTERM (and as long again before SIGKILL)."),
     Setting("RING_BASE_PORT", _port, 52500, "First port of the MLX ring port range.", core_field="base_port"),
+    Setting("EVENTLOG_MIN_FREE_BYTES", _nonnegative_int, 2 * 1024**3,
+            "The master's disk log stops writing (degraded mode, one critical line) under this much free space."),
     # Election and liveness.
     Setting("CAMPAIGN_TIMEOUT_SECONDS", _positive_float, 3.0, "Longest an election campaign waits for votes.",
             core_field="campaign_timeout_s"),
@@ -232,6 +241,7 @@ class RuntimeConfig:
     runner_stop_grace_s: float
     probe_interval_s: float
     probe_timeout_s: float
+    eventlog_min_free_bytes: int
     logging_external: bool
     log_level: str
     core: CoreConfig
@@ -437,6 +447,7 @@ def load_config(
         runner_stop_grace_s=values["RUNNER_STOP_GRACE_SECONDS"],
         probe_interval_s=values["PROBE_INTERVAL_SECONDS"],
         probe_timeout_s=values["PROBE_TIMEOUT_SECONDS"],
+        eventlog_min_free_bytes=values["EVENTLOG_MIN_FREE_BYTES"],
         logging_external=values["LOGGING_EXTERNAL"],
         log_level=values["LOG_LEVEL"].upper(),
         core=core,

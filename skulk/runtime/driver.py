@@ -286,9 +286,7 @@ class Driver:
     def on_log_failure(self, error: str) -> None:
         """The disk log turned degraded: tell the core (it logs the one critical line)."""
         self.persist_failures += 1
-        self._queue.append(PersistFailed(what="event log", error=error))
-        if not self._draining:
-            self.feed(self._queue.pop())
+        self.feed(PersistFailed(what="event log", error=error))  # queued when called mid-drain
 
     # --- shutdown ------------------------------------------------------------------
 

@@ -43,7 +43,8 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from typing import IO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,7 @@ class EventLog:
         archive_max_files: int = 5,
         archive_max_bytes: int = GIB,
         snapshots_kept: int = 2,
+        opener: Callable[[Path, str], IO[bytes]] | None = None,
     ) -> None:
         assert check_every > 0 and archive_max_files > 0 and snapshots_kept > 0
         self.directory = directory
@@ -129,12 +131,14 @@ class EventLog:
         self.archive_max_files = archive_max_files
         self.archive_max_bytes = archive_max_bytes
         self.snapshots_kept = snapshots_kept
+        # How segment files are opened (tests inject a file that fails like a full disk).
+        self._opener: Callable[[Path, str], IO[bytes]] = opener or (lambda path, mode: open(path, mode))
         self.degraded = False
         self.degraded_reason = ""
         self.appended = 0
         self.dropped = 0
         self.failures = 0
-        self._file: object | None = None
+        self._file: IO[bytes] | None = None
         self._size = 0
         self._since_check = 0
         # The last (session, index) written: the next entry must continue it.
@@ -215,7 +219,7 @@ class EventLog:
         if self.degraded or self._file is None:
             return
         try:
-            self._file.flush()  # type: ignore[attr-defined]
+            self._file.flush()
         except OSError as exc:
             self._fail(f"flush: {exc}")
 
@@ -224,13 +228,13 @@ class EventLog:
         if f is None:
             return
         try:
-            f.flush()  # type: ignore[attr-defined]
-            os.fsync(f.fileno())  # type: ignore[attr-defined]
+            f.flush()
+            os.fsync(f.fileno())
         except OSError:
             pass
         finally:
             try:
-                f.close()  # type: ignore[attr-defined]
+                f.close()
             except OSError:
                 pass
 
@@ -247,7 +251,7 @@ class EventLog:
             if self.current_path.exists() and self.current_path.stat().st_size > 0:
                 # Left by an earlier run: archive it whole (a torn tail is tolerated by readers).
                 self._archive_file(self.current_path)
-            self._file = open(self.current_path, "ab")
+            self._file = self._opener(self.current_path, "ab")
             self._size = 0
         except OSError as exc:
             self._fail(f"open: {exc}")
@@ -261,7 +265,7 @@ class EventLog:
             return
         frame = _frame(record)
         try:
-            self._file.write(frame)  # type: ignore[attr-defined]
+            self._file.write(frame)
         except OSError as exc:
             self._fail(f"write: {exc}")
             return
@@ -276,7 +280,7 @@ class EventLog:
         f, self._file = self._file, None
         if f is not None:
             try:
-                f.close()  # type: ignore[attr-defined]
+                f.close()
             except OSError:
                 pass  # the buffered tail may be lost; readers tolerate a torn tail
         self.on_failure(reason)
@@ -313,7 +317,7 @@ class EventLog:
         try:
             if self.current_path.exists() and self.current_path.stat().st_size > 0:
                 self._archive_file(self.current_path)
-            self._file = open(self.current_path, "ab")
+            self._file = self._opener(self.current_path, "ab")
             self._size = 0
         except OSError:
             self._file = None
@@ -328,12 +332,12 @@ class EventLog:
         if f is None or self._size == 0:
             return
         try:
-            f.flush()  # type: ignore[attr-defined]
-            os.fsync(f.fileno())  # type: ignore[attr-defined]
-            f.close()  # type: ignore[attr-defined]
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
             self._file = None
             self._archive_file(self.current_path)
-            self._file = open(self.current_path, "ab")
+            self._file = self._opener(self.current_path, "ab")
             self._size = 0
         except OSError as exc:
             self._fail(f"rotate: {exc}")

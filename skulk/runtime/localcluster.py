@@ -31,7 +31,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +53,8 @@ class NodePlan:
     api_port: int
     zenoh_port: int
     env: dict[str, str] = field(default_factory=dict)
+    # Run the node under this prefix (e.g. ``ip netns exec <ns>``).
+    argv_prefix: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -140,8 +142,10 @@ class LocalCluster:
         python: str | None = None,
         log_dir: Path | None = None,
         stdout: IO[Any] | int | None = None,
+        fetch: Callable[[NodePlan, str], Any] | None = None,
     ) -> None:
         self.plans = plans
+        self.fetch = fetch or (lambda plan, path: http_json(plan.url + path, timeout_s=2.0))
         self.python = python or sys.executable
         self.log_dir = log_dir
         self.stdout = stdout
@@ -164,7 +168,7 @@ class LocalCluster:
                 self._logs[plan.node_id] = f
                 out = f
             self.procs[plan.node_id] = subprocess.Popen(
-                [self.python, "-m", "skulk.cli", "run"],
+                [*plan.argv_prefix, self.python, "-m", "skulk.cli", "run"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -187,9 +191,9 @@ class LocalCluster:
                 if proc.poll() is not None:
                     raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting")
                 try:
-                    if http_json(self.plan(node).url + "/node_id", timeout_s=1.0) == node:
+                    if self.fetch(self.plan(node), "/node_id") == node:
                         pending.remove(node)
-                except (OSError, ValueError):
+                except (OSError, ValueError, subprocess.SubprocessError):
                     pass
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"nodes {pending} did not answer within {timeout_s:g} s")

@@ -134,7 +134,11 @@ class NodeRuntime:
             assert self.driver is not None
             self.driver.feed(inp)  # type: ignore[arg-type]
 
-        self.eventlog = EventLog(cfg.data_dir / "eventlog", on_failure=lambda err: self.driver.on_log_failure(err))  # type: ignore[union-attr]
+        self.eventlog = EventLog(
+            cfg.data_dir / "eventlog",
+            on_failure=lambda err: self.driver.on_log_failure(err),  # type: ignore[union-attr]
+            min_free_bytes=cfg.eventlog_min_free_bytes,
+        )
         self.supervisor = Supervisor(
             feed=feed,
             models_dir=cfg.models_dir,

@@ -210,6 +210,9 @@ def network_info(
     for the live system in tests.
     """
     chosen = list(advertise)
+    for ip, _ in chosen:
+        if not usable_address(ip):
+            raise ValueError(f"advertised address {ip!r} cannot be used between nodes")
     if chosen:
         ifaces = [
             NetworkInterface(name="advertised", ip_address=ip, kind=kind or classify_interface("", ip))  # type: ignore[arg-type]

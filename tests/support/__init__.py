@@ -1,0 +1,1 @@
+"""Shared test helpers: real node processes on loopback, network namespaces."""

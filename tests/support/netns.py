@@ -1,0 +1,107 @@
+"""Network namespaces joined by veth pairs: a few "machines" with their own addresses.
+
+``Netns`` builds N namespaces (each with loopback up) and ``link``s between
+them: a veth pair whose two ends get the given addresses. Every name carries a
+random prefix, so concurrent runs never collide, and ``teardown`` deletes the
+namespaces (which deletes their veth ends). Root only: ``netns_available``
+checks that ``ip netns`` really works before a test relies on it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+__all__ = ["netns_available", "Netns", "Link"]
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20, check=check)
+
+
+def netns_available() -> tuple[bool, str]:
+    """(usable, why not): root, the ``ip`` tool, and a namespace that can be created and used."""
+    if os.geteuid() != 0:
+        return False, "network namespaces need root"
+    if shutil.which("ip") is None:
+        return False, "the ip tool (iproute2) is not installed"
+    name = f"skprobe{secrets.token_hex(3)}"
+    try:
+        made = _ip("netns", "add", name, check=False)
+        if made.returncode != 0:
+            return False, f"ip netns add failed: {made.stderr.strip()}"
+        up = _ip("netns", "exec", name, "ip", "link", "set", "lo", "up", check=False)
+        if up.returncode != 0:
+            return False, f"ip netns exec failed: {up.stderr.strip()}"
+        pair = _ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b", check=False)
+        if pair.returncode != 0:
+            return False, f"veth pairs unavailable: {pair.stderr.strip()}"
+        _ip("link", "del", f"{name}a", check=False)
+        return True, ""
+    finally:
+        _ip("netns", "del", name, check=False)
+
+
+@dataclass(frozen=True)
+class Link:
+    a: int
+    b: int
+    a_addr: str  # "10.77.1.1/24"
+    b_addr: str
+    a_name: str
+    b_name: str
+
+
+@dataclass
+class Netns:
+    """N namespaces; ``names[i]`` is machine i's namespace."""
+
+    n: int
+    prefix: str = field(default_factory=lambda: f"sk{secrets.token_hex(3)}")
+    names: list[str] = field(default_factory=list)
+    links: list[Link] = field(default_factory=list)
+
+    def build(self) -> Netns:
+        for i in range(self.n):
+            name = f"{self.prefix}n{i}"
+            _ip("netns", "add", name)
+            self.names.append(name)
+            self.run(i, ["ip", "link", "set", "lo", "up"])
+        return self
+
+    def run(self, i: int, argv: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` inside machine ``i``'s namespace."""
+        return subprocess.run(["ip", "netns", "exec", self.names[i], *argv], capture_output=True, text=True,
+                              timeout=kw.pop("timeout", 20), check=kw.pop("check", True), **kw)  # type: ignore[arg-type]
+
+    def prefix_argv(self, i: int) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.names[i])
+
+    def link(self, a: int, b: int, a_addr: str, b_addr: str, *, a_name: str, b_name: str) -> Link:
+        """A veth pair between machines ``a`` and ``b`` with the given CIDR addresses."""
+        tmp_a = f"{self.prefix}{len(self.links)}a"
+        tmp_b = f"{self.prefix}{len(self.links)}b"
+        _ip("link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        _ip("link", "set", tmp_a, "netns", self.names[a])
+        _ip("link", "set", tmp_b, "netns", self.names[b])
+        for i, tmp, name, addr in ((a, tmp_a, a_name, a_addr), (b, tmp_b, b_name, b_addr)):
+            self.run(i, ["ip", "link", "set", tmp, "name", name])
+            self.run(i, ["ip", "addr", "add", addr, "dev", name])
+            self.run(i, ["ip", "link", "set", name, "up"])
+        link = Link(a, b, a_addr, b_addr, a_name, b_name)
+        self.links.append(link)
+        return link
+
+    def teardown(self) -> None:
+        for name in self.names:
+            _ip("netns", "del", name, check=False)
+        self.names.clear()
+
+    def __enter__(self) -> Netns:
+        return self.build()
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
