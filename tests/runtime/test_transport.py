@@ -1,0 +1,147 @@
+"""The zenoh transport: membership needs the key, drops are counted, never applied.
+
+Real zenoh sessions on loopback, in this process (each with its own endpoint,
+scouting off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import zenoh
+
+from skulk.core.commands import PlaceInstance
+from skulk.core.ids import CommandId, ModelId, NodeId
+from skulk.core.messages import CommandMessage, ElectionMessage, Message
+from skulk.runtime import auth
+from skulk.runtime.transport import Transport, TransportSettings, key_prefix
+from tests.support.cluster import free_port_block
+
+SECRET = b"s" * 32
+
+
+class Peer:
+    def __init__(self, node: str, port: int, connect: tuple[str, ...], *, secret: bytes = SECRET,
+                 namespace: str = "tns") -> None:
+        self.messages: list[tuple[NodeId, Message]] = []
+        self.peer_sets: list[frozenset[NodeId]] = []
+        self.transport = Transport(
+            TransportSettings(node_id=node, namespace=namespace, secret=secret,
+                              listen=(f"tcp/127.0.0.1:{port}",), connect=connect, multicast=False,
+                              lease_ms=1000, api_port=40000 + port % 1000, incarnation="i"),
+            on_message=lambda s, m: self.messages.append((s, m)),
+            on_peers=self.peer_sets.append,
+        )
+
+
+async def _until(pred, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+def _ports(n: int) -> list[int]:
+    base = free_port_block(n, ["127.0.0.1"])
+    return [base + i for i in range(n)]
+
+
+def test_keyed_peers_become_members_and_exchange_messages() -> None:
+    async def main() -> None:
+        pa, pb, pc = _ports(3)
+        a = Peer("a", pa, ())
+        b = Peer("b", pb, (f"tcp/127.0.0.1:{pa}",))
+        c = Peer("c", pc, (f"tcp/127.0.0.1:{pa}", f"tcp/127.0.0.1:{pb}"))
+        for p in (a, b, c):
+            await p.transport.start()
+        try:
+            await _until(lambda: all(len(p.transport.members) == 2 for p in (a, b, c)))
+            assert a.transport.members == {"b", "c"}
+            assert a.transport.peer_info["b"].api_port == 40000 + pb % 1000
+            b.transport.send(ElectionMessage(clock=7, campaigning=True, votes=()), None)
+            b.transport.send(ElectionMessage(clock=8, campaigning=True, votes=()), NodeId("c"))
+            await _until(lambda: len(c.messages) == 2 and len(a.messages) == 1)
+            await asyncio.sleep(0.2)
+            assert [m.clock for _, m in a.messages] == [7], "a directed message reaches its destination only"
+            assert [(s, m.clock) for s, m in c.messages] == [("b", 7), ("b", 8)]
+            assert b.messages == [], "a node's own broadcast is not delivered back"
+            # A peer that leaves is no longer a member, within about a second.
+            await c.transport.close()
+            await _until(lambda: a.transport.members == {"b"}, timeout_s=3.0)
+        finally:
+            for p in (a, b, c):
+                await p.transport.close()
+
+    asyncio.run(main())
+
+
+def test_a_peer_without_the_key_never_becomes_a_member_and_cannot_inject() -> None:
+    async def main() -> None:
+        pa, pi = _ports(2)
+        a = Peer("a", pa, ())
+        intruder = Peer("intruder", pi, (f"tcp/127.0.0.1:{pa}",), secret=b"w" * 32)
+        await a.transport.start()
+        await intruder.transport.start()
+        try:
+            # The intruder's liveliness token is visible, its hellos arrive: still no member.
+            await _until(lambda: "intruder" in a.transport._alive)
+            for i in range(5):
+                intruder.transport.send(ElectionMessage(clock=10**9 + i, campaigning=True, votes=()), None)
+                intruder.transport.send(
+                    CommandMessage(origin=NodeId("intruder"),
+                                   command=PlaceInstance(command_id=CommandId(f"x{i}"), model_id=ModelId("m"))),
+                    NodeId("a"),
+                )
+            await _until(lambda: a.transport.drops["bad_mac"] >= 10)
+            await asyncio.sleep(1.5)  # a few hello repeats
+            assert a.messages == [], "nothing from a keyless node is delivered"
+            assert a.transport.members == frozenset() and a.peer_sets in ([], [frozenset()])
+            assert "intruder" not in a.transport.peer_info
+            # The intruder cannot read us either: our messages fail its check.
+            assert intruder.transport.members == frozenset()
+            assert intruder.transport.drops["bad_mac"] >= 1
+        finally:
+            await intruder.transport.close()
+            await a.transport.close()
+
+    asyncio.run(main())
+
+
+def test_foreign_namespace_and_garbage_are_dropped_and_counted() -> None:
+    async def main() -> None:
+        (pa,) = _ports(1)
+        a = Peer("a", pa, ())
+        await a.transport.start()
+        cfg = zenoh.Config()
+        cfg.insert_json5("mode", '"peer"')
+        cfg.insert_json5("connect/endpoints", f'["tcp/127.0.0.1:{pa}"]')
+        cfg.insert_json5("listen/endpoints", "[]")
+        cfg.insert_json5("scouting/multicast/enabled", "false")
+        raw_session = zenoh.open(cfg)
+        try:
+            await asyncio.sleep(0.5)
+            prefix = key_prefix("tns")
+            # Sealed for another namespace with the very same secret, put into ours.
+            other_key = auth.derive_key(SECRET, "other")
+            raw_session.put(f"{prefix}/election", auth.seal(other_key, "other", "x", "election", None, b"\x80"))
+            raw_session.put(f"{prefix}/election", b"garbage")
+            # Authentic, but the payload is not a message of the topic it claims.
+            key = auth.derive_key(SECRET, "tns")
+            msg = ElectionMessage(clock=1, campaigning=True, votes=())
+            from skulk.core.codec import encode_msgpack
+
+            raw_session.put(f"{prefix}/commands", auth.seal(key, "tns", "x", "commands", None, encode_msgpack(msg)))
+            # Authentic, but meant for another node.
+            raw_session.put(f"{prefix}/election/a", auth.seal(key, "tns", "x", "election", "zz", encode_msgpack(msg)))
+            await _until(lambda: sum(a.transport.drops.values()) >= 4)
+            assert a.transport.drops["foreign_namespace"] == 1
+            assert a.transport.drops["malformed"] == 1
+            assert a.transport.drops["wrong_topic"] == 1
+            assert a.transport.drops["misdirected"] == 1
+            assert a.messages == []
+        finally:
+            raw_session.close()
+            await a.transport.close()
+
+    asyncio.run(main())
