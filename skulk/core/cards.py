@@ -158,7 +158,8 @@ def card_from_toml(text: str, *, source: str = "<card>") -> ModelCard:
         raise CardError(f"{source}: runtime must be a table")
     unknown = sorted(set(data) - set(_TOP_KEYS)) + [f"runtime.{k}" for k in sorted(set(runtime) - set(_RUNTIME_KEYS))]
     if unknown:
-        raise CardError(f"{source}: unknown keys {unknown}; allowed: {sorted(_TOP_KEYS)} and runtime.{sorted(_RUNTIME_KEYS)}")
+        allowed = f"{sorted(_TOP_KEYS)} and runtime.{sorted(_RUNTIME_KEYS)}"
+        raise CardError(f"{source}: unknown keys {unknown}; allowed: {allowed}")
     missing = [k for k in _REQUIRED_TOP if k not in data]
     if missing:
         raise CardError(f"{source}: missing required keys {missing}")

@@ -27,8 +27,9 @@ a zone index that a bare ``ip:port`` cannot carry).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from skulk.core.ids import NodeId
 from skulk.core.instances import Instance, LinkKind, RingHop
@@ -48,6 +49,12 @@ __all__ = [
     "effective_kind",
     "link_sort_key",
     "best_link",
+    "LinkTable",
+    "link_table",
+    "ring_quality",
+    "ring_quality_bound",
+    "best_ring_order",
+    "EXACT_ORDER_MAX_NODES",
     "format_address",
     "ring_hops",
     "hostfile",
@@ -63,6 +70,8 @@ VPN_NETWORKS = (
 )
 
 
+# Parsing is pure and placement asks about the same few addresses many times.
+@functools.lru_cache(maxsize=4_096)
 def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         return ipaddress.ip_address(address.strip())
@@ -70,6 +79,7 @@ def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
         return None
 
 
+@functools.lru_cache(maxsize=4_096)
 def is_vpn_address(address: str) -> bool:
     """True when ``address`` lies in a VPN (Tailscale) range."""
     ip = _parse(address)
@@ -164,6 +174,126 @@ def best_link(
         if c.source == source and c.sink == sink and c not in skip and usable_address(c.address)
     ]
     return min(candidates, key=link_sort_key, default=None)
+
+
+LinkTable = Mapping[tuple[NodeId, NodeId], Connection]
+
+EXACT_ORDER_MAX_NODES = 7  # rings up to this size: every order is tried (at most 720)
+_DFS_STEP_BUDGET = 50_000  # larger rings: bounded depth-first search
+
+
+def link_table(
+    state: State,
+    nodes: Iterable[NodeId],
+    *,
+    avoid: Iterable[Connection] = (),
+    kinds: Sequence[LinkKind] | None = None,
+) -> dict[tuple[NodeId, NodeId], Connection]:
+    """The best link for every ordered pair of ``nodes`` that has one (``best_link``).
+
+    With ``kinds``, pairs whose best link is of another (effective) kind are
+    left out. Keys are (source, sink), inserted in sorted order.
+    """
+    members = set(nodes)
+    skip = tuple(avoid)
+    pairs = sorted(
+        {(c.source, c.sink) for c in state.topology.connections if c.source != c.sink and {c.source, c.sink} <= members}
+    )
+    out: dict[tuple[NodeId, NodeId], Connection] = {}
+    for source, sink in pairs:
+        link = best_link(state, source, sink, avoid=skip)
+        if link is not None and (kinds is None or effective_kind(link) in kinds):
+            out[(source, sink)] = link
+    return out
+
+
+def ring_quality(order: Sequence[NodeId], links: LinkTable) -> tuple[int, ...]:
+    """The kind ranks of a ring's hops, worst first: a smaller tuple is a better ring."""
+    if len(order) == 1:
+        return ()
+    ranks = (KIND_RANK[effective_kind(links[(order[i - 1], order[i])])] for i in range(len(order)))
+    return tuple(sorted(ranks, reverse=True))
+
+
+def ring_quality_bound(nodes: Sequence[NodeId], links: LinkTable) -> tuple[int, ...] | None:
+    """A lower bound on ``ring_quality`` of any ring over ``nodes``; None when none can exist.
+
+    Every node needs one outgoing hop to another member, at best its best such
+    link, so the sorted best-outgoing ranks bound any ring from below (in the
+    tuple order ``ring_quality`` uses). A node without an outgoing or an
+    incoming link rules a ring out.
+    """
+    members = tuple(sorted(nodes))
+    if len(members) == 1:
+        return ()
+    best_out: list[int] = []
+    for a in members:
+        outs = [KIND_RANK[effective_kind(links[(a, b)])] for b in members if b != a and (a, b) in links]
+        if not outs or not any((b, a) in links for b in members if b != a):
+            return None
+        best_out.append(min(outs))
+    return tuple(sorted(best_out, reverse=True))
+
+
+def best_ring_order(
+    nodes: Sequence[NodeId], links: LinkTable, *, full_mesh: bool = False
+) -> tuple[NodeId, ...] | None:
+    """The rank order of ``nodes`` whose ring has the best links, or None when there is no ring.
+
+    Rank 0 is the smallest node id (rotations are the same ring). Up to
+    ``EXACT_ORDER_MAX_NODES`` nodes every ring is considered and the best
+    ``ring_quality`` wins, ties going to the lexicographically smallest order;
+    beyond, the first ring a depth-first search (successors by id) finds.
+    ``full_mesh`` demands a link between every ordered pair (JACCL), not only
+    along the ring.
+    """
+    ordered = tuple(sorted(nodes))
+    assert ordered and len(set(ordered)) == len(ordered), nodes
+    if len(ordered) == 1:
+        return ordered
+    if full_mesh and not all((a, b) in links for a in ordered for b in ordered if a != b):
+        return None
+    bound = ring_quality_bound(ordered, links)
+    if bound is None:
+        return None
+    best: tuple[tuple[int, ...], tuple[NodeId, ...]] | None = None
+    exhaustive = len(ordered) <= EXACT_ORDER_MAX_NODES
+    for order in _cycles(ordered[0], ordered[1:], links, exhaustive=exhaustive):
+        key = (ring_quality(order, links), order)
+        if best is None or key < best:
+            best = key
+        if key[0] == bound:
+            break  # rings come in lexicographic order: nothing later can beat this one
+    return None if best is None else best[1]
+
+
+def _cycles(
+    first: NodeId, rest: tuple[NodeId, ...], links: LinkTable, *, exhaustive: bool
+) -> Iterator[tuple[NodeId, ...]]:
+    """Rings through ``first`` and every node of ``rest``, as rank orders, in lexicographic order.
+
+    A depth-first search along existing links only (so sparse graphs cost
+    little), bounded by ``_DFS_STEP_BUDGET`` partial paths; stops at the first
+    ring unless ``exhaustive``.
+    """
+    want = len(rest) + 1
+    members = set(rest)
+    succ: dict[NodeId, list[NodeId]] = {}
+    for a, b in sorted(links):
+        succ.setdefault(a, []).append(b)
+    stack: list[tuple[NodeId, ...]] = [(first,)]
+    steps = 0
+    while stack and steps < _DFS_STEP_BUDGET:
+        path = stack.pop()
+        steps += 1
+        if len(path) == want:
+            if (path[-1], first) in links:
+                yield path
+                if not exhaustive:
+                    return
+            continue
+        nexts = [s for s in succ.get(path[-1], ()) if s in members and s not in path]
+        stack.extend((*path, s) for s in reversed(nexts))
 
 
 def format_address(ip: str, port: int) -> str:

@@ -178,9 +178,12 @@ def shard_footprint(card: ModelCard, share: Share, *, kv_tokens: int = REFERENCE
     """The footprint of a shard holding ``share`` of ``card`` (see module docstring)."""
     frac = as_share(share)
     assert kv_tokens >= 0, kv_tokens
-    weights = math.ceil(card.weight_bytes * frac)
-    weights_with_overhead = math.ceil(card.weight_bytes * frac * WEIGHT_OVERHEAD_FACTOR)
-    kv = math.ceil(kv_bytes_per_token(card) * kv_tokens * frac)
+    num, den = frac.numerator, frac.denominator
+    over_num, over_den = WEIGHT_OVERHEAD_FACTOR.numerator, WEIGHT_OVERHEAD_FACTOR.denominator
+    # Exact ceilings in integer arithmetic (placement evaluates many subsets).
+    weights = -(-card.weight_bytes * num // den)
+    weights_with_overhead = -(-card.weight_bytes * num * over_num // (den * over_den))
+    kv = -(-kv_bytes_per_token(card) * kv_tokens * num // den)
     total = weights_with_overhead + kv + RUNNER_FLOOR_BYTES
     assert weights_with_overhead >= weights and total > weights
     return Footprint(

@@ -21,10 +21,11 @@ The search, for node counts ``k = max(1, min_nodes), ...``:
    largest remainder (ties: more free memory first, then node id). Tensor:
    an equal share each, allowed only when the card supports it and the hidden
    size and KV heads divide by ``k``.
-4. Among fitting subsets with a ring, the best ring order (rank 0 is the
-   smallest node id) minimises the sorted link ranks, worst first
-   (thunderbolt best, VPN worst); then the subset with the most free memory
-   left on its tightest node wins; then the smallest node ids.
+4. Among fitting subsets with a ring, the best ring order
+   (``interconnect.best_ring_order``: rank 0 is the smallest node id, hops
+   ranked worst first, thunderbolt best, VPN worst) wins; then the subset
+   with the most free memory left on its tightest node; then the smallest
+   node ids.
 5. The smallest ``k`` with any result wins.
 
 Every ordering above uses sorted node ids or explicit keys, never the
@@ -32,9 +33,8 @@ iteration order of a set or dict, object identity or ``hash()``: the same
 state gives the same placement on every master.
 
 Search limits (documented, deterministic): subsets are examined in a fixed
-order up to ``MAX_SUBSETS_PER_SIZE`` per ``k``; ring orders are enumerated
-exhaustively up to ``EXACT_ORDER_MAX_NODES`` nodes, beyond which a
-deterministic depth-first search takes the first ring it finds.
+order up to ``MAX_SUBSETS_PER_SIZE`` per ``k``; ring orders are searched as
+``interconnect.best_ring_order`` describes.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from skulk.core.instances import (
     TensorShardMetadata,
 )
 from skulk.core.memory import (
+    REFERENCE_CONTEXT_TOKENS,
     Footprint,
     NodeBudget,
     describe_shortfall,
@@ -79,7 +80,6 @@ __all__ = [
     "PlacementRefused",
     "Preview",
     "MAX_SUBSETS_PER_SIZE",
-    "EXACT_ORDER_MAX_NODES",
     "place",
     "previews",
     "replace",
@@ -88,8 +88,6 @@ __all__ = [
 ]
 
 MAX_SUBSETS_PER_SIZE = 2_000
-EXACT_ORDER_MAX_NODES = 7
-_DFS_STEP_BUDGET = 50_000
 
 SHARDINGS: tuple[Sharding, ...] = ("Pipeline", "Tensor")
 INSTANCE_METAS: tuple[InstanceMeta, ...] = ("MlxRing", "MlxJaccl")
@@ -144,10 +142,13 @@ def layer_split(n_layers: int, weights: Mapping[NodeId, int]) -> dict[NodeId, in
     total = sum(weights[n] for n in nodes)
     w = {n: (weights[n] if total > 0 else 1) for n in nodes}
     total = total if total > 0 else k
-    quotas = {n: Fraction(rest * w[n], total) for n in nodes}
-    counts = {n: 1 + int(quotas[n]) for n in nodes}
+    # quota = rest x w / total as whole part and remainder (same denominator: compare numerators).
+    whole = {n: rest * w[n] // total for n in nodes}
+    remainder = {n: rest * w[n] % total for n in nodes}
+    counts = {n: 1 + whole[n] for n in nodes}
     leftover = n_layers - sum(counts.values())
-    order = sorted(nodes, key=lambda n: (-(quotas[n] - int(quotas[n])), -w[n], n))
+    assert 0 <= leftover < k, leftover
+    order = sorted(nodes, key=lambda n: (-remainder[n], -w[n], n))
     for n in order[:leftover]:
         counts[n] += 1
     assert sum(counts.values()) == n_layers and min(counts.values()) >= 1, counts
@@ -205,16 +206,18 @@ def _shares_for(card: ModelCard, sharding: Sharding, budgets: Mapping[NodeId, No
 
 
 def _try_subset(
-    card: ModelCard, sharding: Sharding, budgets: Mapping[NodeId, NodeBudget]
+    card: ModelCard, sharding: Sharding, budgets: Mapping[NodeId, NodeBudget], *, explain: bool = False
 ) -> tuple[_Fit | None, list[str]]:
-    """Memory check of one subset: a fit, or the shortfall sentence of each failing node."""
+    """Memory check of one subset: a fit, or (with ``explain``) the shortfall of each failing node."""
     shares = _shares_for(card, sharding, budgets)
-    footprints = {n: shard_footprint(card, shares[n]) for n in sorted(shares)}
-    short = [
-        describe_shortfall(n, footprints[n], budgets[n].free_bytes, budget=budgets[n])
-        for n in sorted(shares)
-        if footprints[n].total_bytes > budgets[n].free_bytes
-    ]
+    footprints: dict[NodeId, Footprint] = {}
+    short: list[str] = []
+    for n in sorted(shares):
+        fp = footprints[n] = shard_footprint(card, shares[n])
+        if fp.total_bytes > budgets[n].free_bytes:
+            if not explain:
+                return None, []  # the search only needs a yes or no
+            short.append(describe_shortfall(n, fp, budgets[n].free_bytes, budget=budgets[n]))
     if short:
         return None, short
     slack = min(budgets[n].free_bytes - footprints[n].total_bytes for n in shares)
@@ -236,36 +239,27 @@ def _static_reason(card: ModelCard, sharding: Sharding, k: int) -> str | None:
     return None
 
 
-_Links = dict[tuple[NodeId, NodeId], Connection]
+def _links(state: State, nodes: Sequence[NodeId], ask: _Ask) -> interconnect.LinkTable:
+    # JACCL runs over RDMA on Thunderbolt only.
+    only = ("thunderbolt",) if ask.meta == "MlxJaccl" else None
+    return interconnect.link_table(state, nodes, avoid=ask.avoid, kinds=only)
 
 
-def _links(state: State, nodes: Sequence[NodeId], ask: _Ask) -> _Links:
-    """The best usable link for every ordered pair of candidate nodes that has one."""
-    members = set(nodes)
-    pairs = sorted({(c.source, c.sink) for c in state.topology.connections if c.source in members and c.sink in members and c.source != c.sink})
-    out: _Links = {}
-    for source, sink in pairs:
-        link = interconnect.best_link(state, source, sink, avoid=ask.avoid)
-        if link is None:
-            continue
-        if ask.meta == "MlxJaccl" and interconnect.effective_kind(link) != "thunderbolt":
-            continue  # JACCL runs over RDMA on Thunderbolt only
-        out[(source, sink)] = link
-    return out
-
-
-def _link_graph(nodes: Sequence[NodeId], links: _Links) -> nx.DiGraph:
+def _link_graph(nodes: Sequence[NodeId], links: interconnect.LinkTable) -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_nodes_from(nodes)
     graph.add_edges_from(sorted(links))
     return graph
 
 
-def _subsets(graph: nx.DiGraph, nodes: Sequence[NodeId], k: int, free: Mapping[NodeId, int]) -> Iterable[tuple[NodeId, ...]]:
+def _subsets(
+    graph: nx.DiGraph, nodes: Sequence[NodeId], k: int, free: Mapping[NodeId, int]
+) -> Iterable[tuple[NodeId, ...]]:
     """Node subsets of size ``k`` that could carry a ring, in a fixed order, capped."""
     if k == 1:
         groups = [sorted(nodes)]
     else:
+        # A ring leaves and re-enters every node: it lies inside one strongly connected component.
         groups = sorted(sorted(c) for c in nx.strongly_connected_components(graph) if len(c) >= k)
     produced = 0
     for group in groups:
@@ -276,53 +270,6 @@ def _subsets(graph: nx.DiGraph, nodes: Sequence[NodeId], k: int, free: Mapping[N
                 return
             produced += 1
             yield tuple(sorted(combo))
-
-
-def _quality(order: Sequence[NodeId], links: _Links) -> tuple[int, ...]:
-    """Link ranks of a ring order's hops, worst first (smaller tuples are better rings)."""
-    if len(order) == 1:
-        return ()
-    ranks = (interconnect.KIND_RANK[interconnect.effective_kind(links[(order[i - 1], order[i])])] for i in range(len(order)))
-    return tuple(sorted(ranks, reverse=True))
-
-
-def _best_order(graph: nx.DiGraph, nodes: tuple[NodeId, ...], links: _Links, ask: _Ask) -> tuple[NodeId, ...] | None:
-    """The ring order of ``nodes`` with the best links (rank 0 = smallest id), or None."""
-    if len(nodes) == 1:
-        return nodes
-    if ask.meta == "MlxJaccl" and not all(graph.has_edge(a, b) for a in nodes for b in nodes if a != b):
-        return None  # JACCL needs a full mesh, not just a ring
-    best: tuple[tuple[int, ...], tuple[NodeId, ...]] | None = None
-    for order in _orders(graph, nodes[0], nodes[1:]):
-        key = (_quality(order, links), order)
-        if best is None or key < best:
-            best = key
-    return None if best is None else best[1]
-
-
-def _orders(graph: nx.DiGraph, first: NodeId, rest: tuple[NodeId, ...]) -> Iterable[tuple[NodeId, ...]]:
-    """Hamiltonian cycles through ``first`` and ``rest`` in the link graph, as rank orders."""
-    if len(rest) + 1 <= EXACT_ORDER_MAX_NODES:
-        for perm in itertools.permutations(rest):
-            order = (first, *perm)
-            if all(graph.has_edge(order[i - 1], order[i]) for i in range(len(order))):
-                yield order
-        return
-    # Large rings: the first cycle a deterministic DFS finds (successors by id).
-    want = len(rest) + 1
-    members = set(rest)
-    stack: list[tuple[NodeId, ...]] = [(first,)]
-    steps = 0
-    while stack and steps < _DFS_STEP_BUDGET:
-        path = stack.pop()
-        steps += 1
-        if len(path) == want:
-            if graph.has_edge(path[-1], first):
-                yield path
-                return
-            continue
-        succ = sorted((s for s in graph.successors(path[-1]) if s in members and s not in path), reverse=True)
-        stack.extend((*path, s) for s in succ)
 
 
 def _search(state: State, card: ModelCard, ask: _Ask, port: int) -> tuple[_Choice | None, _Notes]:
@@ -344,15 +291,26 @@ def _search(state: State, card: ModelCard, ask: _Ask, port: int) -> tuple[_Choic
         if reason is not None:
             notes.static_reasons.append(reason)
             continue
-        best: tuple[tuple, _Fit, tuple[NodeId, ...]] | None = None
+        # Candidates in the order of a lower bound on their key, so that the
+        # search can stop as soon as no remaining candidate can win.
+        candidates: list[tuple[tuple, _Fit]] = []
         for subset in _subsets(graph, nodes, k, free):
             fit, _ = _try_subset(card, ask.sharding, {n: budgets[n] for n in subset})
             if fit is None:
                 continue
-            order = _best_order(graph, subset, links, ask)
+            bound = interconnect.ring_quality_bound(subset, links)
+            if bound is not None:
+                candidates.append(((bound, -fit.min_slack, subset), fit))
+        candidates.sort(key=lambda c: c[0])
+        best: tuple[tuple, _Fit, tuple[NodeId, ...]] | None = None
+        for lower, fit in candidates:
+            if best is not None and best[0] <= lower:
+                break
+            subset = lower[2]
+            order = interconnect.best_ring_order(subset, links, full_mesh=ask.meta == "MlxJaccl")
             if order is None:
                 continue
-            key = (_quality(order, links), -fit.min_slack, subset)
+            key = (interconnect.ring_quality(order, links), -fit.min_slack, subset)
             if best is None or key < best[0]:
                 best = (key, fit, order)
         if best is not None:
@@ -363,7 +321,7 @@ def _search(state: State, card: ModelCard, ask: _Ask, port: int) -> tuple[_Choic
         # Nothing with a ring: is it memory, or links? The k nodes with the most
         # free memory are the best memory candidate; they decide the wording.
         top = tuple(sorted(by_free[:k]))
-        top_fit, top_short = _try_subset(card, ask.sharding, {n: budgets[n] for n in top})
+        top_fit, top_short = _try_subset(card, ask.sharding, {n: budgets[n] for n in top}, explain=True)
         if top_fit is not None:
             notes.ringless.append((top, "no ring of observed links"))
         else:
@@ -411,7 +369,8 @@ def _build(
     assert ask.sharding == "Tensor" or start == card.n_layers, (start, card.n_layers)
     totals = {n: state.node_memory[n].ram_total.in_bytes for n in order}
     ceiling = context_ceiling(card, choice.fit.shares, totals)
-    assert ceiling >= min(card.context_length, 8_192), f"a fitting placement has room for the reference context ({ceiling})"
+    # A shard that fits has room for the reference context (same exact arithmetic).
+    assert ceiling >= min(card.context_length, REFERENCE_CONTEXT_TOKENS), ceiling
     cls = MlxJacclInstance if ask.meta == "MlxJaccl" else MlxRingInstance
     return cls(
         instance_id=instance_id,
@@ -443,9 +402,13 @@ def _refuse(state: State, card: ModelCard, ask: _Ask, notes: _Notes) -> Placemen
     waiting = [n for n in known if n not in state.node_memory]
     lo = ask.node_counts[0]
     if not state.topology.nodes:
-        return PlacementRefused(message=f"cannot place {what} yet: no node has reported to the master", code="no_nodes", pending=True)
+        return PlacementRefused(
+            message=f"cannot place {what} yet: no node has reported to the master", code="no_nodes", pending=True
+        )
     if not known:
-        return PlacementRefused(message=f"cannot place {what}: every node is excluded", code="invalid_request", pending=False)
+        return PlacementRefused(
+            message=f"cannot place {what}: every node is excluded", code="invalid_request", pending=False
+        )
     if notes.ringless:
         subset, _ = notes.ringless[0]
         kind = " thunderbolt" if ask.meta == "MlxJaccl" else ""
@@ -538,7 +501,9 @@ def place(
             message=f"model {command.model_id!r} not found: no model card for it", code="model_not_found", pending=False
         )
     if command.min_nodes < 1:
-        return PlacementRefused(message=f"min_nodes must be at least 1, got {command.min_nodes}", code="invalid_request", pending=False)
+        return PlacementRefused(
+            message=f"min_nodes must be at least 1, got {command.min_nodes}", code="invalid_request", pending=False
+        )
     total = max(len(state.topology.nodes), command.min_nodes)
     ask = _Ask(
         model_id=command.model_id,
@@ -597,7 +562,8 @@ def replace(
     iid = InstanceId(derive_id("inst", instance.instance_id, generation))
     out = _run(state, card, ask, config, instance_id=iid, generation=generation)
     if isinstance(out, PlacementRefused):
-        return PlacementRefused(message=f"re-placing {instance.instance_id} ({reason}): {out.message}", code=out.code, pending=out.pending)
+        message = f"re-placing {instance.instance_id} ({reason}): {out.message}"
+        return PlacementRefused(message=message, code=out.code, pending=out.pending)
     return out
 
 
@@ -623,9 +589,8 @@ def previews(
     for sharding in SHARDINGS:
         for meta in INSTANCE_METAS:
             if card is None:
-                out.append(
-                    Preview(sharding=sharding, instance_meta=meta, node_count=0, error=f"model {model_id!r} not found: no model card for it")
-                )
+                missing = f"model {model_id!r} not found: no model card for it"
+                out.append(Preview(sharding=sharding, instance_meta=meta, node_count=0, error=missing))
                 continue
             for k in range(1, count + 1):
                 ask = _Ask(model_id=model_id, sharding=sharding, meta=meta, node_counts=(k,), excluded=excluded)
@@ -642,7 +607,9 @@ def previews(
                         )
                     )
                 else:
-                    out.append(Preview(sharding=sharding, instance_meta=meta, node_count=k, error=res.message, pending=res.pending))
+                    out.append(
+                        Preview(sharding=sharding, instance_meta=meta, node_count=k, error=res.message, pending=res.pending)
+                    )
     return out
 
 

@@ -302,9 +302,12 @@ def test_mtp_depth_survives_only_when_the_weights_hold_mtp_layers(tmp_path):
         "max_position_embeddings": 4096,
         "num_nextn_predict_layers": 1,
     }
-    stripped = _fake_model_dir(tmp_path / "a", config, {"model.safetensors": 10}, {"weight_map": {"model.layers.1.mlp.weight": "model.safetensors"}})
+    weights = {"model.safetensors": 10}
+    main_only = {"weight_map": {"model.layers.1.mlp.weight": "model.safetensors"}}
+    with_mtp = {"weight_map": {"model.layers.2.eh_proj.weight": "model.safetensors"}}  # layer 2 of 2: the MTP layer
+    stripped = _fake_model_dir(tmp_path / "a", config, weights, main_only)
     assert modelcards.card_for_model_dir(stripped).mtp_max_depth == 0
-    kept = _fake_model_dir(tmp_path / "b", config, {"model.safetensors": 10}, {"weight_map": {"model.layers.2.eh_proj.weight": "model.safetensors"}})
+    kept = _fake_model_dir(tmp_path / "b", config, weights, with_mtp)
     assert modelcards.card_for_model_dir(kept).mtp_max_depth == 1
 
 

@@ -173,7 +173,8 @@ def test_a_connect_failure_is_diagnosed_with_the_unreachable_rank_and_address():
     assert diag.link_still_observed and "firewall" in diag.message
     assert diag.avoid_connection == link("a", "b", "169.254.0.2", "thunderbolt")
     # Re-placing while avoiding that link moves the hop to ethernet.
-    new = placed(placement.replace(state, inst, cards_of(make_card()), CONFIG, reason=diag.message, avoid_connections=[diag.avoid_connection]))
+    avoid = [diag.avoid_connection]
+    new = placed(placement.replace(state, inst, cards_of(make_card()), CONFIG, reason=diag.message, avoid_connections=avoid))
     assert new.ring[1].kind == "ethernet" and new.generation == 1
 
 

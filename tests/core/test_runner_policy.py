@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from skulk.core import placement, runner_policy
-from skulk.core.events import InstanceCreated, InstanceDeleted, NodeTimedOut, RunnerStatusUpdated, TaskCreated, TaskDeleted, TaskFailed, TaskStatusUpdated
+from skulk.core.events import (
+    InstanceCreated,
+    InstanceDeleted,
+    NodeTimedOut,
+    RunnerStatusUpdated,
+    TaskCreated,
+    TaskDeleted,
+    TaskFailed,
+    TaskStatusUpdated,
+)
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from skulk.core.instances import (
     RunnerConnected,
@@ -26,7 +35,18 @@ from skulk.core.instances import (
 )
 from skulk.core.runner_policy import CrashBreaker, GiveUp, Restart, RunnerState
 from skulk.core.tasks import GenerationParams, Task
-from tests.core.test_placement import CONFIG, GB, apply_events, build_state, cards_of, command, full_mesh, make_card, mem, placed
+from tests.core.test_placement import (
+    CONFIG,
+    GB,
+    apply_events,
+    build_state,
+    cards_of,
+    command,
+    full_mesh,
+    make_card,
+    mem,
+    placed,
+)
 
 IID = InstanceId("inst-1")
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "placement.md"
@@ -82,9 +102,10 @@ def test_a_failed_runner_may_be_restarted_and_any_live_state_may_fail_or_stop():
 
 
 def test_every_state_has_a_status_record_and_the_docs_embed_the_generated_table():
-    assert {runner_policy.state_of(cls()) for cls in (RunnerIdle, RunnerConnecting, RunnerConnected, RunnerLoading, RunnerLoaded, RunnerWarmingUp, RunnerReady, RunnerRunning, RunnerShuttingDown, RunnerShutdown)} | {
-        runner_policy.state_of(RunnerFailed(error_message=""))
-    } == set(RunnerState)
+    plain = (RunnerIdle, RunnerConnecting, RunnerConnected, RunnerLoading, RunnerLoaded, RunnerWarmingUp)
+    plain += (RunnerReady, RunnerRunning, RunnerShuttingDown, RunnerShutdown)
+    states = {runner_policy.state_of(cls()) for cls in plain} | {runner_policy.state_of(RunnerFailed(error_message=""))}
+    assert states == set(RunnerState)
     table = runner_policy.transitions_markdown()
     assert table.startswith("| from | to | when |")
     assert table in DOCS.read_text(), "docs/placement.md must embed runner_policy.transitions_markdown() verbatim"
@@ -185,7 +206,8 @@ def test_deadlines_follow_the_runner_state():
         deadline = runner_policy.deadline_for(state, 10.0, CONFIG)
         assert deadline is not None and (deadline.kind, deadline.at) == (kind, 10.0 + limit)
         assert f"{limit:g} s" in deadline.message
-    for state in (RunnerState.LOADING, RunnerState.READY, RunnerState.RUNNING, RunnerState.FAILED, RunnerState.SHUT_DOWN):
+    S = RunnerState
+    for state in (S.LOADING, S.READY, S.RUNNING, S.FAILED, S.SHUT_DOWN):
         assert runner_policy.deadline_for(state, 10.0, CONFIG) is None
 
 
@@ -214,7 +236,8 @@ def test_the_guard_passes_when_memory_is_there_and_counts_other_unloaded_instanc
     assert "reserved for other instances still loading" in problem
     # Once the first has loaded, telemetry shows its memory: no double counting.
     ((_, runner),) = first.shard_assignments.node_to_runner.items()
-    loaded = apply_events(state, [RunnerStatusUpdated(runner_id=runner, node_id=node, instance_id=first.instance_id, status=RunnerLoaded())])
+    report = RunnerStatusUpdated(runner_id=runner, node_id=node, instance_id=first.instance_id, status=RunnerLoaded())
+    loaded = apply_events(state, [report])
     assert runner_policy.prespawn_guard(loaded, second, node, mem(64 * GB, 20 * GB)) is None
     assert "no memory reading" in (runner_policy.prespawn_guard(state, second, node, None) or "")
 
@@ -239,17 +262,22 @@ def _state_with_tasks():
     state = build_state({n: mem(64 * GB) for n in names}, full_mesh(names))
     one = placed(placement.place(state, command(cid="c1", min_nodes=2), cards_of(make_card(weight_bytes=GB)), CONFIG))
     state = apply_events(state, [InstanceCreated(instance=one)])
-    two = placed(placement.place(state, command(cid="c2", excluded_nodes=("b",)), cards_of(make_card(weight_bytes=GB)), CONFIG))
+    only_a = command(cid="c2", excluded_nodes=("b",))
+    two = placed(placement.place(state, only_a, cards_of(make_card(weight_bytes=GB)), CONFIG))
     state = apply_events(state, [InstanceCreated(instance=two)])
     events = [TaskCreated(task=_task(i, one.instance_id if i < 3 else two.instance_id)) for i in range(4)]
-    events += [TaskStatusUpdated(task_id=TaskId("t1"), status="running"), TaskFailed(task_id=TaskId("t2"), error_message="earlier")]
+    events += [
+        TaskStatusUpdated(task_id=TaskId("t1"), status="running"),
+        TaskFailed(task_id=TaskId("t2"), error_message="earlier"),
+    ]
     return apply_events(state, events), one, two
 
 
 def test_removing_an_instance_fails_its_tasks_first_then_deletes_them_then_the_instance():
     state, one, two = _state_with_tasks()
     events = runner_policy.instance_removal_events(state, one.instance_id, "deleted by request")
-    assert [type(e).__name__ for e in events] == ["TaskFailed", "TaskFailed", "TaskDeleted", "TaskDeleted", "TaskDeleted", "InstanceDeleted"]
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["TaskFailed", "TaskFailed", "TaskDeleted", "TaskDeleted", "TaskDeleted", "InstanceDeleted"]
     assert [e.task_id for e in events if isinstance(e, TaskFailed)] == ["t0", "t1"]  # t2 had already failed
     assert all(e.outcome == "failed" for e in events if isinstance(e, TaskDeleted))
     assert "deleted by request" in events[0].error_message  # type: ignore[union-attr]
@@ -266,7 +294,9 @@ def test_removing_a_node_removes_every_instance_on_it_then_the_node():
     # Every TaskFailed of an instance precedes that instance's removal.
     for iid in deleted:
         removal = next(i for i, e in enumerate(events) if isinstance(e, InstanceDeleted) and e.instance_id == iid)
-        failed = [i for i, e in enumerate(events) if isinstance(e, TaskFailed) and state.tasks[e.task_id].instance_id == iid]
+        failed = [
+            i for i, e in enumerate(events) if isinstance(e, TaskFailed) and state.tasks[e.task_id].instance_id == iid
+        ]
         assert all(i < removal for i in failed)
     after = apply_events(state, events)
     assert not after.instances and not after.tasks and "a" not in after.topology.nodes
