@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import BatchKVCache
 
 from skulk.core.admission import Refused, admit
 from skulk.core.ids import TaskId
@@ -136,7 +135,14 @@ class Plan:
 
 
 class BatchState:
-    """The KV caches one rank holds: the decode batch and the prefill cache."""
+    """The KV caches one rank holds: the decode batch and the prefill cache.
+
+    A batch of one row keeps the model's own per-request cache (what
+    ``mlx_lm.generate`` uses, so a single stream runs exactly its arithmetic
+    at its speed); two or more rows use the cache type's batched form
+    (``KVCache`` -> ``BatchKVCache``, left-padded), converted on the way in
+    (``merge``/``extend``) and back out (``extract``).
+    """
 
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
@@ -153,13 +159,16 @@ class BatchState:
         pending: list[Any] = []
         if plan.keep is not None:
             keep = list(plan.keep)
-            assert all(0 <= i < self.batch for i in keep), (keep, self.batch)
+            assert all(0 <= i < self.batch for i in keep) and keep == sorted(set(keep)), (keep, self.batch)
             if not keep:
                 self.decode_cache, self.batch = None, 0
             elif len(keep) != self.batch:
-                assert self.decode_cache is not None
-                for c in self.decode_cache:
-                    c.filter(keep)
+                assert self.decode_cache is not None and self.batch > 1
+                if len(keep) == 1:
+                    self.decode_cache = [c.extract(keep[0]) for c in self.decode_cache]
+                else:
+                    for c in self.decode_cache:
+                        c.filter(keep)
                 self.batch = len(keep)
         if plan.prefill_start:
             self.prefill_cache = self.shard.new_cache()
@@ -168,12 +177,13 @@ class BatchState:
             pending += self.shard.prefill(mx.array(plan.prefill_tokens, dtype=mx.uint32)[None], self.prefill_cache)
         if plan.join:
             assert self.prefill_cache is not None, "join without a prefilled request"
-            merged = [BatchKVCache.merge([c]) for c in self.prefill_cache]
             if self.decode_cache is None:
-                self.decode_cache = merged
+                self.decode_cache = self.prefill_cache
             else:
-                for mine, theirs in zip(self.decode_cache, merged):
-                    mine.extend(theirs)
+                if self.batch == 1:
+                    self.decode_cache = [type(c).merge([c]) for c in self.decode_cache]
+                for mine, new in zip(self.decode_cache, self.prefill_cache):
+                    mine.extend(type(new).merge([new]))
             self.batch += 1
             self.prefill_cache = None
         if self.batch == 0:

@@ -6,11 +6,11 @@ Ranks of one instance form an ``mx.distributed`` group over MLX's ring backend
 (TCP). The hostfile is the ``RunnerSpec.hosts`` list (one ``ip:port`` per rank,
 in rank order), written as MLX expects: a JSON list of one-element lists.
 
-``mx.distributed.init`` blocks until every neighbour is connected and has no
-timeout of its own, so ``connect_group`` runs it on a helper thread and gives
-up at the group-connect deadline. The failure then names every peer that does
-not accept TCP connections at its address (not started, wrong address, or
-blocked) so an operator can act on it.
+``mx.distributed.init`` blocks until every neighbour is connected, has no
+timeout of its own and holds the GIL meanwhile, so the group-connect deadline
+is kept by a separate guard process (``_connect_guard``). A failure names
+every peer that does not accept TCP connections at its address (not started,
+wrong address, or blocked) so an operator can act on it.
 
 Once connected, rank 0 decides each engine step and broadcasts it as a list
 of int32 (``PlanChannel``): one fixed-shape all-sum of ``FRAME`` integers
@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
 import mlx.core as mx
+
+from skulk.engine._connect_guard import diagnose_peers
 
 __all__ = ["GroupConnectError", "connect_group", "diagnose_peers", "PlanChannel", "check_agreement"]
 
@@ -39,38 +41,17 @@ class GroupConnectError(RuntimeError):
     """The ring could not be formed; the message carries the diagnosis."""
 
 
-def _split_host(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"bad ring address {address!r}; expected ip:port")
-    return host.strip("[]"), int(port)
+def connect_group(
+    hosts: tuple[str, ...] | list[str], rank: int, deadline_s: float, *, event_fd: int | None = None
+) -> Any:
+    """Join the ring of ``hosts`` as ``rank``; returns the ``mx.distributed`` group.
 
-
-def diagnose_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[str]:
-    """Probe every other rank's ring address; one line per peer, problems first."""
-    problems, fine = [], []
-    for other, address in enumerate(hosts):
-        if other == rank:
-            continue
-        try:
-            host, port = _split_host(address)
-            with socket.create_connection((host, port), timeout=timeout_s):
-                fine.append(f"rank {other} at {address} accepts TCP connections")
-        except ConnectionRefusedError:
-            problems.append(f"rank {other} at {address} is unreachable: connection refused (runner not listening)")
-        except TimeoutError:
-            problems.append(f"rank {other} at {address} is unreachable: no answer within {timeout_s}s")
-        except (OSError, ValueError) as exc:
-            problems.append(f"rank {other} at {address} is unreachable: {exc}")
-    return problems + fine
-
-
-def connect_group(hosts: tuple[str, ...] | list[str], rank: int, deadline_s: float) -> Any:
-    """Join the ring of ``hosts`` as ``rank`` within ``deadline_s`` seconds.
-
-    Returns the ``mx.distributed`` group. Raises ``GroupConnectError`` naming
-    the unreachable ranks and addresses when the deadline passes or MLX fails.
-    Sets ``MLX_HOSTFILE`` and ``MLX_RANK`` in this process's environment.
+    MLX holds the GIL while it waits for neighbours, so the deadline is kept
+    by a guard process (``skulk.engine._connect_guard``): when ``event_fd`` is
+    given and ``deadline_s`` passes first, the guard reports ``RunnerFailed``
+    with a diagnosis on that pipe and kills this process. Errors MLX raises by
+    itself become ``GroupConnectError`` with the same diagnosis. Sets
+    ``MLX_HOSTFILE`` and ``MLX_RANK`` in this process's environment.
     """
     world = len(hosts)
     assert world >= 2 and 0 <= rank < world, (world, rank)
@@ -80,31 +61,43 @@ def connect_group(hosts: tuple[str, ...] | list[str], rank: int, deadline_s: flo
         json.dump([[address] for address in hosts], f)
     os.environ["MLX_HOSTFILE"] = hostfile
     os.environ["MLX_RANK"] = str(rank)
-    result: list[Any] = []
-    errors: list[BaseException] = []
-
-    def connect() -> None:
-        try:
-            result.append(mx.distributed.init(strict=True, backend="ring"))
-        except BaseException as exc:  # reported on the caller's thread
-            errors.append(exc)
-
+    guard = None
+    ready_w = -1
+    if event_fd is not None:
+        ready_r, ready_w = os.pipe()
+        guard = subprocess.Popen(
+            [
+                sys.executable, "-m", "skulk.engine._connect_guard",
+                "--runner-pid", str(os.getpid()), "--ready-fd", str(ready_r),
+                "--event-fd", str(event_fd), "--deadline-s", repr(deadline_s),
+                "--rank", str(rank), "--hosts-json", json.dumps(list(hosts)),
+            ],
+            pass_fds=(ready_r, event_fd),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        os.close(ready_r)
     started = time.monotonic()
-    thread = threading.Thread(target=connect, name="skulk-ring-connect", daemon=True)
-    thread.start()
-    thread.join(deadline_s)
-    if thread.is_alive() or errors:
+    try:
+        group = mx.distributed.init(strict=True, backend="ring")
+    except Exception as exc:
         waited = time.monotonic() - started
-        cause = (
-            f"the group-connect deadline of {deadline_s:g}s expired"
-            if not errors
-            else f"MLX ring init failed after {waited:.1f}s: {errors[0]}"
-        )
         lines = diagnose_peers(hosts, rank)
         raise GroupConnectError(
-            f"rank {rank} of {world} could not join the ring at {hosts[rank]}: {cause}; " + "; ".join(lines)
-        )
-    group = result[0]
+            f"rank {rank} of {world} could not join the ring at {hosts[rank]}: "
+            f"MLX ring init failed after {waited:.1f}s: {exc}; " + "; ".join(lines)
+        ) from exc
+    finally:
+        if guard is not None:
+            os.close(ready_w)  # EOF tells the guard to stand down
+            try:
+                guard.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                guard.kill()
+        try:
+            os.unlink(hostfile)
+        except OSError:
+            pass
     if group.size() != world or group.rank() != rank:
         raise GroupConnectError(f"MLX formed a group of size {group.size()} with rank {group.rank()}; expected {world}/{rank}")
     return group

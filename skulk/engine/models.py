@@ -19,8 +19,8 @@ sits ``model_card.toml`` with the figures placement needs.
 Any local mlx-lm model directory (for example one downloaded on a Mac) works in
 place of a preset: pass its path wherever a model id is accepted.
 
-This module imports MLX lazily (only while generating), so importing it for the
-preset table or the resolver has no MLX side effects.
+This module never imports MLX (weights are drawn with NumPy and written as
+safetensors directly), so a node can create models without MLX side effects.
 """
 
 from __future__ import annotations
@@ -249,6 +249,53 @@ def _init_weights(preset: ModelPreset, shapes: dict[str, tuple[int, ...]]) -> di
     return weights
 
 
+def _qwen2_shapes(preset: ModelPreset, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of mlx-lm's qwen2 ``Model`` (untied head)."""
+    hidden, inter = preset.hidden_size, preset.intermediate_size
+    kv = preset.num_key_value_heads * preset.head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab_size, hidden),
+    }
+    for i in range(preset.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.q_proj.bias": (hidden,),
+            p + "self_attn.k_proj.weight": (kv, hidden), p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+        })  # fmt: skip
+    return shapes
+
+
+def _write_safetensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
+    """Write float32 ``arrays`` in the safetensors format (names sorted, so bytes are stable).
+
+    Layout: an 8-byte little-endian header length, a JSON header (padded with
+    spaces to a multiple of 8) mapping each name to dtype, shape and byte
+    offsets, then the raw little-endian data.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    names = sorted(arrays)
+    for name in names:
+        a = arrays[name]
+        assert a.dtype.str == "<f4", (name, a.dtype)
+        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name in names:
+            f.write(arrays[name].tobytes(order="C"))
+
+
 def generate_model(preset: ModelPreset, dest: Path) -> Path:
     """Write ``preset`` as an mlx-lm model directory at ``dest`` (must not exist).
 
@@ -256,10 +303,6 @@ def generate_model(preset: ModelPreset, dest: Path) -> Path:
     share ``dest`` with other processes go through ``ensure_model``, which
     writes to a temporary directory and renames.
     """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.models import qwen2
-
     assert not dest.exists(), dest
     dest.mkdir(parents=True)
     tokenizer = train_tokenizer(preset.vocab_target)
@@ -269,10 +312,8 @@ def generate_model(preset: ModelPreset, dest: Path) -> Path:
     tokenizer.save(str(dest / "tokenizer.json"))
 
     config = _config_for(preset, vocab_size, eos_ids)
-    model = qwen2.Model(qwen2.ModelArgs.from_dict(config))
-    shapes = {name: tuple(p.shape) for name, p in tree_flatten(model.parameters())}
-    arrays = {k: mx.array(v) for k, v in _init_weights(preset, shapes).items()}
-    mx.save_safetensors(str(dest / "model.safetensors"), arrays, metadata={"format": "mlx"})
+    arrays = _init_weights(preset, _qwen2_shapes(preset, vocab_size))
+    _write_safetensors(dest / "model.safetensors", arrays, metadata={"format": "mlx"})
     total_bytes = sum(int(a.nbytes) for a in arrays.values())
     index = {
         "metadata": {"total_size": total_bytes, "total_parameters": sum(int(a.size) for a in arrays.values())},

@@ -106,7 +106,7 @@ class _Events:
     """Frames to the parent, from any thread (one lock, whole frames)."""
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
+        self.fd = fd
         self._lock = threading.Lock()
 
     def send(self, *messages: Any) -> None:
@@ -115,7 +115,7 @@ class _Events:
             view = memoryview(data)
             try:
                 while view:
-                    view = view[os.write(self._fd, view) :]
+                    view = view[os.write(self.fd, view) :]
             except (BrokenPipeError, OSError):
                 os._exit(EXIT_PARENT_GONE)  # nobody is listening any more
 
@@ -261,7 +261,9 @@ class _Runner:
                 self.fail(f"spec lists {len(self.spec.hosts)} hosts for a world of {self.world}")
             self.events.status(RunnerConnecting())
             try:
-                group = connect_group(self.spec.hosts, self.rank, self.spec.group_connect_deadline_s)
+                group = connect_group(
+                    self.spec.hosts, self.rank, self.spec.group_connect_deadline_s, event_fd=self.events.fd
+                )
             except GroupConnectError as exc:
                 self.fail(str(exc))
             self.events.status(RunnerConnected())

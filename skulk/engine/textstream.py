@@ -9,9 +9,9 @@ client never sees the beginning of a stop string that later matches. When a
 stop string appears, the text before it is released and the stream ends; the
 stop string itself is never shown (OpenAI semantics).
 
-Invariant: the concatenation of everything ``push`` and ``flush`` return,
-stopping at the first match, equals the full text cut just before the
-earliest occurrence of any stop string (or the full text when none occurs).
+Invariant: however the text is split into pieces, the concatenation of
+everything ``push`` and ``flush`` return equals the full text cut just before
+the stop string that completes first (or the full text when none occurs).
 """
 
 from __future__ import annotations
@@ -31,14 +31,16 @@ class StopText:
         if not self.stops:
             return text, False
         buf = self._pending + text
-        first = -1
+        # The stop that *completes* first wins (as it would, streamed one
+        # character at a time); on a tie, the longer one (it starts earlier).
+        best: tuple[int, int] | None = None
         for stop in self.stops:
             at = buf.find(stop)
-            if at != -1 and (first == -1 or at < first):
-                first = at
-        if first != -1:
+            if at != -1 and (best is None or (at + len(stop), at) < best):
+                best = (at + len(stop), at)
+        if best is not None:
             self._pending = ""
-            return buf[:first], True
+            return buf[: best[1]], True
         hold = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buf)), hold, -1):

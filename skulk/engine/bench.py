@@ -1,0 +1,351 @@
+"""Engine benchmark: ``python -m skulk.engine.bench``.
+
+Prints, for the embedded presets:
+
+1. prefill and decode tokens/s of the Skulk runner (a real runner subprocess
+   driven over the IPC protocol), single stream;
+2. Skulk runner decode vs plain ``mlx_lm`` (``stream_generate``, the loop
+   behind ``mlx_lm.generate``) on the same model in this process, alternating
+   rounds, with the ratio (target >= 0.95);
+3. aggregate decode tokens/s at 1, 4 and 8 concurrent streams: the Skulk
+   runner vs ``mlx_lm.server`` serving the same model directory, both under
+   the same load (N streaming requests submitted at once, greedy, distinct
+   prompts, same max_tokens), with the ratio (target >= 2x at 8);
+4. peak memory: the runner's and the server's resident high-water mark and
+   MLX's peak allocation for the in-process baseline;
+5. the BLAS MLX uses (``skulk.engine.accel``).
+
+Every figure comes from one run, measured side by side; nothing is asserted.
+The default run takes a few minutes on two cores; ``--quick`` shortens it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _enable_blas() -> str:
+    try:
+        from skulk.engine.accel import enable_fast_blas
+    except ImportError:
+        return "default (skulk.engine.accel not available)"
+    status = enable_fast_blas()
+    return f"{status.backend}, {'active' if status.active else 'inactive'}: {status.reason}"
+
+
+BLAS = _enable_blas()  # must run before anything imports mlx.core
+
+import mlx.core as mx  # noqa: E402
+from mlx_lm import load as mlx_load  # noqa: E402
+from mlx_lm import stream_generate  # noqa: E402
+
+from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId  # noqa: E402
+from skulk.core.instances import PipelineShardMetadata, RunnerReady, RunnerSpec  # noqa: E402
+from skulk.core.tasks import GenerationParams, Task  # noqa: E402
+from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
+from skulk.engine.protocol import RunnerProcess  # noqa: E402
+
+_FILLER = (
+    "The cluster joins several machines into one, and serves models larger than any one of them. "
+    "A skulk of foxes crossed the frozen field at dawn, one behind the other. "
+)
+
+
+def _vm_hwm_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _task(task_id: str, **params: Any) -> Task:
+    return Task(
+        task_id=TaskId(task_id),
+        command_id=CommandId(f"cmd-{task_id}"),
+        origin=NodeId("bench"),
+        instance_id=InstanceId("bench"),
+        model_id=ModelId("bench"),
+        kind="completion",
+        params=GenerationParams(**params),
+    )
+
+
+def _spawn_runner(model_id: str, path: Path, n_layers: int, max_concurrent: int = 8) -> RunnerProcess:
+    spec = RunnerSpec(
+        instance_id=InstanceId(f"bench-{model_id}"),
+        runner_id=RunnerId("bench-runner"),
+        node_id=NodeId("bench"),
+        model_id=ModelId(model_id),
+        shard=PipelineShardMetadata(
+            model_id=ModelId(model_id), device_rank=0, world_size=1, start_layer=0, end_layer=n_layers, n_layers=n_layers
+        ),
+        context_ceiling=8192,
+        max_concurrent_requests=max_concurrent,
+    )
+    runner = RunnerProcess.spawn(spec, path, stderr=subprocess.DEVNULL)
+    runner.wait_for_status(RunnerReady, 120)
+    return runner
+
+
+def _prompt_tokens(tokenizer: Any, n: int) -> str:
+    text = _FILLER
+    while len(tokenizer.encode(text)) < n:
+        text += _FILLER
+    ids = tokenizer.encode(text)[:n]
+    return tokenizer.decode(ids)
+
+
+def _runner_single(runner: RunnerProcess, prompt: str, max_tokens: int, tag: str) -> tuple[float, float, int, int]:
+    chunks = runner.generate(_task(tag, prompt=prompt, max_tokens=max_tokens, temperature=0.0), timeout=600)
+    final = chunks[-1]
+    assert final.stats is not None and final.usage is not None, final
+    return final.stats.prompt_tps, final.stats.generation_tps, final.usage.prompt_tokens, final.usage.completion_tokens
+
+
+def _mlx_single(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    response = None
+    for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        pass
+    assert response is not None
+    return response.prompt_tps, response.generation_tps, response.generation_tokens
+
+
+def bench_single(model_id: str, path: Path, rounds: int, prompt_len: int, decode_len: int) -> dict[str, Any]:
+    """Single-stream prefill/decode of the runner and of plain mlx-lm, alternating."""
+    model, tokenizer = mlx_load(str(path))
+    n_layers = len(model.layers)
+    prompt = _prompt_tokens(tokenizer, prompt_len)
+    runner = _spawn_runner(model_id, path, n_layers)
+    try:
+        # One untimed round each, so allocations and caches are warm.
+        _runner_single(runner, prompt, 8, "warm")
+        _mlx_single(model, tokenizer, prompt, 8)
+        mx.reset_peak_memory()
+        rows = []
+        for i in range(rounds):
+            r_prefill, r_decode, n_prompt, n_gen = _runner_single(runner, prompt, decode_len, f"single-{i}")
+            m_prefill, m_decode, m_gen = _mlx_single(model, tokenizer, prompt, decode_len)
+            rows.append((r_prefill, r_decode, m_prefill, m_decode, n_prompt, n_gen, m_gen))
+        runner_hwm = _vm_hwm_bytes(runner.pid)
+    finally:
+        runner.shutdown()
+    med = [statistics.median(col) for col in zip(*rows)]
+    return {
+        "model": model_id,
+        "prompt_tokens": int(med[4]),
+        "decode_tokens": int(med[5]),
+        "runner_prefill_tps": med[0],
+        "runner_decode_tps": med[1],
+        "mlx_prefill_tps": med[2],
+        "mlx_decode_tps": med[3],
+        "decode_ratio": med[1] / med[3] if med[3] else float("nan"),
+        "decode_ratios": [r[1] / r[3] for r in rows],
+        "runner_peak_rss": runner_hwm,
+        "mlx_peak_bytes": mx.get_peak_memory(),
+    }
+
+
+def _stream_prompts(n: int) -> list[str]:
+    return [f"Request {i}: {_FILLER[: 60 + 7 * i]}" for i in range(n)]
+
+
+def _runner_concurrent(runner: RunnerProcess, n: int, max_tokens: int, tag: str) -> tuple[float, int]:
+    ids = [f"{tag}-{i}" for i in range(n)]
+    started = time.perf_counter()
+    for task_id, prompt in zip(ids, _stream_prompts(n)):
+        runner.submit(_task(task_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0))
+    done = runner.collect(ids, timeout=600)
+    elapsed = time.perf_counter() - started
+    tokens = 0
+    for task_id in ids:
+        final = done[task_id][-1]
+        assert final.usage is not None and final.error is None, final
+        tokens += final.usage.completion_tokens
+    return tokens / elapsed, tokens
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _MlxServer:
+    """``mlx_lm.server`` serving one local model directory on loopback."""
+
+    def __init__(self, path: Path) -> None:
+        self.port = _free_port()
+        self._hub = tempfile.mkdtemp(prefix="skulk-bench-hub-")
+        env = dict(os.environ, HF_HUB_CACHE=self._hub, HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("mlx_lm.server did not become healthy within 120s")
+
+    def complete(self, prompt: str, max_tokens: int) -> int:
+        """One streaming greedy completion; returns its completion tokens."""
+        body = json.dumps(
+            {
+                "prompt": prompt,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200, response.status
+        usage = 0
+        for raw in response:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[5:])
+            if event.get("usage"):
+                usage = int(event["usage"]["completion_tokens"])
+        conn.close()
+        return usage
+
+    def concurrent(self, n: int, max_tokens: int) -> tuple[float, int]:
+        results = [0] * n
+        prompts = _stream_prompts(n)
+
+        def worker(i: int) -> None:
+            results[i] = self.complete(prompts[i], max_tokens)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        return sum(results) / elapsed, sum(results)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def bench_concurrent(model_id: str, path: Path, streams: list[int], max_tokens: int, rounds: int) -> dict[str, Any]:
+    n_layers = PRESETS[model_id].num_hidden_layers if model_id in PRESETS else 0
+    runner = _spawn_runner(model_id, path, n_layers, max_concurrent=max(streams))
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        server = _MlxServer(path)
+        try:
+            server.complete("warm up", 8)
+            _runner_concurrent(runner, 1, 8, "warm")
+            for n in streams:
+                skulk_tps, mlx_tps, skulk_tok, mlx_tok = [], [], 0, 0
+                for r in range(rounds):
+                    tps, tok = _runner_concurrent(runner, n, max_tokens, f"c{n}-{r}")
+                    skulk_tps.append(tps)
+                    skulk_tok = tok
+                    tps, tok = server.concurrent(n, max_tokens)
+                    mlx_tps.append(tps)
+                    mlx_tok = tok
+                s, m = statistics.median(skulk_tps), statistics.median(mlx_tps)
+                rows[n] = {"skulk_tps": s, "server_tps": m, "ratio": s / m if m else float("nan"),
+                           "skulk_tokens": skulk_tok, "server_tokens": mlx_tok}  # fmt: skip
+            server_hwm = _vm_hwm_bytes(server.proc.pid)
+        finally:
+            server.close()
+        runner_hwm = _vm_hwm_bytes(runner.pid)
+    finally:
+        runner.shutdown()
+    return {"model": model_id, "rows": rows, "runner_peak_rss": runner_hwm, "server_peak_rss": server_hwm}
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m skulk.engine.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (about a minute)")
+    parser.add_argument("--models", default=f"{DEFAULT_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
+    parser.add_argument("--concurrency-model", default=DEFAULT_MODEL_ID, help="preset for the concurrency comparison")
+    parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
+    args = parser.parse_args(argv)
+    rounds = 1 if args.quick else 3
+    print(f"skulk engine benchmark  (python {sys.version.split()[0]}, mlx {mx.__version__}, {os.cpu_count()} CPUs)")
+    print(f"BLAS: {BLAS}")
+    print()
+    print("Single stream (greedy; medians of alternating rounds; runner = real runner subprocess over IPC)")
+    header = f"{'model':24} {'prompt':>6} {'gen':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'mlx-lm prefill':>15} {'mlx-lm decode':>14} {'decode ratio':>13}"
+    print(header)
+    singles = []
+    for model_id in [m for m in args.models.split(",") if m]:
+        path = ensure_model(model_id)
+        small = model_id == SMALL_MODEL_ID
+        res = bench_single(
+            model_id, path, rounds,
+            prompt_len=256 if args.quick else 512,
+            decode_len=(64 if small else 128) if args.quick else (128 if small else 256),
+        )  # fmt: skip
+        singles.append(res)
+        print(
+            f"{model_id:24} {res['prompt_tokens']:>6} {res['decode_tokens']:>5} {res['runner_prefill_tps']:>14.1f} "
+            f"{res['runner_decode_tps']:>13.1f} {res['mlx_prefill_tps']:>15.1f} {res['mlx_decode_tps']:>14.1f} "
+            f"{res['decode_ratio']:>12.3f}x"
+        )
+    print("  per-round decode ratios: " + "; ".join(
+        f"{r['model']}: " + ", ".join(f"{x:.3f}" for x in r["decode_ratios"]) for r in singles))  # fmt: skip
+    print()
+    streams = [int(s) for s in args.streams.split(",") if s]
+    max_tokens = 64 if args.quick else 128
+    print(
+        f"Concurrent streams on {args.concurrency_model} (aggregate completion tok/s; {max_tokens} tokens per stream, "
+        "greedy, all submitted at once; mlx_lm.server over HTTP/SSE, Skulk runner over its IPC pipes)"
+    )
+    conc = bench_concurrent(args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds)
+    print(f"{'streams':>7} {'skulk tok/s':>12} {'mlx_lm.server tok/s':>20} {'ratio':>8}")
+    for n, row in conc["rows"].items():
+        print(f"{n:>7} {row['skulk_tps']:>12.1f} {row['server_tps']:>20.1f} {row['ratio']:>7.2f}x")
+    print()
+    print("Peak memory")
+    for res in singles:
+        print(f"  {res['model']}: runner RSS high-water {_mib(res['runner_peak_rss'])}; "
+              f"MLX peak allocation of in-process mlx-lm {_mib(res['mlx_peak_bytes'])}")  # fmt: skip
+    print(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; "
+          f"mlx_lm.server RSS high-water {_mib(conc['server_peak_rss'])}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
