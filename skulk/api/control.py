@@ -30,7 +30,6 @@ from skulk.api.wire import json_response, wire_response
 from skulk.core import placement
 from skulk.core.codec import to_wire
 from skulk.core.commands import CancelTask, DeleteInstance, PlaceInstance
-from skulk.core.config import CoreConfig
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, derive_id
 
 __all__ = [
@@ -71,13 +70,6 @@ def _excluded(request: Request, name: str) -> tuple[NodeId, ...]:
     return tuple(dict.fromkeys(out))
 
 
-def _core_config(request: Request) -> CoreConfig:
-    # The node's CoreConfig decides ring ports shown in previews; placement
-    # feasibility does not depend on it. A handle without one gets defaults.
-    config = getattr(ctx(request).handle, "core_config", None)
-    return config if isinstance(config, CoreConfig) else CoreConfig()
-
-
 async def instance_previews(request: Request) -> Response:
     """``GET /instance/previews?model_id=&excluded_node_ids=``: every candidate placement."""
     context = ctx(request)
@@ -87,7 +79,7 @@ async def instance_previews(request: Request) -> Response:
     if model_id not in context.handle.cards:
         raise ApiError(404, f"model_id {model_id!r} not found: no model card for it", code="model_not_found", param="model_id")
     excluded = _excluded(request, "excluded_node_ids")
-    previews = placement.previews(context.handle.state, ModelId(model_id), excluded, context.handle.cards, _core_config(request))
+    previews = placement.previews(context.handle.state, ModelId(model_id), excluded, context.handle.cards, context.handle.core_config)
     return json_response(
         {
             "previews": [

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from skulk.api.errors import ApiError, error_body, status_for_code
 from skulk.api.handle import NodeHandle, RequestStream
 from skulk.api.schemas import (
-    ROLES,
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
@@ -101,14 +100,10 @@ def _check_model(handle: NodeHandle, model: str) -> list[Instance]:
 
 
 def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    # The schema already refuses empty stop strings and over-long lists.
     if stop is None:
         return ()
-    items = (stop,) if isinstance(stop, str) else tuple(stop)
-    for i, item in enumerate(items):
-        if item == "":
-            where = "stop" if isinstance(stop, str) else f"stop[{i}]"
-            raise ApiError(400, "stop sequences must not be empty strings", code="invalid_value", param=where)
-    return items
+    return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
 def _admit(instances: list[Instance], max_tokens: int | None, param: str, default_max_tokens: int) -> None:
@@ -125,40 +120,16 @@ def _admit(instances: list[Instance], max_tokens: int | None, param: str, defaul
         raise ApiError(400, message, code=decision.code, param=param, type=decision.type)
 
 
-def _message_text(index: int, message: ChatMessageIn) -> ChatMessage:
-    if message.role not in ROLES:
-        raise ApiError(
-            400,
-            f"messages[{index}].role must be one of {', '.join(ROLES)}, got {message.role!r}",
-            code="invalid_value",
-            param=f"messages[{index}].role",
-        )
+def _message(message: ChatMessageIn) -> ChatMessage:
+    # The schema guarantees a known role and non-empty text or text parts.
     content = message.content
-    if isinstance(content, list):
-        texts: list[str] = []
-        for j, part in enumerate(content):
-            if part.type != "text" or part.text is None:
-                raise ApiError(
-                    400,
-                    f"messages[{index}].content[{j}] has type {part.type!r}; only text parts are served",
-                    code="unsupported_value",
-                    param=f"messages[{index}].content[{j}].type",
-                )
-            texts.append(part.text)
-        content = "\n".join(texts)
-    if content is None or content == "":
-        raise ApiError(
-            400,
-            f"messages[{index}].content must not be empty",
-            code="invalid_value",
-            param=f"messages[{index}].content",
-        )
-    return ChatMessage(role=message.role, content=content)
+    text = content if isinstance(content, str) else "\n".join(part.text for part in content)
+    return ChatMessage(role=message.role, content=text)
 
 
 def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_tokens: int) -> Prepared:
     """Validate a chat request and build its ``SubmitTask``; raises ``ApiError`` when invalid."""
-    messages = tuple(_message_text(i, m) for i, m in enumerate(body.messages))
+    messages = tuple(_message(m) for m in body.messages)
     assert messages, "the schema requires at least one message"
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs requires logprobs: true", code="invalid_value", param="top_logprobs")
@@ -201,9 +172,6 @@ def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_to
 def prepare_completion(handle: NodeHandle, body: CompletionRequest, default_max_tokens: int) -> Prepared:
     """Validate a text-completion request and build its ``SubmitTask``."""
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
-    param = "prompt" if isinstance(body.prompt, str) else "prompt[0]"
-    if prompt == "":
-        raise ApiError(400, "prompt must not be empty", code="invalid_value", param=param)
     if body.echo:
         raise ApiError(400, "echo is not supported", code="unsupported_value", param="echo")
     stop = _stop(body.stop)
@@ -489,7 +457,7 @@ async def collect(
         ended = True
         if was_cancelled(command_id):
             return renderer.final(None, "cancelled")
-        raise ApiError(500, "the node closed this request's stream without a final chunk; retry the request", code="stream_lost")
+        raise ApiError.from_code("stream_lost", "the node closed this request's stream without a final chunk; retry the request")
     finally:
         if not ended:
             abandon(command_id)

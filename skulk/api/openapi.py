@@ -115,6 +115,6 @@ def build_openapi() -> dict[str, Any]:
                 'tagged unions as single-key objects (`{"MlxRingInstance": {...}}`).'
             ),
         },
-        "paths": dict(sorted(paths.items())),
+        "paths": paths,  # route-table order: OpenAI endpoints first
         "components": {"schemas": dict(sorted(components.items()))},
     }

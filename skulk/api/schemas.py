@@ -60,10 +60,8 @@ __all__ = [
     "NodeDiagnostics",
     "StateResponse",
     "InstanceResponse",
-    "ROLES",
 ]
 
-ROLES = ("system", "developer", "user", "assistant", "tool")
 
 # Generous but finite: every list a client sends is bounded.
 _MAX_MESSAGES = 4_096
@@ -82,15 +80,20 @@ class _Resp(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ContentPart(_Req, frozen=True, kw_only=True):
-    """One part of a message's content; only ``{"type": "text", "text": ...}`` is served."""
+    """One part of a message's content; only text parts are served."""
 
-    type: str
-    text: str | None = None
+    type: Literal["text"]
+    text: str
+
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+NonEmptyText = Annotated[str, Meta(min_length=1)]
 
 
 class ChatMessageIn(_Req, frozen=True, kw_only=True):
-    role: Annotated[str, Meta(description="system, developer, user, assistant or tool")]
-    content: str | list[ContentPart] | None = None
+    role: Role
+    # Text, or text parts (joined with newlines); never empty.
+    content: NonEmptyText | Annotated[list[ContentPart], Meta(min_length=1)]
     name: str | None = None
 
 
@@ -104,7 +107,7 @@ TopK = Annotated[int, Meta(ge=0)]
 MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Penalty = Annotated[float, Meta(gt=0.0)]
-Stop = str | Annotated[list[str], Meta(max_length=_MAX_STOP)]
+Stop = NonEmptyText | Annotated[list[NonEmptyText], Meta(max_length=_MAX_STOP)]
 
 
 class ChatCompletionRequest(_Req, frozen=True, kw_only=True):
@@ -133,7 +136,7 @@ class CompletionRequest(_Req, frozen=True, kw_only=True):
     """``POST /v1/completions`` (legacy text completion). ``logprobs`` is a count here."""
 
     model: str
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Meta(min_length=1, max_length=1)]
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: PositiveInt | None = None
