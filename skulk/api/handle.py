@@ -14,6 +14,7 @@ from typing import Protocol
 
 from skulk.core.cards import ModelCard
 from skulk.core.commands import Command, CommandResult
+from skulk.core.config import CoreConfig
 from skulk.core.ids import CommandId, NodeId
 from skulk.core.session import Session
 from skulk.core.state import State
@@ -50,6 +51,11 @@ class NodeHandle(Protocol):
 
     @property
     def is_master(self) -> bool: ...
+
+    @property
+    def core_config(self) -> CoreConfig:
+        """The node's core configuration (placement previews use its ring port range)."""
+        ...
 
     @property
     def cards(self) -> Mapping[str, ModelCard]:
