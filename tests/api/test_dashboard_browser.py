@@ -1,0 +1,130 @@
+"""The dashboard in a real headless Chromium, against the API over the core-backed node double.
+
+Checks what an operator relies on: the topology shows every node, the master
+and links coloured by kind; the instance shows its placement, runner states
+and the speculative-decoding badge; the placement panel previews live and
+honours exclusions; the chat streams; deep links survive a refresh; the API
+reference page renders offline. Screenshots land in artifacts/dashboard/.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from skulk.api.config import ApiConfig
+from skulk.core.commands import SubmitTask
+from skulk.core.instances import SpeculationConfig
+from skulk.core.tasks import GenerationStats, TokenChunk
+from tests.api.browser import chromium_page, require_chromium, screenshot
+from tests.api.conftest import ServedApp
+from tests.api.node_double import ScriptedNode
+from tests.api.test_streaming import final, tok
+
+pytestmark = pytest.mark.browser
+
+
+def slow_reply(cmd: SubmitTask) -> list[TokenChunk | float]:
+    words = ["The", " fox", " crossed", " the", " frozen", " field", "."]
+    out: list[TokenChunk | float] = []
+    for i, w in enumerate(words):
+        out += [tok(cmd, i, w), 0.15]
+    stats = GenerationStats(prompt_tps=420.0, generation_tps=6.5, prompt_tokens=12, generation_tokens=len(words))
+    out.append(final(cmd, len(words), stats=stats))
+    return out
+
+
+@pytest.fixture
+def dashboard() -> Iterator[ServedApp]:
+    require_chromium()
+    node = ScriptedNode.three_nodes(script=slow_reply)
+    node.place("skulk/tiny-qwen2", min_nodes=3, speculation=SpeculationConfig(drafter="draft_model", depth=4, draft_model_id="skulk/tiny-draft"))
+    with ServedApp(node, ApiConfig(dashboard_poll_ms=300)) as served:
+        yield served
+
+
+def test_dashboard_shows_cluster_places_and_chats(dashboard: ServedApp) -> None:
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=node-card]")
+        cards = page.locator("[data-testid=node-card]")
+        assert cards.count() == 3
+        assert sorted(page.locator("[data-testid=node-card] .title").all_inner_texts()) == ["alpha", "bravo", "charlie"]
+        master = page.locator("[data-testid=node-card]", has=page.locator("[data-testid=master-badge]"))
+        assert master.count() == 1 and master.get_attribute("data-node") == "node-a"
+        kinds = sorted(page.locator("[data-testid=link]").evaluate_all("els => els.map(e => e.dataset.kind + ':' + e.getAttribute('stroke'))"))
+        assert kinds == ["ethernet:#3b82f6", "thunderbolt:#a855f7", "wifi:#f59e0b"]
+        inst = page.locator("[data-testid=instance-card]")
+        assert inst.count() == 1
+        assert "skulk/tiny-qwen2" in inst.inner_text()
+        assert page.locator("[data-testid=runner-status]").all_inner_texts() == ["Ready"] * 3
+        assert "depth 4" in page.locator("[data-testid=spec-badge]").inner_text()
+        screenshot(page, "overview")
+
+        # Deep link + refresh: the instance page renders from its URL.
+        iid = inst.get_attribute("data-instance")
+        page.goto(f"/instances/{iid}")
+        page.reload()
+        page.wait_for_selector(f"[data-testid=instance-card][data-instance='{iid}']")
+        assert "Tasks in flight" in page.inner_text("main")
+
+        # Placement: live previews, and excluding two nodes leaves single-node rows hosted on the third.
+        page.click("nav a[data-nav=place]")
+        page.wait_for_selector("[data-testid=preview-row].feasible")
+        assert page.locator("[data-testid=preview-row]").count() == 3
+        page.locator("[data-testid=exclude-node][value=node-a]").check()
+        page.locator("[data-testid=exclude-node][value=node-b]").check()
+        page.wait_for_function("document.querySelectorAll('[data-testid=preview-row]').length === 1")
+        assert "charlie" in page.locator("[data-testid=preview-row]").inner_text()
+        screenshot(page, "place")
+        page.click("[data-testid=place-button]")
+        page.wait_for_selector("[data-testid=place-message] .ok")
+        placed = page.locator("[data-testid=place-message]").inner_text()
+        assert "placed skulk/tiny-qwen2" in placed
+
+        # Chat: the reply streams in (several partial states) and finishes with "stop".
+        page.goto("/chat")
+        page.reload()
+        page.wait_for_selector("[data-testid=chat-model] option[value='skulk/tiny-qwen2']", state="attached")
+        page.fill("[data-testid=chat-input]", "Tell me about foxes")
+        page.click("[data-testid=chat-send]")
+        reply = page.locator("[data-testid=msg-assistant] .text").last
+        page.wait_for_function("document.querySelector('[data-testid=msg-assistant] .text').textContent.length > 0")
+        partial = reply.text_content()
+        page.wait_for_selector("[data-testid=msg-assistant] .text[data-done='1']")
+        full = reply.text_content()
+        assert full == "The fox crossed the frozen field."
+        assert partial and len(partial) < len(full), "the reply streamed in pieces"
+        assert reply.get_attribute("data-finish") == "stop"
+        assert "tok/s" in page.locator("[data-testid=chat-stats]").inner_text()
+        screenshot(page, "chat")
+
+        # The API reference renders offline.
+        page.goto("/docs")
+        page.wait_for_selector("details.op")
+        assert page.locator("details.op").count() >= 14
+        screenshot(page, "docs")
+
+    (task,) = [c for c in dashboard.node.tasks_submitted()]
+    assert task.params.messages is not None and task.params.messages[-1].content == "Tell me about foxes"
+    assert task.params.max_tokens == 64
+
+
+def test_chat_stop_abandons_the_request(dashboard: ServedApp) -> None:
+    node = dashboard.node
+    node.script = lambda cmd: [tok(cmd, 0, "Thinking"), 30.0, final(cmd, 1)]
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/chat")
+        page.wait_for_selector("[data-testid=chat-model] option[value='skulk/tiny-qwen2']", state="attached")
+        page.fill("[data-testid=chat-input]", "a long one")
+        page.click("[data-testid=chat-send]")
+        page.wait_for_function("document.querySelector('[data-testid=msg-assistant] .text').textContent === 'Thinking'")
+        page.click("[data-testid=chat-stop]")
+        page.wait_for_selector("[data-testid=msg-assistant] .text[data-finish='aborted']")
+    cid = node.tasks_submitted()[0].command_id
+    deadline = time.monotonic() + 5
+    while node.abandoned != [cid]:
+        assert time.monotonic() < deadline, f"abandon not called: {node.abandoned}"
+        time.sleep(0.02)
