@@ -16,3 +16,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
 fi
+
+# The dashboard's browser test drives Debian's Chromium (never a downloaded
+# browser). Installed only when missing, and only when we may (root).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[bootstrap] chromium missing: installing Debian's chromium for the dashboard test"
+    apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }
+  else
+    echo "[bootstrap] chromium missing: the dashboard browser test will be skipped (as root: apt-get install -y chromium)"
+  fi
+fi
