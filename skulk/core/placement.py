@@ -619,18 +619,15 @@ def fits(state: State, instance: Instance) -> str | None:
     The re-reporting worker's runner is already running, so its memory may
     already show in telemetry: the check is the no-double-booking bound, the
     instance's footprint plus everything else placed on the node within 0.75 x
-    the node's total RAM. A hosting node that is not in the topology, or has
-    not reported memory yet, gives a message naming it (the caller may retry
-    once telemetry arrives).
+    the node's total RAM. A hosting node that has not reported memory to this
+    master yet passes: nothing can have been placed on it since (placement
+    needs its telemetry), and the runner there demonstrably runs, so refusing
+    would only lose a placement that survived the failover (invariant 5).
     """
     problems: list[str] = []
     for node in sorted(instance.shard_assignments.node_to_runner):
-        if node not in state.topology.nodes:
-            problems.append(f"hosting node {node} is not in the cluster")
-            continue
         budget = node_budget(state, node, ignore={instance.instance_id})
         if budget is None:
-            problems.append(f"hosting node {node} has not reported memory yet")
             continue
         need = instance.memory_by_node.get(node, 0)
         room = budget.capacity_bytes - budget.committed_bytes

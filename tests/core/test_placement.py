@@ -481,8 +481,10 @@ def test_fits_accepts_a_re_reported_instance_unless_its_node_was_given_away():
     crowded = apply_events(state, [InstanceCreated(instance=other)])
     problem = placement.fits(crowded, inst)
     assert problem is not None and "node a would hold" in problem
-    assert "has not reported memory" in (placement.fits(build_state({"a": None}), inst) or "")
-    assert "not in the cluster" in (placement.fits(build_state({"z": mem(GB)}), inst) or "")
+    # Right after a failover the new master may not have a's telemetry yet: nothing
+    # can have been placed there since, so the instance is re-adopted, not lost.
+    assert placement.fits(build_state({"a": None}), inst) is None
+    assert placement.fits(build_state({"z": mem(GB)}), inst) is None
 
 
 # --- previews ----------------------------------------------------------------------------------
