@@ -134,8 +134,8 @@ def test_ring_hops_wrap_around_and_name_missing_hops():
     hops = interconnect.ring_hops(state, [NodeId("b"), NodeId("c"), NodeId("a")], 52_600)
     assert hops == (
         RingHop(rank=0, node_id="b", address="10.0.0.2:52600", kind="ethernet"),  # reached from a (rank 2)
-        RingHop(rank=1, node_id="c", address="10.0.0.3:52600", kind="ethernet"),
-        RingHop(rank=2, node_id="a", address="10.0.0.1:52600", kind="ethernet"),
+        RingHop(rank=1, node_id="c", address="10.0.0.3:52601", kind="ethernet"),
+        RingHop(rank=2, node_id="a", address="10.0.0.1:52602", kind="ethernet"),
     )
     assert interconnect.ring_hops(state, [NodeId("a")], 52_600) == ()
     lost = apply_events(state, [ConnectionLost(connection=link("a", "b", "10.0.0.2"))])

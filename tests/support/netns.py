@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-__all__ = ["netns_available", "Netns", "Link"]
+__all__ = ["netns_available", "Netns", "Link", "ns_http"]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -105,3 +105,17 @@ class Netns:
 
     def __exit__(self, *exc: object) -> None:
         self.teardown()
+
+
+def ns_http(netns: Netns, i: int, path: str, *, port: int, method: str = "GET", body: object = None,
+            timeout_s: float = 10.0, raw: bool = False) -> object:
+    """An HTTP request made from inside machine ``i`` to its own API (``curl``)."""
+    import json
+
+    argv = ["curl", "-s", "-m", str(timeout_s), "-X", method, f"http://127.0.0.1:{port}{path}"]
+    if body is not None:
+        argv += ["-H", "content-type: application/json", "--data-binary", json.dumps(body)]
+    out = netns.run(i, argv, timeout=timeout_s + 5, check=False)
+    if out.returncode != 0:
+        raise OSError(f"curl in {netns.names[i]} failed ({out.returncode}): {out.stderr.strip()}")
+    return out.stdout if raw else json.loads(out.stdout or "null")
