@@ -216,10 +216,12 @@ def _setting_value(cfg: Any, name: str) -> object:
         "NODE_ID": "node_id", "FRIENDLY_NAME": "friendly_name", "NAMESPACE": "namespace",
         "FORCE_MASTER": "force_master", "BOOTSTRAP_PEERS": "bootstrap_peers", "LISTEN": "listen",
         "MULTICAST": "multicast", "LEASE_MS": "lease_ms", "ADVERTISE": "advertise", "API_HOST": "api_host",
-        "API_PORT": "api_port", "AUTO_PLACE": "auto_place", "MAX_OUTPUT_TOKENS": "max_output_tokens",
+        "API_PORT": "api_port", "API_MAX_BODY_BYTES": "api_max_body_bytes",
+        "AUTO_PLACE": "auto_place", "MAX_OUTPUT_TOKENS": "max_output_tokens",
         "PIPELINE_EVAL_TIMEOUT_SECONDS": "pipeline_eval_timeout_s", "RUNNER_HEARTBEAT_SECONDS": "runner_heartbeat_s",
         "RUNNER_STOP_GRACE_SECONDS": "runner_stop_grace_s", "PROBE_INTERVAL_SECONDS": "probe_interval_s",
-        "PROBE_TIMEOUT_SECONDS": "probe_timeout_s", "LOGGING_EXTERNAL": "logging_external", "LOG_LEVEL": "log_level",
+        "PROBE_TIMEOUT_SECONDS": "probe_timeout_s",
+        "EVENTLOG_MIN_FREE_BYTES": "eventlog_min_free_bytes", "LOGGING_EXTERNAL": "logging_external", "LOG_LEVEL": "log_level",
     }.get(name)
     if attr is not None:
         return getattr(cfg, attr)

@@ -175,6 +175,7 @@ SETTINGS: tuple[Setting, ...] = (
     # HTTP API.
     Setting("API_HOST", _str, "0.0.0.0", "Address the HTTP API binds to."),
     Setting("API_PORT", _port, DEFAULT_API_PORT, "HTTP API port (OpenAI-compatible endpoint and dashboard)."),
+    Setting("API_MAX_BODY_BYTES", _positive_int, 8 * 1024 * 1024, "Largest request body the API accepts (413 above)."),
     # Models and runners.
     Setting("AUTO_PLACE", _optional_model, "skulk/tiny-qwen2",
             "Model the master places when it has no instance of it ('none' disables)."),
@@ -234,6 +235,7 @@ class RuntimeConfig:
     advertise: tuple[tuple[str, str | None], ...]
     api_host: str
     api_port: int
+    api_max_body_bytes: int
     auto_place: str | None
     max_output_tokens: int
     pipeline_eval_timeout_s: float
@@ -440,6 +442,7 @@ def load_config(
         advertise=advertise,
         api_host=values["API_HOST"],
         api_port=values["API_PORT"],
+        api_max_body_bytes=values["API_MAX_BODY_BYTES"],
         auto_place=values["AUTO_PLACE"],
         max_output_tokens=values["MAX_OUTPUT_TOKENS"],
         pipeline_eval_timeout_s=values["PIPELINE_EVAL_TIMEOUT_SECONDS"],

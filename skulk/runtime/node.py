@@ -237,7 +237,7 @@ class NodeRuntime:
             raise SystemExit(f"cannot serve the API on {cfg.api_host}:{cfg.api_port}: {exc} (set SKULK_API_PORT)") from None
         sock.listen(1024)
         sock.setblocking(False)
-        app = create_app(self.handle, config=ApiConfig(max_output_tokens=cfg.max_output_tokens))
+        app = create_app(self.handle, config=ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes))
         server = _Server(
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         )
