@@ -164,6 +164,9 @@ class LocalCluster:
             out: IO[Any] | int | None = self.stdout
             if self.log_dir is not None:
                 self.log_dir.mkdir(parents=True, exist_ok=True)
+                old = self._logs.pop(plan.node_id, None)
+                if old is not None:
+                    old.close()
                 f = open(self.log_dir / f"{plan.node_id}.log", "ab")
                 self._logs[plan.node_id] = f
                 out = f

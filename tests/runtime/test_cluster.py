@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -113,8 +114,22 @@ def test_three_nodes_elect_agree_place_and_survive_a_master_kill(models_dir: Pat
         wait_for("digests agree in the new session", lambda: _digest_agreement(cluster, followers), 30, 0.02)
         reply = post(cluster, new_master, "/v1/chat/completions", chat, timeout_s=60)
         assert reply["usage"]["completion_tokens"] == 4, reply
+
+        # The killed node restarts as the same node and rejoins; the sitting master keeps its session.
+        cluster.start(master)
+        cluster.wait_ready(nodes=[master], timeout_s=60)
+        wait_for("the old master back in every topology",
+                 lambda: all(master in get(cluster, n, "/state")["topology"]["nodes"] for n in nodes), 30)
+        assert _one_master(cluster, nodes) == new_master
+        assert get(cluster, master, "/state")["session"] == new_session
+        wait_for("digests agree with the restarted node", lambda: _digest_agreement(cluster, nodes), 30, 0.02)
+        status = subprocess.run([sys.executable, "-m", "skulk.cli", "status", "--url", cluster.plan(master).url],
+                                capture_output=True, text=True, timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert f"master: {new_master}" in status.stdout and "nodes (3)" in status.stdout
+        assert f"{iid}: {DEFAULT_MODEL_ID}" in status.stdout and "RunnerReady" in status.stdout
     codes = cluster.exit_codes  # type: ignore[attr-defined]
-    assert codes[master] == -9 and all(codes[n] == 0 for n in followers), codes
+    assert all(codes[n] == 0 for n in nodes), codes
 
 
 def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path) -> None:
