@@ -242,7 +242,7 @@ def stats_comment(stats: GenerationStats) -> bytes:
     return comment("generation_stats " + json_text(out))
 
 
-def _usage(chunk: TokenChunk, completion_tokens: int) -> UsageOut | None:
+def _usage(chunk: TokenChunk) -> UsageOut | None:
     if chunk.usage is not None:
         u = chunk.usage
         return UsageOut(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
@@ -269,7 +269,6 @@ class Renderer:
     created: int = field(default_factory=lambda: int(time.time()))
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    completion_tokens: int = 0
     text_offset: int = 0
 
     @property
@@ -317,7 +316,6 @@ class Renderer:
         if chunk.error is not None:
             err = chunk.error
             return [data_event(error_body(err.message, type=err.type, code=err.code))]
-        self.completion_tokens += len(chunk.token_ids)
         items = chunk.logprobs if (self.prepared.want_logprobs and chunk.logprobs) else None
         events: list[bytes] = []
         if chunk.text or items:
@@ -334,7 +332,7 @@ class Renderer:
                 events.append(data_event(self._chat_chunk(Delta(), finish=finish)))
             else:
                 events.append(data_event(self._completion_chunk("", finish=finish)))
-            usage = _usage(chunk, self.completion_tokens)
+            usage = _usage(chunk)
             if self.prepared.include_usage and usage is not None:
                 cls = ChatCompletionChunk if self.prepared.kind == "chat" else Completion
                 events.append(data_event(cls(id=self.response_id, created=self.created, model=self.prepared.model, choices=[], usage=usage)))
@@ -350,14 +348,13 @@ class Renderer:
 
     def accumulate(self, chunk: TokenChunk) -> None:
         self.text.append(chunk.text)
-        self.completion_tokens += len(chunk.token_ids)
         if chunk.logprobs:
             self.logprobs.extend(chunk.logprobs)
 
     def final(self, last: TokenChunk | None, finish: str) -> ChatCompletion | Completion:
         """The non-streamed response once the request ended with ``finish``."""
         text = "".join(self.text)
-        usage = _usage(last, self.completion_tokens) if last is not None else None
+        usage = _usage(last) if last is not None else None
         if self.prepared.kind == "chat":
             lp = ChoiceLogprobs(content=_chat_logprobs(tuple(self.logprobs))) if self.prepared.want_logprobs else None
             return ChatCompletion(
@@ -383,7 +380,7 @@ async def stream_events(
     *,
     abandon: Callable[[CommandId], None],
     was_cancelled: Callable[[CommandId], bool],
-    on_text: Callable[[], None] | None = None,
+    on_text: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """The SSE events of one accepted request; abandons it if the consumer stops early.
 
@@ -398,7 +395,7 @@ async def stream_events(
             yield event
         async for chunk in stream:
             if on_text is not None and chunk.text:
-                on_text()
+                on_text(len(chunk.token_ids))
             events = renderer.render(chunk)
             if chunk.finish_reason is not None or chunk.error is not None:
                 ended = True

@@ -93,7 +93,7 @@ def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
     )
     _family(lines, "skulk_api_streams_active", "gauge", "Server-sent event streams open now.", [({}, api.streams_active)])
     _family(lines, "skulk_api_streams_total", "counter", "Server-sent event streams opened.", [({}, api.streams_total)])
-    _family(lines, "skulk_api_tokens_streamed_total", "counter", "Chunks of generated text streamed to clients.", [({}, api.tokens_streamed_total)])
+    _family(lines, "skulk_api_tokens_streamed_total", "counter", "Generated tokens streamed to clients.", [({}, api.tokens_streamed_total)])
     _family(lines, "skulk_api_abandoned_total", "counter", "Requests abandoned because the client went away or cancelled.", [({}, api.abandoned_total)])
     _family(
         lines,

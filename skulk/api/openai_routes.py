@@ -69,9 +69,9 @@ async def _counted(context: ApiContext, renderer: Renderer, stream: RequestStrea
     started = time.monotonic()
     first = True
 
-    def on_text() -> None:
+    def on_text(tokens: int) -> None:
         nonlocal first
-        metrics.tokens_streamed_total += 1
+        metrics.tokens_streamed_total += tokens
         if first:
             first = False
             metrics.observe_ttft(time.monotonic() - started)

@@ -80,11 +80,12 @@ def _operation(ep: Endpoint, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
                 "type": "string",
                 "description": (
                     "With `stream: true`: Server-Sent Events. `: command_id <id>` first; then one `data:` event "
-                    "per chunk (see itemSchema); an error becomes a `data: {\"error\": {...}}` event; "
+                    "per chunk (its schema is x-itemSchema); an error becomes a `data: {\"error\": {...}}` event; "
                     "`: generation_stats {json}` after the final chunk; `data: [DONE]` last."
                 ),
             },
-            "itemSchema": refs[ep.stream_item],
+            # OpenAPI 3.1 has no itemSchema (3.2 does): an extension keeps the document valid.
+            "x-itemSchema": refs[ep.stream_item],
         }
     responses: dict[str, Any] = {"200": {"description": "OK", "content": content}}
     for status in sorted(set(ep.errors)):
