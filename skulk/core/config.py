@@ -47,7 +47,8 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     group_connect_deadline_s: float = 120.0
     warmup_deadline_s: float = 300.0
     first_report_deadline_s: float = 120.0
-    base_port: int = 52_500  # MLX ring ports: base_port + offset, fresh per placement
+    base_port: int = 52_500  # MLX ring ports: a fresh block of max_ring_ranks per placement
     port_span: int = 5_000
+    max_ring_ranks: int = 16  # ports reserved per placement (rank r listens on port + r)
     # Canary: plants a known bug (a loser also acts as master) to prove the checkers work.
     canary_double_master: bool = False

@@ -317,7 +317,8 @@ def ring_hops(
     """The ring over ``ordered_nodes`` (rank order), each hop on its best observed link.
 
     Output: one ``RingHop`` per rank (``ring[r]`` describes how rank ``r`` is
-    reached from rank ``r - 1``; every rank listens on ``port``), or a
+    reached from rank ``r - 1``; rank ``r`` listens on ``port + r``, so ranks
+    sharing one address, as on a loopback cluster, never collide), or a
     ``RingRefusal`` naming every hop with no observed link. A single node
     needs no ring: the result is ``()``.
     """
@@ -336,7 +337,7 @@ def ring_hops(
             missing.append((pred, node))
             continue
         hops.append(
-            RingHop(rank=rank, node_id=node, address=format_address(link.address, port), kind=effective_kind(link))
+            RingHop(rank=rank, node_id=node, address=format_address(link.address, port + rank), kind=effective_kind(link))
         )
     if missing:
         listed = ", ".join(f"{a} -> {b}" for a, b in missing)

@@ -385,11 +385,23 @@ def _build(
     )
 
 
-def _port(state: State, config: CoreConfig) -> int:
+def ring_port(port_offset: int, config: CoreConfig) -> int:
+    """The first port of the block the ``port_offset``-th placement takes.
+
+    Rank r listens on ``ring_port + r``, so each placement takes a block of
+    ``max_ring_ranks`` ports and ranks that share one address (a loopback
+    cluster) never collide; blocks cycle through ``port_span``.
+    """
     assert config.port_span > 0 and 0 < config.base_port < 65_536, config
-    port = config.base_port + state.next_port_offset % config.port_span
-    assert port < 65_536, f"base_port + port_span exceeds the port range: {port}"
+    blocks = config.port_span // config.max_ring_ranks
+    assert blocks > 0, config
+    port = config.base_port + (port_offset % blocks) * config.max_ring_ranks
+    assert port + config.max_ring_ranks <= 65_536, f"base_port + port_span exceeds the port range: {port}"
     return port
+
+
+def _port(state: State, config: CoreConfig) -> int:
+    return ring_port(state.next_port_offset, config)
 
 
 # --- refusals ----------------------------------------------------------------------------

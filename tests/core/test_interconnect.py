@@ -149,7 +149,7 @@ def test_hostfile_lists_each_rank_address_in_rank_order_ipv6_in_brackets():
     links = [link("a", "b", "fd00::b"), link("b", "a", "fd00::a")]
     state = build_state({n: mem(64 * GB) for n in names}, links)
     inst = placed(placement.place(state, command(min_nodes=2), cards_of(make_card(weight_bytes=GB)), CONFIG))
-    assert interconnect.hostfile(inst) == ("[fd00::a]:52500", "[fd00::b]:52500")
+    assert interconnect.hostfile(inst) == ("[fd00::a]:52500", "[fd00::b]:52501")
     single = placed(placement.place(state, command(), cards_of(make_card(weight_bytes=GB)), CONFIG))
     assert interconnect.hostfile(single) == ()
     assert interconnect.format_address("10.1.2.3", 1) == "10.1.2.3:1"
@@ -166,9 +166,9 @@ def _two_node_instance():
 def test_a_connect_failure_is_diagnosed_with_the_unreachable_rank_and_address():
     state, inst = _two_node_instance()
     diag = interconnect.diagnose_connect_failure(state, inst, reporting_node=NodeId("a"), deadline_s=120)
-    assert (diag.unreachable_rank, diag.unreachable_node, diag.address) == (1, "b", "169.254.0.2:52500")
+    assert (diag.unreachable_rank, diag.unreachable_node, diag.address) == (1, "b", "169.254.0.2:52501")
     assert diag.message.startswith("group connect for instance ")
-    assert "within 120 s: rank 1 on node b listens at 169.254.0.2:52500" in diag.message
+    assert "within 120 s: rank 1 on node b listens at 169.254.0.2:52501" in diag.message
     assert "from rank 0 on node a over thunderbolt" in diag.message
     assert diag.link_still_observed and "firewall" in diag.message
     assert diag.avoid_connection == link("a", "b", "169.254.0.2", "thunderbolt")

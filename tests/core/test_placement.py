@@ -291,7 +291,8 @@ def test_ids_port_ceiling_and_memory_are_stamped_deterministically():
     assert isinstance(inst, MlxRingInstance)
     assert inst.instance_id == derive_id("inst", "cmd-42", 0)
     assert inst.generation == 0
-    assert inst.ephemeral_port == CONFIG.base_port + 5_003 % CONFIG.port_span == 52_503
+    blocks = CONFIG.port_span // CONFIG.max_ring_ranks
+    assert inst.ephemeral_port == CONFIG.base_port + (5_003 % blocks) * CONFIG.max_ring_ranks == 52_676
     for node, runner in inst.shard_assignments.node_to_runner.items():
         assert runner == derive_id("runner", inst.instance_id, node)
     sa = inst.shard_assignments
@@ -300,7 +301,7 @@ def test_ids_port_ceiling_and_memory_are_stamped_deterministically():
     totals = {n: state.node_memory[n].ram_total.in_bytes for n in shares}
     assert inst.context_ceiling == context_ceiling(card, shares, totals)
     assert 8_192 <= inst.context_ceiling <= card.context_length
-    assert [h.address for h in inst.ring] == ["10.0.0.1:52503", "10.0.0.2:52503"]
+    assert [h.address for h in inst.ring] == ["10.0.0.1:52676", "10.0.0.2:52677"]
 
 
 def test_a_placed_instance_applies_and_advances_the_port_offset():
@@ -309,7 +310,7 @@ def test_a_placed_instance_applies_and_advances_the_port_offset():
     after = apply_events(state, [InstanceCreated(instance=inst, command_id=CommandId("cmd-1"))])
     assert after.next_port_offset == state.next_port_offset + 1
     again = placed(placement.place(after, command(cid="cmd-2"), cards_of(make_card(weight_bytes=GB)), CONFIG))
-    assert again.ephemeral_port == inst.ephemeral_port + 1
+    assert again.ephemeral_port == inst.ephemeral_port + CONFIG.max_ring_ranks  # a fresh block
 
 
 def test_mlx_jaccl_needs_a_thunderbolt_mesh():
@@ -337,7 +338,7 @@ def test_the_ring_uses_thunderbolt_when_it_is_there():
     inst = placed(placement.place(_tb_eth_vpn_state(), command(), cards_of(make_card()), CONFIG))
     assert [(h.node_id, h.address, h.kind) for h in inst.ring] == [
         ("a", "169.254.0.1:52500", "thunderbolt"),
-        ("b", "169.254.0.2:52500", "thunderbolt"),
+        ("b", "169.254.0.2:52501", "thunderbolt"),  # rank r listens on port + r
     ]
 
 
@@ -351,7 +352,7 @@ def test_cutting_thunderbolt_re_forms_the_ring_over_ethernet_and_vpn_only_as_a_l
     state = apply_events(state, lost)
     inst = placed(placement.place(state, command(), cards_of(make_card()), CONFIG))
     assert {h.kind for h in inst.ring} == {"vpn"}
-    assert [h.address for h in inst.ring] == ["100.100.0.1:52500", "100.100.0.2:52500"]
+    assert [h.address for h in inst.ring] == ["100.100.0.1:52500", "100.100.0.2:52501"]
 
 
 def test_a_vpn_address_labelled_ethernet_still_ranks_below_wifi():
@@ -442,7 +443,7 @@ def test_replace_bumps_the_generation_takes_a_fresh_port_and_may_avoid_a_node():
     new = placed(placement.replace(state, old, cards_of(make_card()), CONFIG, reason="group connect failed", avoid_nodes=["b"]))
     assert new.generation == 1
     assert new.instance_id == derive_id("inst", old.instance_id, 1)
-    assert new.ephemeral_port == old.ephemeral_port + 1
+    assert new.ephemeral_port == old.ephemeral_port + CONFIG.max_ring_ranks
     assert sorted(new.shard_assignments.node_to_runner) == ["a", "c"]
     # The old instance's memory was not counted against a: it is being given back.
     assert new.memory_by_node["a"] == old.memory_by_node["a"]
@@ -568,7 +569,7 @@ def test_the_worked_example_in_the_docs_is_what_placement_computes():
     assert layers_by_node(inst) == {"A": 53, "B": 27}
     assert [(h.node_id, h.address, h.kind) for h in inst.ring] == [
         ("A", "169.254.20.1:52500", "thunderbolt"),
-        ("B", "169.254.20.2:52500", "thunderbolt"),
+        ("B", "169.254.20.2:52501", "thunderbolt"),
     ]
     assert inst.context_ceiling == 57_131 and "**57,131** tokens" in docs
     sa = inst.shard_assignments

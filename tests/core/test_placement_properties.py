@@ -146,7 +146,7 @@ def _check(state: State, card: ModelCard, cmd: PlaceInstance, out: placement.Pla
         assert all(isinstance(s, TensorShardMetadata) and s.world_size == len(hosting) for s in shards)
         assert card.supports_tensor and card.hidden_size % len(hosting) == 0 and card.num_kv_heads % len(hosting) == 0
     # Ring: each hop is the best observed link from its predecessor to the listener.
-    assert inst.ephemeral_port == CONFIG.base_port + state.next_port_offset % CONFIG.port_span
+    assert inst.ephemeral_port == placement.ring_port(state.next_port_offset, CONFIG)
     if len(hosting) == 1:
         assert inst.ring == ()
     order = [sa.runner_to_shard[sa.node_to_runner[n]].device_rank for n in hosting]
@@ -155,7 +155,7 @@ def _check(state: State, card: ModelCard, cmd: PlaceInstance, out: placement.Pla
         assert hop.node_id == by_rank[hop.rank]
         best = interconnect.best_link(state, by_rank[hop.rank - 1], hop.node_id)
         assert best is not None
-        assert hop.address == interconnect.format_address(best.address, inst.ephemeral_port)
+        assert hop.address == interconnect.format_address(best.address, inst.ephemeral_port + hop.rank)
         assert hop.kind == interconnect.effective_kind(best)
         if cmd.instance_meta == "MlxJaccl":
             assert hop.kind == "thunderbolt"
