@@ -274,12 +274,34 @@ class NodeRuntime:
                     log.error("could not generate the default model %s: %s", auto, exc)
         while True:
             try:
-                models = await asyncio.to_thread(find_local_models, cfg.models_dir)
-                for model_id in models:
+                found = await asyncio.to_thread(self._scan_models)
+                cards = self.driver.core.cards
+                for model_id, card in found:
+                    if card is not None and model_id not in cards:
+                        # A model directory that appeared since start-up: placeable from now on.
+                        cards[model_id] = card  # type: ignore[index]
+                        log.info("new local model %s", model_id)
                     self.driver.feed(ModelAvailable(model_id=model_id))
             except Exception:
                 log.exception("scanning local models failed")
             await asyncio.sleep(_MODEL_RESCAN_S)
+
+    def _scan_models(self) -> list[tuple[str, ModelCard | None]]:
+        """Local model directories with a card for each (blocking: runs in a thread)."""
+        from skulk.modelcards import card_for_model_dir
+
+        assert self.driver is not None
+        known = self.driver.core.cards
+        out: list[tuple[str, ModelCard | None]] = []
+        for model_id in find_local_models(self.config.models_dir):
+            card = None
+            if model_id not in known:
+                try:
+                    card = card_for_model_dir(self.config.models_dir / model_id, model_id=model_id)
+                except CardError as exc:
+                    log.warning("local model %s has no usable card: %s", model_id, exc)
+            out.append((model_id, card))
+        return out
 
     def _on_session(self, session: Session, is_master: bool) -> None:
         if not is_master or self.config.auto_place is None or session in self._auto_placed:

@@ -86,3 +86,17 @@ def test_a_single_node_elects_itself_places_the_default_model_and_serves(
     out = replay(home / "eventlog")
     assert out.session is not None and out.session.master == cfg.node_id
     assert DEFAULT_MODEL_ID in json.dumps([i.shard_assignments.model_id for i in out.state.instances.values()])
+
+
+def test_local_model_directories_get_cards(models_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from skulk.runtime.node import load_node_cards
+
+    local = tmp_path / "models"
+    shutil.copytree(models_dir / DEFAULT_MODEL_ID, local / "lab" / "my-model")
+    cfg = load_config({"SKULK_HOME": str(tmp_path / "home"), "SKULK_MODELS_DIR": str(local)})
+    cards = load_node_cards(cfg)
+    assert "lab/my-model" in cards and DEFAULT_MODEL_ID in cards
+    assert cards["lab/my-model"].n_layers == cards[DEFAULT_MODEL_ID].n_layers
+    assert list(cards) == sorted(cards)
