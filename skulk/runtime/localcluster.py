@@ -9,10 +9,11 @@ Theory of operation
 - its own API port (``api_base_port + i``) and zenoh port
   (``zenoh_base_port + i``), every other node's zenoh endpoint as bootstrap
   peer, multicast scouting off;
-- its own loopback address ``127.0.0.<i+1>``, advertised as its only
-  interface, with the API bound there. On Linux every ``127/8`` address is
-  local, so the MLX ring ranks of different nodes can all listen on the same
-  ring port (the core gives every rank of a ring one port) without clashing;
+- its own loopback address ``127.0.0.<i+1>`` (Linux: every ``127/8``
+  address is local), advertised as its only interface, with the API bound
+  there: each node is reached at an address of its own, as on separate
+  machines, so link probes, observed connections and ring hops name the
+  right node (elsewhere every node shares ``127.0.0.1``);
 - one cluster key shared by all (generated into ``<base>/cluster.key``).
 
 ``LocalCluster`` starts the processes (``python -m skulk.cli``), waits until
