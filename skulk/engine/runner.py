@@ -98,6 +98,8 @@ class RunnerSettings:
         self.pdeathsig = env_value("RUNNER_PDEATHSIG", "1") not in ("0", "false", "off", "no")
         # Test knob: the engine hangs inside this step number (0: never).
         self.wedge_at_step = int(env_value("TEST_WEDGE_AT_STEP", "0"))
+        # Test knob: stay in RunnerLoading this long before loading (a slow load, for event-storm tests).
+        self.load_delay_s = float(env_value("TEST_LOAD_DELAY_SECONDS", "0"))
         assert self.eval_timeout_s > 0 and self.heartbeat_s > 0
         assert self.default_max_tokens > 0 and self.prefill_chunk_tokens > 0
 
@@ -276,6 +278,8 @@ class _Runner:
             shard.end_layer - shard.start_layer if isinstance(shard, PipelineShardMetadata) and self.world > 1 else shard.n_layers
         )
         self.events.status(RunnerLoading(layers_loaded=0, layers_total=local_layers))
+        if self.settings.load_delay_s > 0:
+            time.sleep(self.settings.load_delay_s)
         try:
             loaded = load_shard(self.model_path, self.spec.shard, group, on_progress=progress)
         except Exception as exc:
