@@ -50,5 +50,7 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     base_port: int = 52_500  # MLX ring ports: a fresh block of max_ring_ranks per placement
     port_span: int = 5_000
     max_ring_ranks: int = 16  # ports reserved per placement (rank r listens on port + r)
+    # Models the master places, once per session, when the state has no instance of them.
+    auto_place: tuple[str, ...] = ()
     # Canary: plants a known bug (a loser also acts as master) to prove the checkers work.
     canary_double_master: bool = False

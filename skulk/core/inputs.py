@@ -27,6 +27,7 @@ __all__ = [
     "SubmitCommand",
     "AbandonRequest",
     "PersistFailed",
+    "Shutdown",
     "Input",
 ]
 
@@ -103,6 +104,10 @@ class AbandonRequest(TaggedRecord, frozen=True, kw_only=True):
     command_id: CommandId
 
 
+class Shutdown(TaggedRecord, frozen=True, kw_only=True):
+    """The node is going away: stop every runner (their exits are not crashes)."""
+
+
 class PersistFailed(TaggedRecord, frozen=True, kw_only=True):
     """A disk write failed (full disk, I/O error); the node keeps serving."""
 
@@ -124,4 +129,5 @@ Input = (
     | SubmitCommand
     | AbandonRequest
     | PersistFailed
+    | Shutdown
 )

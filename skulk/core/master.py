@@ -62,7 +62,7 @@ from skulk.core.events import (
     TaskFailed,
     TaskStatusUpdated,
 )
-from skulk.core.ids import CommandId, InstanceId, NodeId, TaskId, derive_id
+from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId, derive_id
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RUNNER_SERVING, Instance, RunnerFailed
 from skulk.core.messages import (
     CommandResultMessage,
@@ -110,6 +110,8 @@ class Master:
         self._cancelled: OrderedDict[CommandId, None] = OrderedDict()
         self.dropped_by_ingest_cap = 0
         self.active = True
+        # Auto-placed models still to settle in this session (see _auto_place).
+        self._auto_pending: list[str] = list(config.auto_place)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -338,6 +340,41 @@ class Master:
             msg = nxt
         if dropped:
             effects.append(Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin))
+        if self._auto_pending:
+            effects += self._auto_place(now)
+        return effects
+
+    def _auto_place(self, now: float) -> list[Effect]:
+        """Place each ``config.auto_place`` model the state lacks, once per session.
+
+        Called as telemetry arrives (placement needs memory readings), so a
+        single node serves its default model as soon as it knows its memory.
+        "Pending" keeps the model for a later try; placed, already present or
+        impossible settles it (a deleted instance is not re-placed until the
+        next session).
+        """
+        state = self.state
+        assert state is not None
+        effects: list[Effect] = []
+        for model_id in list(self._auto_pending):
+            if any(i.shard_assignments.model_id == model_id for i in state.instances.values()):
+                self._auto_pending.remove(model_id)
+                continue
+            command = PlaceInstance(
+                command_id=CommandId(derive_id("auto-place", self.session.clock, self.session.master, model_id)),
+                model_id=ModelId(model_id),
+            )
+            outcome = placement.place(state, command, self.cards, self.config)
+            if isinstance(outcome, placement.PlacementRefused):
+                if not outcome.pending:
+                    self._auto_pending.remove(model_id)
+                    effects.append(Log(level="error", message=f"cannot auto-place {model_id}: {outcome.message}"))
+                continue
+            self._auto_pending.remove(model_id)
+            effects += self._index(now, InstanceCreated(instance=outcome.instance, command_id=command.command_id))
+            effects.append(Log(level="info", message=f"auto-placed {model_id} as {outcome.instance.instance_id}"))
+            state = self.state
+            assert state is not None
         return effects
 
     def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:

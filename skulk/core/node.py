@@ -63,6 +63,7 @@ from skulk.core.inputs import (
     RunnerExited,
     RunnerOutput,
     RunnerStatusObserved,
+    Shutdown,
     SubmitCommand,
     TimerFired,
 )
@@ -199,6 +200,8 @@ class CoreNode:
             if self._session_applied and model not in self.state.downloads.get(self.node_id, ()):
                 return self._raise(now, [DownloadCompleted(node_id=self.node_id, model_id=model)])
             return []
+        if isinstance(inp, Shutdown):
+            return self.worker.stop_all()
         if isinstance(inp, PersistFailed):
             count = self._persist_failures.get(inp.what, 0)
             self._persist_failures[inp.what] = count + 1

@@ -412,6 +412,8 @@ def load_config(
     for setting in SETTINGS:
         if setting.core_field and sources[setting.name] != "default":
             core_kwargs[setting.core_field] = values[setting.name]
+    if values["AUTO_PLACE"] is not None:
+        core_kwargs["auto_place"] = (values["AUTO_PLACE"],)
     core_kwargs.update(_core_from_yaml(ydata.get("core"), yaml_path))
     encode_names = {f.name: f.encode_name for f in msgspec.structs.fields(CoreConfig)}
     try:

@@ -68,7 +68,7 @@ from skulk.core.effects import (
     WriteSnapshot,
 )
 from skulk.core.ids import CommandId
-from skulk.core.inputs import Input, PersistFailed, TimerFired
+from skulk.core.inputs import Input, PersistFailed, Shutdown, TimerFired
 from skulk.core.node import CoreNode
 from skulk.core.session import Session
 from skulk.core.tasks import TokenChunk
@@ -293,11 +293,11 @@ class Driver:
     def stop_runners(self) -> None:
         """The node is going away: stop every runner as the core's worker asks.
 
-        The core has no shutdown input; its worker's ``stop_all`` marks each
-        runner as stopping (so the exits that follow are not crashes to
-        restart) and returns the ``StopRunner`` effects carried out here.
+        The core's ``Shutdown`` input marks each runner as stopping (so the
+        exits that follow are not crashes to restart) and returns the
+        ``StopRunner`` effects carried out here.
         """
-        for effect in self.core.worker.stop_all():
+        for effect in self.core.handle(self.now(), Shutdown()):
             self._execute(effect)
 
     def cancel_timers(self) -> None:

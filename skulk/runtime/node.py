@@ -13,13 +13,11 @@ Theory of operation
 4. one telemetry measurement, the zenoh transport, then ``Boot`` (nothing is
    delivered to the core before ``Boot``: deliveries are loop callbacks and
    ``Boot`` is fed in the same loop step that finishes opening the transport);
-5. background tasks: telemetry, link probes, local-model reports and
-   auto-placement.
+5. background tasks: telemetry, link probes and local-model reports (which
+   first generate the embedded default model if ``SKULK_AUTO_PLACE`` names it).
 
-Auto-placement is an operator convenience, not protocol: when this node
-becomes master and the replicated state has no instance of ``SKULK_AUTO_PLACE``
-(default: the embedded default model), it submits an ordinary
-``PlaceInstance`` through the handle, once per session.
+Auto-placement itself is the core's: a master places each model of
+``CoreConfig.auto_place`` once per session when the state has none.
 
 Shutdown (SIGINT/SIGTERM, or a fatal core error): stop the API, stop and reap
 every runner (escalating), close the transport and the event log. The exit
@@ -42,12 +40,10 @@ import uvicorn
 
 import skulk
 from skulk.core.cards import CardError, ModelCard
-from skulk.core.commands import PlaceInstance
-from skulk.core.ids import CommandId, ModelId, NodeId
+from skulk.core.ids import NodeId
 from skulk.core.inputs import Boot, ModelAvailable, PeersChanged, Received
 from skulk.core.node import CoreNode
 from skulk.core.nodes import NetworkInterface, NodeIdentity
-from skulk.core.session import Session
 from skulk.runtime.config import RuntimeConfig
 from skulk.runtime.driver import NODE_RECORD_FILENAME, Driver, load_node_record
 from skulk.runtime.eventlog import EventLog
@@ -62,7 +58,6 @@ log = logging.getLogger("skulk.node")
 
 EXIT_FATAL = 70
 _MODEL_RESCAN_S = 60.0
-_AUTO_PLACE_ATTEMPTS = 5
 
 
 def load_node_cards(config: RuntimeConfig) -> dict[str, ModelCard]:
@@ -108,7 +103,6 @@ class NodeRuntime:
         self.telemetry: Telemetry | None = None
         self.prober: LinkProber | None = None
         self.server: _Server | None = None
-        self._auto_placed: set[Session] = set()
 
     def request_stop(self, exit_code: int = 0) -> None:
         self.exit_code = max(self.exit_code, exit_code)
@@ -179,7 +173,6 @@ class NodeRuntime:
             runner_diagnostics=self.supervisor.diagnostics,
         )
         self.driver.api = self.handle
-        self.handle.session_listeners.append(self._on_session)
         if self.eventlog.degraded:
             self.driver.on_log_failure(self.eventlog.degraded_reason)
 
@@ -302,37 +295,6 @@ class NodeRuntime:
                     log.warning("local model %s has no usable card: %s", model_id, exc)
             out.append((model_id, card))
         return out
-
-    def _on_session(self, session: Session, is_master: bool) -> None:
-        if not is_master or self.config.auto_place is None or session in self._auto_placed:
-            return
-        self._auto_placed.add(session)
-        self._spawn(self._auto_place(session, ModelId(self.config.auto_place)), "auto-place")
-
-    async def _auto_place(self, session: Session, model_id: ModelId) -> None:
-        handle = self.handle
-        assert handle is not None
-        delay = 1.0
-        for attempt in range(1, _AUTO_PLACE_ATTEMPTS + 1):
-            # Act on this session's replicated state only, never a half-known one.
-            for _ in range(600):
-                if handle.session != session or handle.state.session == session:
-                    break
-                await asyncio.sleep(0.1)
-            if handle.session != session or not handle.is_master:
-                return
-            if any(i.shard_assignments.model_id == model_id for i in handle.state.instances.values()):
-                return
-            cid = CommandId(f"auto-place-{secrets.token_hex(6)}")
-            result = await handle.submit(PlaceInstance(command_id=cid, model_id=model_id))
-            if result.status == "accepted":
-                log.info("auto-placed %s as %s", model_id, result.instance_id)
-                return
-            log.warning("auto-place of %s (attempt %d): %s %s", model_id, attempt, result.code, result.message)
-            if result.code != "unavailable":
-                return  # impossible (too big, unknown model): retrying will not help
-            await asyncio.sleep(delay)
-            delay *= 2
 
     # --- metrics ------------------------------------------------------------------------
 
