@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from skulk.core.admission import Refused, admit
 from skulk.core.ids import TaskId
@@ -326,12 +327,22 @@ class Engine:
             sampling=sampling,
             prompt=prompt,
             max_tokens=decision.max_tokens,
-            detok=self.tokenizer.detokenizer,
+            detok=self._new_detokenizer(),
             stop=StopText(task.params.stop),
             submitted_at=now,
         )
         self._by_id[task.task_id] = request
         self.waiting.append(request)
+
+    def _new_detokenizer(self) -> Any:
+        detok = self.tokenizer.detokenizer
+        if isinstance(detok, BPEStreamingDetokenizer):
+            # mlx-lm's BPE detokenizer drops the first token's leading space
+            # (while text is empty); a completion must keep it, so the stream
+            # concatenates to exactly ``tokenizer.decode(tokens)``. A hidden
+            # placeholder makes the text non-empty; ``offset`` skips it.
+            detok.text, detok.offset = " ", 1
+        return detok
 
     def _tokenize(self, task: Task) -> list[int]:
         params = task.params

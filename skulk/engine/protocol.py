@@ -390,15 +390,16 @@ class RunnerProcess:
                 return None
         return self._inbox.popleft()
 
-    def wait_for_status(self, kinds: type | tuple[type, ...], timeout: float) -> Any:
+    def wait_for_status(self, kinds: type | tuple[type, ...], timeout: float, *, since: int = 0) -> Any:
         """Wait until a status of one of ``kinds`` is reported; returns it.
 
+        Only statuses from index ``since`` of ``self.statuses`` on count.
         Raises ``RunnerFailedError`` on ``RunnerFailed`` (unless waited for),
         ``TimeoutError`` after ``timeout`` seconds, ``RunnerGone`` on exit.
         """
         kinds = kinds if isinstance(kinds, tuple) else (kinds,)
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = since
         while True:
             for status in self.statuses[seen:]:
                 if isinstance(status, kinds):

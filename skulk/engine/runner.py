@@ -53,7 +53,7 @@ from skulk.core.instances import (
     RunnerSpec,
     RunnerWarmingUp,
 )
-from skulk.core.tasks import ChunkError, GenerationParams, Task, TokenChunk
+from skulk.core.tasks import ChunkError, GenerationParams, Task, TokenChunk, Usage
 from skulk.engine.protocol import (
     EXIT_FAILED,
     EXIT_OK,
@@ -188,7 +188,14 @@ class _Runner:
                 type="server_error",
                 code="wrong_rank",
             )
-            chunk = TokenChunk(command_id=task.command_id, task_id=task.task_id, seq=0, finish_reason="error", error=error)
+            chunk = TokenChunk(
+                command_id=task.command_id,
+                task_id=task.task_id,
+                seq=0,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0),
+                error=error,
+            )
             self.events.send(Chunk(chunk=chunk))
         elif isinstance(msg, Shutdown) and not self.shutdown_requested.is_set():
             self.shutdown_requested.set()
@@ -403,11 +410,13 @@ class _Runner:
             _log(self.rank, traceback.format_exc())
             for request in list(engine._by_id.values()):
                 error = ChunkError(message=f"runner failed: {detail}", type="server_error", code="runner_failed")
+                n_prompt, n_gen = len(request.prompt), len(request.generated)
                 chunk = TokenChunk(
                     command_id=request.task.command_id,
                     task_id=request.task_id,
                     seq=request.next_seq,
                     finish_reason="error",
+                    usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
                     error=error,
                 )
                 self.events.send(Chunk(chunk=chunk))

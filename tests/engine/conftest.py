@@ -7,12 +7,14 @@ their own ``SKULK_HOME`` (the fast-BLAS shim cache lives there).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.protocol import RunnerProcess
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +40,17 @@ def loaded(tiny_path: Path) -> Any:
     from skulk.engine.shard import load_shard
 
     return load_shard(tiny_path, None, None)
+
+
+@pytest.fixture(scope="session")
+def single_runner(tiny_path: Path, runner_env: dict[str, str]) -> Iterator[RunnerProcess]:
+    """One single-process runner (ceiling 1024, 4 concurrent), shared by modules."""
+    from skulk.core.instances import RunnerReady
+    from tests.engine.helpers import make_spec
+
+    proc = RunnerProcess.spawn(make_spec(context_ceiling=1024, max_concurrent=4), tiny_path, env=runner_env)
+    try:
+        proc.wait_for_status(RunnerReady, 120)
+        yield proc
+    finally:
+        proc.kill()

@@ -141,7 +141,6 @@ def test_stop_sequences_cut_the_text_and_end_with_stop(loaded: Any) -> None:
     final = check_stream(stopped)
     assert final.finish_reason == "stop"
     assert text_of(stopped) == text[:cut]
-    assert final.usage.completion_tokens < final.usage.completion_tokens + 1  # counted, not assumed
     assert len(tokens_of(stopped)) < len(tokens_of(full))
     # A stop string that never appears changes nothing.
     (same,) = Harness(loaded).run(greedy(prompt, 60, stop=("never-appears",)))
@@ -173,7 +172,6 @@ def test_cancellation_mid_stream_ends_the_task_and_spares_the_others(loaded: Any
     for _ in range(8):
         h.engine.step()
     assert h.engine.cancel(victim.task_id)
-    assert not h.engine.cancel(victim.task_id) or True  # a second cancel is harmless
     h.engine.drain()
     final = check_stream(h.by_task[victim.task_id])
     assert final.finish_reason == "cancelled"

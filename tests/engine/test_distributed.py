@@ -1,0 +1,98 @@
+"""Several real runner processes on loopback: pipeline and tensor ranks match one process.
+
+Each instance's ranks form an ``mx.distributed`` ring over TCP; tasks go to
+rank 0 only, which schedules every step and broadcasts it. Greedy tokens must
+equal those of a single-process runner on the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from skulk.core.instances import RunnerReady, ShardMetadata
+from skulk.engine.protocol import EXIT_OK, RunnerProcess
+from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of
+
+START_TIMEOUT_S = 120
+PROMPTS = [
+    "The quick brown fox",
+    # Long enough that its prefill plan exceeds one broadcast frame.
+    "The river runs north through the valley, past the old mill, under the stone bridge. " * 14,
+    "Hello! Hi there. Good morning.",
+]
+MAX_TOKENS = 16
+
+
+def start_instance(name: str, shards: list[ShardMetadata], model: Path, env: dict[str, str]) -> list[RunnerProcess]:
+    hosts = tuple(f"127.0.0.1:{p}" for p in free_ports(len(shards)))
+    procs = [
+        RunnerProcess.spawn(make_spec(shard, hosts=hosts, instance=name, connect_deadline_s=60), model, env=env)
+        for shard in shards
+    ]
+    try:
+        for proc in procs:
+            proc.wait_for_status(RunnerReady, START_TIMEOUT_S)
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+        raise
+    return procs
+
+
+@pytest.fixture(scope="module")
+def single_tokens(single_runner: RunnerProcess) -> list[list[int]]:
+    """Greedy tokens of a one-process runner, for every prompt."""
+    out = []
+    for prompt in PROMPTS:
+        chunks = single_runner.generate(make_task(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0), timeout=120)
+        check_stream(chunks)
+        out.append(tokens_of(chunks))
+    return out
+
+
+LAYOUTS = {
+    "pipeline-2": [pipeline_shard(0, 2, 0, 3), pipeline_shard(1, 2, 3, 6)],
+    # Uneven on purpose: stages need not be equal.
+    "pipeline-3": [pipeline_shard(0, 3, 0, 1), pipeline_shard(1, 3, 1, 4), pipeline_shard(2, 3, 4, 6)],
+    "tensor-2": [tensor_shard(0, 2), tensor_shard(1, 2)],
+}
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def instance(request: pytest.FixtureRequest, tiny_path: Path, runner_env: dict[str, str]) -> Iterator[list[RunnerProcess]]:
+    procs = start_instance(request.param, LAYOUTS[request.param], tiny_path, runner_env)
+    try:
+        yield procs
+        # Teardown checks the shutdown path: rank 0 broadcasts it, so every
+        # other rank leaves cleanly without being told by its own parent.
+        assert procs[0].shutdown(timeout=30) == EXIT_OK
+        assert all(proc.wait_exit(30) == EXIT_OK for proc in procs[1:])
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
+def test_greedy_tokens_equal_one_process_sequentially_and_batched(
+    instance: list[RunnerProcess], single_tokens: list[list[int]]
+) -> None:
+    rank0 = instance[0]
+    for prompt, expected in zip(PROMPTS, single_tokens):
+        chunks = rank0.generate(make_task(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0), timeout=120)
+        check_stream(chunks)
+        assert tokens_of(chunks) == expected
+    # All at once: continuous batching across ranks, in lockstep.
+    tasks = [make_task(prompt=p, max_tokens=MAX_TOKENS, temperature=0.0) for p in PROMPTS]
+    for task in tasks:
+        rank0.submit(task)
+    done = rank0.collect([t.task_id for t in tasks], 120)
+    assert [tokens_of(done[t.task_id]) for t in tasks] == single_tokens
+
+
+def test_tasks_go_to_rank_zero_only(instance: list[RunnerProcess]) -> None:
+    other = instance[-1]
+    chunks = other.generate(make_task(prompt="Hello", max_tokens=4), timeout=30)
+    final = check_stream(chunks)
+    assert final.finish_reason == "error" and final.error is not None and final.error.code == "wrong_rank"
