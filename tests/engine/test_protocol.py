@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from skulk.core.codec import WireError
@@ -69,6 +70,21 @@ def test_runner_messages_round_trip(msg: object) -> None:
     frame = encode_frame(msg)
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4  # 4-byte big-endian length
     assert FrameDecoder(RunnerMessage).feed(frame) == [msg]
+
+
+def test_fast_chunk_frames_are_exactly_the_codec_bytes() -> None:
+    from skulk.core.codec import encode_msgpack, from_wire
+
+    for msg in RUNNER_MESSAGES:
+        if isinstance(msg, Chunk):
+            for chunk in (msg.chunk, TokenChunk(command_id="c", task_id="t", seq=0)):  # type: ignore[arg-type]
+                fast = Chunk(chunk=chunk)
+                assert encode_frame(fast)[4:] == encode_msgpack(fast)
+                assert FrameDecoder(RunnerMessage).feed(encode_frame(fast)) == [fast]
+                assert from_wire(RunnerMessage, msgspec.msgpack.decode(encode_frame(fast)[4:])) == fast
+    bad = msgspec.msgpack.encode({"Chunk": {"chunk": {"commandId": "c", "taskId": "t", "seq": "zero"}}})
+    with pytest.raises(WireError):
+        FrameDecoder(RunnerMessage).feed(len(bad).to_bytes(4, "big") + bad)
 
 
 def test_decoder_handles_frames_split_anywhere() -> None:
