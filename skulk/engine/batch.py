@@ -67,6 +67,7 @@ __all__ = ["EngineConfig", "Plan", "BatchState", "Engine", "follow", "OP_STEP", 
 
 OP_STEP = 1
 OP_SHUTDOWN = 2
+_CLEAR_CACHE_EVERY = 256
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ def follow(shard: Shard, recv: Callable[[], list[int]], on_step: Callable[[bool]
     when it has been applied (the runner's wedge watchdog uses these).
     """
     state = BatchState(shard)
+    steps = 0
     while True:
         plan = Plan.decode(recv())
         if plan.op == OP_SHUTDOWN:
@@ -214,6 +216,9 @@ def follow(shard: Shard, recv: Callable[[], list[int]], on_step: Callable[[bool]
             on_step(True)
         logits, pending = state.apply(plan, None)
         mx.eval(pending, [] if logits is None else logits)
+        steps += 1
+        if steps % _CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
         if on_step is not None:
             on_step(False)
 
@@ -351,7 +356,10 @@ class Engine:
                 raise ValueError("a chat task needs at least one message")
             messages = [{"role": m.role, "content": m.content} for m in params.messages]
             if getattr(self.tokenizer, "has_chat_template", False):
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                try:
+                    ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+                except Exception as exc:  # a template that rejects these messages (jinja raise_exception)
+                    raise ValueError(f"the chat template rejected the messages: {exc}") from exc
             else:
                 text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
                 ids = self.tokenizer.encode(text)
@@ -420,6 +428,8 @@ class Engine:
             self._step()
         finally:
             self.step_started_at = None
+        if self.steps % _CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()  # as mlx-lm does: return freed buffers now and then
         self._flush()
 
     def _step(self) -> None:

@@ -136,8 +136,9 @@ class PipelineShard(Shard):
         self.head: Callable[[mx.array], mx.array] = (
             inner.embed_tokens.as_linear if tied or not hasattr(model, "lm_head") else model.lm_head
         )
-        self.hidden_size = int(inner.embed_tokens.weight.shape[1])
-        self.dtype = inner.embed_tokens.weight.dtype
+        # Not from the embedding weight: quantized embeddings pack it as uint32.
+        self.hidden_size = int(getattr(model, "args", inner).hidden_size)
+        self.dtype = inner.norm.weight.dtype
         assert 0 <= start < end, (start, end)
 
     def new_cache(self) -> list[Any]:
