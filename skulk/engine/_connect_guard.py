@@ -6,7 +6,8 @@ runner therefore starts this small guard process (stdlib and Skulk's codec
 only, no MLX) just before joining the ring, and closes ``--ready-fd`` once the
 ring is formed. If that does not happen before the deadline, the guard probes
 every other rank's address, writes one ``StatusChanged(RunnerFailed(...))``
-frame naming the unreachable ranks to the runner's event pipe (a single write
+frame (code ``group_connect_timeout``, which makes the master re-place the
+instance on fresh ports) naming the unreachable ranks to the runner's event pipe (a single write
 of less than ``PIPE_BUF`` bytes, so it never interleaves with the runner's own
 frames), and kills the runner with SIGKILL. The guard also exits when the
 runner dies first.
@@ -22,7 +23,7 @@ import signal
 import socket
 import time
 
-from skulk.core.instances import RunnerFailed
+from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerFailed
 from skulk.engine.protocol import StatusChanged, encode_frame
 
 __all__ = ["main", "diagnose_peers"]
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         f"rank {args.rank} of {len(hosts)} could not join the ring at {hosts[args.rank]}: "
         f"the group-connect deadline of {args.deadline_s:g}s expired; " + "; ".join(lines)
     )[:_MAX_MESSAGE_CHARS]
-    frame = encode_frame(StatusChanged(status=RunnerFailed(error_message=message)))
+    frame = encode_frame(StatusChanged(status=RunnerFailed(error_message=message, code=GROUP_CONNECT_TIMEOUT)))
     try:
         os.write(args.event_fd, frame)
     except OSError:

@@ -39,6 +39,7 @@ from typing import Any
 from skulk.core.codec import decode_json
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from skulk.core.instances import (
+    GROUP_CONNECT_TIMEOUT,
     PipelineShardMetadata,
     RunnerConnected,
     RunnerConnecting,
@@ -73,6 +74,7 @@ from skulk.engine.protocol import (
 __all__ = ["main", "RunnerSettings", "env_value"]
 
 _SHUTDOWN_GRACE_S = 5.0
+WEDGED = "wedged"  # RunnerFailed.code of a wedge (exit 86)
 _WARMUP_TASK_ID = "__skulk_warmup__"
 
 
@@ -222,12 +224,12 @@ class _Runner:
                     f"(SKULK_PIPELINE_EVAL_TIMEOUT_SECONDS={self.settings.eval_timeout_s:g}); exiting {EXIT_WEDGED}"
                 )
                 _log(self.rank, message)
-                self.events.status(RunnerFailed(error_message=message, permanent=True))
+                self.events.status(RunnerFailed(error_message=message, permanent=True, code=WEDGED))
                 os._exit(EXIT_WEDGED)
             if self.phase_deadline is not None and now > self.phase_deadline[0]:
                 message = self.phase_deadline[1]
                 _log(self.rank, message)
-                self.events.status(RunnerFailed(error_message=message))
+                self.events.status(RunnerFailed(error_message=message, code="warmup_deadline"))
                 os._exit(EXIT_FAILED)
             if now >= next_beat:
                 next_beat = now + self.settings.heartbeat_s
@@ -249,9 +251,9 @@ class _Runner:
 
     # --- main thread ---------------------------------------------------------
 
-    def fail(self, message: str, *, permanent: bool = False) -> None:
+    def fail(self, message: str, *, permanent: bool = False, code: str | None = None) -> None:
         _log(self.rank, f"failed: {message}")
-        self.events.status(RunnerFailed(error_message=message, permanent=permanent))
+        self.events.status(RunnerFailed(error_message=message, permanent=permanent, code=code))
         os._exit(EXIT_FAILED)
 
     def run(self) -> None:
@@ -274,7 +276,7 @@ class _Runner:
                     self.spec.hosts, self.rank, self.spec.group_connect_deadline_s, event_fd=self.events.fd
                 )
             except GroupConnectError as exc:
-                self.fail(str(exc))
+                self.fail(str(exc), code=GROUP_CONNECT_TIMEOUT)
             self.events.status(RunnerConnected())
 
         def progress(done: int, total: int) -> None:

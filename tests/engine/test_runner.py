@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from skulk.core.instances import (
+    GROUP_CONNECT_TIMEOUT,
     RunnerFailed,
     RunnerIdle,
     RunnerLoaded,
@@ -112,6 +113,7 @@ def test_a_wedged_step_exits_86(tiny_path: Path, runner_env: dict[str, str]) -> 
         assert time.monotonic() - started < 15
         failed = proc.statuses[-1]
         assert isinstance(failed, RunnerFailed) and failed.permanent and "wedged" in failed.error_message
+        assert failed.code == "wedged"
     finally:
         proc.kill()
 
@@ -178,6 +180,7 @@ def test_group_connect_deadline_names_the_unreachable_rank(tiny_path: Path, runn
         with pytest.raises(RunnerFailedError) as failure:
             proc.wait_for_status(RunnerReady, 60)
         message = failure.value.status.error_message
+        assert failure.value.status.code == GROUP_CONNECT_TIMEOUT  # the master re-places on fresh ports
         assert "deadline of 2s expired" in message
         assert f"rank 1 at {hosts[1]} is unreachable" in message
         assert proc.wait_exit(20) != EXIT_OK
