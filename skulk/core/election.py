@@ -46,6 +46,11 @@ HEARTBEAT_TIMER = "election.heartbeat"
 FORCE_MASTER_SENIORITY = 1_000_000_000
 
 
+def _vote_order(vote: Vote) -> tuple[tuple[int, int, int, str], tuple[int, str]]:
+    """Total order of one node's votes in one campaign: a node's rank and session only grow."""
+    return (vote.candidate.rank(), vote.session.key() if vote.session is not None else (-1, ""))
+
+
 class _Campaign:
     __slots__ = ("clock", "fast", "votes", "peers")
 
@@ -235,7 +240,9 @@ class Election:
             known = campaign.votes.get(node)
             if known != vote:
                 # A later vote of the same node supersedes (e.g. it adopted a session).
-                if known is None or vote.candidate.rank() >= known.candidate.rank():
+                # Strictly later only: stale gossip of an equal-rank vote must not
+                # flip it back, or two versions ping-pong between peers forever.
+                if known is None or _vote_order(vote) > _vote_order(known):
                     campaign.votes[node] = vote
                     learnt = True
         effects: list[Effect] = []
