@@ -187,15 +187,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _MlxServer:
-    """``mlx_lm.server`` serving one local model directory on loopback."""
+_SERVER_WITH_FAST_BLAS = (
+    "import sys\n"
+    "try:\n"
+    "    from skulk.engine.accel import enable_fast_blas\n"
+    "    enable_fast_blas()\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "from mlx_lm.server import main\n"
+    "sys.argv = ['mlx_lm.server'] + sys.argv[1:]\n"
+    "main()\n"
+)
 
-    def __init__(self, path: Path) -> None:
+
+class _MlxServer:
+    """``mlx_lm.server`` serving one local model directory on loopback.
+
+    With ``same_blas`` it runs with the BLAS the runner uses (the fast-BLAS
+    switch happens before mlx is imported, exactly as in the runner), so the
+    comparison measures the serving stacks, not the matmul libraries.
+    """
+
+    def __init__(self, path: Path, same_blas: bool) -> None:
         self.port = _free_port()
         self._hub = tempfile.mkdtemp(prefix="skulk-bench-hub-")
         env = dict(os.environ, HF_HUB_CACHE=self._hub, HF_HUB_OFFLINE="1")
+        launcher = ["-c", _SERVER_WITH_FAST_BLAS] if same_blas else ["-m", "mlx_lm", "server"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm", "server", "--model", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, *launcher, "--model", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -262,12 +281,14 @@ class _MlxServer:
             self.proc.wait(10)
 
 
-def bench_concurrent(model_id: str, path: Path, streams: list[int], max_tokens: int, rounds: int) -> dict[str, Any]:
+def bench_concurrent(
+    model_id: str, path: Path, streams: list[int], max_tokens: int, rounds: int, same_blas: bool
+) -> dict[str, Any]:
     n_layers = PRESETS[model_id].num_hidden_layers if model_id in PRESETS else 0
     runner = _spawn_runner(model_id, path, n_layers, max_concurrent=max(streams))
     rows: dict[int, dict[str, Any]] = {}
     try:
-        server = _MlxServer(path)
+        server = _MlxServer(path, same_blas)
         try:
             server.complete("warm up", 8)
             _runner_concurrent(runner, 1, 8, "warm")
@@ -302,10 +323,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=f"{DEFAULT_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
     parser.add_argument("--concurrency-model", default=DEFAULT_MODEL_ID, help="preset for the concurrency comparison")
     parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")
+    parser.add_argument(
+        "--server-blas", choices=("same", "wheel"), default="same",
+        help="mlx_lm.server with the runner's BLAS (same) or the mlx wheel's own (wheel)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    rounds = 1 if args.quick else 3
+    rounds = args.rounds or (1 if args.quick else 3)
+    started = time.perf_counter()
     print(f"skulk engine benchmark  (python {sys.version.split()[0]}, mlx {mx.__version__}, {os.cpu_count()} CPUs)")
-    print(f"BLAS: {BLAS}")
+    print(f"BLAS (runner, in-process mlx-lm{', mlx_lm.server' if args.server_blas == 'same' else ''}): {BLAS}")
+    print("load average at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "  (other work on the machine skews every figure)")
     print()
     print("Single stream (greedy; medians of alternating rounds; runner = real runner subprocess over IPC)")
     header = f"{'model':24} {'prompt':>6} {'gen':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'mlx-lm prefill':>15} {'mlx-lm decode':>14} {'decode ratio':>13}"
@@ -334,7 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         f"Concurrent streams on {args.concurrency_model} (aggregate completion tok/s; {max_tokens} tokens per stream, "
         "greedy, all submitted at once; mlx_lm.server over HTTP/SSE, Skulk runner over its IPC pipes)"
     )
-    conc = bench_concurrent(args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds)
+    conc = bench_concurrent(
+        args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds, args.server_blas == "same"
+    )
     print(f"{'streams':>7} {'skulk tok/s':>12} {'mlx_lm.server tok/s':>20} {'ratio':>8}")
     for n, row in conc["rows"].items():
         print(f"{n:>7} {row['skulk_tps']:>12.1f} {row['server_tps']:>20.1f} {row['ratio']:>7.2f}x")
@@ -345,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
               f"MLX peak allocation of in-process mlx-lm {_mib(res['mlx_peak_bytes'])}")  # fmt: skip
     print(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; "
           f"mlx_lm.server RSS high-water {_mib(conc['server_peak_rss'])}")  # fmt: skip
+    print()
+    print(f"took {time.perf_counter() - started:.0f}s; load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -273,11 +273,12 @@ def _qwen2_shapes(preset: ModelPreset, vocab_size: int) -> dict[str, tuple[int, 
 
 
 def _write_safetensors(path: Path, arrays: dict[str, Any], metadata: dict[str, str]) -> None:
-    """Write float32 ``arrays`` in the safetensors format (names sorted, so bytes are stable).
+    """Write float32 ``arrays`` as safetensors, byte for byte as ``mx.save_safetensors`` does.
 
-    Layout: an 8-byte little-endian header length, a JSON header (padded with
-    spaces to a multiple of 8) mapping each name to dtype, shape and byte
-    offsets, then the raw little-endian data.
+    Layout: an 8-byte little-endian header length, a compact JSON header
+    (``__metadata__`` then tensors by name, each with ``data_offsets``,
+    ``dtype`` and ``shape``; MLX adds no padding), then the raw little-endian
+    data in name order. Sorted names keep the bytes stable.
     """
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
@@ -285,10 +286,9 @@ def _write_safetensors(path: Path, arrays: dict[str, Any], metadata: dict[str, s
     for name in names:
         a = arrays[name]
         assert a.dtype.str == "<f4", (name, a.dtype)
-        header[name] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        header[name] = {"data_offsets": [offset, offset + a.nbytes], "dtype": "F32", "shape": list(a.shape)}
         offset += a.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
