@@ -11,9 +11,11 @@ Prints, for the embedded presets:
    runner vs ``mlx_lm.server`` serving the same model directory, both under
    the same load (N streaming requests submitted at once, greedy, distinct
    prompts, same max_tokens), with the ratio (target >= 2x at 8);
-4. peak memory: the runner's and the server's resident high-water mark and
+4. prefill of the 10M preset with the optimized BLAS vs the mlx wheel's
+   reference BLAS (two runners, alternating; target >= 5x);
+5. peak memory: the runner's and the server's resident high-water mark and
    MLX's peak allocation for the in-process baseline;
-5. the BLAS MLX uses (``skulk.engine.accel``).
+6. the BLAS MLX uses (``skulk.engine.accel``).
 
 Every figure comes from one run, measured side by side; nothing is asserted.
 The default run takes a few minutes on two cores; ``--quick`` shortens it.
@@ -87,7 +89,9 @@ def _task(task_id: str, **params: Any) -> Task:
     )
 
 
-def _spawn_runner(model_id: str, path: Path, n_layers: int, max_concurrent: int = 8) -> RunnerProcess:
+def _spawn_runner(
+    model_id: str, path: Path, n_layers: int, max_concurrent: int = 8, env: dict[str, str] | None = None
+) -> RunnerProcess:
     spec = RunnerSpec(
         instance_id=InstanceId(f"bench-{model_id}"),
         runner_id=RunnerId("bench-runner"),
@@ -99,7 +103,7 @@ def _spawn_runner(model_id: str, path: Path, n_layers: int, max_concurrent: int 
         context_ceiling=8192,
         max_concurrent_requests=max_concurrent,
     )
-    runner = RunnerProcess.spawn(spec, path, stderr=subprocess.DEVNULL)
+    runner = RunnerProcess.spawn(spec, path, stderr=subprocess.DEVNULL, env=env)
     runner.wait_for_status(RunnerReady, 120)
     return runner
 
@@ -120,11 +124,19 @@ def _runner_single(runner: RunnerProcess, prompt: str, max_tokens: int, tag: str
 
 
 def _mlx_single(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> tuple[float, float, int]:
+    """Plain mlx-lm; decode tok/s measured as the runner measures it.
+
+    The runner's ``generation_tps`` is (tokens - 1) / (last token time - first
+    token time); mlx-lm's own figure counts the first token against the time
+    after it, so it is recomputed here from the same timestamps.
+    """
     response = None
+    times = []
     for response in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-        pass
-    assert response is not None
-    return response.prompt_tps, response.generation_tps, response.generation_tokens
+        times.append(time.perf_counter())
+    assert response is not None and len(times) > 1
+    decode_tps = (len(times) - 1) / (times[-1] - times[0])
+    return response.prompt_tps, decode_tps, response.generation_tokens
 
 
 def bench_single(model_id: str, path: Path, rounds: int, prompt_len: int, decode_len: int) -> dict[str, Any]:
@@ -160,6 +172,27 @@ def bench_single(model_id: str, path: Path, rounds: int, prompt_len: int, decode
         "runner_peak_rss": runner_hwm,
         "mlx_peak_bytes": mx.get_peak_memory(),
     }
+
+
+def bench_reference_blas(model_id: str, path: Path, rounds: int, prompt_len: int) -> dict[str, float]:
+    """Runner prefill with the optimized BLAS vs the mlx wheel's reference BLAS, alternating."""
+    _, tokenizer = mlx_load(str(path))
+    prompt = _prompt_tokens(tokenizer, prompt_len)
+    n_layers = PRESETS[model_id].num_hidden_layers
+    fast = _spawn_runner(model_id, path, n_layers)
+    slow = _spawn_runner(model_id, path, n_layers, env={"SKULK_FAST_BLAS": "0"})
+    try:
+        _runner_single(fast, prompt, 2, "warm-fast")
+        _runner_single(slow, prompt, 2, "warm-slow")
+        fast_tps, slow_tps = [], []
+        for i in range(rounds):
+            fast_tps.append(_runner_single(fast, prompt, 2, f"blas-fast-{i}")[0])
+            slow_tps.append(_runner_single(slow, prompt, 2, f"blas-slow-{i}")[0])
+    finally:
+        fast.shutdown()
+        slow.shutdown()
+    f, r = statistics.median(fast_tps), statistics.median(slow_tps)
+    return {"fast_prefill_tps": f, "reference_prefill_tps": r, "speedup": f / r if r else float("nan")}
 
 
 def _stream_prompts(n: int) -> list[str]:
@@ -323,6 +356,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default=f"{DEFAULT_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
     parser.add_argument("--concurrency-model", default=DEFAULT_MODEL_ID, help="preset for the concurrency comparison")
     parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
+    parser.add_argument("--skip-reference-blas", action="store_true", help="skip the reference-BLAS prefill row")
     parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")
     parser.add_argument(
         "--server-blas", choices=("same", "wheel"), default="same",
@@ -356,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
     print("  per-round decode ratios: " + "; ".join(
         f"{r['model']}: " + ", ".join(f"{x:.3f}" for x in r["decode_ratios"]) for r in singles))  # fmt: skip
     print()
+    if not args.skip_reference_blas:
+        blas_model = SMALL_MODEL_ID
+        ref = bench_reference_blas(blas_model, ensure_model(blas_model), rounds, 256 if args.quick else 512)
+        print(f"Prefill on {blas_model}, runner with the optimized BLAS vs the mlx wheel's reference BLAS (SKULK_FAST_BLAS=0)")
+        print(f"  {ref['fast_prefill_tps']:.1f} vs {ref['reference_prefill_tps']:.1f} tok/s: {ref['speedup']:.1f}x")
+        print()
     streams = [int(s) for s in args.streams.split(",") if s]
     max_tokens = 64 if args.quick else 128
     print(
