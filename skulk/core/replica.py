@@ -182,8 +182,18 @@ class Replica:
         return not self._buffer and self.next_index >= self._known_master_next
 
     def _gap_end(self) -> int | None:
-        if self._buffer:
-            return min(self._buffer)
+        """End of the range a NACK asks for (None: everything from ``next_index``).
+
+        One gap before a contiguous buffered run: just that gap. Several gaps:
+        everything, so one round trip fills them all (the master bounds the
+        batch); asking gap by gap costs a backoff per gap and, under steady
+        loss, lets a follower fall behind for good.
+        """
+        if not self._buffer:
+            return None
+        lo, hi = min(self._buffer), max(self._buffer)
+        if hi - lo + 1 == len(self._buffer) and hi + 1 >= self._known_master_next:
+            return lo
         return None
 
     def _maybe_nack(self, now: float) -> list[Effect]:
