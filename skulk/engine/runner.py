@@ -300,6 +300,13 @@ class _Runner:
             ceiling = int(loaded.config.get("max_position_embeddings", 4096))
         if group is not None:
             self._check_ranks(group, loaded, ceiling, check_agreement)
+        # Speculative decoding: set up on every rank at this same point (a collective).
+        self.speculator: Any = None
+        if self.spec.speculation.drafter != "none":
+            from skulk.engine.speculative.engine import build_speculator
+
+            self.speculator, why = build_speculator(self.spec, loaded, self.model_path, group)
+            _log(self.rank, why)
 
         self.events.status(RunnerWarmingUp())
         self.phase_deadline = (
@@ -346,7 +353,12 @@ class _Runner:
                 self.follower_steps += 1
 
         try:
-            follow(loaded.shard, channel.recv, on_step)
+            if self.speculator is not None:
+                from skulk.engine.speculative.engine import spec_follow
+
+                spec_follow(loaded.shard, channel.recv, self.speculator, on_step)
+            else:
+                follow(loaded.shard, channel.recv, on_step)
         except Exception as exc:
             self.fail(f"lost step with rank 0: {exc}")
         self.stopping = True
@@ -373,7 +385,13 @@ class _Runner:
             if real:
                 self.events.send(*real)
 
-        engine = Engine(loaded.shard, loaded.tokenizer, config, emit, None if channel is None else channel.send)
+        engine_cls: Any = Engine
+        extra: dict[str, Any] = {}
+        if self.speculator is not None:
+            from skulk.engine.speculative.engine import SpeculativeEngine
+
+            engine_cls, extra = SpeculativeEngine, {"speculator": self.speculator}
+        engine = engine_cls(loaded.shard, loaded.tokenizer, config, emit, None if channel is None else channel.send, **extra)
         self.engine = engine
         self._warmup(engine)
         warming = False
