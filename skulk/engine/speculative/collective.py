@@ -40,6 +40,11 @@ class TokenAgreement:
     def __call__(self, token: mx.array) -> mx.array:
         """``token`` (1,) uint32 -> rank 0's token (1,) uint32 (evaluated)."""
         assert token.shape == (1,), token.shape
+        # Evaluate first on every rank: a follower's zero contribution does not
+        # depend on its (lazy, collective-bearing) draft forward, so without this
+        # its all-sum could be issued before the forward's own all-sums while
+        # rank 0's waits for them, and the ranks would deadlock.
+        mx.eval(token)
         mine = token.astype(mx.int32) if self.rank == 0 else mx.zeros((1,), dtype=mx.int32)
         agreed = mx.distributed.all_sum(mine, group=self.group)
         mx.eval(agreed)
