@@ -462,7 +462,14 @@ class CoreNode:
     # --- loopback ------------------------------------------------------------------------------------
 
     def _loopback(self, now: float, effects: list[Effect]) -> list[Effect]:
-        """Deliver in place what this node sends to itself; return the rest."""
+        """Deliver in place what this node sends to itself; return the rest.
+
+        What handling a looped-back message produces goes to the end of the
+        queue, so effects leave in the order they were produced: a master's
+        ``AppendLog`` effects in index order (a command looped back while the
+        session starts is indexed after ``SessionStarted`` and must be written
+        after it).
+        """
         out: list[Effect] = []
         queue = list(effects)
         steps = 0
@@ -473,11 +480,11 @@ class CoreNode:
             if isinstance(effect, Send):
                 msg = effect.message
                 if effect.to == self.node_id:
-                    queue[0:0] = self._on_message(now, self.node_id, msg)
+                    queue.extend(self._on_message(now, self.node_id, msg))
                     continue
                 if effect.to is None and isinstance(msg, CommandMessage) and msg.origin == self.node_id:
                     out.append(effect)
-                    queue[0:0] = self._on_message(now, self.node_id, msg)
+                    queue.extend(self._on_message(now, self.node_id, msg))
                     continue
             out.append(effect)
         return out
