@@ -17,7 +17,9 @@ of int32 (``PlanChannel``): one fixed-shape all-sum of ``FRAME`` integers
 (length first, then up to ``FRAME - 1`` values inline), plus a second all-sum
 of exactly the announced length when the plan does not fit. Fixed shapes mean
 every rank knows what to receive without any other agreement, and an all-sum
-whose only non-zero contribution is rank 0's is an exact broadcast.
+whose only non-zero contribution is rank 0's is an exact broadcast. While
+rank 0 has nothing to do it sends idle ticks instead, so the other ranks sleep
+between collectives rather than spin in one.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import mlx.core as mx
 
 from skulk.engine._connect_guard import diagnose_peers
 
-__all__ = ["GroupConnectError", "connect_group", "diagnose_peers", "PlanChannel", "check_agreement"]
+__all__ = ["GroupConnectError", "connect_group", "diagnose_peers", "PlanChannel", "IDLE_TICK", "check_agreement"]
 
 
 class GroupConnectError(RuntimeError):
@@ -103,8 +105,18 @@ def connect_group(
     return group
 
 
+IDLE_TICK = -1
+"""First value of an idle tick: ``[IDLE_TICK, sleep_ms]`` (never a plan op)."""
+
+
 class PlanChannel:
-    """Rank 0 broadcasts lists of int32 to every rank, with fixed-shape all-sums."""
+    """Rank 0 broadcasts lists of int32 to every rank, with fixed-shape all-sums.
+
+    Idle ticks (``tick``) are absorbed by ``recv``: the receiving rank sleeps
+    for the announced time and listens again, so plan consumers never see
+    them. (MLX's ring backend busy-polls inside a collective; sleeping between
+    ticks keeps idle followers off the CPU.)
+    """
 
     FRAME = 256
 
@@ -116,15 +128,28 @@ class PlanChannel:
         """Rank 0 only: broadcast ``values`` (each fits int32)."""
         assert self.rank == 0
         n = len(values)
-        frame = [n] + (values if n < self.FRAME else []) 
+        frame = [n] + (values if n < self.FRAME else [])
         frame += [0] * (self.FRAME - len(frame))
         mx.eval(mx.distributed.all_sum(mx.array(frame, dtype=mx.int32), group=self.group))
         if n >= self.FRAME:
             mx.eval(mx.distributed.all_sum(mx.array(values, dtype=mx.int32), group=self.group))
 
+    def tick(self, sleep_s: float) -> None:
+        """Rank 0 only: tell the others to sleep ``sleep_s`` before listening again."""
+        assert sleep_s > 0, sleep_s
+        self.send([IDLE_TICK, max(1, round(sleep_s * 1000))])
+
     def recv(self) -> list[int]:
-        """Other ranks: receive the next broadcast from rank 0."""
+        """Other ranks: the next broadcast from rank 0 (idle ticks are slept through)."""
         assert self.rank != 0
+        while True:
+            values = self._recv_once()
+            if len(values) == 2 and values[0] == IDLE_TICK:
+                time.sleep(values[1] / 1000.0)
+                continue
+            return values
+
+    def _recv_once(self) -> list[int]:
         frame = mx.distributed.all_sum(mx.zeros((self.FRAME,), dtype=mx.int32), group=self.group).tolist()
         n = frame[0]
         if n < self.FRAME:

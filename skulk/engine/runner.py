@@ -96,6 +96,9 @@ class RunnerSettings:
         self.prefill_chunk_tokens = int(env_value("PREFILL_CHUNK_TOKENS", "256"))
         self.prefill_step_tokens = int(env_value("PREFILL_STEP_TOKENS", "2048"))
         self.heartbeat_s = float(env_value("RUNNER_HEARTBEAT_SECONDS", "1.0"))
+        # Distributed idle: rank 0's tick interval grows from min to max (seconds).
+        self.idle_tick_min_s = float(env_value("IDLE_TICK_MIN_SECONDS", "0.01"))
+        self.idle_tick_max_s = float(env_value("IDLE_TICK_MAX_SECONDS", "0.1"))
         self.default_temperature = float(env_value("DEFAULT_TEMPERATURE", "1.0"))
         self.pdeathsig = env_value("RUNNER_PDEATHSIG", "1") not in ("0", "false", "off", "no")
         # Test knob: the engine hangs inside this step number (0: never).
@@ -103,6 +106,7 @@ class RunnerSettings:
         # Test knob: stay in RunnerLoading this long before loading (a slow load, for event-storm tests).
         self.load_delay_s = float(env_value("TEST_LOAD_DELAY_SECONDS", "0"))
         assert self.eval_timeout_s > 0 and self.heartbeat_s > 0
+        assert 0 < self.idle_tick_min_s <= self.idle_tick_max_s, (self.idle_tick_min_s, self.idle_tick_max_s)
         assert self.default_max_tokens > 0 and self.prefill_chunk_tokens > 0
 
 
@@ -160,6 +164,7 @@ class _Runner:
         self.engine: Any = None
         # Watchdog inputs (plain attributes; read from the watchdog thread).
         self.follower_step_since: float | None = None
+        self.tick_since: float | None = None  # rank 0 inside an idle tick (a collective)
         self.follower_steps = 0
         self.phase_deadline: tuple[float, str] | None = None
         self.shutdown_requested = threading.Event()
@@ -245,6 +250,8 @@ class _Runner:
                 )
 
     def _step_since(self) -> float | None:
+        if self.tick_since is not None:
+            return self.tick_since
         if self.engine is not None:
             return self.engine.step_started_at
         return self.follower_step_since
@@ -401,13 +408,20 @@ class _Runner:
         self.phase_deadline = None
         self.events.status(RunnerReady(context_ceiling=ceiling))
         reported = 0
+        idle_wait_s: float | None = None  # None: the other ranks are listening for a plan
         try:
             while True:
                 try:
                     # Block while idle; only peek while generating.
-                    msg = self.inbox.get_nowait() if engine.has_work() else self.inbox.get(timeout=1.0)
+                    if engine.has_work():
+                        msg = self.inbox.get_nowait()
+                    else:
+                        wait = 1.0 if channel is None else (idle_wait_s or self.settings.idle_tick_min_s)
+                        msg = self.inbox.get(timeout=wait)
                 except queue.Empty:
                     msg = None
+                    if channel is not None and not engine.has_work():
+                        idle_wait_s = self._idle_tick(channel, idle_wait_s)
                 while msg is not None:
                     if isinstance(msg, RunTask):
                         engine.submit(msg.task)
@@ -420,6 +434,7 @@ class _Runner:
                     except queue.Empty:
                         msg = None
                 if engine.has_work():
+                    idle_wait_s = None
                     engine.step()
                 active = engine.active_tasks
                 if active != reported:
@@ -441,6 +456,27 @@ class _Runner:
                 )
                 self.events.send(Chunk(chunk=chunk))
             self.fail(f"engine step failed: {detail}")
+
+    def _idle_tick(self, channel: Any, waited_s: float | None) -> float:
+        """Idle in a distributed instance: let the other ranks sleep instead of spin.
+
+        MLX's ring backend busy-polls while a rank waits in a collective, so
+        followers idling in ``recv`` would each burn a core. Rank 0 instead
+        broadcasts a tick naming how long it will wait before the next
+        collective; followers sleep that long (inside ``PlanChannel.recv``).
+        The wait doubles from ``SKULK_IDLE_TICK_MIN_SECONDS`` up to
+        ``SKULK_IDLE_TICK_MAX_SECONDS``, so a request arriving during an idle
+        spell waits at most that long for the other ranks to wake. Returns the
+        announced wait.
+        """
+        low, high = self.settings.idle_tick_min_s, self.settings.idle_tick_max_s
+        announce = min(high, low if waited_s is None else waited_s * 2)
+        self.tick_since = time.monotonic()
+        try:
+            channel.tick(announce)
+        finally:
+            self.tick_since = None
+        return announce
 
     def _warmup(self, engine: Any) -> None:
         task = Task(
