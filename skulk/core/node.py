@@ -237,7 +237,7 @@ class CoreNode:
                 return self.master.on_command(now, msg.origin, msg.command) + self._after_state(now)
             return []
         if isinstance(msg, CommandResultMessage):
-            return self.requests.on_result(now, msg.result, self.session)
+            return self.requests.on_result(now, msg.result, self.session, msg.session)
         if isinstance(msg, LocalEventAck):
             if msg.origin == self.node_id and msg.session == self.outbox.session:
                 self.outbox.delivered_below(msg.next_idx)

@@ -96,9 +96,20 @@ class Requests:
 
     # --- from the master --------------------------------------------------------------
 
-    def on_result(self, now: float, result: CommandResult, session: Session | None) -> list[Effect]:
+    def on_result(
+        self, now: float, result: CommandResult, session: Session | None, answered_in: Session | None = None
+    ) -> list[Effect]:
+        """The master of ``answered_in`` answered a command; only the master it was sent to counts.
+
+        A deposed master that has not heard of its deposition (paused, cut
+        off) still acts on broadcast commands; its answer must not settle a
+        request this node sent in a newer session, or the request would wait
+        forever for a task no live master runs.
+        """
         entry = self._open.get(result.command_id)
         if entry is None:
+            return []
+        if answered_in is not None and answered_in != entry.sent_session:
             return []
         if result.status == "pending":
             if now - entry.submitted_at >= self.config.command_deadline_s:
