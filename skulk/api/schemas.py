@@ -103,7 +103,13 @@ class StreamOptions(_Req, frozen=True, kw_only=True):
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
-TopK = Annotated[int, Meta(ge=0)]
+# Integers must fit the cluster's wire (msgpack: 64 bits). A larger seed or top_k used to pass
+# decoding here, reach the master, be indexed into a task, and then fail to serialise: the
+# master's disk log degraded, followers never received the event (replication stalled), and
+# the request hung. Found by fuzzing a real node (loadtests/fuzz.py, issue 8).
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+TopK = Annotated[int, Meta(ge=0, le=_INT64_MAX)]
+Seed = Annotated[int, Meta(ge=_INT64_MIN, le=_INT64_MAX)]
 MinP = Annotated[float, Meta(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Penalty = Annotated[float, Meta(gt=0.0)]
@@ -123,7 +129,7 @@ class ChatCompletionRequest(_Req, frozen=True, kw_only=True):
     top_p: TopP | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
@@ -144,7 +150,7 @@ class CompletionRequest(_Req, frozen=True, kw_only=True):
     top_p: TopP | None = None
     top_k: TopK | None = None
     min_p: MinP | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     repetition_penalty: Penalty | None = None
