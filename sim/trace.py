@@ -1,0 +1,114 @@
+"""The run's trace: every step, fault and client action, with a digest.
+
+Theory of operation
+-------------------
+Each record is ``(time, host, kind, payload)``: for a step, ``kind`` is the
+input's type and ``payload`` the input itself (an immutable record); for a
+note (a fault, a client action, a phase), a short string. Each record is
+hashed when it is taken (canonical msgpack, BLAKE2b, 8 bytes); the run's
+digest is SHA-256 over those hashes in order. Two runs of the same seed must
+have the same digest; when they do not, the first index where the per-record
+hashes differ names the first divergent event.
+
+Only the last ``keep`` records are held in memory (the hashes are all kept);
+``write_jsonl`` writes them with the core's wire codec, one JSON object per
+line, after a header line describing the run.
+
+Invariants kept: the digest depends only on the records' content and order
+(never on object identity, hash seeds or wall time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from skulk.core.codec import to_wire
+
+__all__ = ["Tracer", "render_record"]
+
+_ENCODER = msgspec.msgpack.Encoder(order="deterministic")
+
+
+class Tracer:
+    """Collects records and their hashes for one run."""
+
+    def __init__(self, *, keep: int = 400_000) -> None:
+        assert keep > 0
+        self.records: deque[tuple[float, str, str, Any]] = deque(maxlen=keep)
+        self.hashes: list[bytes] = []
+        self.count = 0
+
+    def step(self, t: float, host: str, inp: Any) -> None:
+        kind = type(inp).__name__
+        self.records.append((t, host, kind, inp))
+        self.hashes.append(hashlib.blake2b(_ENCODER.encode((t, host, kind, inp)), digest_size=8).digest())
+        self.count += 1
+
+    def note(self, t: float, host: str, kind: str, text: str) -> None:
+        self.records.append((t, host, kind, text))
+        self.hashes.append(hashlib.blake2b(_ENCODER.encode((t, host, kind, text)), digest_size=8).digest())
+        self.count += 1
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for piece in self.hashes:
+            h.update(piece)
+        return h.hexdigest()
+
+    def first_kept_index(self) -> int:
+        return self.count - len(self.records)
+
+    def record_at(self, index: int) -> tuple[float, str, str, Any] | None:
+        first = self.first_kept_index()
+        if index < first or index >= self.count:
+            return None
+        return self.records[index - first]
+
+    def write_jsonl(self, path: Path, header: dict[str, Any]) -> None:
+        """Write the header then every kept record, one JSON object per line."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        first = self.first_kept_index()
+        with path.open("w", encoding="utf-8") as out:
+            out.write(json.dumps({"header": header}, sort_keys=True) + "\n")
+            for offset, rec in enumerate(self.records):
+                out.write(json.dumps(render_record(first + offset, rec, self.hashes[first + offset])) + "\n")
+
+    def write_hashes(self, path: Path) -> None:
+        path.write_bytes(b"".join(self.hashes))
+
+
+def render_record(index: int, rec: tuple[float, str, str, Any], digest: bytes | None = None) -> dict[str, Any]:
+    """A JSON-ready view of one record (inputs in the core's wire shape)."""
+    t, host, kind, payload = rec
+    out: dict[str, Any] = {"i": index, "t": round(t, 9), "host": host, "kind": kind}
+    if isinstance(payload, str):
+        out["note"] = payload
+    else:
+        out["input"] = to_wire(payload)
+    if digest is not None:
+        out["hash"] = digest.hex()
+    return out
+
+
+def read_hashes(path: Path) -> list[bytes]:
+    raw = path.read_bytes()
+    assert len(raw) % 8 == 0, f"{path}: not a hash file"
+    return [raw[i : i + 8] for i in range(0, len(raw), 8)]
+
+
+def first_divergence(a: Iterable[bytes], b: Iterable[bytes]) -> int | None:
+    """The first index where two hash sequences differ (None when equal)."""
+    la, lb = list(a), list(b)
+    for i, (x, y) in enumerate(zip(la, lb)):
+        if x != y:
+            return i
+    if len(la) != len(lb):
+        return min(len(la), len(lb))
+    return None

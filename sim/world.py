@@ -1,0 +1,286 @@
+"""The simulated world: one simpy environment, its hosts, network, runners and clients.
+
+Theory of operation
+-------------------
+``World(opts)`` builds everything a run needs from its options: ``n`` hosts
+named n1..nN with their RAM and clocks, the links between them, the client
+hub and the fault injector. Nothing happens until a scenario boots the hosts
+and runs the environment.
+
+Every input reaches a node through ``World.step``: the node handles it, the
+step is traced, every observer (the safety checkers) looks at the node and
+the effects, and only then are the effects carried out. Scheduling goes
+through ``call_later``, a thin layer over simpy timeouts; simpy orders
+same-time events by insertion, so a run is a pure function of its seed.
+
+Invariants kept: every random draw comes from ``self.rngs`` (seeded by the
+run); hosts are always visited in node-id order; an observer sees every step
+before its effects take place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import simpy
+
+from skulk.core.effects import Log, SessionChanged
+from skulk.core.ids import InstanceId, ModelId, NodeId
+from skulk.core.inputs import Input, SubmitCommand
+from skulk.core.instances import RunnerStatus
+from skulk.core.nodes import NetworkInterface
+
+from sim.cards import sim_cards
+from sim.clients import ClientHub
+from sim.faults import Faults
+from sim.host import GIB, SimHost
+from sim.network import Link, Network
+from sim.options import SimOptions
+from sim.rng import Rngs
+from sim.runners import Group
+from sim.trace import Tracer
+
+if TYPE_CHECKING:
+    from skulk.core.node import CoreNode
+
+    from sim.runners import SimRunner
+
+__all__ = ["World", "CoreAssertion", "Livelock"]
+
+_LATENCY_MS = {
+    "thunderbolt": "latency_ms_thunderbolt",
+    "ethernet": "latency_ms_ethernet",
+    "wifi": "latency_ms_wifi",
+    "vpn": "latency_ms_vpn",
+}
+
+
+class Livelock(Exception):
+    """Simulated time stopped moving: too many steps at one instant (a busy loop)."""
+
+
+# Steps allowed at one simulated instant before the run is declared livelocked.
+_SAME_INSTANT_STEPS_MAX = 50_000
+
+
+class CoreAssertion(Exception):
+    """An assertion inside the core failed while handling an input (a safety failure)."""
+
+    def __init__(self, host: NodeId, inp: Input, error: AssertionError) -> None:
+        super().__init__(f"core assertion on {host} handling {type(inp).__name__}: {error}")
+        self.host = host
+        self.inp = inp
+        self.error = error
+
+
+class World:
+    """Everything one simulated run consists of."""
+
+    def __init__(self, opts: SimOptions, *, tracing: bool = True, observers: Iterable[Any] = ()) -> None:
+        self.opts = opts.validate()
+        self.env = simpy.Environment()
+        self.rngs = Rngs(opts.seed)
+        self.core_config = opts.core
+        self.cards = sim_cards()
+        self.models_on_disk: tuple[ModelId, ...] = tuple(ModelId(m) for m in sorted(self.cards))
+        self.host_ids: list[NodeId] = [NodeId(f"n{i + 1}") for i in range(opts.node_count)]
+        self.tracer = Tracer() if tracing else None
+        self.observers: list[Any] = list(observers)
+        # Counters and the material for the timeline picture.
+        self.steps = 0
+        self._instant = -1.0
+        self._instant_steps = 0
+        self.runners_started = 0
+        self.tokens_streamed = 0
+        self.appends_per_s: Counter[int] = Counter()
+        self.session_log: list[tuple[float, NodeId, str, bool]] = []
+        self.phases: list[tuple[float, str]] = []
+        self.logs: deque[tuple[float, NodeId, str, str]] = deque(maxlen=2_000)
+        self.log_levels: Counter[str] = Counter()
+        self.groups: dict[InstanceId, Group] = {}
+        self.metrics: dict[str, Any] = {}
+        self.hosts: dict[NodeId, SimHost] = {}
+        self._build_hosts()
+        self.network = Network(self, opts, self.rngs("net"))
+        self._build_links()
+        self.clients = ClientHub(self)
+        self.faults = Faults(self)
+
+    # --- construction ---------------------------------------------------------------
+
+    def _build_hosts(self) -> None:
+        opts = self.opts
+        rng = self.rngs("hosts")
+        n = opts.node_count
+        wifi_count = round(opts.wifi_node_fraction * n)
+        on_wifi = set(rng.sample(range(n), wifi_count)) if wifi_count else set()
+        self._on_wifi = on_wifi
+        tb_pairs = []
+        for a in range(n):
+            for b in range(a + 1, n):
+                if rng.random() < opts.thunderbolt_pair_fraction:
+                    tb_pairs.append((a, b))
+        self._tb_pairs = tb_pairs
+        has_tb = {i for pair in tb_pairs for i in pair}
+        for i, nid in enumerate(self.host_ids):
+            interfaces = []
+            if i in on_wifi:
+                interfaces.append(NetworkInterface(name="en0", ip_address=f"192.168.1.{10 + i}", kind="wifi"))
+            else:
+                interfaces.append(NetworkInterface(name="en0", ip_address=f"10.0.0.{10 + i}", kind="ethernet"))
+            if i in has_tb:
+                interfaces.append(NetworkInterface(name="bridge0", ip_address=f"169.254.0.{10 + i}", kind="thunderbolt"))
+            if opts.vpn_pairs:
+                interfaces.append(NetworkInterface(name="utun3", ip_address=f"100.64.0.{10 + i}", kind="vpn"))
+            offset = rng.uniform(-opts.clock_offset_s_max, opts.clock_offset_s_max)
+            rate = 1.0 + rng.uniform(-opts.clock_drift_ppm_max, opts.clock_drift_ppm_max) * 1e-6
+            self.hosts[nid] = SimHost(
+                self,
+                i,
+                nid,
+                ram_total_bytes=opts.ram_total_gib[i] * GIB,
+                clock_offset_s=offset,
+                clock_rate=rate,
+                interfaces=tuple(interfaces),
+                rng=self.rngs(f"host:{nid}"),
+            )
+
+    def _build_links(self) -> None:
+        opts = self.opts
+        ids = self.host_ids
+        tb = set(self._tb_pairs)
+        for a in range(len(ids)):
+            for b in range(a + 1, len(ids)):
+                na, nb = ids[a], ids[b]
+                ha, hb = self.hosts[na], self.hosts[nb]
+                lan = "wifi" if (a in self._on_wifi or b in self._on_wifi) else "ethernet"
+                self.network.add_link(
+                    Link(lan, na, nb, ha.interfaces[0].ip_address, hb.interfaces[0].ip_address, getattr(opts, _LATENCY_MS[lan]))
+                )
+                if (a, b) in tb:
+                    self.network.add_link(
+                        Link("thunderbolt", na, nb, f"169.254.0.{10 + a}", f"169.254.0.{10 + b}", opts.latency_ms_thunderbolt)
+                    )
+                if opts.vpn_pairs:
+                    self.network.add_link(
+                        Link("vpn", na, nb, f"100.64.0.{10 + a}", f"100.64.0.{10 + b}", opts.latency_ms_vpn)
+                    )
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def call_later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` after ``delay`` simulated seconds (same-time calls keep their order)."""
+        event = self.env.timeout(delay)
+        event.callbacks.append(lambda _e: fn(*args))
+
+    def process(self, generator: Any) -> simpy.Process:
+        return self.env.process(generator)
+
+    @property
+    def now(self) -> float:
+        return self.env.now
+
+    # --- the step ---------------------------------------------------------------------------------
+
+    def step(self, host: SimHost, node: CoreNode, inp: Input) -> None:
+        """Feed ``inp`` to ``node``, trace it, let the observers check, carry out the effects."""
+        host.busy = True
+        try:
+            try:
+                effects = node.handle(host.now(), inp)
+            except AssertionError as exc:
+                raise CoreAssertion(host.id, inp, exc) from exc
+            self.steps += 1
+            if self.env.now != self._instant:
+                self._instant = self.env.now
+                self._instant_steps = 0
+            else:
+                self._instant_steps += 1
+                if self._instant_steps > _SAME_INSTANT_STEPS_MAX:
+                    raise Livelock(
+                        f"{_SAME_INSTANT_STEPS_MAX} steps at t={self.env.now!r} without time moving "
+                        f"(last: {host.id} handling {type(inp).__name__})"
+                    )
+            if self.tracer is not None:
+                self.tracer.step(self.env.now, host.id, inp)
+            if type(inp) is SubmitCommand:
+                self.clients.handled(host, inp.command.command_id, node.session)
+            for observer in self.observers:
+                observer.after_step(host.id, node, inp, effects)
+            host.carry_out(effects)
+        finally:
+            host.busy = False
+        pending = host.pending
+        while pending and host.node is node and not host.paused and not host.busy:
+            self.step(host, node, pending.pop(0))
+
+    def notify(self, event: str, *args: Any) -> None:
+        """Tell every observer that has a handler for ``event``."""
+        for observer in self.observers:
+            handler = getattr(observer, event, None)
+            if handler is not None:
+                handler(*args)
+
+    def trace_note(self, host: str, kind: str, text: str) -> None:
+        if self.tracer is not None:
+            self.tracer.note(self.env.now, host, kind, text)
+
+    def phase(self, name: str) -> None:
+        self.phases.append((self.env.now, name))
+        self.trace_note("-", "phase", name)
+
+    # --- callbacks from hosts, runners and clients ---------------------------------------------------
+
+    def on_boot(self, host: SimHost) -> None:
+        self.trace_note(host.id, "boot", f"incarnation {host.incarnation}")
+        self.notify("node_booted", host.id)
+
+    def on_crash(self, host: SimHost) -> None:
+        self.trace_note(host.id, "crash", f"incarnation {host.incarnation}")
+        self.clients.host_crashed(host)
+        self.notify("node_crashed", host.id)
+        self.session_log.append((self.env.now, host.id, "", False))
+
+    def on_session_changed(self, host: SimHost, effect: SessionChanged) -> None:
+        self.session_log.append((self.env.now, host.id, str(effect.session), effect.is_master))
+        self.clients.on_session_changed(host, effect.session)
+
+    def on_log(self, host: SimHost, effect: Log) -> None:
+        self.log_levels[effect.level] += 1
+        if effect.level != "debug":
+            self.logs.append((self.env.now, host.id, effect.level, effect.message))
+
+    def count_append(self) -> None:
+        self.appends_per_s[int(self.env.now)] += 1
+
+    def observe_runner_status(self, runner: SimRunner, status: RunnerStatus) -> None:
+        spec = runner.spec
+        self.notify("runner_reported", runner.host.id, spec.instance_id, spec.runner_id, status, spec.context_ceiling)
+
+    def group(self, instance_id: InstanceId, world_size: int) -> Group:
+        group = self.groups.get(instance_id)
+        if group is None or group.world_size != world_size:
+            group = Group(self.env, instance_id, world_size)
+            self.groups[instance_id] = group
+        return group
+
+    # --- queries --------------------------------------------------------------------------------------
+
+    def running_hosts(self) -> list[SimHost]:
+        return [self.hosts[h] for h in self.host_ids if self.hosts[h].running]
+
+    def live_hosts(self) -> list[SimHost]:
+        """Hosts whose process exists (running or paused)."""
+        return [self.hosts[h] for h in self.host_ids if self.hosts[h].node is not None]
+
+    def masters(self) -> list[NodeId]:
+        """Running hosts whose node currently acts as a master."""
+        return [h.id for h in self.running_hosts() if h.node is not None and h.node.is_master]
+
+    def boot_all(self) -> None:
+        for nid in self.host_ids:
+            host = self.hosts[nid]
+            if host.node is None and not host.stopped_for_good:
+                host.boot()
