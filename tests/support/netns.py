@@ -95,6 +95,25 @@ class Netns:
         self.links.append(link)
         return link
 
+    def link_host(self, i: int, host_addr: str, ns_addr: str, *, ns_name: str = "host0") -> Link:
+        """A veth pair between this (root) namespace and machine ``i``, so the test process reaches it.
+
+        ``host_addr``/``ns_addr`` are CIDR addresses ("10.78.1.1/30", "10.78.1.2/30");
+        the host end is named ``<prefix>h<i>`` and disappears with the namespace.
+        """
+        host_name = f"{self.prefix}h{i}"
+        tmp = f"{self.prefix}t{i}"
+        _ip("link", "add", host_name, "type", "veth", "peer", "name", tmp)
+        _ip("link", "set", tmp, "netns", self.names[i])
+        self.run(i, ["ip", "link", "set", tmp, "name", ns_name])
+        self.run(i, ["ip", "addr", "add", ns_addr, "dev", ns_name])
+        self.run(i, ["ip", "link", "set", ns_name, "up"])
+        _ip("addr", "add", host_addr, "dev", host_name)
+        _ip("link", "set", host_name, "up")
+        link = Link(-1, i, host_addr, ns_addr, host_name, ns_name)
+        self.links.append(link)
+        return link
+
     def teardown(self) -> None:
         for name in self.names:
             _ip("netns", "del", name, check=False)
