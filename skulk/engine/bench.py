@@ -41,6 +41,10 @@ __all__ = ["main"]
 
 
 def _enable_blas() -> str:
+    # The same thread choice as the runner's; inherited by mlx_lm.server.
+    from skulk.engine.runner import default_blas_threads
+
+    default_blas_threads()
     try:
         from skulk.engine.accel import enable_fast_blas
     except ImportError:
