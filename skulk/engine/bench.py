@@ -27,6 +27,7 @@ import argparse
 import http.client
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -79,6 +80,15 @@ def _vm_hwm_bytes(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``pid`` (default: this process)."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _task(task_id: str, **params: Any) -> Task:
@@ -156,9 +166,15 @@ def bench_single(model_id: str, path: Path, rounds: int, prompt_len: int, decode
         mx.reset_peak_memory()
         rows = []
         for i in range(rounds):
+            c0 = _cpu_s(runner.pid)
             r_prefill, r_decode, n_prompt, n_gen = _runner_single(runner, prompt, decode_len, f"single-{i}")
+            c1 = _cpu_s(runner.pid)
+            c_self = _cpu_s()
             m_prefill, m_decode, m_gen = _mlx_single(model, tokenizer, prompt, decode_len)
-            rows.append((r_prefill, r_decode, m_prefill, m_decode, n_prompt, n_gen, m_gen))
+            c2 = _cpu_s()
+            # Tokens per CPU-second, prefill included: insensitive to other load.
+            eff = (n_gen / max(c1 - c0, 1e-3)) / (m_gen / max(c2 - c_self, 1e-3))
+            rows.append((r_prefill, r_decode, m_prefill, m_decode, n_prompt, n_gen, m_gen, eff))
         runner_hwm = _vm_hwm_bytes(runner.pid)
     finally:
         runner.shutdown()
@@ -173,6 +189,7 @@ def bench_single(model_id: str, path: Path, rounds: int, prompt_len: int, decode
         "mlx_decode_tps": med[3],
         "decode_ratio": med[1] / med[3] if med[3] else float("nan"),
         "decode_ratios": [r[1] / r[3] for r in rows],
+        "cpu_efficiency_ratio": med[7],
         "runner_peak_rss": runner_hwm,
         "mlx_peak_bytes": mx.get_peak_memory(),
     }
@@ -203,8 +220,10 @@ def _stream_prompts(n: int) -> list[str]:
     return [f"Request {i}: {_FILLER[: 60 + 7 * i]}" for i in range(n)]
 
 
-def _runner_concurrent(runner: RunnerProcess, n: int, max_tokens: int, tag: str) -> tuple[float, int]:
+def _runner_concurrent(runner: RunnerProcess, n: int, max_tokens: int, tag: str) -> tuple[float, int, float]:
+    """Returns (tokens per second, tokens, tokens per CPU-second of the runner)."""
     ids = [f"{tag}-{i}" for i in range(n)]
+    cpu0 = _cpu_s(runner.pid)
     started = time.perf_counter()
     for task_id, prompt in zip(ids, _stream_prompts(n)):
         runner.submit(_task(task_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0))
@@ -215,7 +234,7 @@ def _runner_concurrent(runner: RunnerProcess, n: int, max_tokens: int, tag: str)
         final = done[task_id][-1]
         assert final.usage is not None and final.error is None, final
         tokens += final.usage.completion_tokens
-    return tokens / elapsed, tokens
+    return tokens / elapsed, tokens, tokens / max(_cpu_s(runner.pid) - cpu0, 1e-3)
 
 
 def _free_port() -> int:
@@ -293,8 +312,10 @@ class _MlxServer:
         conn.close()
         return usage
 
-    def concurrent(self, n: int, max_tokens: int) -> tuple[float, int]:
+    def concurrent(self, n: int, max_tokens: int) -> tuple[float, int, float]:
+        """Returns (tokens per second, tokens, tokens per CPU-second of the server)."""
         results = [0] * n
+        cpu0 = _cpu_s(self.proc.pid)
         prompts = _stream_prompts(n)
 
         def worker(i: int) -> None:
@@ -307,7 +328,7 @@ class _MlxServer:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - started
-        return sum(results) / elapsed, sum(results)
+        return sum(results) / elapsed, sum(results), sum(results) / max(_cpu_s(self.proc.pid) - cpu0, 1e-3)
 
     def close(self) -> None:
         self.proc.terminate()
@@ -330,16 +351,18 @@ def bench_concurrent(
             server.complete("warm up", 8)
             _runner_concurrent(runner, 1, 8, "warm")
             for n in streams:
-                skulk_tps, mlx_tps, skulk_tok, mlx_tok = [], [], 0, 0
+                skulk_tps, mlx_tps, skulk_eff, mlx_eff, skulk_tok, mlx_tok = [], [], [], [], 0, 0
                 for r in range(rounds):
-                    tps, tok = _runner_concurrent(runner, n, max_tokens, f"c{n}-{r}")
+                    tps, skulk_tok, eff = _runner_concurrent(runner, n, max_tokens, f"c{n}-{r}")
                     skulk_tps.append(tps)
-                    skulk_tok = tok
-                    tps, tok = server.concurrent(n, max_tokens)
+                    skulk_eff.append(eff)
+                    tps, mlx_tok, eff = server.concurrent(n, max_tokens)
                     mlx_tps.append(tps)
-                    mlx_tok = tok
+                    mlx_eff.append(eff)
                 s, m = statistics.median(skulk_tps), statistics.median(mlx_tps)
+                se, me = statistics.median(skulk_eff), statistics.median(mlx_eff)
                 rows[n] = {"skulk_tps": s, "server_tps": m, "ratio": s / m if m else float("nan"),
+                           "skulk_tok_per_cpu_s": se, "server_tok_per_cpu_s": me, "cpu_ratio": se / me,
                            "skulk_tokens": skulk_tok, "server_tokens": mlx_tok}  # fmt: skip
             server_hwm = _vm_hwm_bytes(server.proc.pid)
         finally:
@@ -393,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     print("  per-round decode ratios: " + "; ".join(
         f"{r['model']}: " + ", ".join(f"{x:.3f}" for x in r["decode_ratios"]) for r in singles))  # fmt: skip
+    print("  tokens per CPU-second, runner / mlx-lm (whole request, load-insensitive): " + "; ".join(
+        f"{r['model']}: {r['cpu_efficiency_ratio']:.3f}" for r in singles))  # fmt: skip
     print()
     if not args.skip_reference_blas:
         blas_model = SMALL_MODEL_ID
@@ -409,9 +434,13 @@ def main(argv: list[str] | None = None) -> None:
     conc = bench_concurrent(
         args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds, args.server_blas == "same"
     )
-    print(f"{'streams':>7} {'skulk tok/s':>12} {'mlx_lm.server tok/s':>20} {'ratio':>8}")
+    print(f"{'streams':>7} {'skulk tok/s':>12} {'mlx_lm.server tok/s':>20} {'ratio':>8}   "
+          f"{'skulk tok/CPU-s':>16} {'server tok/CPU-s':>17} {'ratio':>8}")  # fmt: skip
     for n, row in conc["rows"].items():
-        print(f"{n:>7} {row['skulk_tps']:>12.1f} {row['server_tps']:>20.1f} {row['ratio']:>7.2f}x")
+        print(f"{n:>7} {row['skulk_tps']:>12.1f} {row['server_tps']:>20.1f} {row['ratio']:>7.2f}x   "
+              f"{row['skulk_tok_per_cpu_s']:>16.1f} {row['server_tok_per_cpu_s']:>17.1f} {row['cpu_ratio']:>7.2f}x")  # fmt: skip
+    print("  tok/CPU-s: completion tokens per CPU-second of the serving process (all its threads); unlike")
+    print("  wall-clock figures it hardly moves with other load on the machine (clients not counted)")
     print()
     print("Peak memory")
     for res in singles:
