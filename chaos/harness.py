@@ -39,7 +39,7 @@ import simpy
 from skulk.core.state import digest as core_digest
 
 from chaos import exitcodes
-from chaos.checkers import SafetyChecker, SafetyViolation, canonical_digest
+from chaos.checkers import SafetyChecker, SafetyViolation
 from chaos.context import Context, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
@@ -116,7 +116,6 @@ def convergence(world: World) -> str | None:
     mstate = master.node.replica.current
     if mstate is None:
         return f"master {master.id} has not applied its own session"
-    mdigest = canonical_digest(mstate)
     for host in running:
         node = host.node
         assert node is not None
@@ -127,7 +126,7 @@ def convergence(world: World) -> str | None:
             return f"{host.id} is still bootstrapping session {session}"
         if state.last_index != mstate.last_index:
             return f"{host.id} is at index {state.last_index}, the master at {mstate.last_index}"
-        if canonical_digest(state) != mdigest:
+        if state != mstate:
             return f"{host.id} has a different state from the master's at index {state.last_index}"
     return None
 

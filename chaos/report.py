@@ -100,6 +100,27 @@ def _down_spans(world: World, end: float) -> dict[str, list[tuple[float, float, 
     return spans
 
 
+def _pack(faults: list[Any], end: float, rows_max: int) -> list[tuple[Any, int]]:
+    """Assign each fault a row so bars in one row do not overlap (greedy, by start)."""
+    row_end: list[float] = []
+    out = []
+    span = max(end, 1.0) * 0.12  # room for the label after a bar
+    for fault in sorted(faults, key=lambda f: (f.started_at, f.describe())):
+        stop = fault.ended_at if fault.ended_at is not None else end
+        for row, last in enumerate(row_end):
+            if last <= fault.started_at:
+                row_end[row] = stop + span
+                out.append((fault, row))
+                break
+        else:
+            if len(row_end) < rows_max:
+                row_end.append(stop + span)
+                out.append((fault, len(row_end) - 1))
+            else:
+                out.append((fault, rows_max - 1))
+    return out
+
+
 def timeline_svg(world: World, *, title: str) -> str:
     """The run as an SVG picture (see the module docstring)."""
     end = max(world.env.now, 1.0)
@@ -107,10 +128,11 @@ def timeline_svg(world: World, *, title: str) -> str:
     plot = width - left - right
     lane_h, gap = 22, 6
     hosts = world.host_ids
-    faults = [f for f in world.faults.history]
-    fault_rows = max(1, min(len(faults), 12))
+    packed = _pack(list(world.faults.history), end, rows_max=16)
+    fault_rows = max(1, 1 + max((row for _, row in packed), default=0))
     bars_h = 80
-    height = 40 + len(hosts) * (lane_h + gap) + 20 + fault_rows * 14 + 30 + bars_h + 40
+    top = 44
+    height = top + len(hosts) * (lane_h + gap) + 24 + fault_rows * 14 + 30 + bars_h + 50
 
     def x(t: float) -> float:
         return left + plot * max(0.0, min(t, end)) / end
@@ -118,9 +140,18 @@ def timeline_svg(world: World, *, title: str) -> str:
     out: list[str] = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="{left}" y="18" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+        f'<text x="{left}" y="16" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+        f'<text x="{width - right}" y="16" font-size="10" text-anchor="end">lanes: master (colour = session), '
+        f'down (black), paused (grey)</text>',
     ]
-    y = 30
+    for i, (t, name) in enumerate(world.phases):
+        anchor = "end" if x(t) > width - 90 else "start"
+        out.append(
+            f'<text x="{x(t) + 2:.1f}" y="{30 + 10 * (i % 2)}" font-size="9" fill="#555" text-anchor="{anchor}">'
+            f"{html.escape(name)}</text>"
+        )
+    y = top
+    lanes_top = y
     sessions: dict[str, str] = {}
     masters = _master_spans(world, end)
     downs = _down_spans(world, end)
@@ -142,16 +173,15 @@ def timeline_svg(world: World, *, title: str) -> str:
         y += lane_h + gap
     out.append(f'<text x="8" y="{y + 12}" font-weight="bold">faults</text>')
     y += 18
-    for i, fault in enumerate(faults[:fault_rows] if len(faults) <= 12 else faults):
-        row = i % fault_rows
+    for fault, row in packed:
         stop = fault.ended_at if fault.ended_at is not None else end
         yy = y + row * 14
+        label = html.escape(fault.describe())
         out.append(
             f'<rect x="{x(fault.started_at):.1f}" y="{yy}" width="{max(2.0, x(stop) - x(fault.started_at)):.1f}" height="10" '
-            f'fill="#e45756" opacity="0.6"><title>{html.escape(fault.describe())} {fault.started_at:.2f}-{stop:.2f}s</title></rect>'
+            f'fill="#e45756" opacity="0.6"><title>{label} {fault.started_at:.2f}-{stop:.2f}s</title></rect>'
         )
-        if len(faults) <= 12:
-            out.append(f'<text x="{x(stop) + 3:.1f}" y="{yy + 9}" font-size="9">{html.escape(fault.describe())}</text>')
+        out.append(f'<text x="{max(x(fault.started_at), x(stop)) + 3:.1f}" y="{yy + 9}" font-size="8">{label}</text>')
     y += fault_rows * 14 + 16
     out.append(f'<text x="8" y="{y + 12}" font-weight="bold">events/s</text>')
     counts = world.appends_per_s
@@ -164,17 +194,16 @@ def timeline_svg(world: World, *, title: str) -> str:
             f"<title>t={second}s: {count} events indexed</title></rect>"
         )
     out.append(f'<text x="{left - 4}" y="{y + 10}" text-anchor="end">{peak}</text>')
-    y = base + 16
-    for t, name in world.phases:
-        out.append(f'<line x1="{x(t):.1f}" y1="30" x2="{x(t):.1f}" y2="{base}" stroke="#888" stroke-dasharray="3,3"/>')
-        out.append(f'<text x="{x(t) + 2:.1f}" y="{base + 12}" font-size="9">{html.escape(name)}</text>')
+    for t, _name in world.phases:
+        out.append(f'<line x1="{x(t):.1f}" y1="{lanes_top - 4}" x2="{x(t):.1f}" y2="{base}" stroke="#888" stroke-dasharray="3,3"/>')
+    y = base + 4
     for tick in _ticks(end):
         out.append(f'<text x="{x(tick):.1f}" y="{y + 12}" text-anchor="middle" font-size="9">{tick:g}s</text>')
     legend_x = left
     for sess, colour in list(sessions.items())[:8]:
-        out.append(f'<rect x="{legend_x}" y="{y + 18}" width="10" height="10" fill="{colour}"/>')
-        out.append(f'<text x="{legend_x + 13}" y="{y + 27}" font-size="9">{html.escape(sess)}</text>')
-        legend_x += 120
+        out.append(f'<rect x="{legend_x}" y="{y + 22}" width="10" height="10" fill="{colour}"/>')
+        out.append(f'<text x="{legend_x + 13}" y="{y + 31}" font-size="9">master {html.escape(sess)}</text>')
+        legend_x += 130
     out.append("</svg>")
     return "\n".join(out) + "\n"
 

@@ -16,6 +16,7 @@ import heapq
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from skulk.core.cards import ModelCard
 from skulk.core.config import CoreConfig
@@ -116,6 +117,8 @@ class ManualCluster:
         self.completed: dict[str, CommandCompleted] = {}
         self.log: list[tuple[float, NodeId, str]] = []
         self.session_changes: list[tuple[float, NodeId, SessionChanged]] = []
+        # Checkers (chaos.checkers.SafetyChecker) that see every step, boot and crash.
+        self.observers: list[Any] = []
 
     # --- queries ---------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class ManualCluster:
         host = self.hosts[nid]
         assert host.node is None
         host.node = CoreNode(nid, self.config, cards=self.cards, record=host.record)
+        self._notify("node_booted", nid)
         host.runners.clear()
         host.tasks.clear()
         host.ram_used = 0
@@ -155,6 +159,8 @@ class ManualCluster:
     def crash(self, nid: str) -> None:
         nid = NodeId(nid)
         host = self.hosts[nid]
+        if host.node is not None:
+            self._notify("node_crashed", nid)
         host.node = None
         host.runners.clear()
         host.tasks.clear()
@@ -265,7 +271,15 @@ class ManualCluster:
         if node is None:
             return
         effects = node.handle(self.now, inp)
+        for observer in self.observers:
+            observer.after_step(nid, node, inp, effects)
         self._carry_out(nid, effects)
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for observer in self.observers:
+            hook = getattr(observer, event, None)
+            if hook is not None:
+                hook(*args)
 
     def _carry_out(self, nid: NodeId, effects: list[Effect]) -> None:
         host = self.hosts[nid]

@@ -1,0 +1,9 @@
+"""``python -m chaos``: see ``chaos.cli``."""
+
+from __future__ import annotations
+
+import sys
+
+from chaos.cli import main
+
+sys.exit(main())

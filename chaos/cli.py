@@ -1,0 +1,288 @@
+"""The chaos command line.
+
+    python -m chaos list
+    python -m chaos run SCENARIO --seed N [--canary] [--set key=value ...] [--check-determinism]
+    python -m chaos sweep [--scenario S ...] --seeds N [--start K] [--jobs J] [--canary] [--check-determinism]
+    python -m chaos replay artifacts/chaos/<run>/trace.jsonl
+    python -m chaos bench [--sim-seconds S] [--failover-seeds N] [--jobs J]
+    python -m chaos ci [--jobs J]          # the CI sample the test command runs
+    python -m chaos nightly [--jobs J]     # every scenario x 200 seeds, determinism on a sample
+
+Exit codes (chaos.exitcodes): 0 ok, 1 harness error, 2 usage, 3 safety
+violation, 4 liveness failure, 5 nondeterminism.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from chaos import exitcodes
+from chaos.harness import run_scenario
+from chaos.scenarios import load_all
+from chaos.sweep import sweep, worst_exit_code
+
+__all__ = ["main"]
+
+DEFAULT_ARTIFACTS = Path("artifacts/chaos")
+
+
+def _overrides(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set wants key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    for name, sc in sorted(load_all().items()):
+        print(f"{name:<24} {sc.summary}")
+    return exitcodes.OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    over = _overrides(args.set)
+    if args.check_determinism:
+        from chaos.determinism import check_determinism
+
+        det = check_determinism(args.scenario, args.seed, overrides=over, canary=args.canary)
+        print(det.run.line())
+        print(det.line())
+        if not det.same:
+            return exitcodes.NONDETERMINISM
+        return det.run.exit_code
+    result = run_scenario(
+        args.scenario,
+        args.seed,
+        overrides=over,
+        canary=args.canary,
+        quiet=args.quiet,
+        artifacts_dir=Path(args.artifacts),
+        write_trace=args.trace,
+    )
+    print(result.line())
+    for key, value in sorted(result.metrics.items()):
+        print(f"  {key} = {value}")
+    if not result.ok:
+        print(f"FAILED: seed {result.seed}; replay with: {result.replay}")
+    for path in result.artifacts:
+        print(f"  artifact: {path}")
+    return result.exit_code
+
+
+def _cmd_digest(args: argparse.Namespace) -> int:
+    """Internal: run a seed and print its digest as JSON (used by the determinism check)."""
+    result = run_scenario(
+        args.scenario,
+        args.seed,
+        overrides=_overrides(args.set),
+        canary=args.canary,
+        quiet=True,
+        hashes_out=Path(args.hashes) if args.hashes else None,
+        write_trace=args.trace is not None,
+        artifacts_dir=Path(args.trace).parent / "child" if args.trace else None,
+    )
+    if args.trace:
+        found = sorted((Path(args.trace).parent / "child").rglob("trace.jsonl"))
+        if found:
+            found[0].rename(args.trace)
+    print(json.dumps({"digest": result.digest, "status": result.status, "steps": result.steps}))
+    return exitcodes.OK
+
+
+def _scenarios(names: list[str] | None) -> list[str]:
+    registry = load_all()
+    chosen = names or sorted(registry)
+    unknown = [n for n in chosen if n not in registry]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; known: {', '.join(sorted(registry))}")
+    return chosen
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    names = _scenarios(args.scenario)
+    seeds = range(args.start, args.start + args.seeds)
+    print(f"# sweep: {', '.join(names)} x seeds {seeds.start}..{seeds.stop - 1}"
+          f"{' with the canary' if args.canary else ''}, {args.jobs} job(s)", flush=True)
+    summary = sweep(
+        names,
+        seeds,
+        jobs=args.jobs,
+        overrides=_overrides(args.set),
+        canary=args.canary,
+        artifacts_dir=Path(args.artifacts),
+        check_determinism=args.check_determinism,
+        echo=lambda line: print(line, flush=True),
+    )
+    print(summary.table())
+    code = summary.exit_code
+    print(f"# sweep exit code {code} ({exitcodes.NAMES[code]})")
+    return code
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    path = Path(args.trace)
+    with path.open(encoding="utf-8") as f:
+        header = json.loads(f.readline())["header"]
+    print(f"# replaying {header['scenario']} seed {header['seed']} (recorded: {header['status']}, digest {header['digest'][:16]})")
+    result = run_scenario(
+        header["scenario"],
+        int(header["seed"]),
+        overrides=header.get("overrides") or {},
+        canary=bool(header.get("canary")),
+        quiet=args.quiet,
+        artifacts_dir=Path(args.artifacts),
+        write_trace=True,
+    )
+    print(result.line())
+    if result.digest != header["digest"]:
+        print(f"NONDETERMINISM: the replay's digest {result.digest[:16]} differs from the recorded {header['digest'][:16]}")
+        return exitcodes.NONDETERMINISM
+    print("the replay reproduced the recorded trace exactly (same digest)")
+    return result.exit_code
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from chaos.bench import bench_failover, bench_seeds, bench_speed
+
+    print(f"# simulator speed: idle 5-node cluster, {args.sim_seconds:g} simulated s", flush=True)
+    bench_speed(args.sim_seconds, echo=lambda l: print(l, flush=True))
+    if args.seeds_per_scenario > 0:
+        print("# seeds per minute", flush=True)
+        bench_seeds(args.seeds_per_scenario, echo=lambda l: print(l, flush=True))
+    if args.failover_seeds > 0:
+        print(f"# failover time: master_failover (crash) over {args.failover_seeds} seeds, {args.jobs} job(s)", flush=True)
+        result = bench_failover(args.failover_seeds, jobs=args.jobs, echo=lambda l: print(l, flush=True))
+        if result["failures"]:
+            return exitcodes.LIVENESS
+    return exitcodes.OK
+
+
+def _cmd_ci(args: argparse.Namespace) -> int:
+    """The CI sample: every scenario x a few seeds, a determinism sample, the canary proof."""
+    from chaos.determinism import check_determinism
+
+    started = time.perf_counter()
+    names = _scenarios(None)
+    artifacts = Path(args.artifacts)
+    echo = lambda line: print(line, flush=True)  # noqa: E731
+    print(f"# ci 1/3: {len(names)} scenarios x seeds 1..{args.seeds}, {args.jobs} job(s)", flush=True)
+    summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=artifacts, echo=echo)
+    print(summary.table(), flush=True)
+    codes = [summary.exit_code]
+    print(f"# ci 2/3: determinism, seed {args.seeds + 1} of every scenario, rerun in a fresh process", flush=True)
+    for name in names:
+        det = check_determinism(name, args.seeds + 1)
+        print(det.line(), flush=True)
+        if not det.same:
+            codes.append(exitcodes.NONDETERMINISM)
+        elif not det.run.ok:
+            print(det.run.line(), flush=True)
+            print(f"  replay: {det.run.replay}", flush=True)
+            codes.append(det.run.exit_code)
+    print("# ci 3/3: the canary (a deposed master also acts as master) must be caught", flush=True)
+    canary = sweep(["partition_heal", "master_failover"], range(1, 3), jobs=args.jobs, canary=True, echo=echo,
+                   overrides={"master_loss_mode": "isolate"})
+    caught = [r for r in canary.results if r.status == "safety"]
+    print(f"# canary caught in {len(caught)} of {len(canary.results)} runs (sweep exit code {canary.exit_code})", flush=True)
+    if canary.exit_code != exitcodes.SAFETY or not any(r.scenario == "partition_heal" for r in caught):
+        print("CANARY NOT CAUGHT: the checkers would miss a double master", flush=True)
+        codes.append(exitcodes.ERROR)
+    code = worst_exit_code(codes)
+    print(f"# ci done in {time.perf_counter() - started:.0f} s wall: exit code {code} ({exitcodes.NAMES[code]})")
+    return code
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    """Every scenario x ``--seeds`` seeds (default 200), then a determinism sample."""
+    names = _scenarios(None)
+    summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=Path(args.artifacts),
+                    echo=lambda line: print(line, flush=True))
+    print(summary.table())
+    det_summary = sweep(names, range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds), jobs=args.jobs,
+                        artifacts_dir=Path(args.artifacts), check_determinism=True,
+                        echo=lambda line: print(line, flush=True))
+    print(det_summary.table())
+    code = worst_exit_code([summary.exit_code, det_summary.exit_code])
+    print(f"# nightly exit code {code} ({exitcodes.NAMES[code]})")
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m chaos", description="Skulk's deterministic chaos harness.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an option (core.X for CoreConfig)")
+        sp.add_argument("--canary", action="store_true", help="plant the double-master bug the checkers must catch")
+        sp.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS), help="where failures write trace and timeline")
+
+    sub.add_parser("list", help="list the scenarios").set_defaults(fn=_cmd_list)
+
+    run = sub.add_parser("run", help="run one scenario with one seed")
+    run.add_argument("scenario")
+    run.add_argument("--seed", type=int, required=True)
+    run.add_argument("--check-determinism", action="store_true", help="run twice (second in a fresh process) and compare")
+    run.add_argument("--trace", action="store_true", help="write the trace and timeline even when the run passes")
+    run.add_argument("--quiet", action="store_true", help="do not print the options")
+    common(run)
+    run.set_defaults(fn=_cmd_run)
+
+    digest = sub.add_parser("digest", help="(internal) run a seed, print its trace digest as JSON")
+    digest.add_argument("scenario")
+    digest.add_argument("--seed", type=int, required=True)
+    digest.add_argument("--hashes")
+    digest.add_argument("--trace")
+    common(digest)
+    digest.set_defaults(fn=_cmd_digest)
+
+    sw = sub.add_parser("sweep", help="run many seeds")
+    sw.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")
+    sw.add_argument("--seeds", type=int, required=True, help="how many seeds")
+    sw.add_argument("--start", type=int, default=1, help="first seed")
+    sw.add_argument("--jobs", type=int, default=1, help="worker processes")
+    sw.add_argument("--check-determinism", action="store_true", help="rerun every seed in a fresh process and compare")
+    common(sw)
+    sw.set_defaults(fn=_cmd_sweep)
+
+    rp = sub.add_parser("replay", help="re-run the seed a trace file was recorded from")
+    rp.add_argument("trace")
+    rp.add_argument("--quiet", action="store_true")
+    rp.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS / "replay"))
+    rp.set_defaults(fn=_cmd_replay)
+
+    be = sub.add_parser("bench", help="simulator speed, seeds per minute, failover time")
+    be.add_argument("--sim-seconds", type=float, default=3_600.0)
+    be.add_argument("--seeds-per-scenario", type=int, default=3)
+    be.add_argument("--failover-seeds", type=int, default=1_000)
+    be.add_argument("--jobs", type=int, default=2)
+    be.set_defaults(fn=_cmd_bench)
+
+    ci = sub.add_parser("ci", help="the CI sample (about 5 minutes on 2 cores)")
+    ci.add_argument("--seeds", type=int, default=3, help="seeds per scenario")
+    ci.add_argument("--jobs", type=int, default=2)
+    ci.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ci.set_defaults(fn=_cmd_ci)
+
+    ni = sub.add_parser("nightly", help="the full sweep: every scenario x 200 seeds plus a determinism sample")
+    ni.add_argument("--seeds", type=int, default=200)
+    ni.add_argument("--determinism-seeds", type=int, default=10)
+    ni.add_argument("--jobs", type=int, default=2)
+    ni.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ni.set_defaults(fn=_cmd_nightly)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except KeyError as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return exitcodes.USAGE
