@@ -10,7 +10,9 @@ Prints, for the embedded presets:
 3. aggregate decode tokens/s at 1, 4 and 8 concurrent streams: the Skulk
    runner vs ``mlx_lm.server`` serving the same model directory, both under
    the same load (N streaming requests submitted at once, greedy, distinct
-   prompts, same max_tokens), with the ratio (target >= 2x at 8);
+   prompts, same max_tokens), with the ratio (target >= 2x at 8). The server
+   runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS, which
+   isolates the serving stacks; tokens per CPU-second are printed too;
 4. prefill of the 10M preset with the optimized BLAS vs the mlx wheel's
    reference BLAS (two runners, alternating; target >= 5x);
 5. peak memory: the runner's and the server's resident high-water mark and
@@ -340,35 +342,40 @@ class _MlxServer:
 
 
 def bench_concurrent(
-    model_id: str, path: Path, streams: list[int], max_tokens: int, rounds: int, same_blas: bool
+    model_id: str, path: Path, streams: list[int], max_tokens: int, rounds: int, server_blas: list[str]
 ) -> dict[str, Any]:
+    """Aggregate throughput of the runner and of mlx_lm.server (one per BLAS setting), alternating.
+
+    ``server_blas`` lists ``wheel`` (mlx_lm.server as shipped, on the mlx
+    wheel's own BLAS) and/or ``same`` (on the runner's BLAS). Each round runs
+    the runner, then every server, on the same load.
+    """
     n_layers = PRESETS[model_id].num_hidden_layers if model_id in PRESETS else 0
     runner = _spawn_runner(model_id, path, n_layers, max_concurrent=max(streams))
+    servers: dict[str, _MlxServer] = {}
     rows: dict[int, dict[str, Any]] = {}
     try:
-        server = _MlxServer(path, same_blas)
-        try:
-            server.complete("warm up", 8)
-            _runner_concurrent(runner, 1, 8, "warm")
-            for n in streams:
-                skulk_tps, mlx_tps, skulk_eff, mlx_eff, skulk_tok, mlx_tok = [], [], [], [], 0, 0
-                for r in range(rounds):
-                    tps, skulk_tok, eff = _runner_concurrent(runner, n, max_tokens, f"c{n}-{r}")
-                    skulk_tps.append(tps)
-                    skulk_eff.append(eff)
-                    tps, mlx_tok, eff = server.concurrent(n, max_tokens)
-                    mlx_tps.append(tps)
-                    mlx_eff.append(eff)
-                s, m = statistics.median(skulk_tps), statistics.median(mlx_tps)
-                se, me = statistics.median(skulk_eff), statistics.median(mlx_eff)
-                rows[n] = {"skulk_tps": s, "server_tps": m, "ratio": s / m if m else float("nan"),
-                           "skulk_tok_per_cpu_s": se, "server_tok_per_cpu_s": me, "cpu_ratio": se / me,
-                           "skulk_tokens": skulk_tok, "server_tokens": mlx_tok}  # fmt: skip
-            server_hwm = _vm_hwm_bytes(server.proc.pid)
-        finally:
-            server.close()
+        for kind in server_blas:
+            servers[kind] = _MlxServer(path, same_blas=kind == "same")
+            servers[kind].complete("warm up", 8)
+        _runner_concurrent(runner, 1, 8, "warm")
+        for n in streams:
+            tps: dict[str, list[float]] = {k: [] for k in ["skulk", *servers]}
+            eff: dict[str, list[float]] = {k: [] for k in ["skulk", *servers]}
+            for r in range(rounds):
+                rate, _, per_cpu = _runner_concurrent(runner, n, max_tokens, f"c{n}-{r}")
+                tps["skulk"].append(rate)
+                eff["skulk"].append(per_cpu)
+                for kind, server in servers.items():
+                    rate, _, per_cpu = server.concurrent(n, max_tokens)
+                    tps[kind].append(rate)
+                    eff[kind].append(per_cpu)
+            rows[n] = {k: (statistics.median(tps[k]), statistics.median(eff[k])) for k in tps}
+        server_hwm = {kind: _vm_hwm_bytes(server.proc.pid) for kind, server in servers.items()}
         runner_hwm = _vm_hwm_bytes(runner.pid)
     finally:
+        for server in servers.values():
+            server.close()
         runner.shutdown()
     return {"model": model_id, "rows": rows, "runner_peak_rss": runner_hwm, "server_peak_rss": server_hwm}
 
@@ -386,14 +393,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-reference-blas", action="store_true", help="skip the reference-BLAS prefill row")
     parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")
     parser.add_argument(
-        "--server-blas", choices=("same", "wheel"), default="same",
-        help="mlx_lm.server with the runner's BLAS (same) or the mlx wheel's own (wheel)",
+        "--server-blas", choices=("both", "same", "wheel"), default="both",
+        help="mlx_lm.server on the mlx wheel's own BLAS (wheel, as shipped), on the runner's BLAS (same), or both",
     )  # fmt: skip
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 3)
     started = time.perf_counter()
     print(f"skulk engine benchmark  (python {sys.version.split()[0]}, mlx {mx.__version__}, {os.cpu_count()} CPUs)")
-    print(f"BLAS (runner, in-process mlx-lm{', mlx_lm.server' if args.server_blas == 'same' else ''}): {BLAS}")
+    print(f"BLAS (runner and in-process mlx-lm): {BLAS}")
     print("load average at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "  (other work on the machine skews every figure)")
     print()
     print("Single stream (greedy; medians of alternating rounds; runner = real runner subprocess over IPC)")
@@ -431,23 +438,32 @@ def main(argv: list[str] | None = None) -> None:
         f"Concurrent streams on {args.concurrency_model} (aggregate completion tok/s; {max_tokens} tokens per stream, "
         "greedy, all submitted at once; mlx_lm.server over HTTP/SSE, Skulk runner over its IPC pipes)"
     )
+    kinds = ["wheel", "same"] if args.server_blas == "both" else [args.server_blas]
     conc = bench_concurrent(
-        args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds, args.server_blas == "same"
+        args.concurrency_model, ensure_model(args.concurrency_model), streams, max_tokens, rounds, kinds
     )
-    print(f"{'streams':>7} {'skulk tok/s':>12} {'mlx_lm.server tok/s':>20} {'ratio':>8}   "
-          f"{'skulk tok/CPU-s':>16} {'server tok/CPU-s':>17} {'ratio':>8}")  # fmt: skip
+    label = {"wheel": "mlx_lm.server (wheel BLAS)", "same": "mlx_lm.server (runner's BLAS)"}
+    print(f"{'streams':>7} {'skulk tok/s':>12}" + "".join(f" {label[k]:>30} {'ratio':>6}" for k in kinds))
     for n, row in conc["rows"].items():
-        print(f"{n:>7} {row['skulk_tps']:>12.1f} {row['server_tps']:>20.1f} {row['ratio']:>7.2f}x   "
-              f"{row['skulk_tok_per_cpu_s']:>16.1f} {row['server_tok_per_cpu_s']:>17.1f} {row['cpu_ratio']:>7.2f}x")  # fmt: skip
-    print("  tok/CPU-s: completion tokens per CPU-second of the serving process (all its threads); unlike")
-    print("  wall-clock figures it hardly moves with other load on the machine (clients not counted)")
+        line = f"{n:>7} {row['skulk'][0]:>12.1f}"
+        for k in kinds:
+            line += f" {row[k][0]:>30.1f} {row['skulk'][0] / row[k][0]:>5.2f}x"
+        print(line)
+    print("tokens per CPU-second of each serving process (all its threads; clients not counted), which")
+    print("hardly moves with other load on the machine, unlike the wall-clock rates above:")
+    print(f"{'streams':>7} {'skulk':>12}" + "".join(f" {label[k]:>30} {'ratio':>6}" for k in kinds))
+    for n, row in conc["rows"].items():
+        line = f"{n:>7} {row['skulk'][1]:>12.1f}"
+        for k in kinds:
+            line += f" {row[k][1]:>30.1f} {row['skulk'][1] / row[k][1]:>5.2f}x"
+        print(line)
     print()
     print("Peak memory")
     for res in singles:
         print(f"  {res['model']}: runner RSS high-water {_mib(res['runner_peak_rss'])}; "
               f"MLX peak allocation of in-process mlx-lm {_mib(res['mlx_peak_bytes'])}")  # fmt: skip
-    print(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; "
-          f"mlx_lm.server RSS high-water {_mib(conc['server_peak_rss'])}")  # fmt: skip
+    print(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; " + "; ".join(
+        f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
     print()
     print(f"took {time.perf_counter() - started:.0f}s; load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
