@@ -343,8 +343,10 @@ def generate_model(preset: ModelPreset, dest: Path) -> Path:
 
 
 def _model_dir_for(model_id: str, root: Path) -> Path:
-    assert model_id and not model_id.startswith("/") and ".." not in model_id.split("/"), model_id
-    return root.joinpath(*model_id.split("/"))
+    parts = model_id.split("/")
+    if not model_id or model_id.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"model id {model_id!r} is not a relative org/name path")
+    return root.joinpath(*parts)
 
 
 def ensure_model(model_id: str = DEFAULT_MODEL_ID, *, root: Path | None = None) -> Path:
@@ -389,7 +391,10 @@ def resolve_model_path(model: str | os.PathLike[str], *, root: Path | None = Non
         return candidate
     model_id = str(model)
     root = Path(root) if root is not None else models_dir()
-    cached = _model_dir_for(model_id, root) if not candidate.is_absolute() else candidate
+    try:
+        cached = _model_dir_for(model_id, root) if not candidate.is_absolute() else candidate
+    except ValueError:
+        cached = candidate
     if model_id in PRESETS:
         return ensure_model(model_id, root=root)
     if (cached / "config.json").is_file():

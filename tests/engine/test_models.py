@@ -99,3 +99,7 @@ def test_resolve_model_path(tmp_path: Path, tiny_path: Path, models_root: Path) 
     assert resolve_model_path(DEFAULT_MODEL_ID, root=models_root) == tiny_path  # a preset id
     with pytest.raises(FileNotFoundError, match="presets"):
         resolve_model_path("someone/unknown-model", root=tmp_path)
+    with pytest.raises(FileNotFoundError):
+        resolve_model_path("../escape", root=tmp_path)
+    with pytest.raises(KeyError):
+        ensure_model("skulk/../tiny-qwen2", root=tmp_path)  # only presets are generated
