@@ -123,7 +123,8 @@ def storm_figures(
         "storm_events_per_s": round(storm_events / max(t_stop - storm[0], 1e-9), 3),
         "task_events_stop_after_s": round(quiet_from, 3),
         "post_storm_events_per_s": None if post_rate is None else round(post_rate, 3),
-        "idle_again": post_rate is not None and post_rate <= 1.5 * base_rate + 0.5,
+        # Idle: no task event any more and no more than 2 events/s above the idle rate (a storm runs at tens).
+        "idle_again": post_rate is not None and post_rate <= base_rate + 2.0,
     }
 
 
