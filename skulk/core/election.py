@@ -221,9 +221,13 @@ class Election:
         return effects
 
     def _known_votes(self, clock: int) -> tuple[Vote, ...]:
-        mine = self.my_vote(clock)
         if self._campaign is None or self._campaign.clock != clock:
-            return (mine,)
+            return (self.my_vote(clock),)
+        # Gossip the vote this node counts for itself (recorded when the campaign
+        # started), never a fresher one: commands seen meanwhile would make peers
+        # rank a vote this node does not use, and two close candidates would
+        # elect each other.
+        mine = self._campaign.votes[self.node_id]
         others = tuple(v for n, v in sorted(self._campaign.votes.items()) if n != self.node_id)
         return (mine, *others)
 
