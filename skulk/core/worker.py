@@ -48,6 +48,7 @@ from skulk.core.instances import (
     RUNNER_SERVING,
     Instance,
     RunnerFailed,
+    RunnerRunning,
     RunnerSpec,
     RunnerStatus,
 )
@@ -214,7 +215,10 @@ class Worker:
     def _report(self, inst: Instance, runner_id: RunnerId, status: RunnerStatus) -> list[Event]:
         entry = self.runners.get(runner_id)
         if entry is not None:
-            if entry.reported == status:
+            if entry.reported == status or (
+                # Busy-ness is visible in the tasks; a count change is not news for the log.
+                isinstance(entry.reported, RunnerRunning) and isinstance(status, RunnerRunning)
+            ):
                 return []
             entry.reported = status
         return [
