@@ -176,16 +176,19 @@ def _cmd_ci(args: argparse.Namespace) -> int:
     summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=artifacts, echo=echo)
     print(summary.table(), flush=True)
     codes = [summary.exit_code]
-    print(f"# ci 2/3: determinism, seed {args.seeds + 1} of every scenario, rerun in a fresh process", flush=True)
+    det_seeds = range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds)
+    print(f"# ci 2/3: determinism, seeds {det_seeds.start}..{det_seeds.stop - 1} of every scenario, "
+          "rerun in a fresh process", flush=True)
     for name in names:
-        det = check_determinism(name, args.seeds + 1)
-        print(det.line(), flush=True)
-        if not det.same:
-            codes.append(exitcodes.NONDETERMINISM)
-        elif not det.run.ok:
-            print(det.run.line(), flush=True)
-            print(f"  replay: {det.run.replay}", flush=True)
-            codes.append(det.run.exit_code)
+        for seed in det_seeds:
+            det = check_determinism(name, seed)
+            print(det.line(), flush=True)
+            if not det.same:
+                codes.append(exitcodes.NONDETERMINISM)
+            elif not det.run.ok:
+                print(det.run.line(), flush=True)
+                print(f"  replay: {det.run.replay}", flush=True)
+                codes.append(det.run.exit_code)
     print("# ci 3/3: the canary (a deposed master also acts as master) must be caught", flush=True)
     canary = sweep(["partition_heal", "master_failover"], range(1, 3), jobs=args.jobs, canary=True, echo=echo,
                    overrides={"master_loss_mode": "isolate"})
@@ -265,7 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     be.set_defaults(fn=_cmd_bench)
 
     ci = sub.add_parser("ci", help="the CI sample (about 5 minutes on 2 cores)")
-    ci.add_argument("--seeds", type=int, default=3, help="seeds per scenario")
+    ci.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
+    ci.add_argument("--determinism-seeds", type=int, default=2, help="seeds per scenario rerun in a fresh process")
     ci.add_argument("--jobs", type=int, default=2)
     ci.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
     ci.set_defaults(fn=_cmd_ci)

@@ -36,6 +36,7 @@ complete set.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TYPE_CHECKING
 
@@ -173,7 +174,7 @@ class Network:
 
     def _latency_s(self, link: Link) -> float:
         rng = self.rng
-        ms = link.median_ms * rng.lognormvariate(0.0, self.opts.latency_jitter)
+        ms = link.median_ms * math.exp(rng.gauss(0.0, self.opts.latency_jitter))  # log-normal around the median
         if self._tail_p and rng.random() < self._tail_p:
             ms += min(self.opts.latency_tail_ms_max, 10.0 * rng.paretovariate(self.opts.latency_tail_alpha))
         if self._reorder_p and rng.random() < self._reorder_p:
