@@ -157,7 +157,7 @@ class SimOptions:
     chaos_s: float = knob(120.0, "how long the chaos phase injects faults", "s")
     liveness_bound_s: float = knob(90.0, "after faults heal, a master and convergence within this", "s")
     liveness_poll_s: float = knob(0.5, "how often the liveness phase looks for convergence", "s")
-    master_loss_mode: str = knob("mixed", "master_failover: crash | crash_restart | pause | isolate | mixed", "name")
+    master_loss_mode: str = knob("mixed", "how master_failover loses the master: crash, crash_restart, pause, isolate, mixed", "name")
 
     # --- checks ----------------------------------------------------------------------------------
     abandoned_events_max: int = knob(3, "indexed events allowed per abandoned request (invariant 6)", "events")

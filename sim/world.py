@@ -206,7 +206,14 @@ class World:
     # --- the step ---------------------------------------------------------------------------------
 
     def step(self, host: SimHost, node: CoreNode, inp: Input) -> None:
-        """Feed ``inp`` to ``node``, trace it, let the observers check, carry out the effects."""
+        """Feed ``inp`` to ``node``, then whatever its effects raised on the same host, in order."""
+        self._step_one(host, node, inp)
+        pending = host.pending
+        while pending and host.node is node and not host.paused:
+            self._step_one(host, node, pending.pop(0))
+
+    def _step_one(self, host: SimHost, node: CoreNode, inp: Input) -> None:
+        """One step: the node handles ``inp``; trace it, let the observers check, carry out the effects."""
         host.busy = True
         try:
             try:
@@ -233,9 +240,6 @@ class World:
             host.carry_out(effects)
         finally:
             host.busy = False
-        pending = host.pending
-        while pending and host.node is node and not host.paused and not host.busy:
-            self.step(host, node, pending.pop(0))
 
     def notify(self, event: str, *args: Any) -> None:
         """Tell every observer that has a handler for ``event``."""
