@@ -236,6 +236,9 @@ class Master:
         cid = command.command_id
         if cid in self._cancelled:
             return [], CommandResult(command_id=cid, status="rejected", code="cancelled", message="request was cancelled")
+        problem = command.params.problem()
+        if problem is not None:
+            return [], CommandResult(command_id=cid, status="rejected", code="invalid_request", message=problem)
         instance = self._choose_instance(state, command)
         if isinstance(instance, CommandResult):
             return [], instance

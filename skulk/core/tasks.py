@@ -8,6 +8,7 @@ through the ordered event log) to the node that accepted the request.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
@@ -56,6 +57,43 @@ class GenerationParams(Record, frozen=True, kw_only=True):
     repetition_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+
+    def problem(self) -> str | None:
+        """Why these parameters cannot be run (None when they can).
+
+        The master checks this before indexing a task, so nothing that a
+        runner (or the wire codec: msgpack integers are 64-bit) could not
+        handle ever takes an index, whatever the API in front let through.
+        """
+        if self.messages is None and self.prompt is None:
+            return "a task needs messages or a prompt"
+        if self.messages is not None and not self.messages:
+            return "messages must not be empty"
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            return f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}"
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            return "seed must fit in 64 bits"
+        if not 0 <= self.top_k <= MAX_TOKENS_LIMIT:
+            return f"top_k must be between 0 and {MAX_TOKENS_LIMIT}"
+        if not 0 <= self.top_logprobs <= 20:
+            return "top_logprobs must be between 0 and 20"
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature >= 0):
+            return "temperature must be a finite number >= 0"
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            return "top_p must be in (0, 1]"
+        if not (math.isfinite(self.min_p) and 0 <= self.min_p <= 1):
+            return "min_p must be in [0, 1]"
+        if self.repetition_penalty is not None and not (
+            math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0
+        ):
+            return "repetition_penalty must be a finite number > 0"
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            return f"at most {MAX_STOP_SEQUENCES} stop sequences"
+        return None
+
+
+MAX_TOKENS_LIMIT = 2**31 - 1
+MAX_STOP_SEQUENCES = 16
 
 
 class TopLogprob(Record, frozen=True, kw_only=True):

@@ -129,3 +129,25 @@ def test_a_cancel_that_overtakes_its_submit_still_cancels_it() -> None:
     effects = master.on_command(c.now, "n1", SubmitTask(command_id="late", model_id="skulk/tiny-qwen2", params=params))
     (reply,) = [e for e in effects if hasattr(e, "message") and hasattr(e.message, "result")]
     assert reply.message.result.status == "rejected" and reply.message.result.code == "cancelled"
+
+
+def test_the_master_refuses_task_parameters_that_could_not_be_replicated() -> None:
+    # A seed beyond 64 bits once took an index, could not be encoded for the
+    # followers and stalled the whole cluster's log behind it.
+    c = _settled(2)
+    from skulk.core.commands import PlaceInstance
+
+    c.submit("n1", SubmitCommand(command=PlaceInstance(command_id="p", model_id="skulk/tiny-qwen2")))
+    c.settle(until=c.now + 5.0)
+    master = c.node(c.masters()[0]).master
+    before = master.next_index
+    for bad in (
+        GenerationParams(messages=(ChatMessage(role="user", content="x"),), seed=2**70),
+        GenerationParams(messages=(ChatMessage(role="user", content="x"),), max_tokens=0),
+        GenerationParams(messages=(ChatMessage(role="user", content="x"),), top_p=float("nan")),
+        GenerationParams(messages=()),
+    ):
+        effects = master.on_command(c.now, "n1", SubmitTask(command_id=f"bad-{bad.seed}-{bad.max_tokens}-{len(bad.messages or ())}-{bad.top_p}", model_id="skulk/tiny-qwen2", params=bad))
+        (reply,) = [e for e in effects if hasattr(e, "message") and hasattr(e.message, "result")]
+        assert reply.message.result.status == "rejected" and reply.message.result.code == "invalid_request"
+    assert master.next_index == before
