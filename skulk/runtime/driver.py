@@ -47,6 +47,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
+
 from skulk.core.codec import WireError, decode_msgpack, encode_msgpack
 from skulk.core.commands import CommandResult
 from skulk.core.effects import (
@@ -209,6 +211,17 @@ class Driver:
                     self.effects[type(effect).__name__] += 1
                     try:
                         self._execute(effect)
+                    except (OverflowError, msgspec.EncodeError) as exc:
+                        # The core produced something the wire cannot carry. For the
+                        # ordered log that means followers would stall behind this
+                        # index forever: stop (a new master takes over) instead.
+                        if isinstance(effect, (AppendLog, Send)):
+                            self.failed = exc
+                            log.critical("cannot encode %s: %r; stopping this node", type(effect).__name__, exc)
+                            if self.fatal is not None:
+                                self.fatal(exc)
+                            return
+                        log.exception("could not carry out %s", type(effect).__name__)
                     except Exception:  # one effect failing must not lose the others
                         log.exception("could not carry out %s", type(effect).__name__)
             flush = getattr(self.eventlog, "flush", None)
