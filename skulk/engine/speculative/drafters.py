@@ -64,10 +64,32 @@ Agree = Callable[[mx.array], mx.array]
 
 @dataclass
 class Proposal:
-    """``tokens`` drafted (possibly none) and, when sampling, their (k, V) log-probs."""
+    """Drafted tokens (possibly none) and, when sampling, their (k, V) log-probs.
 
-    tokens: list[int]
+    ``drafted`` may still be unevaluated (a *lazy* proposal, so the caller can
+    queue the verify forward behind the draft forwards before waiting for
+    either); ``tokens`` reads it back, evaluating it if needed.
+    """
+
+    drafted: mx.array | None = None
     q_logprobs: mx.array | None = None
+    _tokens: list[int] | None = None
+
+    @classmethod
+    def of(cls, tokens: list[int]) -> Proposal:
+        """A proposal of known tokens (a pipeline follower's copy of rank 0's drafts)."""
+        array = mx.array(tokens, dtype=mx.uint32) if tokens else None
+        return cls(drafted=array, _tokens=[int(t) for t in tokens])
+
+    @property
+    def count(self) -> int:
+        return 0 if self.drafted is None else int(self.drafted.shape[0])
+
+    @property
+    def tokens(self) -> list[int]:
+        if self._tokens is None:
+            self._tokens = [] if self.drafted is None else [int(t) for t in self.drafted.tolist()]
+        return self._tokens
 
 
 def _pick(logits: mx.array, sampling: SamplingParams | None, seed_index: tuple[int, int], step: int) -> tuple[mx.array, mx.array | None]:
@@ -97,7 +119,9 @@ class Drafter:
         sampling: SamplingParams | None,
         seed_index: tuple[int, int],
         agree: Agree | None = None,
+        lazy: bool = False,
     ) -> Proposal:
+        """Draft up to ``k`` tokens after ``bonus`` (``lazy``: do not wait for them)."""
         raise NotImplementedError
 
     def commit(self, drafts: list[int], accepted: int, hidden: mx.array | None) -> None:
@@ -127,6 +151,7 @@ class DraftModelDrafter(Drafter):
         sampling: SamplingParams | None,
         seed_index: tuple[int, int],
         agree: Agree | None = None,
+        lazy: bool = False,
     ) -> Proposal:
         assert k >= 1, k
         feed = self.pending + [int(bonus)]
@@ -153,8 +178,14 @@ class DraftModelDrafter(Drafter):
                 break
         drafted = mx.concatenate(tokens)
         q_all = mx.concatenate(qs) if qs else None
-        mx.eval(drafted, q_all if q_all is not None else [], [c.state for c in self.cache])
-        return Proposal(tokens=[int(t) for t in drafted.tolist()], q_logprobs=q_all)
+        work = [drafted, q_all if q_all is not None else [], [c.state for c in self.cache]]
+        if lazy:
+            mx.async_eval(*work)
+            return Proposal(drafted=drafted, q_logprobs=q_all)
+        mx.eval(*work)
+        proposal = Proposal(drafted=drafted, q_logprobs=q_all)
+        proposal.tokens  # noqa: B018 (read back now)
+        return proposal
 
     def commit(self, drafts: list[int], accepted: int, hidden: mx.array | None) -> None:
         k = len(drafts)
@@ -214,10 +245,11 @@ class MtpDrafter(Drafter):
         sampling: SamplingParams | None,
         seed_index: tuple[int, int],
         agree: Agree | None = None,
+        lazy: bool = False,
     ) -> Proposal:
         assert k >= 1, k
         if self.pending_hidden is None:
-            return Proposal(tokens=[])
+            return Proposal.of([])
         tokens_in = mx.array(self.pending_tokens + [int(bonus)], dtype=mx.uint32)
         hidden_in = self.pending_hidden[None]
         self.pending_hidden, self.pending_tokens = None, []
@@ -242,11 +274,19 @@ class MtpDrafter(Drafter):
             embeds = self.target.embed(token)[None]
         out = mx.concatenate(drafted)
         q_all = mx.concatenate(qs) if qs else None
-        mx.eval(out, q_all if q_all is not None else [], [c.state for cache in self.cache for c in cache])
+        work = [out, q_all if q_all is not None else [], [c.state for cache in self.cache for c in cache]]
+        if lazy:
+            mx.async_eval(*work)
+        else:
+            mx.eval(*work)
         # Chained steps wrote positions built from MTP (not target) hidden states.
+        # (Trimming only moves offsets, so it is safe while the writes are pending.)
         for step in range(1, len(drafted)):
             trim_cache(self.cache[min(step, self.heads.count - 1)], 1)
-        return Proposal(tokens=[int(t) for t in out.tolist()], q_logprobs=q_all)
+        proposal = Proposal(drafted=out, q_logprobs=q_all)
+        if not lazy:
+            proposal.tokens  # noqa: B018 (read back now)
+        return proposal
 
     def commit(self, drafts: list[int], accepted: int, hidden: mx.array | None) -> None:
         assert 0 <= accepted <= len(drafts), (accepted, len(drafts))

@@ -64,7 +64,7 @@ from skulk.core.instances import RunnerSpec
 from skulk.engine.batch import OP_SHUTDOWN, OP_STEP, BatchState, Engine, Plan
 from skulk.engine.shard import LoadedShard, Shard
 from skulk.engine.speculative.collective import TokenAgreement, agree_capability
-from skulk.engine.speculative.drafters import DraftModelDrafter, Drafter, MtpDrafter, Proposal
+from skulk.engine.speculative.drafters import Drafter, DraftModelDrafter, MtpDrafter, Proposal
 from skulk.engine.speculative.rounds import speculative_round
 from skulk.engine.speculative.target import TargetView, cache_length, trim_cache
 
@@ -306,6 +306,7 @@ class SpeculativeEngine(Engine):
         self._counters: dict[str, _Counters] = {}
         self.spec_rounds = 0
         self.spec_plain_steps = 0
+        self.last_counters: _Counters | None = None  # of the last finished stream that speculated
         self._tap: _HiddenTap | None = None
         if speculator.kind == "mtp" and speculator.placement == "local":
             self._tap = _HiddenTap(self._state.shard, speculator.target)
@@ -420,6 +421,7 @@ class SpeculativeEngine(Engine):
             self._drafter = None
         if counters is None or counters.rounds == 0:
             return
+        self.last_counters = counters
         last = self._out[-1]
         assert last.task_id == request.task_id and last.finish_reason is not None, last
         if last.stats is not None:

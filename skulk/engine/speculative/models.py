@@ -68,8 +68,8 @@ class SpecPreset:
     mtp_train_steps: int
     mtp_max_depth: int
     mtp_blocks: int = 1
-    mtp_sequences: int = 48
-    mtp_sequence_tokens: int = 96
+    mtp_sequences: int = 128
+    mtp_sequence_tokens: int = 64
     mtp_learning_rate: float = 3e-4
 
     def __post_init__(self) -> None:
@@ -97,8 +97,8 @@ SPEC_TINY = SpecPreset(
     mtp_train_steps=20,
     mtp_max_depth=3,
     mtp_blocks=2,
-    mtp_sequences=24,
-    mtp_sequence_tokens=64,
+    mtp_sequences=48,
+    mtp_sequence_tokens=48,
 )
 
 SPEC_BENCH = SpecPreset(
@@ -117,7 +117,7 @@ SPEC_BENCH = SpecPreset(
     draft_id="skulk/spec-draft-qwen2",
     draft_layers=1,
     upper_scale=0.025,
-    mtp_train_steps=150,
+    mtp_train_steps=100,
     mtp_max_depth=3,
 )
 
@@ -140,12 +140,15 @@ def read_card(model_dir: Path) -> Any:
     return card_from_toml(path.read_text(), source=str(path))
 
 
-def update_card_runtime(model_dir: Path, **changes: Any) -> Path:
-    """Rewrite ``model_dir``'s card with ``changes`` (card field names) applied.
+def update_card_runtime(card_or_dir: Path, **changes: Any) -> Path:
+    """Rewrite a card (a TOML path, or a model directory's card) with ``changes`` applied.
 
-    The card is re-validated; the file is replaced atomically. Returns its path.
+    ``changes`` are ``ModelCard`` field names. The card is re-validated and
+    written in the canonical layout (comments are not kept); the file is
+    replaced atomically. Returns its path.
     """
-    path = Path(model_dir) / CARD_FILENAME
+    path = Path(card_or_dir)
+    path = path / CARD_FILENAME if path.is_dir() else path
     card = card_from_toml(path.read_text(), source=str(path))
     card = msgspec.structs.replace(card, **changes)
     text = card_to_toml(card)
@@ -230,11 +233,13 @@ _PROMPTS = (
 )
 
 
-def _greedy_sequences(model: Any, tokenizer: Any, preset: SpecPreset) -> list[list[int]]:
-    """Prompts continued greedily by the target, as one batch: the MTP heads' training data.
+def _target_sequences(model: Any, tokenizer: Any, preset: SpecPreset) -> list[list[int]]:
+    """Prompts continued by the target itself, as one batch: the MTP heads' training contexts.
 
-    Every prompt is cut to the shortest prompt's token count so the batch
-    needs no padding (a later pass over the prompts starts them further in).
+    Continuations are *sampled* (temperature 1, fixed key) so the contexts are
+    varied; the training labels are the target's greedy choices in those
+    contexts. Every prompt is cut to the shortest prompt's token count so the
+    batch needs no padding (later passes over the prompts start further in).
     """
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
@@ -245,14 +250,15 @@ def _greedy_sequences(model: Any, tokenizer: Any, preset: SpecPreset) -> list[li
     prompts = []
     for i in range(preset.mtp_sequences):
         ids = encoded[i % len(encoded)]
-        offset = min(len(ids) - width, 2 * (i // len(encoded)))
+        offset = min(len(ids) - width, i // len(encoded))
         prompts.append(ids[offset : offset + width])
     cache = make_prompt_cache(model)
     batch = mx.array(prompts, dtype=mx.uint32)
     logits = model(batch, cache=cache)
     columns = [batch]
-    for _ in range(preset.mtp_sequence_tokens - width):
-        nxt = mx.argmax(logits[:, -1], axis=-1).astype(mx.uint32)[:, None]
+    key = mx.random.key(preset.target.seed)
+    for step in range(preset.mtp_sequence_tokens - width):
+        nxt = mx.random.categorical(logits[:, -1], key=mx.random.split(key, step + 2)[step + 1]).astype(mx.uint32)[:, None]
         columns.append(nxt)
         logits = model(nxt, cache=cache)
         mx.async_eval(logits)
@@ -288,7 +294,7 @@ def _train_mtp(target_dir: Path, preset: SpecPreset) -> dict[str, float]:
     model.freeze()
     view = TargetView(model)
     tokenizer = Tokenizer.from_file(str(target_dir / "tokenizer.json"))
-    data = mx.array(_greedy_sequences(model, tokenizer, preset), dtype=mx.uint32)
+    data = mx.array(_target_sequences(model, tokenizer, preset), dtype=mx.uint32)
     hidden = model.model(data)  # (N, L, H), post-norm
     target_lp = nn.log_softmax(view.head(hidden), axis=-1)
     mx.eval(hidden, target_lp)
@@ -321,6 +327,10 @@ def _train_mtp(target_dir: Path, preset: SpecPreset) -> dict[str, float]:
         same = mx.argmax(lp, axis=-1) == labels[n_train:]
         return float(mx.mean(same.astype(mx.float32)).item())
 
+    # The blocks stay the target's own layers; training fits how the target's
+    # hidden state mixes in (fc) and the norms: few weights, so little data suffices.
+    for block in module.layers:
+        block.freeze()
     before = agreement()
     # Early stopping on held-out agreement: the data set is small, so training
     # past its best point only memorises; the best snapshot (possibly the

@@ -140,7 +140,7 @@ def _model_dims(model: Any) -> tuple[Any, int, float]:
     args = getattr(model, "args", None)
     if args is None:
         raise MtpUnsupported("the model has no args to build an MTP block from")
-    hidden = int(getattr(args, "hidden_size"))
+    hidden = int(args.hidden_size)
     eps = float(getattr(args, "rms_norm_eps", 1e-6))
     return args, hidden, eps
 

@@ -59,10 +59,11 @@ def decide_locally(
 ) -> Decision:
     """Rank-0 decision from the verify logits (j + 1, V)."""
     assert logits is not None, "the decider needs the verify logits"
-    drafts = proposal.tokens
     if sampling is None or sampling.greedy:
-        argmax = mx.argmax(logits, axis=-1).tolist()
-        return accept_greedy(drafts, [int(t) for t in argmax])
+        argmax = mx.argmax(logits, axis=-1)
+        mx.eval(argmax, proposal.drafted if proposal.drafted is not None else [])
+        return accept_greedy(proposal.tokens, [int(t) for t in argmax.tolist()])
+    drafts = proposal.tokens
     p = sampling_logprobs(logits, sampling)
     q = proposal.q_logprobs if drafts else None
     if q is None:
@@ -92,15 +93,19 @@ def speculative_round(
     """
     assert k >= 0, k
     if proposal is None:
-        proposal = Proposal(tokens=[])
+        proposal = Proposal.of([])
         if drafter is not None and k > 0:
-            proposal = drafter.propose(bonus, k, sampling, seed_index, agree)
-    drafts = proposal.tokens
-    assert len(drafts) <= max(k, len(drafts)), (len(drafts), k)
+            # Locally the drafts stay lazy: the verify forward is queued behind
+            # them and one wait covers both (collectives need eager steps).
+            lazy = not target.eager and agree is None
+            proposal = drafter.propose(bonus, k, sampling, seed_index, agree, lazy=lazy)
+    assert proposal.count <= k, (proposal.count, k)
     want_hidden = drafter is not None and drafter.needs_hidden
-    inputs = mx.array([int(bonus)] + drafts, dtype=mx.uint32)
+    head = mx.array([int(bonus)], dtype=mx.uint32)
+    inputs = head if proposal.drafted is None else mx.concatenate([head, proposal.drafted])
     logits, hidden = target.forward(inputs, cache, want_hidden=want_hidden)
     decision = decide(logits, proposal, sampling, seed_index)
+    drafts = proposal.tokens
     m = decision.accepted
     assert 0 <= m <= len(drafts), (m, len(drafts))
     trim_cache(cache, len(drafts) - m)
@@ -152,7 +157,7 @@ def decode_stream(
     want_hidden = drafter is not None and drafter.needs_hidden
     logits, hidden = target.forward(mx.array(prompt, dtype=mx.uint32), cache, want_hidden=want_hidden)
     assert logits is not None
-    first = decide_locally(logits[-1:], Proposal(tokens=[]), sampling, (seed, 0)).tokens[0]
+    first = decide_locally(logits[-1:], Proposal.of([]), sampling, (seed, 0)).tokens[0]
     out = StreamResult(tokens=[first])
     if isinstance(drafter, MtpDrafter):
         assert hidden is not None
