@@ -16,15 +16,20 @@ Random weights agree on nothing, so speculation needs models built for it.
   layers with the same embeddings, final norm and head (a separate model
   directory and model id sharing the tokenizer);
 - *MTP heads* for the target (Qwen3-Next layout, sidecar ``mtp.safetensors``,
-  ``num_nextn_predict_layers = 1`` in ``config.json``), trained for
-  ``mtp_train_steps`` Adam steps to match the target's own next-next-token
-  distribution on sequences the target generated greedily from the corpus.
+  ``num_nextn_predict_layers = 1`` in ``config.json``): blocks copied from
+  the target's first layers, ``fc`` passing the next token's embedding
+  through, then up to ``mtp_train_steps`` Adam steps on the target's own
+  greedy choices in contexts it generated itself, keeping the snapshot with
+  the best held-out agreement (``_train_mtp``). Figures go to
+  ``skulk_spec.json`` in the target's directory.
 
 The target's card names the draft (``draft_model``) and carries
 ``mtp_max_depth``; ``weight_bytes`` includes the MTP sidecar, which the runner
 loads too.
 
-Everything is seeded; directories appear atomically (written to a temporary
+Everything is seeded (MLX's CPU arithmetic makes the trained heads
+reproducible on one machine, not byte-identical across machines, unlike
+``skulk.engine.models``); directories appear atomically (written to a temporary
 sibling and renamed), so concurrent callers never see half a model.
 """
 
