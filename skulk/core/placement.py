@@ -60,6 +60,7 @@ from skulk.core.instances import (
     RingHop,
     ShardAssignments,
     ShardMetadata,
+    SpeculationConfig,
     TensorShardMetadata,
 )
 from skulk.core.memory import (
@@ -381,8 +382,32 @@ def _build(
         ephemeral_port=port,
         context_ceiling=ceiling,
         memory_by_node={n: choice.fit.footprints[n].total_bytes for n in order},
+        speculation=speculation_for(card, world),
         generation=generation,
     )
+
+
+DRAFT_MODEL_DEFAULT_DEPTH = 3  # draft tokens per round for a card's draft model
+
+
+def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
+    """The speculative decoding an instance of ``card`` over ``world_size`` ranks runs.
+
+    MTP heads in the checkpoint (``mtp_max_depth > 0``, the depth measured by
+    ``skulk.engine.speculative.tune``) win over a separate draft model; a card
+    that opts out of multi-node speculation gets none on several ranks. The
+    runner may still decline (it reports why), and then no rank speculates.
+    """
+    assert world_size >= 1
+    if world_size > 1 and not card.speculative_multi_node:
+        return SpeculationConfig()
+    if card.mtp_max_depth > 0:
+        return SpeculationConfig(drafter="mtp", depth=card.mtp_max_depth)
+    if card.draft_model:
+        return SpeculationConfig(
+            drafter="draft_model", depth=DRAFT_MODEL_DEFAULT_DEPTH, draft_model_id=ModelId(card.draft_model)
+        )
+    return SpeculationConfig()
 
 
 def ring_port(port_offset: int, config: CoreConfig) -> int:

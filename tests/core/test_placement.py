@@ -583,3 +583,22 @@ def test_the_worked_example_in_the_docs_is_what_placement_computes():
     cut = apply_events(state, [ConnectionLost(connection=c) for c in state.topology.connections if c.kind == "thunderbolt"])
     over_eth = placed(placement.place(cut, command(llama), cards, CONFIG))
     assert {h.kind for h in over_eth.ring} == {"ethernet"}
+
+
+def test_speculation_follows_the_card_mtp_first_then_a_draft_model_and_respects_multi_node_opt_out():
+    from skulk.core.instances import SpeculationConfig
+
+    plain = make_card()
+    assert placement.speculation_for(plain, 1) == SpeculationConfig()
+    mtp = msgspec.structs.replace(plain, mtp_max_depth=2, draft_model="x/draft")
+    assert placement.speculation_for(mtp, 1) == SpeculationConfig(drafter="mtp", depth=2)
+    draft = msgspec.structs.replace(plain, draft_model="x/draft")
+    assert placement.speculation_for(draft, 2) == SpeculationConfig(
+        drafter="draft_model", depth=placement.DRAFT_MODEL_DEFAULT_DEPTH, draft_model_id="x/draft"
+    )
+    single_only = msgspec.structs.replace(mtp, speculative_multi_node=False)
+    assert placement.speculation_for(single_only, 1).drafter == "mtp"
+    assert placement.speculation_for(single_only, 2) == SpeculationConfig()
+    small_mtp = msgspec.structs.replace(mtp, weight_bytes=GB)
+    inst = placed(placement.place(build_state({"a": mem(64 * GB)}, []), command(), cards_of(small_mtp), CONFIG))
+    assert inst.speculation == SpeculationConfig(drafter="mtp", depth=2)
