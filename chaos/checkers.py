@@ -430,11 +430,15 @@ class SafetyChecker:
             deadline, _, req = heapq.heappop(self._deadlines)
             if req.ended:
                 continue
-            if self.host_paused(req.host) or self.master_reachable(req.host, req.session_sent):
-                # Frozen origin, or the master came back in the same session
-                # (a cut shorter than an election): not a dead master; look again later.
+            if self.host_paused(req.host):
+                # A frozen origin cannot end anything: give it its pause back.
                 self._deadline_seq += 1
                 heapq.heappush(self._deadlines, (now + 1.0, self._deadline_seq, req))
+                continue
+            if self.master_reachable(req.host, req.session_sent):
+                # The master came back in the same session (a cut shorter than an
+                # election): it was not dead after all. A later loss sets a new deadline.
+                req.end_deadline = None
                 continue
             self._fail(
                 8,

@@ -68,10 +68,11 @@ from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, 
 
 from sim.network import probe_reachable
 
-if TYPE_CHECKING:
-    from skulk.core.node import CoreNode
+from skulk.core.node import CoreNode
 
-    from sim.runners import SimRunner
+from sim.runners import SimRunner
+
+if TYPE_CHECKING:
     from sim.world import World
 
 __all__ = ["SimHost", "GIB"]
@@ -163,8 +164,6 @@ class SimHost:
 
     def boot(self) -> None:
         """Start a node process from the last persisted record."""
-        from skulk.core.node import CoreNode
-
         assert self.node is None, f"{self.id} is already up"
         assert not self.stopped_for_good, f"{self.id} was stopped for good"
         self.boots += 1
@@ -321,8 +320,6 @@ class SimHost:
     # --- runners ------------------------------------------------------------------------------------------
 
     def _start_runner(self, effect: StartRunner) -> None:
-        from sim.runners import SimRunner
-
         spec = effect.spec
         old = self.runners.get(spec.runner_id)
         assert old is None or not old.alive, f"{self.id}: runner {spec.runner_id} started twice"

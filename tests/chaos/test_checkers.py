@@ -246,3 +246,16 @@ def test_invariant_8_a_request_on_a_lost_master_must_end_by_its_deadline() -> No
     with pytest.raises(SafetyViolation) as v:
         checker.check_deadlines()
     assert v.value.invariant == 8
+
+
+def test_invariant_8_a_master_that_comes_back_in_its_session_clears_the_deadline() -> None:
+    back: set[str] = set()
+    checker, now = _checker(master_reachable=lambda h, s: h in back)
+    req = SimpleNamespace(cid="c", host=N2, end_deadline=5.0, ended=False, session_sent=S1, submitted_at=0.0)
+    checker.request_deadline(req)
+    back.add(N2)  # a cut shorter than an election: the master of S1 is reachable again
+    now[0] = 6.0
+    checker.check_deadlines()
+    assert req.end_deadline is None, "not on a dead master: no deadline any more"
+    now[0] = 60.0
+    checker.check_deadlines()  # nothing left to enforce until the master is lost again
