@@ -79,7 +79,7 @@ class Requests:
         effects: list[Effect] = []
         if session is not None:
             effects += self._send(now, entry, session)
-        effects.append(self._arm(entry, now + self._retry_delay(entry, now)))
+        effects.append(self._arm(entry, self._next_try(entry, now)))
         return effects
 
     def abandon(self, now: float, command_id: CommandId, session: Session | None) -> list[Effect]:
@@ -112,7 +112,7 @@ class Requests:
         if answered_in is not None and answered_in != entry.sent_session:
             return []
         if result.status == "pending":
-            if now - entry.submitted_at >= self.config.command_deadline_s:
+            if self._past_deadline(entry, now):
                 return self._fail(result.command_id, self._deadline_result(entry, result.message))
             entry.retry_at = now + self.config.command_retry_s
             return [self._arm(entry, entry.retry_at)]
@@ -188,19 +188,27 @@ class Requests:
             return self._error(cid, entry, "the request completed but its last chunk never arrived", "stream_lost")
         if entry.accepted:
             return []
-        if now - entry.submitted_at >= self.config.command_deadline_s:
+        if self._past_deadline(entry, now):
             return self._fail(cid, self._deadline_result(entry, ""))
         effects: list[Effect] = []
         if session is not None:
             effects += self._send(now, entry, session)
-        effects.append(self._arm(entry, now + self._retry_delay(entry, now)))
+        effects.append(self._arm(entry, self._next_try(entry, now)))
         return effects
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _retry_delay(self, entry: _Open, now: float) -> float:
-        left = entry.submitted_at + self.config.command_deadline_s - now
-        return max(0.0, min(self.config.command_retry_s, left))
+    def _deadline(self, entry: _Open) -> float:
+        return entry.submitted_at + self.config.command_deadline_s
+
+    def _past_deadline(self, entry: _Open, now: float) -> bool:
+        # The same expression as the timer armed for it (_next_try), so a timer
+        # that fires exactly at the deadline always sees it passed.
+        return now >= self._deadline(entry)
+
+    def _next_try(self, entry: _Open, now: float) -> float:
+        """When to re-send: after ``command_retry_s``, but never past the deadline."""
+        return min(now + self.config.command_retry_s, self._deadline(entry))
 
     def _deadline_result(self, entry: _Open, detail: str) -> CommandResult:
         cid = entry.command.command_id
