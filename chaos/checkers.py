@@ -428,8 +428,8 @@ class SafetyChecker:
         now = self.clock()
         while self._deadlines and self._deadlines[0][0] < now:
             deadline, _, req = heapq.heappop(self._deadlines)
-            if req.ended:
-                continue
+            if req.ended or req.end_deadline is None or deadline < req.end_deadline:
+                continue  # ended, cleared, or superseded by a later loss's deadline
             if self.host_paused(req.host):
                 # A frozen origin cannot end anything: give it its pause back.
                 self._deadline_seq += 1

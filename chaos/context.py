@@ -96,6 +96,15 @@ class Context:
                 return InstanceId(iid)
         return None
 
+    def cluster_known(self) -> bool:
+        """The master's state lists every running host, with its memory (placement can see them all)."""
+        master = self.master_host()
+        if master is None or master.node is None or master.node.replica.current is None:
+            return False
+        state = master.node.replica.current
+        running = {h.id for h in self.world.running_hosts()}
+        return running <= set(state.topology.nodes) and running <= set(state.node_memory)
+
     # --- common steps -------------------------------------------------------------------------
 
     def place(
@@ -103,6 +112,9 @@ class Context:
     ) -> Generator[simpy.Event, Any, InstanceId]:
         """Place a model (default: the options' model); ``ScenarioStuck`` if it never is."""
         model = model_id or self.opts.model_id
+        # Right after boot the master may not have indexed every node's telemetry
+        # yet; placing then would see a smaller cluster than there is.
+        yield from self.wait_until(self.cluster_known, timeout_s=self.opts.settle_deadline_s)
         try:
             iid = yield from place_model(self.world, model, deadline_s=self.opts.ready_deadline_s, excluded=excluded, name=name)
         except PlacementFailed as exc:

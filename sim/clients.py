@@ -212,12 +212,17 @@ class ClientHub:
                 self.world.notify("request_deadline", req)
 
     def master_lost(self, session: Session, hosts: list[NodeId]) -> None:
-        """The master of ``session`` is gone for ``hosts``: their requests sent there must end."""
+        """The master of ``session`` is gone for ``hosts``: their requests sent there must end.
+
+        ``hosts`` heard the master until this fault, so an earlier loss had
+        ended (the master came back in the same session): the bound counts
+        from this loss.
+        """
         bound = self.world.opts.failover_end_bound_s
         for h in hosts:
             for cid in sorted(self.open[h]):
                 req = self.open[h][cid]
-                if req.session_sent == session and req.end_deadline is None:
+                if req.session_sent == session:
                     req.end_deadline = self.env.now + bound
                     self.world.notify("request_deadline", req)
 
