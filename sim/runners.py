@@ -18,9 +18,11 @@ instance). It reports statuses the way the real runner does:
   (``prompt tokens / prefill_tps``) then streams ``TokenChunk``s of
   ``runner_tokens_per_chunk`` tokens at ``decode_tps``, the last one with a
   finish reason and usage. At most ``max_concurrent_requests`` run at once;
-  the rest queue. The runner enforces ``spec.context_ceiling``: a prompt that
-  fills the window is refused before prefill, an omitted ``max_tokens`` is
-  clamped to what is left (``finish_reason="length"``). Busy and idle edges
+  the rest queue. The runner enforces ``spec.context_ceiling`` with the
+  core's ``admit`` (as the real runner does): a prompt that fills the window,
+  or an explicit ``max_tokens`` that does not fit beside it, is refused before
+  prefill; an omitted ``max_tokens`` is clamped to what is left
+  (``finish_reason="length"``). Busy and idle edges
   are reported as ``Running`` and ``Ready``.
 - **Faults.** A crash exits with a non-zero code (1 on load, -11 mid-task);
   a wedged runner goes silent and exits with code 86 after
@@ -39,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
+from skulk.core.admission import Refused, admit
 from skulk.core.ids import InstanceId, TaskId
 from skulk.core.inputs import RunnerExited, RunnerOutput, RunnerStatusObserved
 from skulk.core.instances import (
@@ -361,23 +364,25 @@ class SimRunner:
     def _generate(self, run: _TaskRun) -> Generator[simpy.Event, Any, None]:
         opts = self.world.opts
         task = run.task
-        ceiling = self.spec.context_ceiling
         prompt = prompt_tokens_of(task)
-        if prompt >= ceiling:
+        # The same decision the real runner makes after tokenising (skulk.engine.batch):
+        # a prompt that fills the window, or an explicit max_tokens that does not fit
+        # beside it, is refused before prefill; an omitted max_tokens is clamped.
+        decision = admit(
+            prompt_tokens=prompt,
+            max_tokens=task.params.max_tokens,
+            ceiling=self.spec.context_ceiling,
+            default_max_tokens=DEFAULT_MAX_OUTPUT_TOKENS,
+        )
+        if isinstance(decision, Refused):
             self._finish(run)
             self._emit(
                 run,
                 finish_reason="error",
-                error=ChunkError(
-                    message=f"context_length_exceeded: the prompt has {prompt} tokens; this instance holds {ceiling}",
-                    type="invalid_request_error",
-                    code="context_length_exceeded",
-                ),
+                error=ChunkError(message=decision.message, type=decision.type, code=decision.code),
             )
             return
-        room = ceiling - prompt
-        asked = task.params.max_tokens
-        limit = min(room, asked if asked is not None else DEFAULT_MAX_OUTPUT_TOKENS)
+        limit = decision.max_tokens
         natural = 1 + int(self.rng.expovariate(1.0 / max(1, opts.client_output_tokens_mean)))
         count = max(1, min(limit, natural))
         finish = "stop" if natural <= limit else "length"
