@@ -106,13 +106,19 @@ def canonical_digest(state: State) -> bytes:
 class SafetyViolation(Exception):
     """A safety invariant broke; ``invariant`` is its number in DESIGN.md section 6."""
 
-    def __init__(self, invariant: int, message: str, *, t: float, host: str | None) -> None:
-        where = f" on {host}" if host else ""
-        super().__init__(f"invariant {invariant} ({INVARIANTS[invariant]}) violated at t={t:.6f}{where}: {message}")
+    def __init__(self, invariant: int, message: str, t: float, host: str | None) -> None:
+        # simpy re-raises an exception that escaped a process (a violation found
+        # inside a client's or a runner's process) as ``type(exc)(*exc.args)``:
+        # the args must rebuild the very same violation.
+        super().__init__(invariant, message, t, host)
         self.invariant = invariant
         self.detail = message
         self.t = t
         self.host = host
+
+    def __str__(self) -> str:
+        where = f" on {self.host}" if self.host else ""
+        return f"invariant {self.invariant} ({INVARIANTS[self.invariant]}) violated at t={self.t:.6f}{where}: {self.detail}"
 
 
 # Reference states kept per session (the most recent), and the checkpoint spacing.
