@@ -287,6 +287,21 @@ class Faults:
         self._with_master_watch(change)
         return self._record("vpn_only", f"{a}<->{b}", undo)
 
+    def ring_address_unreachable(self, address: str) -> Fault:
+        """Ring connections to ``address`` ("ip:port") fail until healed.
+
+        A stale listener or a firewall on the ring port: the node's API and its
+        link probes still answer, so the link stays observed. Felt only with
+        ``ring_data_plane`` (runners then cannot form a ring through it).
+        """
+        net = self.world.network
+        net.block_ring_address(address, True)
+
+        def undo() -> None:
+            net.block_ring_address(address, False)
+
+        return self._record("ring_address_unreachable", address, undo)
+
     def loss_burst(self) -> Fault:
         net = self.world.network
         net.burst += 1

@@ -395,7 +395,7 @@ class SimHost:
                     LinkProbed(
                         sink=other,
                         address=link.address_of(other),
-                        kind=link.kind,  # type: ignore[arg-type]
+                        kind=link.label,  # type: ignore[arg-type]  (what the node advertises)
                         reachable=probe_reachable(net, self.id, other, link),
                     )
                 )

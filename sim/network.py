@@ -28,6 +28,14 @@ A paused host's own view is frozen until it resumes.
 Fault state is reference counted per direction or link, so overlapping faults
 (a partition during a clog) compose and heal independently.
 
+The runners' data plane (with ``ring_data_plane``): ring rank ``r - 1``
+reaches rank ``r`` at its ring address ``ip:port`` only over a link between
+their hosts that is up and whose address there is ``ip``, and only while that
+address is not blocked (``ring_blocked``: a stale listener or a firewall on
+the ring port, while the node's API and its probes still answer). Partitions
+and clogs cut the control plane only. ``changed`` fires after every change of
+links, faults or hosts, so runners can re-check their ring.
+
 Invariants kept: nothing is delivered over a cut direction or to a host that
 is down; the in-flight count of a direction never exceeds its capacity;
 membership changes reach the core only as ``PeersChanged`` with a sorted,
@@ -58,12 +66,17 @@ KIND_PREFERENCE: dict[str, int] = {"thunderbolt": 0, "ethernet": 1, "wifi": 2, "
 class Link:
     """One physical path between hosts ``a`` and ``b`` (undirected)."""
 
-    __slots__ = ("kind", "a", "b", "address_a", "address_b", "median_ms", "down")
+    __slots__ = ("kind", "a", "b", "address_a", "address_b", "median_ms", "down", "label")
 
-    def __init__(self, kind: str, a: NodeId, b: NodeId, address_a: str, address_b: str, median_ms: float) -> None:
+    def __init__(
+        self, kind: str, a: NodeId, b: NodeId, address_a: str, address_b: str, median_ms: float, *, label: str | None = None
+    ) -> None:
         assert kind in KIND_PREFERENCE, kind
         assert a < b, "links are stored with their ends sorted"
         self.kind = kind
+        # The kind the hosts advertise for it (probes report this): normally the
+        # kind itself; a VPN on an interface named like ethernet is labelled "ethernet".
+        self.label = kind if label is None else label
         self.a = a
         self.b = b
         self.address_a = address_a
@@ -117,6 +130,9 @@ class Network:
         self.dropped_cut = 0
         self._tail_p = opts.latency_tail_probability
         self._reorder_p = opts.reorder_probability
+        # Data plane: ring addresses ("ip:port") whose connections fail, reference counted.
+        self.ring_blocked: dict[str, int] = {}
+        self.changed = self.env.event()
 
     # --- construction ------------------------------------------------------------
 
@@ -263,6 +279,8 @@ class Network:
 
     def refresh(self) -> None:
         """Re-derive who hears whom after any fault or lifecycle change."""
+        if self.opts.ring_data_plane:
+            self._poke()
         hosts = self.world.hosts
         ids = self.world.host_ids
         for a in ids:
@@ -314,6 +332,32 @@ class Network:
 
     def visible_peers(self, a: NodeId) -> list[NodeId]:
         return sorted(self.view.get(a, ()))
+
+    # --- data plane (runner rings) ---------------------------------------------------------------
+
+    def _poke(self) -> None:
+        """Wake whoever waits on ``changed`` (runners re-checking their ring)."""
+        event, self.changed = self.changed, self.env.event()
+        event.succeed()
+
+    def block_ring_address(self, address: str, blocked: bool) -> None:
+        """Make ring connections to ``address`` ("ip:port") fail, or stop doing so."""
+        count = self.ring_blocked.get(address, 0) + (1 if blocked else -1)
+        assert count >= 0, f"unblock {address} that is not blocked"
+        if count:
+            self.ring_blocked[address] = count
+        else:
+            del self.ring_blocked[address]
+        self._poke()
+
+    def ring_hop_reachable(self, src: NodeId, dst: NodeId, address: str) -> bool:
+        """Can a rank on ``src`` connect to the rank on ``dst`` listening at ``address`` ("ip:port")?"""
+        if address in self.ring_blocked:
+            return False
+        ip = address.rsplit(":", 1)[0].strip("[]")
+        if src == dst:
+            return True  # loopback
+        return any(link.up and link.address_of(dst) == ip for link in self.links.get(_pair(src, dst), ()))
 
 
 def probe_reachable(net: Network, a: NodeId, b: NodeId, link: Link) -> bool:

@@ -90,6 +90,13 @@ class SimOptions:
     thunderbolt_pair_fraction: float = knob(0.3, "share of node pairs also joined by a Thunderbolt cable", "fraction")
     wifi_node_fraction: float = knob(0.2, "share of nodes on Wi-Fi instead of Ethernet", "fraction")
     vpn_pairs: bool = knob(True, "every pair can also reach each other over a VPN (Tailscale)", "bool")
+    vpn_interface_name: str = knob("utun3", "name of each node's VPN interface", "name")
+    vpn_interface_kind: str = knob(
+        "vpn", "kind each node advertises (and its probes report) for its VPN interface; 'ethernet' mimics a VPN "
+        "on an interface named like ethernet", "name")
+    ring_data_plane: bool = knob(
+        False, "runner rings follow the links: a rank is reached only over an up link at its ring address, and a "
+        "formed ring breaks when a hop's link stays down", "bool")
     latency_ms_thunderbolt: float = knob(0.05, "median one-way latency over Thunderbolt", "ms")
     latency_ms_ethernet: float = knob(0.3, "median one-way latency over Ethernet", "ms")
     latency_ms_wifi: float = knob(3.0, "median one-way latency over Wi-Fi", "ms")
@@ -179,6 +186,8 @@ class SimOptions:
             if f.metadata.get("unit") in ("s", "ms", "GiB", "GB/s", "tokens/s", "count", "tokens", "events"):
                 values = value if isinstance(value, tuple) else (value,)
                 assert all(v >= 0 for v in values), f"{f.name} must not be negative, got {value}"
+        assert self.vpn_interface_kind in (*LINK_KINDS, "unknown"), f"unknown link kind {self.vpn_interface_kind!r}"
+        assert self.vpn_interface_name, "the VPN interface needs a name"
         unknown = sorted(set(self.fault_kinds) - set(FAULT_KINDS))
         assert not unknown, f"unknown fault kinds {unknown}; known: {', '.join(FAULT_KINDS)}"
         assert self.fault_duration_s_min <= self.fault_duration_s_max

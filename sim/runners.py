@@ -11,7 +11,12 @@ instance). It reports statuses the way the real runner does:
 - **Group connect.** A rank of a multi-rank instance waits until every rank
   of its instance is up (a ``Group``), bounded by the spec's group-connect
   deadline; on expiry it reports ``RunnerFailed`` with a diagnosis naming the
-  missing rank and its address, then exits with code 1.
+  missing rank and its address, then exits with code 1. With
+  ``ring_data_plane`` the ring also needs every hop: rank ``r - 1`` must reach
+  rank ``r`` at its hostfile address (``Network.ring_hop_reachable``); on
+  expiry the diagnosis names the first rank that could not be reached, its
+  address and the rank that tried. A formed ring whose hop stays unreachable
+  for ``runner_peer_loss_exit_s`` breaks: every rank exits with code 1.
 - **Load.** Takes ``shard bytes / runner_load_gbps``; the footprint then
   counts against the host's available memory (telemetry sees it).
 - **Serving.** Only rank 0 receives tasks. Each task prefills
@@ -178,22 +183,28 @@ class SimRunner:
         if spec.shard.world_size > 1:
             self._report(RunnerConnecting())
             deadline = self.env.now + spec.group_connect_deadline_s
+            net = self.world.network
             while True:
-                while not self.group.complete():
+                while not self._ring_formable():
                     remaining = deadline - self.env.now
                     if remaining <= 0:
                         self._group_connect_failed()
                         return
-                    yield self.env.any_of([self.group.changed, self.env.timeout(remaining)])
+                    waits = [self.group.changed, self.env.timeout(remaining)]
+                    if opts.ring_data_plane:
+                        waits.append(net.changed)
+                    yield self.env.any_of(waits)
                     if self._dead():
                         return
                 yield self.env.timeout(opts.runner_connect_s)
                 if self._dead():
                     return
-                if self.group.complete():
+                if self._ring_formable():
                     break
             self.connected = True
             self._report(RunnerConnected())
+            if opts.ring_data_plane:
+                self.env.process(self._watch_ring())
         host = self.host
         crash_on_load = host.crash_loop > 0 or (
             opts.runner_crash_on_load_probability > 0 and self.rng.random() < opts.runner_crash_on_load_probability
@@ -232,20 +243,57 @@ class SimRunner:
         self._report(RunnerReady(context_ceiling=spec.context_ceiling))
         self._pump()
 
+    def _unreachable_rank(self) -> int | None:
+        """With the data plane on and every rank up: the first rank its predecessor cannot reach."""
+        if not self.world.opts.ring_data_plane or not self.group.complete():
+            return None
+        net = self.world.network
+        ranks = self.group.ranks
+        hosts = self.spec.hosts
+        assert len(hosts) == self.group.world_size, (hosts, self.group.world_size)
+        for rank in range(self.group.world_size):
+            pred = ranks[(rank - 1) % self.group.world_size]
+            if not net.ring_hop_reachable(pred.host.id, ranks[rank].host.id, hosts[rank]):
+                return rank
+        return None
+
+    def _ring_formable(self) -> bool:
+        """Every rank is up and (with the data plane on) every hop of the ring connects."""
+        return self.group.complete() and self._unreachable_rank() is None
+
+    def _watch_ring(self) -> Generator[simpy.Event, Any, None]:
+        """A formed ring breaks when one of its hops stays unreachable (data plane on)."""
+        net = self.world.network
+        while True:
+            yield net.changed
+            if self._dead() or not self.group.complete():
+                return  # gone, or a rank left (``peer_lost`` handles that)
+            if self._unreachable_rank() is not None:
+                self.world.call_later(self.world.opts.runner_peer_loss_exit_s, self._ring_broken_exit)
+                return
+
+    def _ring_broken_exit(self) -> None:
+        if self.alive and not self.stopping and not self.wedged and self._unreachable_rank() is not None:
+            self.exit(PEER_LOST_EXIT_CODE)
+        elif self.alive and not self.stopping and not self.wedged:
+            self.env.process(self._watch_ring())  # the hop came back in time: TCP rode it out
+
     def _group_connect_failed(self) -> None:
         missing = self.group.missing()
-        rank = missing[0] if missing else -1
+        unreachable = None if missing else self._unreachable_rank()
+        rank = missing[0] if missing else (-1 if unreachable is None else unreachable)
         address = self.spec.hosts[rank] if 0 <= rank < len(self.spec.hosts) else "unknown address"
-        self._report(
-            RunnerFailed(
-                error_message=(
-                    f"group connect deadline ({self.spec.group_connect_deadline_s:g} s) expired: "
-                    f"rank {rank} at {address} never connected"
-                ),
-                permanent=False,
-                code=GROUP_CONNECT_TIMEOUT,
+        deadline = f"group connect deadline ({self.spec.group_connect_deadline_s:g} s) expired"
+        if unreachable is not None:
+            world = self.group.world_size
+            pred = self.group.ranks[(unreachable - 1) % world]
+            text = (
+                f"{deadline}: rank {unreachable} at {address} is unreachable from rank {pred.rank} "
+                f"on node {pred.host.id}"
             )
-        )
+        else:
+            text = f"{deadline}: rank {rank} at {address} never connected"
+        self._report(RunnerFailed(error_message=text, permanent=False, code=GROUP_CONNECT_TIMEOUT))
         self.exit(1)
 
     def _shard_bytes(self) -> int:

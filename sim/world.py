@@ -150,7 +150,13 @@ class World:
             if i in has_tb:
                 interfaces.append(NetworkInterface(name="bridge0", ip_address=f"169.254.0.{10 + i}", kind="thunderbolt"))
             if opts.vpn_pairs:
-                interfaces.append(NetworkInterface(name="utun3", ip_address=f"100.64.0.{10 + i}", kind="vpn"))
+                interfaces.append(
+                    NetworkInterface(
+                        name=opts.vpn_interface_name,
+                        ip_address=f"100.64.0.{10 + i}",
+                        kind=opts.vpn_interface_kind,  # type: ignore[arg-type]
+                    )
+                )
             offset = rng.uniform(-opts.clock_offset_s_max, opts.clock_offset_s_max)
             rate = 1.0 + rng.uniform(-opts.clock_drift_ppm_max, opts.clock_drift_ppm_max) * 1e-6
             self.hosts[nid] = SimHost(
@@ -182,7 +188,10 @@ class World:
                     )
                 if opts.vpn_pairs:
                     self.network.add_link(
-                        Link("vpn", na, nb, f"100.64.0.{10 + a}", f"100.64.0.{10 + b}", opts.latency_ms_vpn)
+                        Link(
+                            "vpn", na, nb, f"100.64.0.{10 + a}", f"100.64.0.{10 + b}", opts.latency_ms_vpn,
+                            label=opts.vpn_interface_kind,
+                        )
                     )
 
     # --- scheduling -------------------------------------------------------------------------
