@@ -19,7 +19,10 @@ passed in as ``now``; nothing here starts, stops or waits for anything.
   retried, and it does not re-arm by itself.
 - **Deadlines.** A started runner must report within 120 s; a connecting one
   must finish group connect within its deadline; a loaded or warming-up one
-  must be ready within 300 s.
+  must be ready within 300 s. Group connect is the runner's own deadline (it
+  reports ``RunnerFailed`` with a diagnosis naming the unreachable rank); the
+  worker's deadline is a backstop ``GROUP_CONNECT_REPORT_GRACE_S`` later, so
+  that diagnosis arrives first instead of racing a bare "did not connect".
 - **Pre-spawn memory guard.** Before starting a runner, the worker checks the
   instance's stamped footprint for this node against the node's usable memory
   now, less what other not-yet-loaded instances there have reserved (the same
@@ -62,6 +65,7 @@ from skulk.core.state import State
 
 __all__ = [
     "WEDGE_EXIT_CODE",
+    "GROUP_CONNECT_REPORT_GRACE_S",
     "RunnerState",
     "TRANSITIONS",
     "state_of",
@@ -80,6 +84,10 @@ __all__ = [
 ]
 
 WEDGE_EXIT_CODE = 86  # the runner's own exit code when its GPU made no progress past a deadline
+# The runner enforces the group-connect deadline itself and then probes every
+# other rank (1 s each, up to 15 of them) to name the unreachable one; the
+# worker's backstop waits this much longer so that report is not pre-empted.
+GROUP_CONNECT_REPORT_GRACE_S = 20.0
 
 
 # --- lifecycle ------------------------------------------------------------------------------
@@ -291,7 +299,8 @@ def deadline_for(state: RunnerState | None, entered_at: float, config: CoreConfi
     """The deadline of a runner that entered ``state`` (None: started, no report yet) at ``entered_at``.
 
     Started or idle: first report (``first_report_deadline_s``, 120 s).
-    Connecting or connected: group connect (``group_connect_deadline_s``).
+    Connecting or connected: group connect (``group_connect_deadline_s``),
+    plus ``GROUP_CONNECT_REPORT_GRACE_S`` for the runner's own diagnosis.
     Loaded or warming up: warmup (``warmup_deadline_s``, 300 s). Loading
     has no deadline here (big models load slowly; the runner's own wedge
     detection covers a stuck load); serving and terminal states none.
@@ -300,6 +309,15 @@ def deadline_for(state: RunnerState | None, entered_at: float, config: CoreConfi
         limit, kind, what = config.first_report_deadline_s, "first_report", "report progress"
     elif state in (S.CONNECTING, S.CONNECTED):
         limit, kind, what = config.group_connect_deadline_s, "group_connect", "complete group connect"
+        assert limit > 0, (kind, limit)
+        return Deadline(
+            kind=kind,
+            at=entered_at + limit + GROUP_CONNECT_REPORT_GRACE_S,
+            message=(
+                f"runner did not {what} within {limit:g} s, nor report why within "
+                f"{GROUP_CONNECT_REPORT_GRACE_S:g} s more"
+            ),
+        )
     elif state in (S.LOADED, S.WARMING_UP):
         limit, kind, what = config.warmup_deadline_s, "warmup", "become ready"
     else:

@@ -194,17 +194,19 @@ def test_the_breaker_trips_at_most_once_per_crash_loop(gaps, wedge_at):
 
 
 def test_deadlines_follow_the_runner_state():
+    # Group connect: the worker's backstop leaves the runner time to report its own diagnosis.
+    grace = runner_policy.GROUP_CONNECT_REPORT_GRACE_S
     cases = {
-        None: ("first_report", 120.0),
-        RunnerState.IDLE: ("first_report", 120.0),
-        RunnerState.CONNECTING: ("group_connect", 120.0),
-        RunnerState.CONNECTED: ("group_connect", 120.0),
-        RunnerState.LOADED: ("warmup", 300.0),
-        RunnerState.WARMING_UP: ("warmup", 300.0),
+        None: ("first_report", 120.0, 0.0),
+        RunnerState.IDLE: ("first_report", 120.0, 0.0),
+        RunnerState.CONNECTING: ("group_connect", 120.0, grace),
+        RunnerState.CONNECTED: ("group_connect", 120.0, grace),
+        RunnerState.LOADED: ("warmup", 300.0, 0.0),
+        RunnerState.WARMING_UP: ("warmup", 300.0, 0.0),
     }
-    for state, (kind, limit) in cases.items():
+    for state, (kind, limit, extra) in cases.items():
         deadline = runner_policy.deadline_for(state, 10.0, CONFIG)
-        assert deadline is not None and (deadline.kind, deadline.at) == (kind, 10.0 + limit)
+        assert deadline is not None and (deadline.kind, deadline.at) == (kind, 10.0 + limit + extra)
         assert f"{limit:g} s" in deadline.message
     S = RunnerState
     for state in (S.LOADING, S.READY, S.RUNNING, S.FAILED, S.SHUT_DOWN):
