@@ -157,6 +157,8 @@ class SimRunner:
         self.exit_code: int | None = None
         inst = host.node.state.instances.get(spec.instance_id) if host.node is not None else None
         self.footprint_bytes = inst.memory_by_node.get(host.id, 0) if inst is not None else 0
+        # The node of each rank (ring order), for the data plane's hop checks.
+        self.ring_nodes = tuple(h.node_id for h in inst.ring) if inst is not None else ()
         self.group = world.group(spec.instance_id, spec.shard.world_size)
         self.group.join(self)
         world.runners_started += 1
@@ -244,16 +246,20 @@ class SimRunner:
         self._pump()
 
     def _unreachable_rank(self) -> int | None:
-        """With the data plane on and every rank up: the first rank its predecessor cannot reach."""
-        if not self.world.opts.ring_data_plane or not self.group.complete():
+        """With the data plane on: the first rank its predecessor's node cannot reach at its address.
+
+        A property of the network and the ring (which node holds which rank),
+        whether or not the ranks' runners are up, so every rank that gives up
+        names the same root cause.
+        """
+        if not self.world.opts.ring_data_plane:
             return None
         net = self.world.network
-        ranks = self.group.ranks
+        nodes = self.ring_nodes
         hosts = self.spec.hosts
-        assert len(hosts) == self.group.world_size, (hosts, self.group.world_size)
-        for rank in range(self.group.world_size):
-            pred = ranks[(rank - 1) % self.group.world_size]
-            if not net.ring_hop_reachable(pred.host.id, ranks[rank].host.id, hosts[rank]):
+        assert len(hosts) == len(nodes) == self.group.world_size, (hosts, nodes, self.group.world_size)
+        for rank in range(len(nodes)):
+            if not net.ring_hop_reachable(nodes[rank - 1], nodes[rank], hosts[rank]):
                 return rank
         return None
 
@@ -280,16 +286,17 @@ class SimRunner:
 
     def _group_connect_failed(self) -> None:
         missing = self.group.missing()
-        unreachable = None if missing else self._unreachable_rank()
-        rank = missing[0] if missing else (-1 if unreachable is None else unreachable)
+        # The network's verdict first (the root cause), then ranks that are not up.
+        unreachable = self._unreachable_rank()
+        rank = unreachable if unreachable is not None else (missing[0] if missing else -1)
         address = self.spec.hosts[rank] if 0 <= rank < len(self.spec.hosts) else "unknown address"
         deadline = f"group connect deadline ({self.spec.group_connect_deadline_s:g} s) expired"
         if unreachable is not None:
             world = self.group.world_size
-            pred = self.group.ranks[(unreachable - 1) % world]
+            pred = (unreachable - 1) % world
             text = (
-                f"{deadline}: rank {unreachable} at {address} is unreachable from rank {pred.rank} "
-                f"on node {pred.host.id}"
+                f"{deadline}: rank {unreachable} at {address} is unreachable from rank {pred} "
+                f"on node {self.ring_nodes[pred]}"
             )
         else:
             text = f"{deadline}: rank {rank} at {address} never connected"
