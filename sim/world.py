@@ -86,10 +86,15 @@ class CoreAssertion(Exception):
     """An assertion inside the core failed while handling an input (a safety failure)."""
 
     def __init__(self, host: NodeId, inp: Input, error: AssertionError) -> None:
-        super().__init__(f"core assertion on {host} handling {type(inp).__name__}: {error}")
+        # simpy re-raises an exception that escaped a process (a runner's or a
+        # client's feed) as ``type(exc)(*exc.args)``: the args rebuild it.
+        super().__init__(host, inp, error)
         self.host = host
         self.inp = inp
         self.error = error
+
+    def __str__(self) -> str:
+        return f"core assertion on {self.host} handling {type(self.inp).__name__}: {self.error}"
 
 
 class World:
