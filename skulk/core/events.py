@@ -126,6 +126,13 @@ class TaskStatusUpdated(TaggedRecord, frozen=True, kw_only=True):
 class TaskFailed(TaggedRecord, frozen=True, kw_only=True):
     task_id: TaskId
     error_message: str
+    # The runner's own error when it refused or failed the task in-band (e.g.
+    # code "context_length_exceeded", type "invalid_request_error"). The origin
+    # answers the client with it whichever reaches it first, this event or the
+    # runner's error chunk. None: the cluster failed the task (a runner died,
+    # its instance went), answered as "task_failed", a server error.
+    code: str | None = None
+    error_type: str | None = None
 
 
 class TaskDeleted(TaggedRecord, frozen=True, kw_only=True):

@@ -149,7 +149,11 @@ class Requests:
             return []
         entry = self._open[cid]
         if isinstance(event, TaskFailed):
-            return self._error(cid, entry, event.error_message, "task_failed")
+            # The runner's own code and type when it gave them (a refusal is the
+            # client's error, not the server's), however the race with its chunk went.
+            return self._error(
+                cid, entry, event.error_message, event.code or "task_failed", error_type=event.error_type or "server_error"
+            )
         if event.outcome == "completed":
             # The last chunk travels separately and may still be on its way.
             entry.linger = True
@@ -238,13 +242,15 @@ class Requests:
         effects.append(CommandCompleted(command_id=cid, result=result))
         return effects
 
-    def _error(self, cid: CommandId, entry: _Open, message: str, code: str) -> list[Effect]:
+    def _error(
+        self, cid: CommandId, entry: _Open, message: str, code: str, *, error_type: str = "server_error"
+    ) -> list[Effect]:
         chunk = TokenChunk(
             command_id=cid,
             task_id=TaskId(derive_id("task", cid)),
             seq=entry.next_seq,
             finish_reason="error",
-            error=ChunkError(message=message, type="server_error", code=code),
+            error=ChunkError(message=message, type=error_type, code=code),
         )
         effects = self._close(cid)
         if not entry.accepted:

@@ -287,7 +287,8 @@ class Worker:
             return []
         self.dispatched.pop(chunk.task_id, None)
         if chunk.error is not None:
-            return [TaskFailed(task_id=chunk.task_id, error_message=chunk.error.message)]
+            err = chunk.error
+            return [TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)]
         outcome = "cancelled" if chunk.finish_reason == "cancelled" else "completed"
         return [TaskDeleted(task_id=chunk.task_id, outcome=outcome)]
 
