@@ -62,8 +62,12 @@ def test_a_single_node_elects_itself_places_the_default_model_and_serves(
             body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}
             reply = await asyncio.to_thread(http_json, base + "/v1/chat/completions", method="POST", body=body,
                                             timeout_s=60)
-            assert reply["choices"][0]["finish_reason"] == "length", reply
-            assert reply["usage"]["completion_tokens"] == 6
+            # Random weights may sample the end-of-sequence token early: either
+            # ending is right, as long as the usage agrees with it.
+            finish = reply["choices"][0]["finish_reason"]
+            assert finish in ("length", "stop"), reply
+            used = reply["usage"]["completion_tokens"]
+            assert used == 6 if finish == "length" else 1 <= used <= 6, reply
             assert await asyncio.to_thread(http_json, base + "/node_id") == cfg.node_id
             metrics = handle.metrics()
             assert metrics["skulk_eventlog_appended_total"] > 0 and metrics["skulk_eventlog_degraded"] == 0
