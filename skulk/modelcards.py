@@ -39,6 +39,7 @@ __all__ = [
     "load_default_cards",
     "read_card_dir",
     "card_for_model_dir",
+    "derive_card",
 ]
 
 CARD_FILENAME = "model_card.toml"  # the card inside a model directory
@@ -139,6 +140,16 @@ def card_for_model_dir(path: Path, *, model_id: str | None = None) -> ModelCard:
     if card_file.is_file():
         card = card_from_toml(card_file.read_text(encoding="utf-8"), source=str(card_file))
         return card if model_id is None else msgspec.structs.replace(card, model_id=ModelId(model_id))
+    return derive_card(path, model_id=model_id)
+
+
+def derive_card(path: Path, *, model_id: str | None = None) -> ModelCard:
+    """Derive a card from ``path/config.json`` and its weight files (ignoring any card file).
+
+    The id defaults to the generator's preset name in the config, else the
+    directory name. Raises ``CardError`` (what is missing, and where).
+    """
+    path = Path(path)
     config_file = path / "config.json"
     if not config_file.is_file():
         raise CardError(f"{path}: not an mlx-lm model directory (no config.json and no {CARD_FILENAME})")
