@@ -89,6 +89,8 @@ class Worker:
         # Runners that must not be (re)started before a time, or ever (inf).
         self._blocked_until: dict[RunnerId, float] = {}
         self._failures: dict[RunnerId, RunnerFailed] = {}
+        self._last_tasks: dict[TaskId, object] | None = None
+        self._last_runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
 
     # --- reconciliation ------------------------------------------------------------
 
@@ -159,39 +161,43 @@ class Worker:
         return [SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=deadline.at)]
 
     def _dispatch(self, now: float, state: State) -> Output:
+        # Nothing to do unless the tasks or our runners changed since the last
+        # pass (apply replaces state.tasks only when a task event is applied),
+        # which keeps a storm of thousands of tasks from costing O(n) per event.
+        runners_key = tuple(
+            (r, e.stopping, isinstance(e.status, RUNNER_SERVING)) for r, e in sorted(self.runners.items())
+        )
+        if state.tasks is self._last_tasks and runners_key == self._last_runners_key:
+            return [], []
+        self._last_tasks = state.tasks
+        self._last_runners_key = runners_key
         effects: list[Effect] = []
         events: list[Event] = []
         for task_id in [t for t in self.dispatched if t not in state.tasks]:
             runner_id = self.dispatched.pop(task_id)
             if runner_id in self.runners:
                 effects.append(CancelRunnerTask(runner_id=runner_id, task_id=task_id))
+        # Instances whose rank-0 runner here is serving: only their tasks can go out.
+        serving: dict[InstanceId, RunnerId] = {}
+        for runner_id, entry in self.runners.items():
+            if entry.stopping or not isinstance(entry.status, RUNNER_SERVING):
+                continue
+            if entry.spec.shard.device_rank == 0:
+                serving[entry.instance.instance_id] = runner_id
+        if not serving:
+            return effects, events
         for task_id in sorted(state.tasks):
             if task_id in self.dispatched:
                 continue
             task = state.tasks[task_id]
-            if task.status == "failed":
-                continue
-            inst = state.instances.get(task.instance_id)
-            if inst is None:
-                continue
-            runner_id = self._rank0_runner_here(inst)
-            if runner_id is None:
-                continue
-            entry = self.runners.get(runner_id)
-            if entry is None or entry.stopping or not isinstance(entry.status, RUNNER_SERVING):
+            runner_id = serving.get(task.instance_id)
+            if runner_id is None or task.status == "failed" or task.instance_id not in state.instances:
                 continue
             self.dispatched[task_id] = runner_id
             effects.append(DispatchTask(runner_id=runner_id, task=task))
             if task.status != "running":
                 events.append(TaskStatusUpdated(task_id=task_id, status="running"))
         return effects, events
-
-    def _rank0_runner_here(self, inst: Instance) -> RunnerId | None:
-        runner_id = inst.shard_assignments.node_to_runner.get(self.node_id)
-        if runner_id is None:
-            return None
-        shard = inst.shard_assignments.runner_to_shard[runner_id]
-        return runner_id if shard.device_rank == 0 else None
 
     # --- runner reports -------------------------------------------------------------
 
