@@ -21,20 +21,19 @@ called from a test or a command-line run, never from the node's loop.
 
 from __future__ import annotations
 
-import random
-import socket
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from skulk.core.events import IndexedEvent
 from skulk.core.session import Session
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
 from skulk.runtime.eventlog import Entry, iter_segments, read_segment
-from skulk.runtime.localcluster import LocalCluster, NodePlan, http_json, plan_local_cluster
+from skulk.runtime.localcluster import FAST_ENV, LocalCluster, NodePlan, free_port_block, http_json, wait_for
+from skulk.runtime.localcluster import loopback_cluster as start_loopback
 
 __all__ = [
     "FAST_ENV",
@@ -45,61 +44,6 @@ __all__ = [
     "models_dir",
     "wait_for",
 ]
-
-T = TypeVar("T")
-
-# Quicker-than-default timings that keep the protocol's shape (the same the
-# runtime's integration tests use): membership lease 2 s, telemetry every 2 s.
-FAST_ENV: dict[str, str] = {
-    "SKULK_LEASE_MS": "2000",
-    "SKULK_PROBE_INTERVAL_SECONDS": "3",
-    "SKULK_PROBE_TIMEOUT_SECONDS": "2",
-    "SKULK_TELEMETRY_INTERVAL_SECONDS": "2",
-    "SKULK_RUNNER_STOP_GRACE_SECONDS": "5",
-    "SKULK_LOG_LEVEL": "INFO",
-}
-
-
-def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float, interval_s: float = 0.1) -> T:
-    """Poll ``fn`` until it returns something truthy; ``TimeoutError`` naming ``what`` otherwise.
-
-    Exceptions from ``fn`` (a node still starting) count as "not yet".
-    """
-    assert timeout_s > 0 and interval_s > 0
-    deadline = time.monotonic() + timeout_s
-    last: object = None
-    while True:
-        try:
-            value = fn()
-            if value:
-                return value
-            last = value
-        except Exception as exc:  # noqa: BLE001 - polling a system that is still starting
-            last = exc
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}; last: {last!r}")
-        time.sleep(interval_s)
-
-
-def _free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(n: int, hosts: list[str], *, low: int = 20_000, high: int = 45_000) -> int:
-    """A base port such that ``base .. base+n-1`` are free on every host in ``hosts``."""
-    assert n >= 1 and low < high - n
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(low, high - n)
-        if all(_free(h, base + i) for h in hosts for i in range(n)):
-            return base
-    raise RuntimeError(f"no block of {n} free ports found in {low}..{high}")
-
 
 def models_dir(root: Path) -> Path:
     """A models directory holding the embedded default model (generated once, about 2 s)."""
@@ -286,26 +230,5 @@ def loopback_cluster(
     ``env`` is added to every node's environment (after ``FAST_ENV`` and
     ``SKULK_AUTO_PLACE=none``: the run places what it needs itself).
     """
-    assert 1 <= n <= 16, n
-    hosts = [f"127.0.0.{i + 1}" for i in range(n)]
-    api = free_port_block(n, hosts)
-    zen = free_port_block(n, hosts)
-    ring = free_port_block(50, hosts, low=45_000, high=60_000)
-    node_env = dict(FAST_ENV)
-    node_env["SKULK_RING_BASE_PORT"] = str(ring)
-    node_env["SKULK_AUTO_PLACE"] = "none"
-    node_env.update(env or {})
-    plans = plan_local_cluster(
-        n, base, api_base_port=api, zenoh_base_port=zen, namespace=f"rel{random.randrange(1 << 30):x}",
-        node_prefix="n", extra_env=node_env, distinct_addresses=True,
-    )
-    for plan in plans:
-        if models is not None:
-            plan.env["SKULK_MODELS_DIR"] = str(models)
-    local = LocalCluster(plans, log_dir=base / "logs")
-    local.start()
-    try:
-        local.wait_ready(timeout_s=ready_timeout_s)
+    with start_loopback(base, n, models_dir=models, extra_env=env, ready_timeout_s=ready_timeout_s) as local:
         yield RealCluster(local, base)
-    finally:
-        local.stop()

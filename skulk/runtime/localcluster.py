@@ -18,28 +18,57 @@ Theory of operation
 
 ``LocalCluster`` starts the processes (``python -m skulk.cli``), waits until
 each answers ``GET /node_id``, and stops them (SIGTERM, then SIGKILL), always
-reaping. It is used by ``skulk cluster up`` and by the integration tests
-(``tests/support``).
+reaping. It is used by ``skulk cluster up``.
+
+``loopback_cluster`` is the same launcher for tests and reliability runs:
+random free ports (checked by binding), a private namespace, quicker-than-
+default timings (``FAST_ENV``) and no auto-placement, so runs never meet each
+other or a cluster the operator has running. ``wait_for`` polls a condition.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from skulk.runtime import auth
 
-__all__ = ["NodePlan", "plan_local_cluster", "LocalCluster", "http_json"]
+__all__ = [
+    "NodePlan",
+    "plan_local_cluster",
+    "LocalCluster",
+    "http_json",
+    "FAST_ENV",
+    "free_port_block",
+    "wait_for",
+    "loopback_cluster",
+]
+
+T = TypeVar("T")
+
+# Quicker-than-default timings that keep the protocol's shape (tests and
+# reliability runs): membership lease 2 s, telemetry every 2 s, probes every 3 s.
+FAST_ENV: dict[str, str] = {
+    "SKULK_LEASE_MS": "2000",
+    "SKULK_PROBE_INTERVAL_SECONDS": "3",
+    "SKULK_PROBE_TIMEOUT_SECONDS": "2",
+    "SKULK_TELEMETRY_INTERVAL_SECONDS": "2",
+    "SKULK_RUNNER_STOP_GRACE_SECONDS": "5",
+    "SKULK_LOG_LEVEL": "INFO",
+}
 
 DEFAULT_API_BASE_PORT = 52415
 DEFAULT_ZENOH_BASE_PORT = 51415
@@ -236,3 +265,91 @@ class LocalCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- launching throwaway clusters (tests, reliability runs) -------------------------
+
+
+def _free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(n: int, hosts: list[str], *, low: int = 20_000, high: int = 45_000) -> int:
+    """A base port such that ``base .. base+n-1`` are free on every host in ``hosts``."""
+    assert n >= 1 and low < high - n
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(low, high - n)
+        if all(_free(h, base + i) for h in hosts for i in range(n)):
+            return base
+    raise RuntimeError(f"no block of {n} free ports found in {low}..{high}")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float, interval_s: float = 0.1) -> T:
+    """Poll ``fn`` until it returns something truthy; ``TimeoutError`` naming ``what`` otherwise.
+
+    Exceptions from ``fn`` (a node still starting) count as "not yet".
+    """
+    assert timeout_s > 0 and interval_s > 0
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while True:
+        try:
+            value = fn()
+            if value:
+                return value
+            last = value
+        except Exception as exc:  # noqa: BLE001 - polling a system that is still starting
+            last = exc
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:g} s waiting for {what}; last: {last!r}")
+        time.sleep(interval_s)
+
+
+@contextmanager
+def loopback_cluster(
+    base: Path,
+    n: int,
+    *,
+    models_dir: Path | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    per_node_env: Mapping[int, Mapping[str, str]] | None = None,
+    wait: bool = True,
+    ready_timeout_s: float = 90.0,
+) -> Iterator[LocalCluster]:
+    """Start ``n`` real nodes on loopback (127.0.0.1..n), yield the cluster, always stop it.
+
+    Every node gets ``FAST_ENV``, ``SKULK_AUTO_PLACE=none`` (the caller places
+    what it needs), then ``extra_env``, then its own ``per_node_env[index]``.
+    After the block, ``cluster.exit_codes`` holds each node's exit code.
+    """
+    assert 1 <= n <= 16, n
+    hosts = [f"127.0.0.{i + 1}" for i in range(n)]
+    api = free_port_block(n, hosts)
+    zen = free_port_block(n, hosts)
+    ring = free_port_block(50, hosts, low=45_000, high=60_000)
+    env = dict(FAST_ENV)
+    env["SKULK_RING_BASE_PORT"] = str(ring)
+    env["SKULK_AUTO_PLACE"] = "none"
+    env.update(extra_env or {})
+    plans = plan_local_cluster(
+        n, base, api_base_port=api, zenoh_base_port=zen, namespace=f"t{random.randrange(1 << 30):x}",
+        node_prefix="n", extra_env=env, distinct_addresses=True,
+    )
+    for plan in plans:
+        if models_dir is not None:
+            plan.env["SKULK_MODELS_DIR"] = str(models_dir)
+        plan.env.update((per_node_env or {}).get(plan.index, {}))
+    cluster = LocalCluster(plans, log_dir=base / "logs")
+    cluster.start()
+    try:
+        if wait:
+            cluster.wait_ready(timeout_s=ready_timeout_s)
+        yield cluster
+    finally:
+        cluster.exit_codes = cluster.stop()  # type: ignore[attr-defined]
