@@ -24,6 +24,7 @@ model, node B a 1.5B model that clients stream from throughout.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Generator
 from typing import Any
 
@@ -110,7 +111,7 @@ def _crash_loop(ctx: Context, ledger: Ledger, iid: InstanceId, host: NodeId, loo
            f"loop {loop}: {n} crashes of {runner_id}, got exit codes {[e.exit_code for e in exits]}")
     expect(len(restarts) == n - 1, f"loop {loop}: {n - 1} restarts before the trip, got {len(restarts)}")
     expect(all(s.t <= tripped for s in restarts), f"loop {loop}: no restart after the trip at {tripped:.3f}")
-    gaps = [round(b.t - a.t, 3) for a, b in zip(exits, exits[1:])]
+    gaps = [round(b.t - a.t, 3) for a, b in itertools.pairwise(exits)]
     expect(all(g < POLICY.window_s for g in gaps), f"loop {loop}: the crashes within one window, gaps {gaps}")
     expect(len(trips) == 1, f"loop {loop}: the breaker to trip exactly once, got {len(trips)}: {trips}")
     expect(len(given_up) == 1 and "crash loop" in given_up[0].error_message,
@@ -161,7 +162,7 @@ def crash_loop(ctx: Context) -> Generator[Any, Any, None]:
     expect([e.exit_code for e in exits] == [WEDGE_EXIT_CODE], f"one exit with code 86, got {exits}")
     expect(exits[0].t - wedged_at >= opts.runner_wedge_exit_s - 1e-6,
            f"the wedged runner silent for {opts.runner_wedge_exit_s:g} s before exiting, it took {exits[0].t - wedged_at:.3f}")
-    expect(not ledger.starts_of(on_c, host=c, since=wedged_at), f"the wedged runner never restarted")
+    expect(not ledger.starts_of(on_c, host=c, since=wedged_at), "the wedged runner never restarted")
     wedge_errors = [m for (t, h, m) in ledger.errors if h == c and t >= wedged_at]
     expect(len(wedge_errors) == 1 and "wedged" in wedge_errors[0], f"one wedge error on {c}, got {wedge_errors}")
     ctx.metrics["wedge_exit_after_s"] = round(exits[0].t - wedged_at, 3)

@@ -129,8 +129,10 @@ def heterogeneous_cluster(ctx: Context) -> Generator[Any, Any, None]:
     for i, model in enumerate((BIG, SMALL)):
         for c in range(opts.client_count):
             world.process(chat_client(world, c, until=world.env.now + 10_000.0, model_id=model, prefix=f"chat{i}"))  # type: ignore[arg-type]
-    requests = lambda m: [r for r in world.clients.requests.values()  # noqa: E731
-                          if r.kind == "SubmitTask" and r.command.model_id == m]
+
+    def requests(model: str) -> list[Any]:
+        return [r for r in world.clients.requests.values() if r.kind == "SubmitTask" and r.command.model_id == model]
+
     ok = yield from ctx.wait_until(
         lambda: served_after(requests(BIG), since) > 0 and served_after(requests(SMALL), since) > 0, timeout_s=60.0
     )

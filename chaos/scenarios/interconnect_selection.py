@@ -125,7 +125,7 @@ def _check_ring(ctx: Context, inst: Instance, phase: str) -> None:
             direct = [link for link in ctx.world.network.links_between(pred, h.node_id)  # type: ignore[arg-type]
                       if link.up and link.kind != "vpn"]
             expect(not direct, f"{phase}: the VPN only as the only path, but {pred} -> {h.node_id} has {direct}")
-    first, rest = sorted(nodes)[0], sorted(nodes)[1:]
+    first, *rest = sorted(nodes)
     optimum = min(
         _quality([best[(order[i - 1], order[i])] for i in range(len(order))])
         for order in ((first, *p) for p in itertools.permutations(rest))

@@ -160,7 +160,7 @@ def ring_deadline(ctx: Context) -> Generator[Any, Any, None]:
     # The failure: at the deadline, with a diagnosis naming the rank and its address.
     timeouts = [(t, node, f) for (t, node, i, f) in ledger.failures if i == iid and f.code == GROUP_CONNECT_TIMEOUT]
     expect(bool(timeouts), f"a group_connect_timeout failure indexed for {iid}; got {ledger.failures}")
-    first_t, first_node, first = timeouts[0]
+    _, first_node, first = timeouts[0]
     names = [f"rank {r} at {a}" for r, a in blocker.unreachable]
     expect(any(n in first.error_message for n in names),
            f"the diagnosis to name one of {names}: {first.error_message!r}")
