@@ -326,8 +326,21 @@ class Master:
             return [Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin)]
         if msg.origin_idx > expected:
             buf = self._origin_buffer.setdefault(origin, {})
-            if len(buf) < self.config.local_outbox_max:
+            new = msg.origin_idx not in buf
+            if new and len(buf) < self.config.local_outbox_max:
                 buf[msg.origin_idx] = msg
+                # Event ``expected`` went missing and every later one (telemetry too)
+                # now waits behind it; waiting out the origin's retry backoff (5, 10,
+                # 20 s) can outlast node_timeout_s and get a live node pruned. Ask for
+                # it at once, at 1, 2, 4, 8... events held (bounded, never per copy).
+                held = len(buf)
+                if held & (held - 1) == 0:
+                    return [
+                        Send(
+                            message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, gap=True),
+                            to=origin,
+                        )
+                    ]
             return []
         effects: list[Effect] = []
         dropped = False

@@ -95,11 +95,16 @@ class LocalEventMessage(TaggedRecord, frozen=True, kw_only=True):
 
 
 class LocalEventAck(TaggedRecord, frozen=True, kw_only=True):
-    """The master has processed ``origin``'s local events below ``next_idx``."""
+    """The master has processed ``origin``'s local events below ``next_idx``.
+
+    ``gap``: the master also holds later events and lacks ``next_idx`` (lost on
+    the way), so the origin sends it again at once instead of after its backoff.
+    """
 
     session: Session
     origin: NodeId
     next_idx: int
+    gap: bool = False
 
 
 class GlobalEvent(TaggedRecord, frozen=True, kw_only=True):

@@ -241,6 +241,8 @@ class CoreNode:
         if isinstance(msg, LocalEventAck):
             if msg.origin == self.node_id and msg.session == self.outbox.session:
                 self.outbox.delivered_below(msg.next_idx)
+                if msg.gap:
+                    return self.outbox.resend(msg.next_idx)
             return []
         if isinstance(msg, SyncRequest):
             if self.is_master:

@@ -8,13 +8,18 @@ global event stamped with its own ``origin``/``origin_idx`` at or beyond it
 (the master processes an origin's events in order), or when the master sends a
 ``LocalEventAck``. Undelivered events are re-sent with bounded exponential
 backoff (first after 5 s, then x2) and given up after a fixed number of sends.
+When the master reports a gap (it holds later events and lacks one), that
+event is sent again at once: the master handles an origin's events in order,
+so one lost event holds back every later one until it arrives.
 
 A new session starts a fresh outbox: what was pending for the old master is
 dropped, because the worker re-reports its current facts (telemetry, runner
 statuses, hosted instances) to the new master instead.
 
 Invariants kept: at most ``local_outbox_max`` events pending; every event is
-sent at most ``local_retry_max_attempts`` times.
+sent at most ``local_retry_max_attempts`` times by the retry timer, plus once
+per gap report (the master reports a gap at 1, 2, 4, 8... events held, so at
+most log2(``local_outbox_max``) + 1 times).
 """
 
 from __future__ import annotations
@@ -77,6 +82,13 @@ class Outbox:
         """Everything below ``next_idx`` was processed by the master."""
         for idx in [i for i in self._pending if i < next_idx]:
             del self._pending[idx]
+
+    def resend(self, idx: int) -> list[Effect]:
+        """The master lacks event ``idx`` (it holds later ones): send it again now, if still pending."""
+        pending = self._pending.get(idx)
+        if pending is None or self.session is None:
+            return []
+        return [Send(message=pending.msg, to=self.session.master)]
 
     def on_timer(self, now: float) -> list[Effect]:
         self._timer_at = None
