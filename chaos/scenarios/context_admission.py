@@ -60,11 +60,6 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
         model_id=model,
         fault_kinds=(),
         client_count=max(2, min(opts.client_count, 4)),
-        # At most 1 % loss, as in crash_loop: under heavier loss a node's local
-        # events can be held at the master (one lost event blocks the rest)
-        # until it is pruned for "no telemetry" with its instance, a core
-        # weakness of its own that this scenario is not about.
-        loss_probability=min(opts.loss_probability, 0.01),
     )
 
 

@@ -55,12 +55,6 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
         fault_kinds=(),
         runner_wedge_exit_s=rng.uniform(5.0, 30.0),
         client_count=max(2, min(opts.client_count, 4)),
-        # At most 1 % loss: this scenario judges runner policy. Under heavier loss one
-        # local event lost three times in a row (retries after 5, 10, 20 s) holds
-        # its node's later telemetry at the master past node_timeout_s, and the
-        # node is pruned ("no telemetry") with its instances: a core weakness of
-        # its own (head-of-line blocking of local events), not the breaker's.
-        loss_probability=min(opts.loss_probability, 0.01),
         # A runner that crashes mid-generation fails its task: created, running, failed, deleted.
         abandoned_events_max=4,
     )
