@@ -66,6 +66,8 @@ class NodeRecord(Record, frozen=True, kw_only=True):
     node_id: NodeId
     election_clock: int
     state: bytes | None = None
+    # Restarts so far (each boot persists the next number; see session.Incarnation).
+    incarnation: int = 0
 
 
 class PersistNode(TaggedRecord, frozen=True, kw_only=True):

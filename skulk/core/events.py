@@ -15,7 +15,7 @@ from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, Tas
 from skulk.core.instances import Instance, RunnerStatus
 from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.records import Record, TaggedRecord
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import Task
 
 __all__ = [
@@ -191,3 +191,4 @@ class IndexedEvent(Record, frozen=True, kw_only=True):
     at: float
     origin: NodeId | None = None
     origin_idx: int | None = None
+    origin_incarnation: Incarnation | None = None

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 
-from skulk.core import placement
+from skulk.core import interconnect, placement
 from skulk.core.runner_policy import instance_removal_events, node_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
@@ -73,7 +73,7 @@ from skulk.core.messages import (
     SyncRequest,
     SyncResponse,
 )
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 from skulk.core.state import State, digest, encode_state, hosting_nodes
 from skulk.core.tasks import Task
 
@@ -105,6 +105,7 @@ class Master:
         self._log_base = 0
         self._snapshot: Snapshot | None = None
         self._origin_next: dict[NodeId, int] = {}
+        self._origin_incarnation: dict[NodeId, Incarnation] = {}
         self._origin_buffer: dict[NodeId, dict[int, LocalEventMessage]] = {}
         self._results: OrderedDict[CommandId, CommandResult] = OrderedDict()
         self._cancelled: OrderedDict[CommandId, None] = OrderedDict()
@@ -143,7 +144,15 @@ class Master:
         self, now: float, event: Event, origin: NodeId | None = None, origin_idx: int | None = None
     ) -> list[Effect]:
         assert self.active, "a deposed master must not index"
-        indexed = IndexedEvent(index=self.next_index, event=event, at=now, origin=origin, origin_idx=origin_idx)
+        incarnation = self._origin_incarnation.get(origin) if origin is not None else None
+        indexed = IndexedEvent(
+            index=self.next_index,
+            event=event,
+            at=now,
+            origin=origin,
+            origin_idx=origin_idx,
+            origin_incarnation=incarnation,
+        )
         self.next_index += 1
         self.state = self._apply_own(indexed)
         assert self.state.last_index == indexed.index
@@ -321,9 +330,24 @@ class Master:
         if msg.session != self.session:
             return []
         origin = msg.origin
+        known = self._origin_incarnation.get(origin)
+        if known is None or msg.incarnation > known:
+            # A new life of the origin (first contact, or it restarted): its
+            # numbering starts again; what an earlier life left buffered is moot.
+            self._origin_incarnation[origin] = msg.incarnation
+            self._origin_next[origin] = 0
+            self._origin_buffer.pop(origin, None)
+        elif msg.incarnation < known:
+            return []  # a late message from a life of the origin that has ended
+        inc = msg.incarnation
         expected = self._origin_next.get(origin, 0)
         if msg.origin_idx < expected:
-            return [Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin)]
+            return [
+                Send(
+                    message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc),
+                    to=origin,
+                )
+            ]
         if msg.origin_idx > expected:
             buf = self._origin_buffer.setdefault(origin, {})
             new = msg.origin_idx not in buf
@@ -337,7 +361,9 @@ class Master:
                 if held & (held - 1) == 0:
                     return [
                         Send(
-                            message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, gap=True),
+                            message=LocalEventAck(
+                                session=self.session, origin=origin, next_idx=expected, incarnation=inc, gap=True
+                            ),
                             to=origin,
                         )
                     ]
@@ -355,7 +381,12 @@ class Master:
                 break
             msg = nxt
         if dropped:
-            effects.append(Send(message=LocalEventAck(session=self.session, origin=origin, next_idx=expected), to=origin))
+            effects.append(
+                Send(
+                    message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc),
+                    to=origin,
+                )
+            )
         if self._auto_pending:
             effects += self._auto_place(now)
         return effects
@@ -422,7 +453,7 @@ class Master:
                 return [], True
             effects = self._index(now, event, origin, idx)
             if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-                effects += self._replace_instance(now, event.instance_id, event.status.error_message)
+                effects += self._replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
             elif isinstance(event.status, RunnerFailed) and event.status.permanent:
                 effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
             return effects, False
@@ -462,15 +493,32 @@ class Master:
                 events.append(TaskDeleted(task_id=task_id, outcome="failed"))
         return self._index_all(now, events)
 
-    def _replace_instance(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
+    def _replace_instance(self, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
+        """Re-place an instance whose group connect failed, on a fresh port.
+
+        The link the failing hop used is avoided when another ring exists
+        (probes may still answer on an address whose ring ports are blocked);
+        when it is the only way, the fresh port alone is tried.
+        """
         state = self.state
         assert state is not None
         old = state.instances.get(instance_id)
         if old is None:
             return []
+        diagnosis = interconnect.diagnose_connect_failure(
+            state, old, reporting_node=reporter, deadline_s=self.config.group_connect_deadline_s
+        )
         effects = self._index_all(now, instance_removal_events(state, instance_id, f"re-placing: {reason}"))
         assert self.state is not None
-        outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
+        outcome: placement.Placed | placement.PlacementRefused = placement.PlacementRefused(
+            message="", code="", pending=False
+        )
+        if diagnosis.avoid_connection is not None:
+            outcome = placement.replace(
+                self.state, old, self.cards, self.config, reason=reason, avoid_connections=[diagnosis.avoid_connection]
+            )
+        if not isinstance(outcome, placement.Placed):
+            outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
         if isinstance(outcome, placement.PlacementRefused):
             effects.append(Log(level="error", message=f"could not re-place {instance_id}: {outcome.message}"))
             return effects

@@ -12,7 +12,7 @@ from skulk.core.commands import Command, CommandResult
 from skulk.core.events import Event, IndexedEvent
 from skulk.core.ids import NodeId
 from skulk.core.records import Record, TaggedRecord
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import TokenChunk
 
 __all__ = [
@@ -86,12 +86,14 @@ class CommandResultMessage(TaggedRecord, frozen=True, kw_only=True):
 
 
 class LocalEventMessage(TaggedRecord, frozen=True, kw_only=True):
-    """A worker's event for ``session``'s master; ``origin_idx`` is dense per session."""
+    """A worker's event for ``session``'s master; ``origin_idx`` is dense per
+    session and incarnation of the origin (a restarted node counts from 0 again)."""
 
     origin: NodeId
     session: Session
     origin_idx: int
     event: Event
+    incarnation: Incarnation
 
 
 class LocalEventAck(TaggedRecord, frozen=True, kw_only=True):
@@ -104,6 +106,7 @@ class LocalEventAck(TaggedRecord, frozen=True, kw_only=True):
     session: Session
     origin: NodeId
     next_idx: int
+    incarnation: Incarnation
     gap: bool = False
 
 
@@ -141,6 +144,9 @@ class ChunkMessage(TaggedRecord, frozen=True, kw_only=True):
 
     destination: NodeId
     chunk: TokenChunk
+    # The sender's incarnation: a restarted node streams a re-run task from
+    # seq 0 again, and the origin must tell that from a duplicate.
+    incarnation: Incarnation
 
 
 Message = (

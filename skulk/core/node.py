@@ -85,7 +85,7 @@ from skulk.core.nodes import Connection, MemoryInfo
 from skulk.core.outbox import OUTBOX_TIMER, Outbox
 from skulk.core.replica import NACK_TIMER, Replica
 from skulk.core.requests import REQUEST_TIMER_PREFIX, Requests
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 from skulk.core.state import EMPTY_STATE, State, decode_state, encode_state
 from skulk.core.worker import DEADLINE_TIMER_PREFIX, RESTART_TIMER_PREFIX, Worker
 
@@ -138,6 +138,8 @@ class CoreNode:
         self._since_persist = 0
         self._persist_failures: dict[str, int] = {}
         self.booted = False
+        self._last_incarnation = record.incarnation if record is not None else 0
+        self.incarnation = Incarnation(number=0, boot_at=0.0)  # set at Boot
 
     # --- queries (for drivers, the API and the checkers) ------------------------------
 
@@ -175,6 +177,8 @@ class CoreNode:
         if isinstance(inp, Boot):
             assert not self.booted, "Boot twice"
             self.booted = True
+            self.incarnation = Incarnation(number=self._last_incarnation + 1, boot_at=now)
+            self.outbox.incarnation = self.incarnation
             effects = self.election.on_boot(now)
             effects.append(SetTimer(key=TELEMETRY_TIMER, at=now + self.config.telemetry_interval_s))
             return effects
@@ -239,7 +243,11 @@ class CoreNode:
         if isinstance(msg, CommandResultMessage):
             return self.requests.on_result(now, msg.result, self.session, msg.session)
         if isinstance(msg, LocalEventAck):
-            if msg.origin == self.node_id and msg.session == self.outbox.session:
+            if (
+                msg.origin == self.node_id
+                and msg.session == self.outbox.session
+                and msg.incarnation == self.outbox.incarnation
+            ):
                 self.outbox.delivered_below(msg.next_idx)
                 if msg.gap:
                     return self.outbox.resend(msg.next_idx)
@@ -253,7 +261,7 @@ class CoreNode:
             return self.replica.on_sync_response(now, sender, msg) + self._after_state(now)
         if isinstance(msg, ChunkMessage):
             if msg.destination == self.node_id:
-                return self.requests.on_chunk(now, msg.chunk)
+                return self.requests.on_chunk(now, msg.chunk, msg.incarnation)
             return []
         raise AssertionError(f"unknown message {type(msg).__name__}")
 
@@ -333,8 +341,12 @@ class CoreNode:
             assert state is not None
             for indexed in applied:
                 effects += self.requests.on_applied(now, indexed)
-                if indexed.origin == self.node_id and indexed.origin_idx is not None:
-                    if indexed.index >= 0 and state.session == self.outbox.session:
+                if (
+                    indexed.origin == self.node_id
+                    and indexed.origin_idx is not None
+                    and indexed.origin_incarnation == self.outbox.incarnation
+                ):
+                    if state.session == self.outbox.session:
                         self.outbox.delivered_below(indexed.origin_idx + 1)
             self._since_persist += len(applied) + (1 if jumped else 0)
             if not self._session_applied:
@@ -443,9 +455,12 @@ class CoreNode:
         task = self.state.tasks.get(chunk.task_id)
         if task is not None:
             if task.origin == self.node_id:
-                effects += self.requests.on_chunk(now, chunk)
+                effects += self.requests.on_chunk(now, chunk, self.incarnation)
             else:
-                effects.append(Send(message=ChunkMessage(destination=task.origin, chunk=chunk), to=task.origin))
+                effects.append(Send(
+                        message=ChunkMessage(destination=task.origin, chunk=chunk, incarnation=self.incarnation),
+                        to=task.origin,
+                    ))
         events = self.worker.on_output(now, inp.runner_id, chunk)
         return effects + self._raise(now, events) + self._after_state(now)
 
@@ -459,7 +474,11 @@ class CoreNode:
     def _persist_effect(self, clock: int) -> PersistNode:
         state = self.replica.last_state
         raw = encode_state(state) if state.session is not None else None
-        return PersistNode(record=NodeRecord(node_id=self.node_id, election_clock=clock, state=raw))
+        return PersistNode(
+            record=NodeRecord(
+                node_id=self.node_id, election_clock=clock, state=raw, incarnation=self.incarnation.number
+            )
+        )
 
     # --- loopback ------------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from skulk.core.effects import CancelTimer, Effect, Log, Send, SetTimer
 from skulk.core.events import Event
 from skulk.core.ids import NodeId
 from skulk.core.messages import LocalEventMessage
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 
 __all__ = ["Outbox", "OUTBOX_TIMER"]
 
@@ -48,6 +48,7 @@ class _Pending:
 class Outbox:
     def __init__(self, node_id: NodeId, config: CoreConfig) -> None:
         self.node_id = node_id
+        self.incarnation: Incarnation | None = None  # set at boot
         self.config = config
         self.session: Session | None = None
         self._next_idx = 0
@@ -65,7 +66,14 @@ class Outbox:
     def add(self, now: float, event: Event) -> tuple[LocalEventMessage, list[Effect]]:
         """Number ``event``; returns the message (the caller routes it) and timer effects."""
         assert self.session is not None, "no session to send local events to"
-        msg = LocalEventMessage(origin=self.node_id, session=self.session, origin_idx=self._next_idx, event=event)
+        assert self.incarnation is not None, "local events before boot"
+        msg = LocalEventMessage(
+            origin=self.node_id,
+            session=self.session,
+            origin_idx=self._next_idx,
+            event=event,
+            incarnation=self.incarnation,
+        )
         self._next_idx += 1
         effects: list[Effect] = []
         if len(self._pending) >= self.config.local_outbox_max:

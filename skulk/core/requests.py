@@ -29,7 +29,7 @@ from skulk.core.effects import CancelTimer, CommandCompleted, DeliverChunk, Effe
 from skulk.core.events import IndexedEvent, TaskDeleted, TaskFailed
 from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
 from skulk.core.messages import CommandMessage
-from skulk.core.session import Session
+from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import ChunkError, TokenChunk
 
 __all__ = ["Requests", "REQUEST_TIMER_PREFIX", "SESSION_CHANGED"]
@@ -39,7 +39,7 @@ SESSION_CHANGED = "session_changed"
 
 
 class _Open:
-    __slots__ = ("command", "submitted_at", "sent_session", "accepted", "next_seq", "retry_at", "linger")
+    __slots__ = ("command", "submitted_at", "sent_session", "accepted", "next_seq", "retry_at", "linger", "epoch")
 
     def __init__(self, command: Command, now: float) -> None:
         self.command = command
@@ -49,6 +49,7 @@ class _Open:
         self.next_seq = 0
         self.retry_at: float | None = None
         self.linger = False
+        self.epoch: Incarnation | None = None  # incarnation of the node streaming the chunks
 
 
 class Requests:
@@ -128,10 +129,24 @@ class Requests:
             CommandCompleted(command_id=result.command_id, result=result),
         ]
 
-    def on_chunk(self, now: float, chunk: TokenChunk) -> list[Effect]:
+    def on_chunk(self, now: float, chunk: TokenChunk, epoch: Incarnation) -> list[Effect]:
+        """A chunk from the node (in its incarnation ``epoch``) running the request's task."""
         entry = self._open.get(chunk.command_id)
-        if entry is None or chunk.seq < entry.next_seq:
-            return []  # abandoned, finished, or a duplicate
+        if entry is None:
+            return []  # abandoned or finished
+        if entry.epoch is None or (entry.epoch != epoch and entry.next_seq == 0):
+            entry.epoch = epoch
+        elif entry.epoch != epoch:
+            # The node streaming this request restarted and runs the task again
+            # from the start: the client already has part of the old output.
+            return self._error(
+                chunk.command_id,
+                entry,
+                "the node generating this response restarted mid-stream; retry the request",
+                "runner_restarted",
+            )
+        if chunk.seq < entry.next_seq:
+            return []  # a duplicate
         entry.next_seq = chunk.seq + 1
         effects: list[Effect] = [DeliverChunk(chunk=chunk)]
         if chunk.finish_reason is not None:

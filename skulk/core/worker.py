@@ -90,6 +90,8 @@ class Worker:
         self._blocked_until: dict[RunnerId, float] = {}
         self._failures: dict[RunnerId, RunnerFailed] = {}
         self._last_tasks: dict[TaskId, object] | None = None
+        # Tasks this worker already reported ended (finished, runner exit, restart orphan).
+        self._settled: set[TaskId] = set()
         self._last_runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
 
     # --- reconciliation ------------------------------------------------------------
@@ -177,6 +179,23 @@ class Worker:
             runner_id = self.dispatched.pop(task_id)
             if runner_id in self.runners:
                 effects.append(CancelRunnerTask(runner_id=runner_id, task_id=task_id))
+        # A task marked running on an instance whose rank 0 is here, but that this
+        # worker never dispatched, ran on a previous incarnation of this node
+        # (it crashed and restarted). Running it again would stream from the
+        # start to a client that already has part of it: fail it instead.
+        for task_id in sorted(state.tasks):
+            task = state.tasks[task_id]
+            if task.status != "running" or task_id in self.dispatched or task_id in self._settled:
+                continue
+            inst = state.instances.get(task.instance_id)
+            runner_id = inst.shard_assignments.node_to_runner.get(self.node_id) if inst is not None else None
+            if inst is None or runner_id is None or inst.shard_assignments.runner_to_shard[runner_id].device_rank != 0:
+                continue
+            self._settled.add(task_id)
+            events.append(
+                TaskFailed(task_id=task_id, error_message="the node running this request restarted; retry the request")
+            )
+        self._settled &= set(state.tasks)
         # Instances whose rank-0 runner here is serving: only their tasks can go out.
         serving: dict[InstanceId, RunnerId] = {}
         for runner_id, entry in self.runners.items():
@@ -240,6 +259,7 @@ class Worker:
         for task_id in [t for t, r in self.dispatched.items() if r == runner_id]:
             del self.dispatched[task_id]
             if not entry.stopping:
+                self._settled.add(task_id)
                 events.append(TaskFailed(task_id=task_id, error_message=f"runner {runner_id} exited with code {exit_code}"))
         if entry.stopping:
             return effects, events
@@ -292,6 +312,7 @@ class Worker:
         if chunk.finish_reason is None:
             return []
         self.dispatched.pop(chunk.task_id, None)
+        self._settled.add(chunk.task_id)
         if chunk.error is not None:
             err = chunk.error
             return [TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)]

@@ -139,3 +139,33 @@ def test_every_session_starts_with_session_started_at_index_zero() -> None:
     master = c.masters()[0]
     first = c.node(master).master._log[0]
     assert first.index == 0 and isinstance(first.event, SessionStarted)
+
+
+def test_a_task_running_on_a_node_that_restarts_fails_instead_of_streaming_twice() -> None:
+    # Found by chaos membership_churn seeds 60 and 154: the restarted worker ran
+    # the task again from seq 0 and the client's node, already past it, dropped
+    # every chunk including the last, so the request never ended.
+    c = _cluster(3)
+    master = c.masters()[0]
+    host, origin = [n for n in c.alive() if n != master][:2]
+    others = tuple(n for n in c.alive() if n != host)
+    c.submit(origin, SubmitCommand(command=PlaceInstance(command_id="p", model_id=MODEL, excluded_nodes=others)))
+    c.settle(until=c.now + 10.0)
+    _chat(c, origin, "long")
+    # Deliver until the host's runner has the task, then crash the host.
+    for _ in range(500):
+        if c.hosts[host].tasks:
+            break
+        if c.inflight:
+            c.deliver(0)
+        else:
+            c.fire_next_timer()
+    assert c.hosts[host].tasks, "the task was never dispatched"
+    c.settle(until=c.now + 0.2)  # the running status reaches the master
+    c.crash(host)
+    c.boot(host)
+    c.settle(until=c.now + 30.0)
+    chunks = c.delivered.get("long", [])
+    assert chunks and chunks[-1].finish_reason == "error", chunks
+    assert "restarted" in chunks[-1].error.message
+    assert not c.node(origin).requests.is_open("long")

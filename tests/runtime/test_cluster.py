@@ -139,7 +139,7 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
     from skulk.core.events import IndexedEvent, NodeGatheredInfo
     from skulk.core.ids import CommandId, ModelId, NodeId
     from skulk.core.messages import Candidate, CommandMessage, ElectionMessage, GlobalEvent, LocalEventMessage, Vote
-    from skulk.core.session import Session
+    from skulk.core.session import Incarnation, Session
     from skulk.runtime.transport import Transport, TransportSettings
     from tests.support.cluster import free_port_block
 
@@ -169,7 +169,8 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
                 intruder.send(CommandMessage(origin=NodeId("intruder"), command=PlaceInstance(
                     command_id=CommandId(f"evil-{i}"), model_id=ModelId(DEFAULT_MODEL_ID))), NodeId(master))
                 intruder.send(LocalEventMessage(origin=NodeId("intruder"), session=Session(**before["session"]),
-                              origin_idx=i, event=NodeGatheredInfo(node_id=NodeId("intruder"))), NodeId(master))
+                              origin_idx=i, event=NodeGatheredInfo(node_id=NodeId("intruder")),
+                              incarnation=Incarnation(number=1, boot_at=0.0)), NodeId(master))
                 intruder.send(GlobalEvent(session=Session(**before["session"]), indexed=IndexedEvent(
                     index=before["lastIndex"] + 1 + i, event=NodeGatheredInfo(node_id=NodeId("intruder")), at=0.0)),
                     None)
