@@ -379,12 +379,10 @@ def _generate(preset: SpecPreset, staging: Path) -> tuple[Path, Path]:
     report = _train_mtp(target_dir, preset)
     from skulk.engine.models import write_model_card
 
+    # derive_card counts every *.safetensors file, the MTP sidecar included.
     write_model_card(target_dir, model_id=preset.target.model_id)
-    sidecar_bytes = (target_dir / "mtp.safetensors").stat().st_size
-    card = read_card(target_dir)
     update_card_runtime(
         target_dir,
-        weight_bytes=card.weight_bytes + sidecar_bytes,
         mtp_max_depth=preset.mtp_max_depth,
         draft_model=preset.draft_id,
     )
