@@ -32,7 +32,15 @@ from skulk.core.events import IndexedEvent
 from skulk.core.session import Session
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
 from skulk.runtime.eventlog import Entry, iter_segments, read_segment
-from skulk.runtime.localcluster import FAST_ENV, LocalCluster, NodePlan, free_port_block, http_json, wait_for
+from skulk.runtime.localcluster import (
+    FAST_ENV,
+    LocalCluster,
+    NodePlan,
+    free_port_block,
+    http_json,
+    wait_for,
+    wait_stable,
+)
 from skulk.runtime.localcluster import loopback_cluster as start_loopback
 
 __all__ = [
@@ -135,8 +143,18 @@ class RealCluster:
             return None
         return master
 
-    def wait_master(self, among: list[str] | None = None, timeout_s: float = 40.0, *, not_: str | None = None) -> str:
-        return wait_for("one agreed master", lambda: self.one_master(among, not_=not_), timeout_s)
+    def wait_master(self, among: list[str] | None = None, timeout_s: float = 40.0, *, not_: str | None = None,
+                    hold_s: float | None = None) -> str:
+        """The master every node in ``among`` follows, once that answer has held for ``hold_s``.
+
+        The hold (default 1.5 s when waiting for the first master, none after a
+        kill) covers a node that joined just after a session formed: its peers
+        settle and campaign again moments later, and may pick another master.
+        """
+        hold = (1.5 if not_ is None else 0.0) if hold_s is None else hold_s
+        if hold <= 0:
+            return wait_for("one agreed master", lambda: self.one_master(among, not_=not_), timeout_s)
+        return wait_stable("one settled master", lambda: self.one_master(among, not_=not_), timeout_s, hold)
 
     def agreed_index(self) -> int | None:
         """The last index every live node applied, when all are in one session at the same index."""

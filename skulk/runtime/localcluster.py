@@ -54,6 +54,7 @@ __all__ = [
     "FAST_ENV",
     "free_port_block",
     "wait_for",
+    "wait_stable",
     "loopback_cluster",
 ]
 
@@ -288,6 +289,30 @@ def free_port_block(n: int, hosts: list[str], *, low: int = 20_000, high: int = 
         if all(_free(h, base + i) for h in hosts for i in range(n)):
             return base
     raise RuntimeError(f"no block of {n} free ports found in {low}..{high}")
+
+
+def wait_stable(what: str, fn: Callable[[], T | None], timeout_s: float, hold_s: float = 1.5,
+                interval_s: float = 0.1) -> T:
+    """Like ``wait_for``, but the same truthy value must hold for ``hold_s``.
+
+    For answers a cluster may still revise: a master the nodes agree on can be
+    replaced moments later, when a node that just joined settles its peer set
+    and campaigns (0.2 s settle delay plus the campaign).
+    """
+    deadline = time.monotonic() + timeout_s
+
+    def held() -> T | None:
+        first = fn()
+        if not first:
+            return None
+        until = time.monotonic() + hold_s
+        while time.monotonic() < until:
+            time.sleep(interval_s)
+            if fn() != first:
+                return None
+        return first
+
+    return wait_for(what, held, max(deadline - time.monotonic(), interval_s), interval_s)
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout_s: float, interval_s: float = 0.1) -> T:

@@ -24,7 +24,14 @@ import pytest
 
 from skulk.engine.models import DEFAULT_MODEL_ID
 from skulk.runtime.localcluster import LocalCluster
-from tests.support.cluster import get, post, shared_models_dir, start_cluster, wait_for
+from tests.support.cluster import (
+    get,
+    post,
+    shared_models_dir,
+    start_cluster,
+    wait_for,
+    wait_stable,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -71,7 +78,7 @@ def _first_token_at(url: str, deadline_s: float) -> tuple[float, int]:
 def _one_trial(base: Path, models: Path) -> dict[str, float]:
     with start_cluster(base, 3, models_dir=models) as cluster:
         nodes = [p.node_id for p in cluster.plans]
-        master = wait_for("one master", lambda: _one_master(cluster, nodes), 30)
+        master = wait_stable("one settled master", lambda: _one_master(cluster, nodes), 30)
         wait_for("everyone's memory reported",
                  lambda: all(len(get(cluster, n, "/state")["nodeMemory"]) == 3 for n in nodes), 30)
         followers = [n for n in nodes if n != master]

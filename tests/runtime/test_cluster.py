@@ -23,7 +23,14 @@ from skulk.core.codec import from_wire
 from skulk.core.state import State, digest
 from skulk.engine.models import DEFAULT_MODEL_ID
 from skulk.runtime.localcluster import LocalCluster
-from tests.support.cluster import get, metric, post, start_cluster, wait_for
+from tests.support.cluster import (
+    get,
+    metric,
+    post,
+    start_cluster,
+    wait_for,
+    wait_stable,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -65,7 +72,7 @@ def test_three_nodes_elect_agree_place_and_survive_a_master_kill(models_dir: Pat
     started = time.monotonic()
     with start_cluster(tmp_path, 3, models_dir=models_dir) as cluster:
         nodes = [p.node_id for p in cluster.plans]
-        master = wait_for("one master", lambda: _one_master(cluster, nodes), 30)
+        master = wait_stable("one settled master", lambda: _one_master(cluster, nodes), 30)
         t_master = time.monotonic() - started
         wait_for("every node in every topology",
                  lambda: all(len(get(cluster, n, "/state")["topology"]["nodes"]) == 3 for n in nodes), 30)
@@ -138,14 +145,21 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
     from skulk.core.commands import PlaceInstance
     from skulk.core.events import IndexedEvent, NodeGatheredInfo
     from skulk.core.ids import CommandId, ModelId, NodeId
-    from skulk.core.messages import Candidate, CommandMessage, ElectionMessage, GlobalEvent, LocalEventMessage, Vote
+    from skulk.core.messages import (
+        Candidate,
+        CommandMessage,
+        ElectionMessage,
+        GlobalEvent,
+        LocalEventMessage,
+        Vote,
+    )
     from skulk.core.session import Incarnation, Session
     from skulk.runtime.transport import Transport, TransportSettings
     from tests.support.cluster import free_port_block
 
     with start_cluster(tmp_path, 2) as cluster:
         nodes = [p.node_id for p in cluster.plans]
-        master = wait_for("one master", lambda: _one_master(cluster, nodes), 30)
+        master = wait_stable("one settled master", lambda: _one_master(cluster, nodes), 30)
         before = get(cluster, nodes[0], "/state")
         ns = cluster.plans[0].env["SKULK_NAMESPACE"]
         port = free_port_block(1, ["127.0.0.1"])
@@ -205,7 +219,7 @@ def test_a_full_disk_on_the_master_does_not_stop_the_cluster(models_dir: Path, t
                         "SKULK_EVENTLOG_MIN_FREE_BYTES": "0"}}
         with start_cluster(tmp_path, 2, models_dir=models_dir, per_node_env=per_node) as cluster:
             nodes = [p.node_id for p in cluster.plans]
-            master = wait_for("one master", lambda: _one_master(cluster, nodes), 30)
+            master = wait_stable("one settled master", lambda: _one_master(cluster, nodes), 30)
             assert master == nodes[0]
             follower = nodes[1]
             placed = post(cluster, follower, "/place_instance", {"model_id": DEFAULT_MODEL_ID, "min_nodes": 1,

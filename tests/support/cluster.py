@@ -21,6 +21,7 @@ from skulk.runtime.localcluster import (
     http_json,
     loopback_cluster,
     wait_for,
+    wait_stable,
 )
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "shared_models_dir",
     "start_cluster",
     "wait_for",
+    "wait_stable",
     "get",
     "post",
     "metric",
