@@ -105,6 +105,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -169,6 +176,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MULTICAST", _bool, True, "Find peers on the LAN by multicast scouting."),
     Setting("LEASE_MS", _positive_int, 3000,
             "zenoh link lease (ms): a silently vanished peer is dropped after at most this long."),
+    Setting("REPLAY_WINDOW_S", _nonnegative_float, 300.0,
+            "Replay guard: drop messages sent longer ago than this by the sender's clock, and younger ones seen "
+            "before. Node clocks must agree within it (NTP); 0 turns the guard off."),
     Setting("ADVERTISE", _list, (),
             "Override the advertised addresses: comma-separated ip or ip=kind (kind: thunderbolt, ethernet, wifi, "
             "unknown, vpn). Default: every interface this host has."),
@@ -232,6 +242,7 @@ class RuntimeConfig:
     listen: tuple[str, ...]
     multicast: bool
     lease_ms: int
+    replay_window_s: float
     advertise: tuple[tuple[str, str | None], ...]
     api_host: str
     api_port: int
@@ -441,6 +452,7 @@ def load_config(
         listen=listen,
         multicast=values["MULTICAST"],
         lease_ms=values["LEASE_MS"],
+        replay_window_s=values["REPLAY_WINDOW_S"],
         advertise=advertise,
         api_host=values["API_HOST"],
         api_port=values["API_PORT"],

@@ -152,6 +152,7 @@ class NodeRuntime:
                 lease_ms=cfg.lease_ms,
                 api_port=cfg.api_port if self.serve_api else 0,
                 incarnation=incarnation,
+                replay_window_s=cfg.replay_window_s,
             ),
             on_message=lambda sender, msg: feed(Received(sender=sender, message=msg)),
             on_peers=lambda peers: feed(PeersChanged(peers=peers)),
@@ -305,7 +306,8 @@ class NodeRuntime:
             out["skulk_peers"] = float(len(t.members))
             out["skulk_transport_sent_total"] = float(sum(t.sent.values()))
             out["skulk_transport_received_total"] = float(sum(t.received.values()))
-            for reason in ("bad_mac", "foreign_namespace", "malformed", "wrong_topic", "misdirected", "send_error"):
+            for reason in ("bad_mac", "foreign_namespace", "malformed", "stale", "replayed", "wrong_topic", "misdirected",
+                           "send_error"):
                 out[f"skulk_transport_dropped_{reason}_total"] = float(t.drops.get(reason, 0))
         if d is not None:
             core = d.core

@@ -14,7 +14,8 @@ Each node subscribes to ``skulk/<ns>/*`` and ``skulk/<ns>/*/<self>``. Every
 payload is a sealed envelope (``skulk.runtime.auth``); envelopes that fail
 verification, carry another namespace, or do not decode to a message of the
 envelope's topic are dropped and counted in ``drops`` by reason, never
-delivered. A node's own broadcasts are not delivered back (the core loops
+delivered; so are authentic envelopes that are stale or seen before
+(``auth.ReplayGuard``, ``replay_window_s``). A node's own broadcasts are not delivered back (the core loops
 its own messages back itself).
 
 Membership: a peer is a member while its liveliness token is present *and*
@@ -83,6 +84,9 @@ class TransportSettings:
     lease_ms: int
     api_port: int
     incarnation: str
+    # Envelopes sent longer ago than this (by the sender's clock) are dropped
+    # as stale, and younger ones are dropped when seen before; 0: no replay guard.
+    replay_window_s: float = 300.0
 
 
 def key_prefix(namespace: str) -> str:
@@ -115,7 +119,11 @@ class Transport:
         assert settings.secret, "the transport needs a cluster secret"
         self.settings = settings
         self.node_id = settings.node_id
-        self._key = auth.derive_key(settings.secret, settings.namespace)
+        key = auth.derive_key(settings.secret, settings.namespace)
+        self._key = key
+        self._sealer = auth.Sealer(key, settings.namespace, settings.node_id)
+        self.replay_guard = auth.ReplayGuard(settings.replay_window_s)
+        self._stale_senders: set[str] = set()
         self._prefix = key_prefix(settings.namespace)
         self._on_message = on_message
         self._on_peers = on_peers
@@ -184,7 +192,7 @@ class Transport:
         if session is None:
             return
         key = f"{self._prefix}/{topic}" + (f"/{to}" if to else "")
-        raw = auth.seal(self._key, self.settings.namespace, self.node_id, topic, to, payload)
+        raw = self._sealer.seal(topic, to, payload)
         pub = self._publishers.get(key)
         if pub is None:
             pub = session.declare_publisher(
@@ -226,6 +234,14 @@ class Transport:
                 return  # our own broadcast
             if result.destination is not None and result.destination != self.node_id:
                 self._drop("misdirected")
+                return
+            replay = self.replay_guard.check(result)
+            if replay is not None:
+                if replay.reason == "stale" and result.sender not in self._stale_senders:
+                    self._stale_senders.add(result.sender)
+                    log.warning("dropping stale messages: %s (limit %g s; clocks out of sync? see SKULK_REPLAY_WINDOW_S)",
+                                replay.detail, self.settings.replay_window_s)
+                self._drop(replay.reason)
                 return
             if result.topic == HELLO_TOPIC:
                 hello = msgspec.msgpack.decode(result.payload, type=Hello)

@@ -30,6 +30,7 @@ from tests.support.cluster import (
     start_cluster,
     wait_for,
     wait_stable,
+    zenoh_spy,
 )
 
 pytestmark = pytest.mark.cluster
@@ -203,6 +204,35 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
             assert metric(cluster, n, "skulk_peers") == 1, "only the keyed peer is a member"
             assert metric(cluster, n, "skulk_transport_dropped_bad_mac_total") >= 20
         assert _one_master(cluster, nodes) == master
+
+        # Without the key, the intruder records the cluster's own (authentic)
+        # traffic for a while and puts every message back: each is dropped as
+        # replayed, and nothing changes.
+        def replay() -> int:
+            spy = zenoh_spy([f"tcp/{p.api_host}:{p.zenoh_port}" for p in cluster.plans])
+            captured: list[tuple[str, bytes]] = []
+            sub = spy.declare_subscriber(f"skulk/{ns}/**", lambda smp: captured.append(
+                (str(smp.key_expr), smp.payload.to_bytes())))
+            try:
+                time.sleep(3.0)  # heartbeats, telemetry, events
+                recorded = [(k, raw) for k, raw in captured if "/alive/" not in k]
+                for k, raw in recorded:
+                    spy.put(k, raw)
+                time.sleep(1.0)
+                return len(recorded)
+            finally:
+                sub.undeclare()
+                spy.close()
+
+        before_replay = {n: metric(cluster, n, "skulk_transport_dropped_replayed_total") or 0 for n in nodes}
+        replayed = replay()
+        assert replayed >= 5, f"the spy recorded only {replayed} message(s)"
+        wait_for("replays dropped", lambda: sum(metric(cluster, n, "skulk_transport_dropped_replayed_total")
+                                                 for n in nodes) - sum(before_replay.values()) >= replayed // 2, 10)
+        for n in nodes:
+            state = get(cluster, n, "/state")
+            assert state["session"] == before["session"] and state["instances"] == {}
+        wait_for("digests agree after the replay", lambda: _digest_agreement(cluster, nodes), 30, 0.05)
 
 
 def _mount_tmpfs(path: Path, size: str) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-import zenoh
-
+from skulk.core.codec import encode_msgpack
 from skulk.core.commands import PlaceInstance
 from skulk.core.ids import CommandId, ModelId, NodeId
 from skulk.core.messages import CommandMessage, ElectionMessage, Message
 from skulk.runtime import auth
 from skulk.runtime.transport import Transport, TransportSettings, key_prefix
-from tests.support.cluster import free_port_block
+from tests.support.cluster import free_port_block, zenoh_spy
 
 SECRET = b"s" * 32
 
@@ -120,27 +119,20 @@ def test_foreign_namespace_and_garbage_are_dropped_and_counted() -> None:
         (pa,) = _ports(1)
         a = Peer("a", pa, ())
         await a.transport.start()
-        cfg = zenoh.Config()
-        cfg.insert_json5("mode", '"peer"')
-        cfg.insert_json5("connect/endpoints", f'["tcp/127.0.0.1:{pa}"]')
-        cfg.insert_json5("listen/endpoints", "[]")
-        cfg.insert_json5("scouting/multicast/enabled", "false")
-        raw_session = zenoh.open(cfg)
+        raw_session = zenoh_spy([f"tcp/127.0.0.1:{pa}"])
         try:
             await asyncio.sleep(0.5)
             prefix = key_prefix("tns")
             # Sealed for another namespace with the very same secret, put into ours.
-            other_key = auth.derive_key(SECRET, "other")
-            raw_session.put(f"{prefix}/election", auth.seal(other_key, "other", "x", "election", None, b"\x80"))
+            other = auth.Sealer(auth.derive_key(SECRET, "other"), "other", "x")
+            raw_session.put(f"{prefix}/election", other.seal("election", None, b"\x80"))
             raw_session.put(f"{prefix}/election", b"garbage")
             # Authentic, but the payload is not a message of the topic it claims.
-            key = auth.derive_key(SECRET, "tns")
+            x = auth.Sealer(auth.derive_key(SECRET, "tns"), "tns", "x")
             msg = ElectionMessage(clock=1, campaigning=True, votes=())
-            from skulk.core.codec import encode_msgpack
-
-            raw_session.put(f"{prefix}/commands", auth.seal(key, "tns", "x", "commands", None, encode_msgpack(msg)))
+            raw_session.put(f"{prefix}/commands", x.seal("commands", None, encode_msgpack(msg)))
             # Authentic, but meant for another node.
-            raw_session.put(f"{prefix}/election/a", auth.seal(key, "tns", "x", "election", "zz", encode_msgpack(msg)))
+            raw_session.put(f"{prefix}/election/a", x.seal("election", "zz", encode_msgpack(msg)))
             await _until(lambda: sum(a.transport.drops.values()) >= 4)
             assert a.transport.drops["foreign_namespace"] == 1
             assert a.transport.drops["malformed"] == 1
@@ -150,5 +142,46 @@ def test_foreign_namespace_and_garbage_are_dropped_and_counted() -> None:
         finally:
             raw_session.close()
             await a.transport.close()
+
+    asyncio.run(main())
+
+
+def test_captured_messages_replayed_are_dropped_and_stale_ones_too() -> None:
+    """An eavesdropper without the key records real traffic and puts it back: nothing is delivered twice."""
+
+    async def main() -> None:
+        pa, pb = _ports(2)
+        a = Peer("a", pa, ())
+        b = Peer("b", pb, (f"tcp/127.0.0.1:{pa}",))
+        for p in (a, b):
+            await p.transport.start()
+        spy = zenoh_spy([f"tcp/127.0.0.1:{pa}"])
+        captured: list[tuple[str, bytes]] = []
+        prefix = key_prefix("tns")
+        sub = spy.declare_subscriber(f"{prefix}/**", lambda smp: captured.append((str(smp.key_expr),
+                                                                                   smp.payload.to_bytes())))
+        try:
+            await _until(lambda: a.transport.members == {"b"} and b.transport.members == {"a"})
+            await asyncio.sleep(0.3)
+            for clock in range(1, 6):
+                b.transport.send(ElectionMessage(clock=clock, campaigning=False, votes=()), None)
+            await _until(lambda: len(a.messages) == 5 and sum(k == f"{prefix}/election" for k, _ in captured) >= 5)
+            replays = [(k, raw) for k, raw in captured if k.startswith(f"{prefix}/election")]
+            for k, raw in replays:
+                spy.put(k, raw)
+            await _until(lambda: a.transport.drops["replayed"] >= len(replays))
+            # A capture older than the window (here: sealed with a clock 10 minutes behind).
+            old = auth.Sealer(auth.derive_key(SECRET, "tns"), "tns", "b", clock_ms=lambda: int(time.time() * 1000) - 600_000)
+            spy.put(f"{prefix}/election", old.seal("election", None, encode_msgpack(
+                ElectionMessage(clock=99, campaigning=False, votes=()))))
+            await _until(lambda: a.transport.drops["stale"] == 1)
+            await asyncio.sleep(0.2)
+            assert [m.clock for _, m in a.messages] == [1, 2, 3, 4, 5], "each message delivered once"
+            assert a.transport.members == {"b"}
+        finally:
+            sub.undeclare()
+            spy.close()
+            for p in (a, b):
+                await p.transport.close()
 
     asyncio.run(main())

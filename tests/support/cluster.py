@@ -36,6 +36,7 @@ __all__ = [
     "masters",
     "sessions",
     "FAST_ENV",
+    "zenoh_spy",
 ]
 
 
@@ -81,3 +82,17 @@ def sessions(cluster: LocalCluster, nodes: list[str] | None = None) -> dict[str,
 def masters(cluster: LocalCluster, nodes: list[str] | None = None) -> set[str]:
     """Who each live node believes is master (from /state)."""
     return {s["master"] if s else "" for s in sessions(cluster, nodes).values()}
+
+
+def zenoh_spy(connect: list[str]) -> Any:
+    """A bare zenoh peer session (no cluster key) connected to ``connect``: an eavesdropper."""
+    import json
+
+    import zenoh
+
+    cfg = zenoh.Config()
+    cfg.insert_json5("mode", '"peer"')
+    cfg.insert_json5("connect/endpoints", json.dumps(connect))
+    cfg.insert_json5("listen/endpoints", "[]")
+    cfg.insert_json5("scouting/multicast/enabled", "false")
+    return zenoh.open(cfg)
