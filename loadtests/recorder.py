@@ -18,16 +18,16 @@ beyond its public API and its disk log.
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from skulk.core.codec import to_wire
-from skulk.runtime.localcluster import http_json
-
 from chaos.realtrace import write_trace
 from loadtests.cluster import RealCluster
+from skulk.core.codec import to_wire
+from skulk.runtime.localcluster import http_json
 
 __all__ = ["TraceRecorder"]
 
@@ -85,7 +85,8 @@ class TraceRecorder:
                     continue
                 state = http_json(url + "/state", timeout_s=self.timeout_s)
                 assert isinstance(state, dict) and "instances" in state, str(state)[:200]
-            except (OSError, ValueError, KeyError, TypeError, AssertionError):
+            except (OSError, http.client.HTTPException, ValueError, KeyError, TypeError, AssertionError):
+                # A node killed mid-response (IncompleteRead) is an error of this poll, not of the recorder.
                 self.poll_errors += 1
                 continue
             t = time.time()

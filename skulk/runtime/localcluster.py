@@ -28,6 +28,7 @@ other or a cluster the operator has running. ``wait_for`` polls a condition.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -227,7 +228,7 @@ class LocalCluster:
                 try:
                     if self.fetch(self.plan(node), "/node_id") == node:
                         pending.remove(node)
-                except (OSError, ValueError, subprocess.SubprocessError):
+                except (OSError, http.client.HTTPException, ValueError, subprocess.SubprocessError):
                     pass
             if pending and time.monotonic() > deadline:
                 raise TimeoutError(f"nodes {pending} did not answer within {timeout_s:g} s")
