@@ -17,6 +17,9 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     campaign_timeout_s: float = 3.0  # longest a campaign waits for votes
     settle_delay_s: float = 0.2  # connection-change settle delay before campaigning
     heartbeat_interval_s: float = 2.0  # settled nodes re-announce their session
+    # A follower whose master is missing from its peer set this long (no
+    # election followed: the others still reach it) ends its accepted requests.
+    master_lost_grace_s: float = 6.0
     force_master: bool = False  # gives huge seniority (operator override)
     # Liveness and pruning (master).
     node_timeout_s: float = 30.0  # no telemetry for this long: node considered gone

@@ -92,6 +92,7 @@ from skulk.core.worker import DEADLINE_TIMER_PREFIX, RESTART_TIMER_PREFIX, Worke
 __all__ = ["CoreNode", "TELEMETRY_TIMER"]
 
 TELEMETRY_TIMER = "node.telemetry"
+MASTER_LOST_TIMER = "node.master_lost"
 # Report memory again only when available memory moved by more than this share of total.
 _MEMORY_REPORT_FRACTION = 0.02
 _MEMORY_REPORT_MIN_BYTES = 64 * 1024 * 1024
@@ -135,6 +136,7 @@ class CoreNode:
         self._links: dict[tuple[NodeId, str], tuple[LinkKind, bool]] = {}
         self._models: set[ModelId] = set()
         self._session_applied = False
+        self._master_lost_since: float | None = None  # when this follower's master left its peer set
         self._since_persist = 0
         self._persist_failures: dict[str, int] = {}
         self.booted = False
@@ -173,7 +175,8 @@ class CoreNode:
         if isinstance(inp, TimerFired):
             return self._on_timer(now, inp.key)
         if isinstance(inp, PeersChanged):
-            return self.election.on_peers_changed(now, inp.peers) + self._after_state(now)
+            effects = self.election.on_peers_changed(now, inp.peers)
+            return effects + self._watch_master(now) + self._after_state(now)
         if isinstance(inp, Boot):
             assert not self.booted, "Boot twice"
             self.booted = True
@@ -288,6 +291,8 @@ class CoreNode:
             if self._session_applied:
                 effects += self._raise(now, [self._info_event(force=True)])
             return effects + self._after_state(now)
+        if key == MASTER_LOST_TIMER:
+            return self._on_master_lost(now)
         if key.startswith(REQUEST_TIMER_PREFIX):
             return self.requests.on_timer(now, key, self.session)
         if key.startswith(RESTART_TIMER_PREFIX):
@@ -320,12 +325,51 @@ class CoreNode:
             self.master = Master(self.node_id, self.config, new, self.cards, self.replica.apply_own)
             effects += self.master.start(now, self.replica.last_state)
         effects.append(SessionChanged(session=new, is_master=self.is_master))
+        self._master_lost_since = None
+        effects += self._watch_master(now)
         effects.append(
             Log(
                 level="info",
                 message=f"following session {new}" + (" as master" if new.master == self.node_id else ""),
             )
         )
+        return effects
+
+    # --- a master out of reach ----------------------------------------------------------
+
+    def _watch_master(self, now: float) -> list[Effect]:
+        """Start (or stop) the clock on a master missing from this follower's peer set.
+
+        Normally a master leaving the peer set starts an election and the new
+        session ends open requests. In a partial mesh the others may still
+        reach the master and keep it, while this node cannot: its requests
+        would wait for chunks that never come. After ``master_lost_grace_s``
+        they end with ``master_unreachable`` (invariant 8).
+        """
+        session = self.session
+        lost = session is not None and session.master != self.node_id and session.master not in self.election.peers
+        if not lost:
+            if self._master_lost_since is None:
+                return []
+            self._master_lost_since = None
+            return [CancelTimer(key=MASTER_LOST_TIMER)]
+        if self._master_lost_since is not None:
+            return []
+        self._master_lost_since = now
+        return [SetTimer(key=MASTER_LOST_TIMER, at=now + self.config.master_lost_grace_s)]
+
+    def _on_master_lost(self, now: float) -> list[Effect]:
+        since, session = self._master_lost_since, self.session
+        if since is None or session is None:
+            return []
+        lost_for = now - since
+        effects = self.requests.on_master_lost(now, session, lost_for)
+        # Still cut off: look again after another grace (a request accepted meanwhile).
+        effects.append(SetTimer(key=MASTER_LOST_TIMER, at=now + self.config.master_lost_grace_s))
+        if len(effects) > 1:
+            effects.append(Log(level="warning", message=(
+                f"master {session.master} of session {session} not among this node's peers for {lost_for:.1f} s; "
+                "ended its in-flight requests (master_unreachable)")))
         return effects
 
     # --- after the state moved -----------------------------------------------------------

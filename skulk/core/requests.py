@@ -17,6 +17,10 @@ It also ends, with an error chunk, when:
   master end with a clear error, never hang);
 - the replicated state says its task failed or was deleted and the last chunk
   does not follow within ``request_linger_s``.
+- this node has not had its session's master among its peers for
+  ``master_lost_grace_s`` (``on_master_lost``): a partial mesh in which the
+  others still reach the master, so no election follows, but neither this
+  node's chunks nor its events can arrive.
 
 Abandoning a request sends a ``CancelTask`` and closes it at once.
 """
@@ -32,10 +36,11 @@ from skulk.core.messages import CommandMessage
 from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import ChunkError, TokenChunk
 
-__all__ = ["Requests", "REQUEST_TIMER_PREFIX", "SESSION_CHANGED"]
+__all__ = ["Requests", "REQUEST_TIMER_PREFIX", "SESSION_CHANGED", "MASTER_UNREACHABLE"]
 
 REQUEST_TIMER_PREFIX = "request."
 SESSION_CHANGED = "session_changed"
+MASTER_UNREACHABLE = "master_unreachable"
 
 
 class _Open:
@@ -194,6 +199,26 @@ class Requests:
                 effects += self._fail(
                     cid, CommandResult(command_id=cid, status="rejected", code=SESSION_CHANGED, message=message)
                 )
+        return effects
+
+    def on_master_lost(self, now: float, session: Session, lost_for_s: float) -> list[Effect]:
+        """End the accepted task requests sent in ``session``: this node cannot reach its master.
+
+        Requests not yet accepted keep retrying until their own deadline (an
+        election may still bring a reachable master).
+        """
+        effects: list[Effect] = []
+        message = (
+            f"this node has not reached the master of session {session} for {lost_for_s:.1f} s while the request "
+            "was in flight; retry the request (on another node if this one stays cut off)"
+        )
+        for cid in sorted(self._open):
+            entry = self._open[cid]
+            if not (isinstance(entry.command, SubmitTask) and entry.accepted and entry.sent_session == session):
+                continue
+            cancel = CancelTask(command_id=CommandId(derive_id("cancel", cid)), target=cid)
+            effects.append(Send(message=CommandMessage(origin=self.node_id, command=cancel)))
+            effects += self._error(cid, entry, message, MASTER_UNREACHABLE)
         return effects
 
     # --- timers --------------------------------------------------------------------------
