@@ -70,6 +70,7 @@ CODE_STATUS: Mapping[str, int] = {
     # the cluster cannot answer now: retry later
     "unavailable": 503,
     "session_changed": 503,
+    "master_unreachable": 503,
     "instance_failed": 503,
     "no_master": 503,
     "no_nodes": 503,
