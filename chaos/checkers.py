@@ -39,7 +39,8 @@ and every check is incremental, so running it after every step stays cheap:
    hosting nodes all stayed up since, is in the converged state.
 6. **Bounded events per abandoned request.** Task events indexed for an
    abandoned request never exceed ``abandoned_events_max`` in any one
-   session's log. (Per session: a paused master that has not yet heard it was
+   session's log, plus one when a fault failed the task (its ``TaskFailed``;
+   ``TaskDeleted`` then says ``failed`` instead of ``cancelled``). (Per session: a paused master that has not yet heard it was
    deposed may still index a broadcast command into its dead session, which
    no live node follows; that costs the cluster nothing.)
 7. **One context ceiling per instance.** Every rank reports ``RunnerReady``
@@ -205,6 +206,7 @@ class SafetyChecker:
         self.task_events: dict[tuple[Session, TaskId], int] = {}
         self.task_sessions: dict[TaskId, list[Session]] = {}
         self.abandoned: set[TaskId] = set()
+        self.task_failed: set[tuple[Session, TaskId]] = set()
         self.ready_ceilings: dict[InstanceId, dict[RunnerId, int]] = {}
         self._deadlines: list[tuple[float, int, Any]] = []
         self._deadline_seq = 0
@@ -340,6 +342,8 @@ class SafetyChecker:
         elif kind is TaskCreated:
             self._count_task_event(host, session, event.task.task_id)  # type: ignore[union-attr]
         elif kind in (TaskStatusUpdated, TaskFailed, TaskDeleted):
+            if kind is TaskFailed:
+                self.task_failed.add((session, event.task_id))  # type: ignore[union-attr]
             self._count_task_event(host, session, event.task_id)  # type: ignore[union-attr]
         elif kind is RunnerStatusUpdated and type(event.status) is RunnerReady:  # type: ignore[union-attr]
             inst = before.instances.get(event.instance_id)  # type: ignore[union-attr]
@@ -386,11 +390,15 @@ class SafetyChecker:
             count = self.task_events[(session, task_id)]
             if count > self.max_abandoned_events:
                 self.max_abandoned_events = count
-            if count > self.abandoned_events_max:
+            # A fault (its node restarted, its instance went) may fail the task
+            # before the cancel lands: its TaskFailed is the fault's, not the
+            # abandonment's, and TaskDeleted(failed) takes the cancel's place.
+            bound = self.abandoned_events_max + (1 if (session, task_id) in self.task_failed else 0)
+            if count > bound:
                 self._fail(
                     6,
                     f"{count} events indexed for abandoned task {task_id} in session {session} "
-                    f"(bound {self.abandoned_events_max})",
+                    f"(bound {bound})",
                     host,
                 )
 

@@ -214,10 +214,45 @@ def test_invariant_6_events_per_abandoned_request_are_bounded() -> None:
     checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
     log.append(TaskCreated(task=task))
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
-    log.append(TaskFailed(task_id=task.task_id, error_message="x"))
+    log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
+    with pytest.raises(SafetyViolation) as v:
+        log.append(TaskDeleted(task_id=task.task_id, outcome="cancelled"))
+    assert v.value.invariant == 6 and checker.max_abandoned_events == 4 and "(bound 3)" in str(v.value)
+
+
+def test_invariant_6_allows_the_one_failure_a_fault_adds() -> None:
+    # A node restart fails the running task before the cancel lands:
+    # created, running, failed, deleted(failed). The fault's TaskFailed is
+    # allowed; anything more is not.
+    checker, _ = _checker(abandoned_events_max=3)
+    log = _Log(checker, S1)
+    log.start()
+    log.append(_memory(total_gib=64, available_gib=60))
+    log.append(InstanceCreated(instance=_instance(N1, need=GIB)))
+    task = _task("chat-1")
+    checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
+    log.append(TaskCreated(task=task))
+    log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
+    log.append(TaskFailed(task_id=task.task_id, error_message="the node running this request restarted"))
+    log.append(TaskDeleted(task_id=task.task_id, outcome="failed"))
+    assert checker.max_abandoned_events == 4
+
+
+def test_invariant_6_a_failure_allows_one_event_more_not_two() -> None:
+    checker, _ = _checker(abandoned_events_max=3)
+    log = _Log(checker, S1)
+    log.start()
+    log.append(_memory(total_gib=64, available_gib=60))
+    log.append(InstanceCreated(instance=_instance(N1, need=GIB)))
+    task = _task("chat-1")
+    checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
+    log.append(TaskCreated(task=task))
+    log.append(TaskFailed(task_id=task.task_id, error_message="the node running this request restarted"))
+    log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
+    log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
     with pytest.raises(SafetyViolation) as v:
         log.append(TaskDeleted(task_id=task.task_id, outcome="failed"))
-    assert v.value.invariant == 6 and checker.max_abandoned_events == 4
+    assert v.value.invariant == 6 and "(bound 4)" in str(v.value)
 
 
 def test_invariant_7_ranks_disagree_on_the_ceiling() -> None:
