@@ -204,7 +204,8 @@ def _task(cid: str) -> Task:
     )
 
 
-def test_invariant_6_events_per_abandoned_request_are_bounded() -> None:
+def _abandoned_task() -> tuple[SafetyChecker, _Log, Task]:
+    """A checker (bound 3) whose log has indexed TaskCreated for a request its client abandoned."""
     checker, _ = _checker(abandoned_events_max=3)
     log = _Log(checker, S1)
     log.start()
@@ -213,6 +214,11 @@ def test_invariant_6_events_per_abandoned_request_are_bounded() -> None:
     task = _task("chat-1")
     checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
     log.append(TaskCreated(task=task))
+    return checker, log, task
+
+
+def test_invariant_6_events_per_abandoned_request_are_bounded() -> None:
+    checker, log, task = _abandoned_task()
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
     with pytest.raises(SafetyViolation) as v:
@@ -224,14 +230,7 @@ def test_invariant_6_allows_the_one_failure_a_fault_adds() -> None:
     # A node restart fails the running task before the cancel lands:
     # created, running, failed, deleted(failed). The fault's TaskFailed is
     # allowed; anything more is not.
-    checker, _ = _checker(abandoned_events_max=3)
-    log = _Log(checker, S1)
-    log.start()
-    log.append(_memory(total_gib=64, available_gib=60))
-    log.append(InstanceCreated(instance=_instance(N1, need=GIB)))
-    task = _task("chat-1")
-    checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
-    log.append(TaskCreated(task=task))
+    checker, log, task = _abandoned_task()
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
     log.append(TaskFailed(task_id=task.task_id, error_message="the node running this request restarted"))
     log.append(TaskDeleted(task_id=task.task_id, outcome="failed"))
@@ -239,14 +238,7 @@ def test_invariant_6_allows_the_one_failure_a_fault_adds() -> None:
 
 
 def test_invariant_6_a_failure_allows_one_event_more_not_two() -> None:
-    checker, _ = _checker(abandoned_events_max=3)
-    log = _Log(checker, S1)
-    log.start()
-    log.append(_memory(total_gib=64, available_gib=60))
-    log.append(InstanceCreated(instance=_instance(N1, need=GIB)))
-    task = _task("chat-1")
-    checker.request_abandoned(SimpleNamespace(kind="SubmitTask", cid="chat-1", host=N1))
-    log.append(TaskCreated(task=task))
+    checker, log, task = _abandoned_task()
     log.append(TaskFailed(task_id=task.task_id, error_message="the node running this request restarted"))
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
     log.append(TaskStatusUpdated(task_id=task.task_id, status="running"))
