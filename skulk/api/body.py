@@ -5,7 +5,7 @@ Theory of operation
 ``read_body`` reads at most ``limit_bytes`` (refusing early on a larger
 ``Content-Length`` and, for chunked uploads, as soon as the running total
 passes the limit): 413. ``decode_body`` turns bytes into a typed msgspec
-record in one pass: invalid UTF-8, invalid JSON, nesting too deep, wrong
+record: invalid UTF-8 (checked first, by ``check_utf8``), invalid JSON, nesting too deep, wrong
 types, missing fields and values out of range are each a 400 whose ``param``
 is the path msgspec reports (``messages[0].content``).
 
@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from skulk.api.errors import ApiError
 
-__all__ = ["read_body", "decode_body", "param_from_validation"]
+__all__ = ["read_body", "check_utf8", "decode_body", "param_from_validation"]
 
 T = TypeVar("T")
 
@@ -79,16 +79,30 @@ def param_from_validation(message: str) -> tuple[str, str | None]:
     return text, (path or None)
 
 
-def decode_body(raw: bytes, tp: type[T]) -> T:
-    """Decode JSON ``raw`` into ``tp``; every failure is an ``ApiError(400)`` naming the field."""
-    if not raw.strip():
-        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+def check_utf8(raw: bytes) -> None:
+    """Refuse ``raw`` with ``ApiError(400, invalid_encoding)`` unless it is strict UTF-8.
+
+    Checked here, with Python's strict codec (which also refuses overlong
+    forms and encoded surrogates), rather than inferred from the JSON
+    decoder's exception: msgspec reported invalid UTF-8 as
+    ``UnicodeDecodeError`` up to 0.22 and as a ``msgspec.DecodeError`` from
+    0.23, and which class a library raises is not its documented interface.
+    """
     try:
-        return msgspec.json.decode(raw, type=tp)
+        raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ApiError(
             400, f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason})", code="invalid_encoding"
         ) from None
+
+
+def decode_body(raw: bytes, tp: type[T]) -> T:
+    """Decode JSON ``raw`` into ``tp``; every failure is an ``ApiError(400)`` naming the field."""
+    if not raw.strip():
+        raise ApiError(400, "the request body is empty; send a JSON object", code="invalid_json")
+    check_utf8(raw)
+    try:
+        return msgspec.json.decode(raw, type=tp)
     except RecursionError:
         raise ApiError(400, "the request body is nested too deeply", code="nesting_too_deep") from None
     except msgspec.ValidationError as exc:
