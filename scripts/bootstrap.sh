@@ -1,20 +1,49 @@
 #!/usr/bin/env bash
 # One-time (idempotent) set-up: a virtual environment with Skulk and its test
-# dependencies. Safe to run repeatedly; it only installs what is missing.
+# dependencies, installed from the lock file (requirements.txt: exact versions,
+# every file hash-checked). Safe to run repeatedly; it does work only when the
+# lock or pyproject.toml changed since the last install.
+#
+# Refuses, before installing anything, a lock that no longer matches
+# pyproject.toml (a dependency edited without re-locking): run scripts/lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  echo "[bootstrap] creating .venv with $($PYTHON --version)"
-  "$PYTHON" -m venv .venv
-  .venv/bin/pip install -q -U pip
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "[bootstrap] ERROR: Skulk needs Python 3.11 or newer; $PYTHON is $("$PYTHON" --version 2>&1 || echo missing)." >&2
+  echo "[bootstrap] Install one, or point PYTHON at it: PYTHON=python3.12 $0" >&2
+  exit 1
 fi
-stamp=.venv/.skulk-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "[bootstrap] installing Skulk and its dependencies into .venv"
-  .venv/bin/pip install -q -e '.[dev]'
-  touch "$stamp"
+
+# 1. The lock must have been resolved from pyproject.toml as it is now.
+"$PYTHON" scripts/lockfile.py check
+
+# 2. The environment is (re)built whenever the lock changed, so it holds
+#    exactly the locked set (nothing left over from an older lock).
+lock_sum="$("$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(open("requirements.txt","rb").read()).hexdigest())')"
+lock_stamp=.venv/.skulk-lock
+if [ -x .venv/bin/python ] && [ "$(cat "$lock_stamp" 2>/dev/null)" != "$lock_sum" ]; then
+  echo "[bootstrap] requirements.txt changed since .venv was built: rebuilding .venv from the lock"
+  rm -rf .venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  echo "[bootstrap] creating .venv with $("$PYTHON" --version) and installing the locked dependencies"
+  "$PYTHON" -m venv .venv
+  # Exact versions, every file checked against its sha256; nothing resolved here.
+  .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements.txt
+  echo "$lock_sum" > "$lock_stamp"
+  rm -f .venv/.skulk-project
+fi
+
+# 3. Skulk itself, editable, built with the locked setuptools (no build isolation,
+#    so no unpinned build dependencies are fetched). Redone when pyproject.toml changes.
+project_sum="$("$PYTHON" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
+if [ "$(cat .venv/.skulk-project 2>/dev/null)" != "$project_sum" ]; then
+  echo "[bootstrap] installing Skulk (editable) into .venv"
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check; exit 1; }
+  echo "$project_sum" > .venv/.skulk-project
 fi
 
 # The dashboard's browser test drives Debian's Chromium (never a downloaded

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The lock file and the inputs it was resolved from (standard library only).
+
+Theory of operation
+-------------------
+``requirements.txt`` is Skulk's lock: every package the runtime and the test
+suite need, pinned to one version with the sha256 of every wheel and sdist
+PyPI publishes for it, resolved once for all supported platforms (Linux
+x86-64 and arm64; macOS arm64) by ``uv pip compile --universal``. It is a
+plain pip requirements file, so installing it needs nothing but pip
+(``pip install --require-hashes -r requirements.txt``).
+
+``pyproject.toml`` keeps compatible ranges for people who ``pip install
+skulk`` into their own environment. The lock records, in its first line, a
+digest of exactly the inputs it was resolved from: the project's
+dependencies, its optional-dependency groups, ``requires-python``, the build
+requirements and the ``[tool.uv]`` resolution settings, each normalised
+(whitespace and order of keys do not matter; order within a list does not
+either). ``check`` recomputes that digest: a dependency added, removed or
+re-ranged in ``pyproject.toml`` without re-locking is caught before anything
+is installed, with the command that fixes it.
+
+Used by ``scripts/bootstrap.sh`` (``python3 scripts/lockfile.py check``) and
+``scripts/lock`` (``inputs_digest`` for the header it writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+__all__ = ["ROOT", "LOCK", "PYPROJECT", "inputs_digest", "recorded_digest", "pins", "check", "HEADER_PREFIX"]
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "requirements.txt"
+PYPROJECT = ROOT / "pyproject.toml"
+HEADER_PREFIX = "# skulk-lock-inputs: sha256="
+FIX_COMMAND = "scripts/lock"
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm(requirement: str) -> str:
+    return _SPACE.sub("", requirement).lower()
+
+
+def lock_inputs(pyproject: Path = PYPROJECT) -> dict[str, object]:
+    """The parts of ``pyproject.toml`` a resolution depends on, normalised."""
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    project = data.get("project", {})
+    extras = project.get("optional-dependencies", {})
+    return {
+        "requires-python": _norm(project.get("requires-python", "")),
+        "dependencies": sorted(_norm(r) for r in project.get("dependencies", [])),
+        "optional-dependencies": {k: sorted(_norm(r) for r in v) for k, v in sorted(extras.items())},
+        "build-requires": sorted(_norm(r) for r in data.get("build-system", {}).get("requires", [])),
+        "tool-uv": data.get("tool", {}).get("uv", {}),
+    }
+
+
+def inputs_digest(pyproject: Path = PYPROJECT) -> str:
+    """sha256 of the canonical JSON of ``lock_inputs``."""
+    canon = json.dumps(lock_inputs(pyproject), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
+
+
+def recorded_digest(lock: Path = LOCK) -> str | None:
+    """The inputs digest a lock file was written with, or None (no file, no header)."""
+    if not lock.is_file():
+        return None
+    with lock.open(encoding="utf-8") as f:
+        first = f.readline().strip()
+    return first[len(HEADER_PREFIX):] if first.startswith(HEADER_PREFIX) else None
+
+
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
+
+
+def pins(lock: Path = LOCK) -> dict[str, list[tuple[str, str]]]:
+    """``{name: [(version, marker), ...]}`` of a lock file (a name may be pinned per marker)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for line in lock.read_text(encoding="utf-8").splitlines():
+        m = _PIN.match(line)
+        if m:
+            out.setdefault(m.group(1).lower(), []).append((m.group(2), (m.group(3) or "").strip()))
+    return out
+
+
+def check(lock: Path = LOCK, pyproject: Path = PYPROJECT) -> tuple[bool, str]:
+    """(ok, message): whether ``lock`` was resolved from ``pyproject``'s current inputs."""
+    rel = lock.relative_to(ROOT) if lock.is_relative_to(ROOT) else lock
+    recorded = recorded_digest(lock)
+    if not lock.is_file():
+        return False, f"{rel} (the lock file) is missing: run {FIX_COMMAND} to resolve it, then commit it."
+    if recorded is None:
+        return False, (f"{rel} has no '{HEADER_PREFIX.strip()}' first line, so it was not written by "
+                       f"{FIX_COMMAND}: run {FIX_COMMAND}, then commit it.")
+    current = inputs_digest(pyproject)
+    if recorded != current:
+        return False, (
+            f"{rel} (the lock file) no longer matches pyproject.toml: its dependencies, extras, "
+            f"requires-python or build requirements changed since the lock was resolved "
+            f"(lock inputs {recorded[:12]}, pyproject now {current[:12]}).\n"
+            f"Run `{FIX_COMMAND}` to re-resolve the lock, then commit pyproject.toml and {rel} together.")
+    return True, f"{rel} matches pyproject.toml (inputs {current[:12]})"
+
+
+def main(argv: list[str]) -> int:
+    if argv[1:] == ["check"]:
+        ok, message = check()
+        print(("[lock] " if ok else "[lock] ERROR: ") + message, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    if argv[1:] == ["digest"]:
+        print(inputs_digest())
+        return 0
+    print("usage: scripts/lockfile.py check|digest", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
