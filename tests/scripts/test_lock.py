@@ -1,0 +1,126 @@
+"""The lock file's guard (scripts/lockfile.py, bootstrap) and the canary's report (scripts/upgrade-deps)."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import lockfile  # noqa: E402
+
+
+def _load(path: Path) -> ModuleType:
+    loader = importlib.machinery.SourceFileLoader(path.name.replace("-", "_"), str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _copy_project(tmp_path: Path) -> Path:
+    for name in ("pyproject.toml", "requirements.txt"):
+        shutil.copyfile(ROOT / name, tmp_path / name)
+    (tmp_path / "scripts").mkdir()
+    for name in ("lockfile.py", "bootstrap.sh"):
+        shutil.copyfile(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    return tmp_path
+
+
+def test_the_committed_lock_matches_pyproject() -> None:
+    ok, message = lockfile.check()
+    assert ok, message
+
+
+def test_every_dependency_of_pyproject_is_pinned_in_the_lock() -> None:
+    """Independent of the digest: each named requirement has a pin (this platform's markers aside)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    pinned = lockfile.pins()
+    wanted = data["project"]["dependencies"] + data["project"]["optional-dependencies"]["dev"]
+    for text in wanted + data["build-system"]["requires"]:
+        req = Requirement(text)
+        name = req.name.lower().replace("_", "-")
+        assert name in pinned, f"{req.name} is not in requirements.txt"
+        assert any(req.specifier.contains(v, prereleases=True) for v, _ in pinned[name]), (req, pinned[name])
+
+
+def test_a_changed_dependency_is_caught_with_the_command_that_fixes_it(tmp_path: Path) -> None:
+    project = _copy_project(tmp_path)
+    lock, pyproject = project / "requirements.txt", project / "pyproject.toml"
+    assert lockfile.check(lock, pyproject)[0]
+    text = pyproject.read_text()
+    # Reformatting is not a change: whitespace inside a requirement does not matter.
+    pyproject.write_text(text.replace('"simpy>=4.1"', '"simpy >= 4.1"'))
+    assert lockfile.check(lock, pyproject)[0]
+    pyproject.write_text(text.replace('"simpy>=4.1"', '"simpy>=4.1",\n    "rich>=13"'))
+    ok, message = lockfile.check(lock, pyproject)
+    assert not ok and "no longer matches pyproject.toml" in message and "scripts/lock" in message
+    pyproject.write_text(text.replace('requires-python = ">=3.11"', 'requires-python = ">=3.12"'))
+    assert not lockfile.check(lock, pyproject)[0]
+    lock.write_text("\n".join(lock.read_text().splitlines()[1:]))
+    ok, message = lockfile.check(lock, pyproject)
+    assert not ok and "was not written by scripts/lock" in message
+    lock.unlink()
+    assert "missing" in lockfile.check(lock, pyproject)[1]
+
+
+def test_bootstrap_refuses_a_stale_lock_before_installing_anything(tmp_path: Path) -> None:
+    project = _copy_project(tmp_path)
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"simpy>=4.1"', '"simpy>=4.1",\n    "rich>=13"'))
+    out = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=project, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "no longer matches pyproject.toml" in out.stderr and "scripts/lock" in out.stderr
+    assert not (project / ".venv").exists(), "nothing may be installed from a stale lock"
+
+
+def test_pins_reads_markers_and_per_marker_versions(tmp_path: Path) -> None:
+    lock = tmp_path / "requirements.txt"
+    lock.write_text(
+        "numpy==2.4.6 ; python_full_version < '3.12' \\\n    --hash=sha256:aa\n"
+        "numpy==2.5.5 ; python_full_version >= '3.12' \\\n    --hash=sha256:bb\n"
+        "simpy==4.1.2 \\\n    --hash=sha256:cc\n    # via skulk (pyproject.toml)\n"
+    )
+    assert lockfile.pins(lock) == {
+        "numpy": [("2.4.6", "python_full_version < '3.12'"), ("2.5.5", "python_full_version >= '3.12'")],
+        "simpy": [("4.1.2", "")],
+    }
+
+
+def test_the_canary_reports_what_moved_and_what_broke(tmp_path: Path) -> None:
+    canary = _load(ROOT / "scripts" / "upgrade-deps")
+    old, new = tmp_path / "old.txt", tmp_path / "new.txt"
+    old.write_text("msgspec==0.22.0 \\\n    --hash=sha256:aa\nsimpy==4.1.2 \\\n    --hash=sha256:bb\n"
+                   "gone==1.0 \\\n    --hash=sha256:cc\n")
+    new.write_text("msgspec==0.23.0 \\\n    --hash=sha256:dd\nsimpy==4.1.2 \\\n    --hash=sha256:bb\n"
+                   "fresh==2.0 \\\n    --hash=sha256:ee\n")
+    assert canary.diff_pins(old, new) == [
+        "  added     fresh 2.0",
+        "  removed   gone 1.0",
+        "  upgraded  msgspec 0.22.0 -> 0.23.0",
+    ]
+    log = ("== pytest\n....F\nFAILED tests/api/test_validation.py::test_malformed_body_is_refused[invalid-utf8] - x\n"
+           "==== 1 failed, 572 passed in 402.11s (0:06:42) ====\n")
+    summary, failed = canary.summarise(log)
+    assert summary.startswith("1 failed, 572 passed in 402.11s")
+    assert failed == ["FAILED tests/api/test_validation.py::test_malformed_body_is_refused[invalid-utf8] - x"]
+
+
+@pytest.mark.parametrize("script", ["lock", "upgrade-deps"])
+def test_the_lock_scripts_explain_themselves(script: str) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
