@@ -7,6 +7,7 @@
     skulk status [--url URL]                 summarise the cluster (asks a node's API)
     skulk key                                print this node's cluster key (copy it to new nodes)
     skulk config                             print every resolved setting and where it came from
+    skulk --version                          print the installed version
 
 Settings come from flags, ``SKULK_*``/``EXO_*`` variables, ``skulk.env`` and
 ``skulk.yaml`` (see docs/operations.md).
@@ -233,7 +234,10 @@ def _setting_value(cfg: Any, name: str) -> object:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import skulk
+
     parser = argparse.ArgumentParser(prog="skulk", description="Skulk: one inference cluster from several machines.")
+    parser.add_argument("--version", action="version", version=f"skulk {skulk.__version__}")
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="start a node (the default)")
     _add_run_flags(run)
@@ -261,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["run", *argv]
     args = parser.parse_args(argv)
     if not hasattr(args, "fn"):
