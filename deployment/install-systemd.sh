@@ -3,6 +3,7 @@
 #
 #   deployment/install-systemd.sh [--print] [--skulk-bin PATH] [--env-file PATH]
 #                                 [--name NAME] [--json-logs] [--no-start]
+#                                 [--with-vector [--vector-bin PATH] [--ingest-url URL]]
 #
 # --print      write the unit to stdout and change nothing (a dry run)
 # --skulk-bin  the skulk executable (default: `command -v skulk`)
@@ -10,6 +11,16 @@
 # --name       unit name (default: skulk)
 # --json-logs  structured JSON log lines (SKULK_LOGGING_EXTERNAL=1) for log shippers
 # --no-start   install and enable, but do not start now
+# --with-vector  also install NAME-vector.service, the optional log shipper: Vector
+#              reads the node's JSON log lines (implies --json-logs) from the user
+#              journal and ships them, as its own service, so a slow or failing sink
+#              never backpressures the node. Needs a `vector` binary
+#              (https://vector.dev/docs/setup/installation/); without one the
+#              shipper is skipped with a message and the node is installed alone.
+# --vector-bin   the vector executable (default: `command -v vector`)
+# --ingest-url   where the shipper sends logs: HTTP POST, newline-delimited JSON
+#              (default: SKULK_LOGGING_INGEST_URL from the environment or the env
+#              file; with none, daily JSON-lines files under <data dir>/logs/shipped/)
 #
 # The service restarts on failure with a growing delay (exponential backoff on
 # systemd >= 254, a fixed 10 s before that) and stops trying after 5 failed
@@ -24,6 +35,9 @@ name=skulk
 json_logs=0
 skulk_bin=""
 env_file=""
+with_vector=0
+vector_bin=""
+ingest_url=""
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -33,7 +47,10 @@ while [ $# -gt 0 ]; do
     --name) name="$2"; shift ;;
     --json-logs) json_logs=1 ;;
     --no-start) start_now=0 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --with-vector) with_vector=1 ;;
+    --vector-bin) vector_bin="$2"; shift ;;
+    --ingest-url) ingest_url="$2"; shift ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "install-systemd: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -57,6 +74,25 @@ if [ -z "$data_dir" ]; then
   fi
 fi
 env_file="${env_file:-$data_dir/skulk.env}"
+
+# The optional log shipper: skipped, with the reason, when there is no vector.
+if [ "$with_vector" = 1 ]; then
+  vector_bin="${vector_bin:-$(command -v vector || true)}"
+  if [ -z "$vector_bin" ] || [ ! -x "$vector_bin" ]; then
+    echo "install-systemd: --with-vector: no 'vector' executable found (install Vector:" \
+         "https://vector.dev/docs/setup/installation/, or pass --vector-bin PATH);" \
+         "skipping the log shipper and installing the node alone" >&2
+    with_vector=0
+  else
+    json_logs=1
+    if [ -z "$ingest_url" ]; then
+      ingest_url="${SKULK_LOGGING_INGEST_URL:-}"
+      if [ -z "$ingest_url" ] && [ -f "$env_file" ]; then
+        ingest_url="$(sed -n 's/^SKULK_LOGGING_INGEST_URL=//p' "$env_file" | tail -n 1)"
+      fi
+    fi
+  fi
+fi
 
 systemd_version="$(systemctl --version 2>/dev/null | awk 'NR==1 {print $2}' || true)"
 case "$systemd_version" in ''|*[!0-9]*) systemd_version=0 ;; esac
@@ -97,8 +133,77 @@ LimitNOFILE=65536
 WantedBy=default.target
 "
 
+vector_unit=""
+vector_config=""
+if [ "$with_vector" = 1 ]; then
+  if [ -n "$ingest_url" ]; then
+    sink="    type: http
+    inputs: [skulk_json]
+    uri: \"$ingest_url\"
+    encoding:
+      codec: json
+    framing:
+      method: newline_delimited
+    request:
+      timeout_secs: 5
+    buffer:
+      type: disk
+      max_size: 268435488
+      when_full: drop_newest"
+  else
+    sink="    type: file
+    inputs: [skulk_json]
+    path: \"$data_dir/logs/shipped/skulk-%Y-%m-%d.jsonl\"
+    encoding:
+      codec: json"
+  fi
+  vector_config="# Written by deployment/install-systemd.sh --with-vector; rerun it to change.
+# Vector ships the JSON log lines of $name.service (SKULK_LOGGING_EXTERNAL=1)
+# from the user journal. Lines that are not JSON (a traceback printed before
+# logging starts) are dropped rather than shipped malformed.
+data_dir: \"$data_dir/vector\"
+sources:
+  skulk_journal:
+    type: journald
+    current_boot_only: false
+    extra_args: [\"--user\"]
+    include_matches:
+      _SYSTEMD_USER_UNIT: [\"$name.service\"]
+transforms:
+  skulk_json:
+    type: remap
+    inputs: [skulk_journal]
+    drop_on_error: true
+    drop_on_abort: true
+    source: |
+      parsed, err = parse_json(.message)
+      if err != null { abort }
+      . = parsed
+sinks:
+  skulk_out:
+$sink
+"
+  vector_unit="[Unit]
+Description=Skulk log shipper (Vector) for $name.service
+After=$name.service
+
+[Service]
+Type=simple
+ExecStart=\"$vector_bin\" --config \"$data_dir/vector.yaml\"
+Restart=on-failure
+RestartSec=10
+
+[Install]
+WantedBy=default.target
+"
+fi
+
 if [ "$print_only" = 1 ]; then
   printf '%s' "$unit"
+  if [ "$with_vector" = 1 ]; then
+    printf '### %s\n%s' "$name-vector.service" "$vector_unit"
+    printf '### %s\n%s' "$data_dir/vector.yaml" "$vector_config"
+  fi
   exit 0
 fi
 
@@ -114,11 +219,22 @@ EOF
 fi
 printf '%s' "$unit" > "$unit_dir/$name.service"
 echo "install-systemd: wrote $unit_dir/$name.service"
-systemctl --user daemon-reload
-if [ "$start_now" = 1 ]; then
-  systemctl --user enable --now "$name.service"
-else
-  systemctl --user enable "$name.service"
+if [ "$with_vector" = 1 ]; then
+  mkdir -p "$data_dir/vector" "$data_dir/logs/shipped"
+  printf '%s' "$vector_config" > "$data_dir/vector.yaml"
+  printf '%s' "$vector_unit" > "$unit_dir/$name-vector.service"
+  "$vector_bin" validate --no-environment "$data_dir/vector.yaml" \
+    || echo "install-systemd: warning: vector could not validate $data_dir/vector.yaml" >&2
+  echo "install-systemd: wrote $unit_dir/$name-vector.service and $data_dir/vector.yaml" \
+       "(shipping to ${ingest_url:-$data_dir/logs/shipped/})"
 fi
-echo "install-systemd: enabled $name.service (logs: journalctl --user -u $name -f)"
+systemctl --user daemon-reload
+units="$name.service"
+if [ "$with_vector" = 1 ]; then units="$units $name-vector.service"; fi
+if [ "$start_now" = 1 ]; then
+  systemctl --user enable --now $units
+else
+  systemctl --user enable $units
+fi
+echo "install-systemd: enabled $units (logs: journalctl --user -u $name -f)"
 echo "install-systemd: to run without a login session: loginctl enable-linger $USER"

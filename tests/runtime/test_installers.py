@@ -1,4 +1,4 @@
-"""Service installers: the generated systemd unit and launchd plist (issue 5, item 9)."""
+"""Service installers: the generated systemd unit and launchd plist, and the optional log shipper."""
 
 from __future__ import annotations
 
@@ -115,3 +115,132 @@ def test_launchd_update_on_boot_script_runs_and_still_starts_skulk(tmp_path: Pat
     assert out.returncode == 0, out.stderr
     assert "update failed" in out.stderr
     assert marker.read_text().strip() == "6123 run"
+
+
+# --- the optional log shipper (skulk-vector) ---------------------------------------------
+
+
+def _fake_vector(tmp_path: Path) -> Path:
+    """An executable named ``vector`` (the installers only need it to exist)."""
+    bin_dir = tmp_path / "vector bin"
+    bin_dir.mkdir()
+    exe = bin_dir / "vector"
+    exe.write_text("#!/bin/sh\nexit 0\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return exe
+
+
+def _parts(text: str) -> dict[str, str]:
+    """``--print`` output split at its ``### <name>`` markers (the first part is the node's)."""
+    chunks = text.split("\n### ")
+    out = {"": chunks[0] + "\n"}
+    for chunk in chunks[1:]:
+        name, _, body = chunk.partition("\n")
+        out[name] = body
+    return out
+
+
+def _run_full(script: Path, tmp_path: Path, *args: str, path_prefix: str = "") -> subprocess.CompletedProcess[str]:
+    env = {"HOME": str(tmp_path), "PATH": f"{path_prefix}{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=30)
+
+
+def test_systemd_with_vector_adds_a_shipper_service_reading_the_nodes_journal(tmp_path: Path) -> None:
+    import yaml
+
+    exe, vector = _fake_skulk(tmp_path), _fake_vector(tmp_path)
+    out = _run_full(SYSTEMD, tmp_path, "--print", "--skulk-bin", str(exe), "--with-vector", "--name", "node-a",
+                    "--ingest-url", "http://logs.example:9428/insert/jsonline", path_prefix=f"{vector.parent}:")
+    assert out.returncode == 0, out.stderr
+    parts = _parts(out.stdout)
+    data = f"{tmp_path}/.local/share/skulk"
+    assert set(parts) == {"", "node-a-vector.service", f"{data}/vector.yaml"}
+    assert "\nEnvironment=SKULK_LOGGING_EXTERNAL=1\n" in parts[""], "the shipper needs JSON lines"
+    assert _unit(parts[""])["Service"]["ExecStart"] == f'"{exe}" run'
+    shipper = _unit(parts["node-a-vector.service"])
+    assert shipper["Service"]["ExecStart"] == f'"{vector}" --config "{data}/vector.yaml"'
+    assert shipper["Unit"]["After"] == "node-a.service" and shipper["Service"]["Restart"] == "on-failure"
+    config = yaml.safe_load(parts[f"{data}/vector.yaml"])
+    source = config["sources"]["skulk_journal"]
+    assert source["type"] == "journald" and source["extra_args"] == ["--user"]
+    assert source["include_matches"] == {"_SYSTEMD_USER_UNIT": ["node-a.service"]}
+    assert config["transforms"]["skulk_json"]["inputs"] == ["skulk_journal"]
+    sink = config["sinks"]["skulk_out"]
+    assert sink["type"] == "http" and sink["uri"] == "http://logs.example:9428/insert/jsonline"
+    assert sink["inputs"] == ["skulk_json"] and sink["framing"] == {"method": "newline_delimited"}
+    assert config["data_dir"] == f"{data}/vector"
+    assert not (tmp_path / ".config").exists(), "--print changes nothing"
+
+
+def test_systemd_shipper_takes_the_ingest_url_from_the_env_file_else_writes_local_files(tmp_path: Path) -> None:
+    import yaml
+
+    exe, vector = _fake_skulk(tmp_path), _fake_vector(tmp_path)
+    data = tmp_path / ".local" / "share" / "skulk"
+    args = ("--print", "--skulk-bin", str(exe), "--with-vector")
+    local = yaml.safe_load(_parts(_run_full(SYSTEMD, tmp_path, *args, path_prefix=f"{vector.parent}:").stdout)
+                           [f"{data}/vector.yaml"])
+    assert local["sinks"]["skulk_out"]["type"] == "file"
+    assert local["sinks"]["skulk_out"]["path"] == f"{data}/logs/shipped/skulk-%Y-%m-%d.jsonl"
+    data.mkdir(parents=True)
+    (data / "skulk.env").write_text("SKULK_API_PORT=1\nSKULK_LOGGING_INGEST_URL=http://10.0.0.9:9428/x\n")
+    shipped = yaml.safe_load(_parts(_run_full(SYSTEMD, tmp_path, *args, path_prefix=f"{vector.parent}:").stdout)
+                             [f"{data}/vector.yaml"])
+    assert shipped["sinks"]["skulk_out"]["uri"] == "http://10.0.0.9:9428/x"
+
+
+def test_systemd_without_vector_installs_the_node_alone_and_says_why(tmp_path: Path) -> None:
+    exe = _fake_skulk(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"HOME": str(tmp_path), "PATH": f"{empty}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", str(SYSTEMD), "--print", "--skulk-bin", str(exe), "--with-vector"],
+                         capture_output=True, text=True, env=env, timeout=30)
+    if shutil.which("vector", path=env["PATH"]) is not None:
+        pytest.skip("a real vector is installed in /usr/bin or /bin")
+    assert out.returncode == 0, out.stderr
+    assert "no 'vector' executable found" in out.stderr and "skipping the log shipper" in out.stderr
+    assert "###" not in out.stdout and _unit(out.stdout)["Service"]["Restart"] == "on-failure"
+
+
+def test_systemd_shipper_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed (the unit is still checked by the parser test)")
+    exe, vector = _fake_skulk(tmp_path), _fake_vector(tmp_path)
+    out = _run_full(SYSTEMD, tmp_path, "--print", "--skulk-bin", str(exe), "--with-vector",
+                    path_prefix=f"{vector.parent}:")
+    unit = tmp_path / "skulk-vector.service"
+    unit.write_text(_parts(out.stdout)["skulk-vector.service"])
+    res = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stderr.strip() == "", res.stderr
+
+
+def test_launchd_with_vector_adds_a_shipper_agent_tailing_the_node_log(tmp_path: Path) -> None:
+    import yaml
+
+    exe, vector = _fake_skulk(tmp_path), _fake_vector(tmp_path)
+    out = _run_full(LAUNCHD, tmp_path, "--print", "--skulk-bin", str(exe), "--with-vector",
+                    path_prefix=f"{vector.parent}:")
+    assert out.returncode == 0, out.stderr
+    parts = _parts(out.stdout)
+    data = f"{tmp_path}/.skulk"
+    node = plistlib.loads(parts[""].encode())
+    assert node["EnvironmentVariables"]["SKULK_LOGGING_EXTERNAL"] == "1"
+    shipper = plistlib.loads(parts["io.skulk.node.vector.plist"].encode())
+    assert shipper["Label"] == "io.skulk.node.vector"
+    assert shipper["ProgramArguments"] == [str(vector), "--config", f"{data}/vector.yaml"]
+    assert shipper["KeepAlive"] == {"SuccessfulExit": False} and shipper["ThrottleInterval"] >= 10
+    assert shipper["StandardOutPath"] != node["StandardOutPath"], "the shipper logs apart from the node"
+    config = yaml.safe_load(parts[f"{data}/vector.yaml"])
+    assert config["sources"]["skulk_log"] == {"type": "file", "include": [node["StandardOutPath"]],
+                                              "read_from": "beginning"}
+    assert config["sinks"]["skulk_out"]["type"] == "file"
+    # Without vector: the node's agent alone, without JSON logs, and a message.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    alone = subprocess.run(["bash", str(LAUNCHD), "--print", "--skulk-bin", str(exe), "--with-vector"],
+                           capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": f"{empty}:/usr/bin:/bin"},
+                           timeout=30)
+    if shutil.which("vector", path=f"{empty}:/usr/bin:/bin") is None:
+        assert alone.returncode == 0 and "skipping the log shipper" in alone.stderr
+        assert "SKULK_LOGGING_EXTERNAL" not in plistlib.loads(alone.stdout.encode())["EnvironmentVariables"]
