@@ -128,9 +128,11 @@ class NodeRuntime:
             assert self.driver is not None
             self.driver.feed(inp)  # type: ignore[arg-type]
 
+        # A log that cannot be opened (a nearly full disk is common on laptops) comes back
+        # degraded without calling on_failure; it is reported below, once the driver exists.
         self.eventlog = EventLog(
             cfg.data_dir / "eventlog",
-            on_failure=lambda err: self.driver.on_log_failure(err),  # type: ignore[union-attr]
+            on_failure=self._log_failed,
             min_free_bytes=cfg.eventlog_min_free_bytes,
         )
         self.supervisor = Supervisor(
@@ -202,6 +204,11 @@ class NodeRuntime:
         finally:
             await self._shutdown()
         return self.exit_code
+
+    def _log_failed(self, error: str) -> None:
+        """The event log turned degraded mid-run (it never reports from its constructor)."""
+        assert self.driver is not None, "the event log reported a failure before the driver was wired"
+        self.driver.on_log_failure(error)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
