@@ -497,20 +497,23 @@ def shard_repo(src: Path, dest: Path, n_files: int) -> Path:
     return dest
 
 
-def build_hub(root: Path, models_dir: Path, *, sharded: int = 3) -> Path:
+def build_hub(root: Path, models_dir: Path, *, sharded: int = 3, small: bool = True) -> Path:
     """A hub directory with the default model and the generated test models.
 
-    ``skulk/tiny-qwen2`` (one weight file) and ``skulk/tiny-qwen2-sharded``
-    (the same weights in ``sharded`` files, split by layer). Returns ``root``.
+    ``skulk/tiny-qwen2`` (one 4.6 MB weight file), ``skulk/tiny-qwen2-sharded``
+    (the same weights in ``sharded`` files, split by layer) and, with
+    ``small``, ``skulk/small-qwen2-10m`` (one 42 MB weight file: bigger than
+    ``huggingface_hub``'s 10 MiB write chunk, so an interrupted transfer
+    leaves bytes to resume from). Returns ``root``.
     """
-    from skulk.engine.models import CARD_FILENAME, DEFAULT_MODEL_ID, ensure_model
+    from skulk.engine.models import CARD_FILENAME, DEFAULT_MODEL_ID, SMALL_MODEL_ID, ensure_model
 
-    src = ensure_model(DEFAULT_MODEL_ID, root=models_dir)
     # A hub repository has no Skulk card: a node derives one from config.json.
-    plain = root / DEFAULT_MODEL_ID
-    if not plain.exists():
-        shutil.copytree(src, plain, ignore=shutil.ignore_patterns(CARD_FILENAME))
+    no_card = shutil.ignore_patterns(CARD_FILENAME)
+    for model_id in (DEFAULT_MODEL_ID, SMALL_MODEL_ID) if small else (DEFAULT_MODEL_ID,):
+        if not (root / model_id).exists():
+            shutil.copytree(ensure_model(model_id, root=models_dir), root / model_id, ignore=no_card)
     split = root / (DEFAULT_MODEL_ID + "-sharded")
     if not split.exists():
-        shard_repo(plain, split, sharded)
+        shard_repo(root / DEFAULT_MODEL_ID, split, sharded)
     return root
