@@ -39,7 +39,6 @@ import asyncio
 import hashlib
 import json
 import shutil
-import socket
 import threading
 import time
 import urllib.parse
@@ -48,11 +47,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from tests.support.asgi import ThreadedServer
 
 __all__ = ["HubFile", "HubRepo", "HubRequest", "LocalHub", "scan_repo", "git_blob_id", "shard_repo", "build_hub"]
 
@@ -164,8 +164,7 @@ class LocalHub:
         self._lock = threading.Lock()
         self.repos: dict[str, HubRepo] = {}
         self.rescan()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: ThreadedServer | None = None
         self.port = 0
 
     # --- control -----------------------------------------------------------------------
@@ -206,32 +205,14 @@ class LocalHub:
                     and (prefix is None or r.path.startswith(prefix))]
 
     def start(self) -> LocalHub:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        config = uvicorn.Config(self._app(), log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=1)
-        server = uvicorn.Server(config)
-        self._server = server
-        self._thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])),
-                                        name="local-hub", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "the local hub did not start"
-            assert self._thread.is_alive(), "the local hub's thread died"
-            time.sleep(0.01)
+        self._server = ThreadedServer(self._app(), self.host).start()
+        self.port = self._server.port
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._server.stop()
         self._server = None
-        self._thread = None
 
     def __enter__(self) -> LocalHub:
         return self.start()
