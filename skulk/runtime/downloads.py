@@ -300,6 +300,41 @@ class HubDownloader:
             raise _classify(exc, model_id, "the file list") from exc
         return RepoListing(model_id=model_id, commit=info.sha, files=dict(sorted(files.items())))
 
+    def describe(self, model_id: str, revision: str = "main") -> tuple[Any, RepoListing]:
+        """A model card for a hub repository (from its ``config.json`` and weight sizes), and its listing.
+
+        Fetches only ``config.json`` (into a temporary directory); the weight
+        bytes are the sum of the repository's ``*.safetensors`` sizes. Raises
+        ``DownloadFailed``; ``invalid_model`` when the repository is not an
+        mlx-lm model Skulk can place (no config, no safetensors weights).
+        """
+        import json
+        import tempfile
+
+        from huggingface_hub import hf_hub_download
+
+        from skulk.core.cards import CardError, card_from_mlx_config
+
+        listing = self.listing(model_id, revision)
+        weights = [f for f in listing.files.values() if is_weight_file(f.path)]
+        if "config.json" not in listing.files or not weights:
+            raise DownloadFailed("invalid_model", f"{model_id}: not an mlx-lm model (it needs config.json and "
+                                                  f"*.safetensors weights at the top of the repository)")
+        with tempfile.TemporaryDirectory(prefix="skulk-card-") as tmp:
+            try:
+                path = hf_hub_download(model_id, "config.json", revision=listing.commit, local_dir=tmp,
+                                       endpoint=self.settings.endpoint, token=self.settings.token)
+                config = json.loads(Path(path).read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise DownloadFailed("invalid_model", f"{model_id}: config.json is not valid JSON: {exc}") from exc
+            except Exception as exc:
+                raise _classify(exc, model_id, "config.json") from exc
+        try:
+            card = card_from_mlx_config(model_id, config, sum(f.size for f in weights))
+        except CardError as exc:
+            raise DownloadFailed("invalid_model", str(exc)) from exc
+        return card, listing
+
     # --- download ------------------------------------------------------------------------
 
     def download(self, model_id: str, model_dir: Path, *, layers: LayerRange | None = None,

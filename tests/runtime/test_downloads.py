@@ -264,3 +264,17 @@ def test_progress_reports_rate_and_eta_while_bytes_arrive(hub: LocalHub, tmp_pat
     # The throttle is 16 MiB/s; the rate reported is of that order (loose: the machine is shared).
     assert 0.1 * (16 << 20) < max(r.rate_bps for r in mid) < 4 * (16 << 20)
     assert reports[-1].final and reports[-1].eta_s == 0.0
+
+
+def test_a_hub_repository_is_described_as_a_card_from_its_config_alone(hub: LocalHub, hub_dir: Path) -> None:
+    from skulk.modelcards import derive_card
+
+    card, listing = HubDownloader(HubSettings(endpoint=hub.endpoint)).describe(SHARDED)
+    local = derive_card(hub_dir / SHARDED, model_id=SHARDED)
+    assert card == local
+    assert listing.commit == hub.repos[SHARDED].sha
+    # Only config.json crossed the network.
+    assert _bodies(hub, SHARDED) == ["config.json"]
+    with pytest.raises(DownloadFailed) as err:
+        HubDownloader(HubSettings(endpoint=hub.endpoint)).describe("skulk/absent")
+    assert err.value.code == "not_found"
