@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from skulk.api import control, openai_routes
+from skulk.api import control, openai_routes, store_routes
 from skulk.api.schemas import (
     CancelResponse,
     ChatCompletion,
@@ -90,7 +90,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     # --- Skulk control ---
     Endpoint("GET", "/node_id", control.node_id, "This node's id (a bare JSON string)", "Cluster", response=str),
     Endpoint("GET", "/state", control.state, "The replicated cluster state", "Cluster", response=StateResponse),
-    Endpoint("GET", "/models", control.models, "Model cards known to this node", "Cluster", response=ModelsResponse),
+    Endpoint("GET", "/models", store_routes.models, "Every known model, in upstream Skulk's model-list shape",
+             "Models", response=store_routes.UpstreamModelList,
+             query=(QueryParam("status", "`downloaded`: only models some node holds"),)),
+    Endpoint("GET", "/models/cards", control.models, "Model cards known to this node (Skulk's card records)",
+             "Models", response=ModelsResponse),
     Endpoint("GET", "/instance/previews", control.instance_previews, "Every candidate placement of a model",
              "Placement", response=PreviewsResponse, errors=(400, 404),
              query=(QueryParam("model_id", "The model to place", required=True),

@@ -80,7 +80,7 @@ export function placeView(container) {
 
   async function loadModels() {
     try {
-      const { models } = await getJSON("/models");
+      const { models } = await getJSON("/models/cards");
       replace(modelSelect, h("option", { value: "" }, "— model —"), models.map((m) => h("option", { value: m.modelId },
         `${m.modelId} (${bytes(m.weightBytes)}, ${m.nLayers} layers)`)));
       if (!form.model && models.length) { form.model = models.find((m) => m.modelId.includes("tiny"))?.modelId || models[0].modelId; }
