@@ -41,7 +41,7 @@ def probe(request: dict[str, Any], home: Path, **env_changes: str | None) -> dic
     done = subprocess.run(
         [sys.executable, "-m", "skulk.engine._blas_probe", json.dumps(request)],
         env=env,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
         capture_output=True,
         text=True,
         timeout=PROBE_TIMEOUT_S,

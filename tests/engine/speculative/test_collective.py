@@ -23,7 +23,7 @@ from skulk.engine.protocol import EXIT_OK, RunnerProcess
 from skulk.engine.speculative.models import update_card_runtime
 from skulk.engine.speculative.mtp import MTP_SIDECAR
 from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of
-from tests.engine.test_speculative import PROMPTS, Run, greedy, spec_dirs, spec_loaded  # noqa: F401 (fixtures)
+from tests.engine.speculative.test_engine import PROMPTS, Run, greedy, spec_dirs, spec_loaded  # noqa: F401 (fixtures)
 
 START_TIMEOUT_S = 180
 MAX_TOKENS = 24
