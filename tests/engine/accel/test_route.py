@@ -1,8 +1,9 @@
-"""Fast BLAS for MLX on Linux: active here, numerically sane, and a clean fallback.
+"""``skulk.engine.accel.route``: fast BLAS for MLX on Linux is active here,
+numerically sane, and falls back cleanly.
 
 The BLAS must be chosen before ``import mlx.core``, and this test process may
 already have imported mlx, so every behavioural check runs a fresh Python
-process (``skulk.engine._blas_probe``) and reads its JSON reply. Each test
+process (``skulk.engine.accel.probe``) and reads its JSON reply. Each test
 gives the child its own SKULK_HOME so it never touches the user's data dir.
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from skulk.engine import accel
-from skulk.engine._blas_elf import ElfError, read_dynamic
-from skulk.engine._blas_probe import QWEN2_TINY
+from skulk.engine.accel import route
+from skulk.engine.accel.elf import ElfError, read_dynamic
+from skulk.engine.accel.probe import QWEN2_TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS is Linux-only")
 
@@ -39,7 +40,7 @@ def probe(request: dict[str, Any], home: Path, **env_changes: str | None) -> dic
         else:
             env[key] = value
     done = subprocess.run(
-        [sys.executable, "-m", "skulk.engine._blas_probe", json.dumps(request)],
+        [sys.executable, "-m", "skulk.engine.accel.probe", json.dumps(request)],
         env=env,
         cwd=Path(__file__).resolve().parents[3],
         capture_output=True,
@@ -250,10 +251,10 @@ def test_elf_reader_rejects_non_elf(tmp_path: Path) -> None:
 
 def test_shim_cache_key_follows_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SKULK_HOME", str(tmp_path))
-    original = accel._shim_path()
+    original = route._shim_path()
     assert original.parent == tmp_path / "cache" / "blas"
-    edited = tmp_path / "_blas_shim.c"
-    edited.write_text(accel._SHIM_SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(accel, "_SHIM_SOURCE", edited)
-    assert accel._shim_path() != original
-    assert accel._shim_path().parent == original.parent
+    edited = tmp_path / "shim.c"
+    edited.write_text(route._SHIM_SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(route, "_SHIM_SOURCE", edited)
+    assert route._shim_path() != original
+    assert route._shim_path().parent == original.parent

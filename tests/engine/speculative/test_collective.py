@@ -19,7 +19,8 @@ import msgspec
 import pytest
 
 from skulk.core.instances import RunnerReady, ShardMetadata, SpeculationConfig
-from skulk.engine.protocol import EXIT_OK, RunnerProcess
+from skulk.engine.client import RunnerProcess
+from skulk.engine.protocol import EXIT_OK
 from skulk.engine.speculative.models import update_card_runtime
 from skulk.engine.speculative.mtp import MTP_SIDECAR
 from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of

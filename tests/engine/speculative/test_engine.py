@@ -294,20 +294,3 @@ def test_generated_models_are_consistent(spec_dirs: tuple[Path, Path]) -> None:
     assert (target_dir / "tokenizer.json").read_bytes() == (draft_dir / "tokenizer.json").read_bytes()
     report = json.loads((target_dir / "skulk_spec.json").read_text())
     assert report["mtp"]["agreement_after"] >= report["mtp"]["agreement_before"]
-
-
-def test_tune_picks_a_measured_depth_and_writes_it_to_the_card(spec_dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    from skulk.engine.speculative.tune import choose_depth, main
-
-    assert choose_depth(100.0, {1: 120.0, 2: 150.0, 3: 140.0}, 0.05) == 2
-    assert choose_depth(100.0, {1: 103.0, 2: 90.0}, 0.05) == 0, "a gain under the threshold is no gain"
-    assert choose_depth(100.0, {}, 0.05) == 0
-    copy = tmp_path / "target"
-    shutil.copytree(spec_dirs[0], copy)
-    from skulk.engine.speculative.models import update_card_runtime
-
-    update_card_runtime(copy, mtp_max_depth=7)
-    assert main([str(copy), "--drafter", "mtp", "--depths", "1,2", "--tokens", "12", "--repetitions", "1", "--write"]) == 0
-    card = read_card(copy)
-    assert card.mtp_max_depth in (0, 1, 2)
-    assert card.draft_model == SPEC_TINY.draft_id and card.model_id == SPEC_TINY.target.model_id
