@@ -15,9 +15,11 @@ the embedded presets one section after another:
   both under the same load (N streaming requests submitted at once, greedy,
   distinct prompts, same max_tokens), with the ratio (target >= 2x at 8). The
   server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
-  which isolates the serving stacks; tokens per CPU-second are printed too;
-- ``memory``: peak memory: the runner's and the server's resident high-water
-  mark and MLX's peak allocation for the in-process baseline.
+  which isolates the serving stacks; tokens per CPU-second are printed too,
+
+and closes with the peak memory of every process the sections measured: the
+runner's and the server's resident high-water mark and MLX's peak allocation
+for the in-process baseline.
 
 Every figure comes from one run, measured side by side; nothing is asserted.
 The default run takes a few minutes on two cores; ``--quick`` shortens it.
@@ -25,8 +27,9 @@ The default run takes a few minutes on two cores; ``--quick`` shortens it.
 Sections are registered with ``@section(name, help, flags)`` in running order
 (``SECTIONS``); ``--sections`` picks some of them. A new section is one
 function taking the ``Run`` (parsed flags, rounds, and the peak-memory lines
-earlier sections leave for ``memory``) and printing its own figures, plus an
-optional function adding its flags to its own ``--help`` group.
+for the closing summary, to which it adds its own) and printing its own
+figures, plus an optional function adding its flags to its own ``--help``
+group.
 """
 
 from __future__ import annotations
@@ -400,7 +403,7 @@ class Run:
     """What every section sees: the flags, the rounds per figure, and the peak-memory lines.
 
     ``memory`` collects one line per measured process group, left by the
-    sections that measured it, for the closing ``memory`` section.
+    sections that measured it, for the closing peak-memory summary.
     """
 
     args: argparse.Namespace
@@ -531,8 +534,8 @@ def _concurrent(run: Run) -> None:
         f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
 
 
-@section("memory", "peak memory of the processes the sections above measured")
-def _memory(run: Run) -> None:
+def _print_memory(run: Run) -> None:
+    """The closing summary: every peak-memory line the sections left, if any."""
     if not run.memory:
         return
     print("Peak memory")
@@ -567,6 +570,7 @@ def main(argv: list[str] | None = None) -> None:
     for s in SECTIONS:
         if s.name in chosen:
             s.run(run)
+    _print_memory(run)
     print(f"took {time.perf_counter() - started:.0f}s; load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
