@@ -54,6 +54,8 @@ __all__ = [
     "layer_of_tensor",
     "files_for_shard",
     "read_index",
+    "Coverage",
+    "coverage",
     "n_layers_of",
     "disk_free_bytes",
     "format_bytes",
@@ -212,6 +214,49 @@ def files_for_shard(files: Iterable[str], weight_map: Mapping[str, str] | None, 
             wanted_weights.add(file)
     indexed = set(weight_map.values())
     return [f for f in all_files if not is_weight_file(f) or f in wanted_weights or f not in indexed]
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Which parts of a model a set of verified files holds, in layers (what the core reasons about)."""
+
+    n_layers: int
+    layers: tuple[tuple[int, int], ...]  # merged [start, end) runs of layers whose weights are all here
+    head: bool  # the tensors outside the layers (embedding, final norm, output head)
+    complete: bool  # every weight file of the model is here
+
+
+def coverage(model_dir: Path, verified: Iterable[str]) -> Coverage | None:
+    """The coverage of ``verified`` files of ``model_dir``; None when the model's layout is unknown.
+
+    Needs ``config.json`` (the layer count). With a safetensors index, a layer
+    is covered when every file holding one of its tensors is verified; without
+    one, any verified weight file holds everything.
+    """
+    n_layers = n_layers_of(model_dir)
+    have = set(verified)
+    if n_layers is None or "config.json" not in have:
+        return None
+    index = read_index(model_dir)
+    if not index:
+        whole = any(is_weight_file(p) for p in have)
+        return Coverage(n_layers, ((0, n_layers),) if whole else (), whole, whole)
+    layer_files: dict[int, set[str]] = {}
+    head_files: set[str] = set()
+    for tensor, file in index.items():
+        layer = layer_of_tensor(tensor)
+        if layer is None:
+            head_files.add(file)
+        elif layer < n_layers:
+            layer_files.setdefault(layer, set()).add(file)
+    covered = [layer for layer in range(n_layers) if layer in layer_files and layer_files[layer] <= have]
+    runs: list[tuple[int, int]] = []
+    for layer in covered:
+        if runs and runs[-1][1] == layer:
+            runs[-1] = (runs[-1][0], layer + 1)
+        else:
+            runs.append((layer, layer + 1))
+    return Coverage(n_layers, tuple(runs), head_files <= have, set(index.values()) <= have)
 
 
 def read_index(model_dir: Path) -> dict[str, str] | None:

@@ -278,3 +278,19 @@ def test_a_hub_repository_is_described_as_a_card_from_its_config_alone(hub: Loca
     with pytest.raises(DownloadFailed) as err:
         HubDownloader(HubSettings(endpoint=hub.endpoint)).describe("skulk/absent")
     assert err.value.code == "not_found"
+
+
+def test_coverage_says_which_layers_a_partial_copy_holds(hub: LocalHub, tmp_path: Path) -> None:
+    from skulk.runtime.modelfiles import coverage
+
+    dest = tmp_path / SHARDED
+    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest, layers=LayerRange(2, 4, 6, head=False))
+    manifest = load_manifest(dest)
+    assert manifest is not None
+    cov = coverage(dest, manifest.files)
+    assert cov is not None and cov.layers == ((2, 4),) and not cov.head and not cov.complete
+    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest, layers=LayerRange(0, 2, 6, head=True))
+    manifest = load_manifest(dest)
+    assert manifest is not None
+    cov = coverage(dest, manifest.files)
+    assert cov is not None and cov.layers == ((0, 6),) and cov.head and cov.complete
