@@ -64,7 +64,7 @@ from skulk.core.inputs import (
     PersistFailed,
     TimerFired,
 )
-from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
 
 from sim.network import probe_reachable
 

@@ -54,7 +54,7 @@ from skulk.core.inputs import (
 from skulk.core.instances import LinkKind, RunnerLoaded, RunnerLoading, RunnerReady, RunnerSpec, RunnerWarmingUp
 from skulk.core.messages import Message
 from skulk.core.node import CoreNode
-from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
 from skulk.core.tasks import TokenChunk, Usage
 
 __all__ = ["ManualCluster", "InFlight", "GIB"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any, get_args
 
 from skulk.core import interconnect, placement
 from skulk.core.runner_policy import instance_removal_events, node_removal_events
@@ -41,10 +42,9 @@ from skulk.core.commands import (
     SubmitTask,
 )
 from skulk.core.config import CoreConfig
-from skulk.core.effects import AppendLog, Effect, Log, Send, SetTimer, WriteSnapshot
+from skulk.core.effects import AppendLog, Effect, Log, Send, WriteSnapshot
 from skulk.core.events import (
     LOCAL_EVENT_TYPES,
-    TASK_EVENT_TYPES,
     Carryover,
     ConnectionLost,
     ConnectionObserved,
@@ -73,13 +73,15 @@ from skulk.core.messages import (
     SyncRequest,
     SyncResponse,
 )
+from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
 from skulk.core.state import State, digest, encode_state, hosting_nodes
 from skulk.core.tasks import Task
+from skulk.core.timers import PruneTimer, set_timer
 
-__all__ = ["Master", "PRUNE_TIMER"]
+__all__ = ["Master"]
 
-PRUNE_TIMER = "master.prune"
+
 class Master:
     """Indexes events for one session. Created when this node wins an election."""
 
@@ -116,7 +118,7 @@ class Master:
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def start(self, now: float, last_state: State) -> list[Effect]:
+    def start(self, now: float, last_state: State) -> Output:
         """Seed the session from our last replicated state (event 0)."""
         self.started_at = now
         carry = Carryover(
@@ -126,14 +128,14 @@ class Master:
             next_port_offset=last_state.next_port_offset,
         )
         effects = self._index(now, SessionStarted(session=self.session, carryover=carry))
-        effects.append(SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s))
+        effects.append(set_timer(PruneTimer(), now + self.config.prune_check_interval_s))
         effects.append(
             Log(
                 level="info",
                 message=f"master of session {self.session}: carried over {len(carry.instances)} instance(s)",
             )
         )
-        return effects
+        return Output(effects)
 
     def stop(self) -> None:
         self.active = False
@@ -188,56 +190,63 @@ class Master:
 
     # --- commands ----------------------------------------------------------------
 
-    def on_command(self, now: float, origin: NodeId, command: Command) -> list[Effect]:
+    def on_command(self, now: float, origin: NodeId, command: Command) -> Output:
         cached = self._results.get(command.command_id)
         if cached is not None:
-            return [self._reply(origin, cached)]
+            return Output([self._reply(origin, cached)])
         effects, result = self._execute(now, origin, command)
         if result.status != "pending":
             self._results[command.command_id] = result
             while len(self._results) > self.config.command_dedupe_max:
                 self._results.popitem(last=False)
         effects.append(self._reply(origin, result))
-        return effects
+        return Output(effects)
 
     def _reply(self, origin: NodeId, result: CommandResult) -> Effect:
         return Send(message=CommandResultMessage(session=self.session, result=result), to=origin)
 
     def _execute(self, now: float, origin: NodeId, command: Command) -> tuple[list[Effect], CommandResult]:
+        assert self.state is not None
+        return COMMAND_RULES[type(command)](self, now, origin, command)
+
+    def _place(self, now: float, origin: NodeId, command: PlaceInstance) -> tuple[list[Effect], CommandResult]:
         state = self.state
         assert state is not None
         cid = command.command_id
-        if isinstance(command, PlaceInstance):
-            outcome = placement.place(state, command, self.cards, self.config)
-            if isinstance(outcome, placement.PlacementRefused):
-                status = "pending" if outcome.pending else "rejected"
-                return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
-            inst = outcome.instance
-            effects = self._index(now, InstanceCreated(instance=inst, command_id=cid))
-            return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
-        if isinstance(command, DeleteInstance):
-            if command.instance_id not in state.instances:
-                return [], CommandResult(
-                    command_id=cid,
-                    status="rejected",
-                    code="instance_not_found",
-                    message=f"no instance {command.instance_id!r}",
-                )
-            effects = self._index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
-            return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
-        if isinstance(command, SubmitTask):
-            return self._submit(now, origin, command)
-        if isinstance(command, CancelTask):
-            self._cancelled[command.target] = None
-            while len(self._cancelled) > self.config.command_dedupe_max:
-                self._cancelled.popitem(last=False)
-            task_id = TaskId(derive_id("task", command.target))
-            if task_id in state.tasks:
-                return self._index(now, TaskDeleted(task_id=task_id, outcome="cancelled")), CommandResult(
-                    command_id=cid, status="accepted"
-                )
-            return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
-        raise AssertionError(f"unknown command {type(command).__name__}")
+        outcome = placement.place(state, command, self.cards, self.config)
+        if isinstance(outcome, placement.PlacementRefused):
+            status = "pending" if outcome.pending else "rejected"
+            return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
+        inst = outcome.instance
+        effects = self._index(now, InstanceCreated(instance=inst, command_id=cid))
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
+
+    def _delete(self, now: float, origin: NodeId, command: DeleteInstance) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        if command.instance_id not in state.instances:
+            return [], CommandResult(
+                command_id=cid,
+                status="rejected",
+                code="instance_not_found",
+                message=f"no instance {command.instance_id!r}",
+            )
+        effects = self._index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
+
+    def _cancel(self, now: float, origin: NodeId, command: CancelTask) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        self._cancelled[command.target] = None
+        while len(self._cancelled) > self.config.command_dedupe_max:
+            self._cancelled.popitem(last=False)
+        task_id = TaskId(derive_id("task", command.target))
+        if task_id in state.tasks:
+            effects = self._index(now, TaskDeleted(task_id=task_id, outcome="cancelled"))
+            return effects, CommandResult(command_id=cid, status="accepted")
+        return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
 
     def _submit(self, now: float, origin: NodeId, command: SubmitTask) -> tuple[list[Effect], CommandResult]:
         state = self.state
@@ -326,9 +335,9 @@ class Master:
 
     # --- local events ----------------------------------------------------------------
 
-    def on_local_event(self, now: float, msg: LocalEventMessage) -> list[Effect]:
+    def on_local_event(self, now: float, msg: LocalEventMessage) -> Output:
         if msg.session != self.session:
-            return []
+            return Output()
         origin = msg.origin
         known = self._origin_incarnation.get(origin)
         if known is None or msg.incarnation > known:
@@ -338,16 +347,12 @@ class Master:
             self._origin_next[origin] = 0
             self._origin_buffer.pop(origin, None)
         elif msg.incarnation < known:
-            return []  # a late message from a life of the origin that has ended
+            return Output()  # a late message from a life of the origin that has ended
         inc = msg.incarnation
         expected = self._origin_next.get(origin, 0)
         if msg.origin_idx < expected:
-            return [
-                Send(
-                    message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc),
-                    to=origin,
-                )
-            ]
+            ack = LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc)
+            return Output([Send(message=ack, to=origin)])
         if msg.origin_idx > expected:
             buf = self._origin_buffer.setdefault(origin, {})
             new = msg.origin_idx not in buf
@@ -359,15 +364,9 @@ class Master:
                 # it at once, at 1, 2, 4, 8... events held (bounded, never per copy).
                 held = len(buf)
                 if held & (held - 1) == 0:
-                    return [
-                        Send(
-                            message=LocalEventAck(
-                                session=self.session, origin=origin, next_idx=expected, incarnation=inc, gap=True
-                            ),
-                            to=origin,
-                        )
-                    ]
-            return []
+                    ack = LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc, gap=True)
+                    return Output([Send(message=ack, to=origin)])
+            return Output()
         effects: list[Effect] = []
         dropped = False
         while True:
@@ -389,7 +388,7 @@ class Master:
             )
         if self._auto_pending:
             effects += self._auto_place(now)
-        return effects
+        return Output(effects)
 
     def _auto_place(self, now: float) -> list[Effect]:
         """Place each ``config.auto_place`` model the state lacks, once per session.
@@ -425,62 +424,91 @@ class Master:
         return effects
 
     def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:
-        """Index one local event, or drop it (returns dropped=True)."""
+        """Index one local event, or drop it (returns dropped=True); the rule is the event type's."""
+        assert self.state is not None
+        rule = INGEST_RULES.get(type(msg.event))
+        if rule is None:
+            return [Log(level="warning", message=f"dropped non-local event {type(msg.event).__name__} from {msg.origin}")], True
+        return rule(self, now, msg, msg.event)
+
+    def _accept(self, now: float, msg: LocalEventMessage, event: Event) -> tuple[list[Effect], bool]:
+        return self._index(now, event, msg.origin, msg.origin_idx), False
+
+    # Each rule: drop what the state already holds or cannot take (the ingest
+    # cap), index the rest, and act on what the index implies.
+
+    def _ingest_task_event(
+        self, now: float, msg: LocalEventMessage, event: TaskStatusUpdated | TaskFailed | TaskDeleted
+    ) -> tuple[list[Effect], bool]:
+        assert self.state is not None
+        task = self.state.tasks.get(event.task_id)
+        if task is None:
+            self.dropped_by_ingest_cap += 1
+            return [], True
+        if isinstance(event, TaskFailed):
+            if task.status == "failed":
+                return [], True
+            effects = self._index(now, event, msg.origin, msg.origin_idx)
+            effects += self._index(now, TaskDeleted(task_id=event.task_id, outcome="failed"))
+            return effects, False
+        if isinstance(event, TaskStatusUpdated) and task.status == event.status:
+            return [], True
+        return self._accept(now, msg, event)
+
+    def _ingest_runner_status(self, now: float, msg: LocalEventMessage, event: RunnerStatusUpdated) -> tuple[list[Effect], bool]:
         state = self.state
         assert state is not None
-        event = msg.event
-        origin, idx = msg.origin, msg.origin_idx
-        if not isinstance(event, LOCAL_EVENT_TYPES):
-            return [Log(level="warning", message=f"dropped non-local event {type(event).__name__} from {origin}")], True
-        if isinstance(event, TASK_EVENT_TYPES):
-            task = state.tasks.get(event.task_id)  # type: ignore[union-attr]
-            if task is None:
-                self.dropped_by_ingest_cap += 1
-                return [], True
-            if isinstance(event, TaskFailed):
-                if task.status == "failed":
-                    return [], True
-                effects = self._index(now, event, origin, idx)
-                effects += self._index(now, TaskDeleted(task_id=event.task_id, outcome="failed"))
-                return effects, False
-            if isinstance(event, TaskStatusUpdated) and task.status == event.status:
-                return [], True
-        elif isinstance(event, RunnerStatusUpdated):
-            if event.runner_id not in state.runner_instance or event.instance_id not in state.instances:
-                self.dropped_by_ingest_cap += 1
-                return [], True
-            if state.runners.get(event.runner_id) == event.status:
-                return [], True
-            effects = self._index(now, event, origin, idx)
-            if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-                effects += self._replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
-            elif isinstance(event.status, RunnerFailed) and event.status.permanent:
-                effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
-            return effects, False
-        elif isinstance(event, RunnerDeleted):
-            if event.runner_id not in state.runners:
-                return [], True
-        elif isinstance(event, InstanceStillHosted):
-            inst = event.instance
-            if inst.instance_id in state.instances:
-                return [], True
-            problem = placement.fits(state, inst)
-            if problem is not None:
-                return [Log(level="warning", message=f"not re-adopting {inst.instance_id}: {problem}")], True
-            return self._index(now, InstanceCreated(instance=inst), origin, idx), False
-        elif isinstance(event, ConnectionObserved):
-            if event.connection in state.topology.connections:
-                return [], True
-        elif isinstance(event, ConnectionLost):
-            if event.connection not in state.topology.connections:
-                return [], True
-        elif isinstance(event, DownloadCompleted):
-            if event.model_id in state.downloads.get(event.node_id, ()):
-                return [], True
-        elif isinstance(event, NodeGatheredInfo):
-            if event.node_id != origin:
-                return [Log(level="warning", message=f"{origin} reported info for {event.node_id}")], True
-        return self._index(now, event, origin, idx), False
+        if event.runner_id not in state.runner_instance or event.instance_id not in state.instances:
+            self.dropped_by_ingest_cap += 1
+            return [], True
+        if state.runners.get(event.runner_id) == event.status:
+            return [], True
+        effects = self._index(now, event, msg.origin, msg.origin_idx)
+        if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
+            effects += self._replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
+        elif isinstance(event.status, RunnerFailed) and event.status.permanent:
+            effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
+        return effects, False
+
+    def _ingest_runner_deleted(self, now: float, msg: LocalEventMessage, event: RunnerDeleted) -> tuple[list[Effect], bool]:
+        assert self.state is not None
+        if event.runner_id not in self.state.runners:
+            return [], True
+        return self._accept(now, msg, event)
+
+    def _ingest_still_hosted(self, now: float, msg: LocalEventMessage, event: InstanceStillHosted) -> tuple[list[Effect], bool]:
+        state = self.state
+        assert state is not None
+        inst = event.instance
+        if inst.instance_id in state.instances:
+            return [], True
+        problem = placement.fits(state, inst)
+        if problem is not None:
+            return [Log(level="warning", message=f"not re-adopting {inst.instance_id}: {problem}")], True
+        return self._index(now, InstanceCreated(instance=inst), msg.origin, msg.origin_idx), False
+
+    def _ingest_connection_observed(self, now: float, msg: LocalEventMessage, event: ConnectionObserved) -> tuple[list[Effect], bool]:
+        assert self.state is not None
+        if event.connection in self.state.topology.connections:
+            return [], True
+        return self._accept(now, msg, event)
+
+    def _ingest_connection_lost(self, now: float, msg: LocalEventMessage, event: ConnectionLost) -> tuple[list[Effect], bool]:
+        assert self.state is not None
+        if event.connection not in self.state.topology.connections:
+            return [], True
+        return self._accept(now, msg, event)
+
+    def _ingest_download(self, now: float, msg: LocalEventMessage, event: DownloadCompleted) -> tuple[list[Effect], bool]:
+        assert self.state is not None
+        if event.model_id in self.state.downloads.get(event.node_id, ()):
+            return [], True
+        return self._accept(now, msg, event)
+
+    def _ingest_node_info(self, now: float, msg: LocalEventMessage, event: NodeGatheredInfo) -> tuple[list[Effect], bool]:
+        if event.node_id != msg.origin:
+            return [Log(level="warning", message=f"{msg.origin} reported info for {event.node_id}")], True
+        return self._accept(now, msg, event)
 
     def _fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
         state = self.state
@@ -530,9 +558,9 @@ class Master:
 
     # --- sync ----------------------------------------------------------------------
 
-    def on_sync_request(self, now: float, msg: SyncRequest) -> list[Effect]:
+    def on_sync_request(self, now: float, msg: SyncRequest) -> Output:
         if msg.session != self.session:
-            return []
+            return Output()
         start = max(0, msg.from_index)
         end = self.next_index if msg.to_index is None else min(msg.to_index, self.next_index)
         snapshot = None
@@ -543,14 +571,14 @@ class Master:
             end = self.next_index
         end = min(end, start + self.config.replay_batch_max)
         events = tuple(self._log[start - self._log_base : end - self._log_base]) if end > start else ()
-        return [Send(message=SyncResponse(session=self.session, snapshot=snapshot, events=events), to=msg.requester)]
+        return Output([Send(message=SyncResponse(session=self.session, snapshot=snapshot, events=events), to=msg.requester)])
 
     # --- pruning -------------------------------------------------------------------
 
-    def on_prune_timer(self, now: float) -> list[Effect]:
-        effects: list[Effect] = [SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s)]
+    def on_prune_timer(self, now: float) -> Output:
+        effects: list[Effect] = [set_timer(PruneTimer(), now + self.config.prune_check_interval_s)]
         if now - self.started_at < self.config.prune_grace_s:
-            return effects
+            return Output(effects)
         state = self.state
         assert state is not None
         cutoff = now - self.config.node_timeout_s
@@ -569,4 +597,35 @@ class Master:
                     now,
                     instance_removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} never reported"),
                 )
-        return effects
+        return Output(effects)
+
+
+# --- the rule tables ------------------------------------------------------------------------------
+
+_CommandRule = Callable[[Master, float, NodeId, Any], tuple[list[Effect], CommandResult]]
+_IngestRule = Callable[[Master, float, LocalEventMessage, Any], tuple[list[Effect], bool]]
+
+COMMAND_RULES: dict[type, _CommandRule] = {
+    PlaceInstance: Master._place,
+    DeleteInstance: Master._delete,
+    SubmitTask: Master._submit,
+    CancelTask: Master._cancel,
+}
+"""What the master does with each command type."""
+
+INGEST_RULES: dict[type, _IngestRule] = {
+    NodeGatheredInfo: Master._ingest_node_info,
+    ConnectionObserved: Master._ingest_connection_observed,
+    ConnectionLost: Master._ingest_connection_lost,
+    DownloadCompleted: Master._ingest_download,
+    InstanceStillHosted: Master._ingest_still_hosted,
+    RunnerStatusUpdated: Master._ingest_runner_status,
+    RunnerDeleted: Master._ingest_runner_deleted,
+    TaskStatusUpdated: Master._ingest_task_event,
+    TaskFailed: Master._ingest_task_event,
+    TaskDeleted: Master._ingest_task_event,
+}
+"""Whether (and how) the master indexes each local event type; anything else from a worker is dropped."""
+
+assert set(COMMAND_RULES) == set(get_args(Command)), "every command type needs a rule in COMMAND_RULES"
+assert set(INGEST_RULES) == set(LOCAL_EVENT_TYPES), "every local event type needs a rule in INGEST_RULES"

@@ -17,7 +17,7 @@ from sim.manual import GIB, ManualCluster
 from skulk.core.ids import NodeId
 from skulk.core.inputs import InfoObserved
 from skulk.core.messages import LocalEventAck, LocalEventMessage
-from skulk.core.nodes import Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
 
 
 def _telemetry(available_gib: int) -> InfoObserved:

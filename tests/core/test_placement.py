@@ -39,7 +39,8 @@ from skulk.core.instances import (
     TensorShardMetadata,
 )
 from skulk.core.memory import node_budget, shard_footprint, shard_share, usable_bytes
-from skulk.core.nodes import Connection, Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
+from skulk.core.topology import Connection
 from skulk.core.session import Session
 from skulk.core.state import EMPTY_STATE, State, apply
 

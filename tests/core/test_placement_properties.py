@@ -26,7 +26,7 @@ from skulk.core.events import InstanceCreated
 from skulk.core.ids import CommandId, ModelId, NodeId
 from skulk.core.instances import PipelineShardMetadata, TensorShardMetadata
 from skulk.core.memory import node_budget, shard_footprint, shard_share, usable_bytes
-from skulk.core.nodes import Connection
+from skulk.core.topology import Connection
 from skulk.core.state import State
 from tests.core.test_placement import CONFIG, GB, apply_events, build_state, mem
 
