@@ -62,7 +62,7 @@ _MODEL_RESCAN_S = 60.0
 
 def load_node_cards(config: RuntimeConfig) -> dict[str, ModelCard]:
     """Built-in cards, operator cards, then a card for each local model directory."""
-    from skulk.modelcards import card_for_model_dir, load_cards
+    from skulk.cards import card_for_model_dir, load_cards
 
     def skip(path: Path, exc: CardError) -> None:
         log.error("ignoring model card %s: %s", path, exc)
@@ -279,7 +279,7 @@ class NodeRuntime:
 
     def _scan_models(self) -> list[tuple[str, ModelCard | None]]:
         """Local model directories with a card for each (blocking: runs in a thread)."""
-        from skulk.modelcards import card_for_model_dir
+        from skulk.cards import card_for_model_dir
 
         assert self.driver is not None
         known = self.driver.core.cards

@@ -19,7 +19,7 @@ from skulk.core.effects import CancelTimer, EffectCarrier, NodeRecord, SetTimer
 from skulk.core.ids import NodeId
 from skulk.core.inputs import Boot, PersistFailed, TimerFired
 from skulk.core.node import CoreNode
-from skulk.modelcards import builtin_cards
+from skulk.cards import builtin_cards
 from skulk.runtime.clock import ManualClock, WallClock
 from skulk.runtime.driver import Driver, load_node_record, write_node_record
 from skulk.runtime.eventlog import EventLog
