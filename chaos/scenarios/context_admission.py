@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from skulk.core.admission import Refused, admit
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
 from skulk.core.context import context_ceiling
 from skulk.core.instances import RUNNER_SERVING, RunnerFailed, RunnerReady
 from skulk.core.memory import shard_share
@@ -45,7 +45,6 @@ from chaos.scenarios._support import (
     wait_serving,
 )
 from sim.options import SimOptions
-from sim.runners import DEFAULT_MAX_OUTPUT_TOKENS
 
 
 def _adjust(opts: SimOptions, rng: Any) -> SimOptions:

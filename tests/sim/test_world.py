@@ -14,7 +14,7 @@ from chaos.context import Context
 from chaos.harness import convergence
 from sim.options import SimOptions, apply_overrides, draw_options, render
 from sim.rng import derive
-from sim.runners import WEDGE_EXIT_CODE
+from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from sim.world import World
 from skulk.core.inputs import RunnerExited
 from skulk.core.instances import RunnerFailed, RunnerLoading, RunnerReady
