@@ -270,10 +270,12 @@ class ManualCluster:
             if member.get(a, -1 - ids.index(a)) != member.get(b, -2 - ids.index(b)):
                 self.cut.add(frozenset((a, b)))
         self.inflight = [m for m in self.inflight if self.connected(m.sender, m.to)]
+        self._notify("cluster_changed", "partition " + " | ".join(" ".join(sorted(g)) for g in map(list, groups)))
         self._refresh_membership()
 
     def heal(self) -> None:
         self.cut = set()
+        self._notify("cluster_changed", "heal")
         self._refresh_membership()
 
     # --- steps -------------------------------------------------------------------------
