@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from skulk.cards import builtin_cards
 from skulk.core.config import CoreConfig
 from skulk.core.effects import CancelTimer, EffectCarrier, NodeRecord, SetTimer
 from skulk.core.ids import NodeId
 from skulk.core.inputs import Boot, PersistFailed, TimerFired
 from skulk.core.node import CoreNode
-from skulk.cards import builtin_cards
-from skulk.runtime.clock import ManualClock, WallClock
+from skulk.runtime.clock import ManualClock
 from skulk.runtime.driver import Driver, load_node_record, write_node_record
 from skulk.runtime.eventlog import EventLog
 from skulk.runtime.logsetup import JsonFormatter, setup_logging
@@ -163,37 +163,6 @@ def test_a_core_assertion_is_fatal_and_stops_feeding(tmp_path: Path) -> None:
             await transport.close()
 
     asyncio.run(main())
-
-
-def test_the_wall_clock_never_goes_back_when_the_system_clock_steps_back() -> None:
-    async def main() -> None:
-        system = [1_000.0]
-        clock = WallClock(asyncio.get_running_loop(), source=lambda: system[0])
-        assert clock.now() == 1_000.0
-        system[0] = 900.0  # the system clock stepped back by 100 s
-        assert clock.now() == 1_000.0, "held still until the system clock catches up"
-        system[0] = 1_000.5
-        assert clock.now() == 1_000.5
-        fired = asyncio.Event()
-        clock.call_at(system[0] - 5.0, fired.set)  # already due: runs on the next loop pass
-        await asyncio.wait_for(fired.wait(), timeout=5)
-
-    asyncio.run(main())
-
-
-def test_the_manual_clock_runs_due_callbacks_in_time_order_and_skips_cancelled_ones() -> None:
-    clock = ManualClock(start=10.0)
-    seen: list[tuple[str, float]] = []
-    clock.call_at(12.0, lambda: seen.append(("b", clock.now())))
-    clock.call_at(11.0, lambda: seen.append(("a", clock.now())))
-    clock.call_at(11.0, lambda: clock.call_at(11.5, lambda: seen.append(("a2", clock.now()))))
-    clock.call_at(11.2, lambda: seen.append(("x", clock.now()))).cancel()
-    assert clock.advance(1.0) == 2 and seen == [("a", 11.0)] and clock.now() == 11.0
-    assert clock.advance(5.0) == 2 and seen == [("a", 11.0), ("a2", 11.5), ("b", 12.0)]
-    assert clock.now() == 16.0 and clock.pending == 0
-    clock.call_at(3.0, lambda: seen.append(("late", clock.now())))  # in the past: due at once
-    clock.advance(0.0)
-    assert seen[-1] == ("late", 16.0)
 
 
 def test_every_driver_of_the_core_carries_out_every_effect_type() -> None:
