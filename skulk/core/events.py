@@ -161,7 +161,7 @@ Event = (
 )
 
 # Events a worker may raise; anything else arriving as a local event is dropped.
-# Each has an ingest rule in ``skulk.core.master.INGEST_RULES`` (checked at import).
+# Each has an ingest rule in ``skulk.core.ingest.INGEST_RULES`` (checked at import).
 LOCAL_EVENT_TYPES: tuple[type, ...] = (
     NodeGatheredInfo,
     ConnectionObserved,

@@ -10,10 +10,11 @@ and topology are rebuilt by the workers, not carried.
 
 Local events from each origin are processed in ``origin_idx`` order (early
 ones are buffered, duplicates are acknowledged and dropped). Before an event
-takes an index it passes the *ingest cap*: task events for tasks the master
-does not know are dropped, runner statuses for runners it does not know are
-dropped, and facts it already holds are not indexed again. That is what keeps
-an abandonment storm at a small constant number of events per request.
+takes an index it passes the *ingest cap*, its type's rule in
+``skulk.core.ingest``: task events for tasks the master does not know are
+dropped, runner statuses for runners it does not know are dropped, and facts
+it already holds are not indexed again. That is what keeps an abandonment
+storm at a small constant number of events per request.
 
 Liveness pruning (nodes silent for ``node_timeout_s``) is suppressed for
 ``prune_grace_s`` after the session starts, while the topology settles.
@@ -30,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
-from skulk.core import interconnect, placement
+from skulk.core import ingest, interconnect, placement
 from skulk.core.runner_policy import instance_removal_events, node_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
@@ -44,26 +45,17 @@ from skulk.core.commands import (
 from skulk.core.config import CoreConfig
 from skulk.core.effects import AppendLog, Effect, Log, Send, WriteSnapshot
 from skulk.core.events import (
-    LOCAL_EVENT_TYPES,
     Carryover,
-    ConnectionLost,
-    ConnectionObserved,
-    DownloadCompleted,
     Event,
     IndexedEvent,
     InstanceCreated,
-    InstanceStillHosted,
-    NodeGatheredInfo,
-    RunnerDeleted,
-    RunnerStatusUpdated,
     SessionStarted,
     TaskCreated,
     TaskDeleted,
     TaskFailed,
-    TaskStatusUpdated,
 )
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId, derive_id
-from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RUNNER_SERVING, Instance, RunnerFailed
+from skulk.core.instances import RUNNER_SERVING, Instance, RunnerFailed
 from skulk.core.messages import (
     CommandResultMessage,
     GlobalEvent,
@@ -127,7 +119,7 @@ class Master:
             connections=last_state.topology.connections,
             next_port_offset=last_state.next_port_offset,
         )
-        effects = self._index(now, SessionStarted(session=self.session, carryover=carry))
+        effects = self.index(now, SessionStarted(session=self.session, carryover=carry))
         effects.append(set_timer(PruneTimer(), now + self.config.prune_check_interval_s))
         effects.append(
             Log(
@@ -142,7 +134,7 @@ class Master:
 
     # --- indexing ----------------------------------------------------------------
 
-    def _index(
+    def index(
         self, now: float, event: Event, origin: NodeId | None = None, origin_idx: int | None = None
     ) -> list[Effect]:
         assert self.active, "a deposed master must not index"
@@ -170,7 +162,7 @@ class Master:
     def _index_all(self, now: float, events: list[Event]) -> list[Effect]:
         effects: list[Effect] = []
         for event in events:
-            effects += self._index(now, event)
+            effects += self.index(now, event)
         return effects
 
     def _take_snapshot(self) -> list[Effect]:
@@ -218,7 +210,7 @@ class Master:
             status = "pending" if outcome.pending else "rejected"
             return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
         inst = outcome.instance
-        effects = self._index(now, InstanceCreated(instance=inst, command_id=cid))
+        effects = self.index(now, InstanceCreated(instance=inst, command_id=cid))
         return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
 
     def _delete(self, now: float, origin: NodeId, command: DeleteInstance) -> tuple[list[Effect], CommandResult]:
@@ -244,7 +236,7 @@ class Master:
             self._cancelled.popitem(last=False)
         task_id = TaskId(derive_id("task", command.target))
         if task_id in state.tasks:
-            effects = self._index(now, TaskDeleted(task_id=task_id, outcome="cancelled"))
+            effects = self.index(now, TaskDeleted(task_id=task_id, outcome="cancelled"))
             return effects, CommandResult(command_id=cid, status="accepted")
         return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
 
@@ -271,7 +263,7 @@ class Master:
         )
         if task.task_id in state.tasks:
             return [], CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
-        effects = self._index(now, TaskCreated(task=task))
+        effects = self.index(now, TaskCreated(task=task))
         return effects, CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
 
     def _choose_instance(self, state: State, command: SubmitTask) -> Instance | CommandResult:
@@ -417,7 +409,7 @@ class Master:
                     effects.append(Log(level="error", message=f"cannot auto-place {model_id}: {outcome.message}"))
                 continue
             self._auto_pending.remove(model_id)
-            effects += self._index(now, InstanceCreated(instance=outcome.instance, command_id=command.command_id))
+            effects += self.index(now, InstanceCreated(instance=outcome.instance, command_id=command.command_id))
             effects.append(Log(level="info", message=f"auto-placed {model_id} as {outcome.instance.instance_id}"))
             state = self.state
             assert state is not None
@@ -426,91 +418,14 @@ class Master:
     def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:
         """Index one local event, or drop it (returns dropped=True); the rule is the event type's."""
         assert self.state is not None
-        rule = INGEST_RULES.get(type(msg.event))
+        rule = ingest.INGEST_RULES.get(type(msg.event))
         if rule is None:
             return [Log(level="warning", message=f"dropped non-local event {type(msg.event).__name__} from {msg.origin}")], True
         return rule(self, now, msg, msg.event)
 
-    def _accept(self, now: float, msg: LocalEventMessage, event: Event) -> tuple[list[Effect], bool]:
-        return self._index(now, event, msg.origin, msg.origin_idx), False
+    # --- what the ingest rules (skulk.core.ingest) and the master's policy use ----------
 
-    # Each rule: drop what the state already holds or cannot take (the ingest
-    # cap), index the rest, and act on what the index implies.
-
-    def _ingest_task_event(
-        self, now: float, msg: LocalEventMessage, event: TaskStatusUpdated | TaskFailed | TaskDeleted
-    ) -> tuple[list[Effect], bool]:
-        assert self.state is not None
-        task = self.state.tasks.get(event.task_id)
-        if task is None:
-            self.dropped_by_ingest_cap += 1
-            return [], True
-        if isinstance(event, TaskFailed):
-            if task.status == "failed":
-                return [], True
-            effects = self._index(now, event, msg.origin, msg.origin_idx)
-            effects += self._index(now, TaskDeleted(task_id=event.task_id, outcome="failed"))
-            return effects, False
-        if isinstance(event, TaskStatusUpdated) and task.status == event.status:
-            return [], True
-        return self._accept(now, msg, event)
-
-    def _ingest_runner_status(self, now: float, msg: LocalEventMessage, event: RunnerStatusUpdated) -> tuple[list[Effect], bool]:
-        state = self.state
-        assert state is not None
-        if event.runner_id not in state.runner_instance or event.instance_id not in state.instances:
-            self.dropped_by_ingest_cap += 1
-            return [], True
-        if state.runners.get(event.runner_id) == event.status:
-            return [], True
-        effects = self._index(now, event, msg.origin, msg.origin_idx)
-        if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-            effects += self._replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
-        elif isinstance(event.status, RunnerFailed) and event.status.permanent:
-            effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
-        return effects, False
-
-    def _ingest_runner_deleted(self, now: float, msg: LocalEventMessage, event: RunnerDeleted) -> tuple[list[Effect], bool]:
-        assert self.state is not None
-        if event.runner_id not in self.state.runners:
-            return [], True
-        return self._accept(now, msg, event)
-
-    def _ingest_still_hosted(self, now: float, msg: LocalEventMessage, event: InstanceStillHosted) -> tuple[list[Effect], bool]:
-        state = self.state
-        assert state is not None
-        inst = event.instance
-        if inst.instance_id in state.instances:
-            return [], True
-        problem = placement.fits(state, inst)
-        if problem is not None:
-            return [Log(level="warning", message=f"not re-adopting {inst.instance_id}: {problem}")], True
-        return self._index(now, InstanceCreated(instance=inst), msg.origin, msg.origin_idx), False
-
-    def _ingest_connection_observed(self, now: float, msg: LocalEventMessage, event: ConnectionObserved) -> tuple[list[Effect], bool]:
-        assert self.state is not None
-        if event.connection in self.state.topology.connections:
-            return [], True
-        return self._accept(now, msg, event)
-
-    def _ingest_connection_lost(self, now: float, msg: LocalEventMessage, event: ConnectionLost) -> tuple[list[Effect], bool]:
-        assert self.state is not None
-        if event.connection not in self.state.topology.connections:
-            return [], True
-        return self._accept(now, msg, event)
-
-    def _ingest_download(self, now: float, msg: LocalEventMessage, event: DownloadCompleted) -> tuple[list[Effect], bool]:
-        assert self.state is not None
-        if event.model_id in self.state.downloads.get(event.node_id, ()):
-            return [], True
-        return self._accept(now, msg, event)
-
-    def _ingest_node_info(self, now: float, msg: LocalEventMessage, event: NodeGatheredInfo) -> tuple[list[Effect], bool]:
-        if event.node_id != msg.origin:
-            return [Log(level="warning", message=f"{msg.origin} reported info for {event.node_id}")], True
-        return self._accept(now, msg, event)
-
-    def _fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
+    def fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
         state = self.state
         assert state is not None
         events: list[Event] = []
@@ -521,7 +436,7 @@ class Master:
                 events.append(TaskDeleted(task_id=task_id, outcome="failed"))
         return self._index_all(now, events)
 
-    def _replace_instance(self, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
+    def replace_instance(self, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
         """Re-place an instance whose group connect failed, on a fresh port.
 
         The link the failing hop used is avoided when another ring exists
@@ -550,7 +465,7 @@ class Master:
         if isinstance(outcome, placement.PlacementRefused):
             effects.append(Log(level="error", message=f"could not re-place {instance_id}: {outcome.message}"))
             return effects
-        effects += self._index(now, InstanceCreated(instance=outcome.instance))
+        effects += self.index(now, InstanceCreated(instance=outcome.instance))
         effects.append(
             Log(level="warning", message=f"re-placed {instance_id} as {outcome.instance.instance_id}: {reason}")
         )
@@ -603,7 +518,6 @@ class Master:
 # --- the rule tables ------------------------------------------------------------------------------
 
 _CommandRule = Callable[[Master, float, NodeId, Any], tuple[list[Effect], CommandResult]]
-_IngestRule = Callable[[Master, float, LocalEventMessage, Any], tuple[list[Effect], bool]]
 
 COMMAND_RULES: dict[type, _CommandRule] = {
     PlaceInstance: Master._place,
@@ -613,19 +527,5 @@ COMMAND_RULES: dict[type, _CommandRule] = {
 }
 """What the master does with each command type."""
 
-INGEST_RULES: dict[type, _IngestRule] = {
-    NodeGatheredInfo: Master._ingest_node_info,
-    ConnectionObserved: Master._ingest_connection_observed,
-    ConnectionLost: Master._ingest_connection_lost,
-    DownloadCompleted: Master._ingest_download,
-    InstanceStillHosted: Master._ingest_still_hosted,
-    RunnerStatusUpdated: Master._ingest_runner_status,
-    RunnerDeleted: Master._ingest_runner_deleted,
-    TaskStatusUpdated: Master._ingest_task_event,
-    TaskFailed: Master._ingest_task_event,
-    TaskDeleted: Master._ingest_task_event,
-}
-"""Whether (and how) the master indexes each local event type; anything else from a worker is dropped."""
 
 assert set(COMMAND_RULES) == set(get_args(Command)), "every command type needs a rule in COMMAND_RULES"
-assert set(INGEST_RULES) == set(LOCAL_EVENT_TYPES), "every local event type needs a rule in INGEST_RULES"

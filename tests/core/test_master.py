@@ -26,7 +26,8 @@ from skulk.core.events import (
 from skulk.core.ids import CommandId, ModelId, NodeId
 from skulk.core.inputs import AbandonRequest, SubmitCommand
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerFailed
-from skulk.core.master import COMMAND_RULES, INGEST_RULES, Master
+from skulk.core.ingest import INGEST_RULES
+from skulk.core.master import COMMAND_RULES, Master
 from skulk.core.messages import LocalEventMessage
 from skulk.core.session import Incarnation
 from skulk.core.state import apply, digest
