@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from skulk.core import placement
+from skulk.core import master_policy, placement
 from skulk.core.effects import Effect, Log
 from skulk.core.events import (
     LOCAL_EVENT_TYPES,
@@ -91,9 +91,9 @@ def _runner_status(master: Master, now: float, msg: LocalEventMessage, event: Ru
         return [], True
     effects = master.index(now, event, msg.origin, msg.origin_idx)
     if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-        effects += master.replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
+        effects += master_policy.replace_instance(master, now, event.instance_id, event.status.error_message, event.node_id)
     elif isinstance(event.status, RunnerFailed) and event.status.permanent:
-        effects += master.fail_tasks_of(now, event.instance_id, event.status.error_message)
+        effects += master_policy.fail_tasks_of(master, now, event.instance_id, event.status.error_message)
     return effects, False
 
 

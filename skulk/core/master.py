@@ -31,8 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
-from skulk.core import ingest, interconnect, placement
-from skulk.core.runner_policy import instance_removal_events, node_removal_events
+from skulk.core import ingest, master_policy, placement
+from skulk.core.runner_policy import instance_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
     CancelTask,
@@ -52,9 +52,8 @@ from skulk.core.events import (
     SessionStarted,
     TaskCreated,
     TaskDeleted,
-    TaskFailed,
 )
-from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId, derive_id
+from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
 from skulk.core.instances import RUNNER_SERVING, Instance, RunnerFailed
 from skulk.core.messages import (
     CommandResultMessage,
@@ -67,7 +66,7 @@ from skulk.core.messages import (
 )
 from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
-from skulk.core.state import State, digest, encode_state, hosting_nodes
+from skulk.core.state import State, digest, encode_state
 from skulk.core.tasks import Task
 from skulk.core.timers import PruneTimer, set_timer
 
@@ -105,8 +104,8 @@ class Master:
         self._cancelled: OrderedDict[CommandId, None] = OrderedDict()
         self.dropped_by_ingest_cap = 0
         self.active = True
-        # Auto-placed models still to settle in this session (see _auto_place).
-        self._auto_pending: list[str] = list(config.auto_place)
+        # Auto-placed models still to settle in this session (see master_policy.auto_place).
+        self.auto_pending: list[str] = list(config.auto_place)
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -159,7 +158,7 @@ class Master:
             effects += self._take_snapshot()
         return effects
 
-    def _index_all(self, now: float, events: list[Event]) -> list[Effect]:
+    def index_all(self, now: float, events: list[Event]) -> list[Effect]:
         effects: list[Effect] = []
         for event in events:
             effects += self.index(now, event)
@@ -224,7 +223,7 @@ class Master:
                 code="instance_not_found",
                 message=f"no instance {command.instance_id!r}",
             )
-        effects = self._index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
+        effects = self.index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
         return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
 
     def _cancel(self, now: float, origin: NodeId, command: CancelTask) -> tuple[list[Effect], CommandResult]:
@@ -378,42 +377,9 @@ class Master:
                     to=origin,
                 )
             )
-        if self._auto_pending:
-            effects += self._auto_place(now)
+        if self.auto_pending:
+            effects += master_policy.auto_place(self, now)
         return Output(effects)
-
-    def _auto_place(self, now: float) -> list[Effect]:
-        """Place each ``config.auto_place`` model the state lacks, once per session.
-
-        Called as telemetry arrives (placement needs memory readings), so a
-        single node serves its default model as soon as it knows its memory.
-        "Pending" keeps the model for a later try; placed, already present or
-        impossible settles it (a deleted instance is not re-placed until the
-        next session).
-        """
-        state = self.state
-        assert state is not None
-        effects: list[Effect] = []
-        for model_id in list(self._auto_pending):
-            if any(i.shard_assignments.model_id == model_id for i in state.instances.values()):
-                self._auto_pending.remove(model_id)
-                continue
-            command = PlaceInstance(
-                command_id=CommandId(derive_id("auto-place", self.session.clock, self.session.master, model_id)),
-                model_id=ModelId(model_id),
-            )
-            outcome = placement.place(state, command, self.cards, self.config)
-            if isinstance(outcome, placement.PlacementRefused):
-                if not outcome.pending:
-                    self._auto_pending.remove(model_id)
-                    effects.append(Log(level="error", message=f"cannot auto-place {model_id}: {outcome.message}"))
-                continue
-            self._auto_pending.remove(model_id)
-            effects += self.index(now, InstanceCreated(instance=outcome.instance, command_id=command.command_id))
-            effects.append(Log(level="info", message=f"auto-placed {model_id} as {outcome.instance.instance_id}"))
-            state = self.state
-            assert state is not None
-        return effects
 
     def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:
         """Index one local event, or drop it (returns dropped=True); the rule is the event type's."""
@@ -424,52 +390,6 @@ class Master:
         return rule(self, now, msg, msg.event)
 
     # --- what the ingest rules (skulk.core.ingest) and the master's policy use ----------
-
-    def fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
-        state = self.state
-        assert state is not None
-        events: list[Event] = []
-        for task_id in sorted(state.tasks):
-            task = state.tasks[task_id]
-            if task.instance_id == instance_id and task.status != "failed":
-                events.append(TaskFailed(task_id=task_id, error_message=f"instance failed: {reason}"))
-                events.append(TaskDeleted(task_id=task_id, outcome="failed"))
-        return self._index_all(now, events)
-
-    def replace_instance(self, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
-        """Re-place an instance whose group connect failed, on a fresh port.
-
-        The link the failing hop used is avoided when another ring exists
-        (probes may still answer on an address whose ring ports are blocked);
-        when it is the only way, the fresh port alone is tried.
-        """
-        state = self.state
-        assert state is not None
-        old = state.instances.get(instance_id)
-        if old is None:
-            return []
-        diagnosis = interconnect.diagnose_connect_failure(
-            state, old, reporting_node=reporter, deadline_s=self.config.group_connect_deadline_s
-        )
-        effects = self._index_all(now, instance_removal_events(state, instance_id, f"re-placing: {reason}"))
-        assert self.state is not None
-        outcome: placement.Placed | placement.PlacementRefused = placement.PlacementRefused(
-            message="", code="", pending=False
-        )
-        if diagnosis.avoid_connection is not None:
-            outcome = placement.replace(
-                self.state, old, self.cards, self.config, reason=reason, avoid_connections=[diagnosis.avoid_connection]
-            )
-        if not isinstance(outcome, placement.Placed):
-            outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
-        if isinstance(outcome, placement.PlacementRefused):
-            effects.append(Log(level="error", message=f"could not re-place {instance_id}: {outcome.message}"))
-            return effects
-        effects += self.index(now, InstanceCreated(instance=outcome.instance))
-        effects.append(
-            Log(level="warning", message=f"re-placed {instance_id} as {outcome.instance.instance_id}: {reason}")
-        )
-        return effects
 
     # --- sync ----------------------------------------------------------------------
 
@@ -492,27 +412,7 @@ class Master:
 
     def on_prune_timer(self, now: float) -> Output:
         effects: list[Effect] = [set_timer(PruneTimer(), now + self.config.prune_check_interval_s)]
-        if now - self.started_at < self.config.prune_grace_s:
-            return Output(effects)
-        state = self.state
-        assert state is not None
-        cutoff = now - self.config.node_timeout_s
-        gone = sorted(n for n, seen in state.last_seen.items() if seen < cutoff and n != self.node_id)
-        for node in gone:
-            assert self.state is not None
-            effects += self._index_all(now, node_removal_events(self.state, node, "no telemetry"))
-        # Carried-over instances whose hosts never reported in this session are gone too.
-        assert self.state is not None
-        present = set(self.state.topology.nodes)
-        for iid in sorted(self.state.instances):
-            hosts = hosting_nodes(self.state.instances[iid])
-            missing = [n for n in hosts if n not in present]
-            if missing:
-                effects += self._index_all(
-                    now,
-                    instance_removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} never reported"),
-                )
-        return Output(effects)
+        return Output(effects + master_policy.prune(self, now))
 
 
 # --- the rule tables ------------------------------------------------------------------------------
