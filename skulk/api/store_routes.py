@@ -26,7 +26,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from skulk.api.context import ctx
+from skulk.api.appstate import app_state
 from skulk.api.wire import json_response
 from skulk.core.cards import ModelCard
 
@@ -130,10 +130,10 @@ async def models(request: Request) -> Response:
 
     ``status=downloaded`` keeps the models some node holds (``State.downloads``).
     """
-    handle = ctx(request).handle
-    cards = handle.cards
+    node = app_state(request).node
+    cards = node.cards
     ids = sorted(cards)
     if request.query_params.get("status") == "downloaded":
-        held = {m for models in handle.state.downloads.values() for m in models}
+        held = {m for models in node.state.downloads.values() for m in models}
         ids = [m for m in ids if m in held]
     return json_response(UpstreamModelList(data=[upstream_model(cards[m]) for m in ids]))

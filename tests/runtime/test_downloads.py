@@ -267,7 +267,7 @@ def test_progress_reports_rate_and_eta_while_bytes_arrive(hub: LocalHub, tmp_pat
 
 
 def test_a_hub_repository_is_described_as_a_card_from_its_config_alone(hub: LocalHub, hub_dir: Path) -> None:
-    from skulk.modelcards import derive_card
+    from skulk.cards import derive_card
 
     card, listing = HubDownloader(HubSettings(endpoint=hub.endpoint)).describe(SHARDED)
     local = derive_card(hub_dir / SHARDED, model_id=SHARDED)
