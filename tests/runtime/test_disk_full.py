@@ -52,7 +52,7 @@ async def _chat(base: str) -> dict:
 
 
 def _ready(runtime: NodeRuntime) -> bool:
-    handle = runtime.handle
+    handle = runtime.api_bridge
     return handle is not None and any(type(s).__name__ == "RunnerReady" for s in handle.state.runners.values())
 
 
@@ -74,13 +74,13 @@ def test_a_node_whose_data_dir_has_under_2_gib_free_starts_degraded_and_serves(
         async def main() -> None:
             task = asyncio.create_task(runtime.run())
             try:
-                await _until(lambda: runtime.handle is not None and runtime.handle.is_master, 20, "mastership")
+                await _until(lambda: runtime.api_bridge is not None and runtime.api_bridge.is_master, 20, "mastership")
                 await _until(lambda: _ready(runtime), 90, "the default model's runner")
                 reply = await _chat(base)
                 assert reply["choices"][0]["finish_reason"] in ("length", "stop"), reply
                 assert await asyncio.to_thread(http_json, base + "/node_id") == cfg.node_id
-                assert runtime.handle is not None
-                metrics = runtime.handle.metrics()
+                assert runtime.api_bridge is not None
+                metrics = runtime.api_bridge.metrics()
                 assert metrics["skulk_eventlog_degraded"] == 1.0
                 assert metrics["skulk_eventlog_appended_total"] == 0 and metrics["skulk_eventlog_dropped_total"] > 0
             finally:
@@ -108,25 +108,25 @@ def test_a_disk_that_fills_mid_run_degrades_the_log_once_and_the_node_serves_on(
         async def main() -> None:
             task = asyncio.create_task(runtime.run())
             try:
-                await _until(lambda: runtime.handle is not None and runtime.handle.is_master, 20, "mastership")
+                await _until(lambda: runtime.api_bridge is not None and runtime.api_bridge.is_master, 20, "mastership")
                 await _until(lambda: _ready(runtime), 90, "the default model's runner")
-                assert runtime.handle is not None
+                assert runtime.api_bridge is not None
                 await _chat(base)
-                assert runtime.handle.metrics()["skulk_eventlog_degraded"] == 0.0
-                assert runtime.handle.metrics()["skulk_eventlog_appended_total"] > 0
+                assert runtime.api_bridge.metrics()["skulk_eventlog_degraded"] == 0.0
+                assert runtime.api_bridge.metrics()["skulk_eventlog_appended_total"] > 0
                 # The disk fills up while the node runs.
                 await asyncio.to_thread(fill_disk, small)
                 # Every request indexes task events, so the log writes (and fails) again.
                 for _ in range(40):
                     await _chat(base)
-                    if runtime.handle.metrics()["skulk_eventlog_degraded"] == 1.0:
+                    if runtime.api_bridge.metrics()["skulk_eventlog_degraded"] == 1.0:
                         break
-                assert runtime.handle.metrics()["skulk_eventlog_degraded"] == 1.0
+                assert runtime.api_bridge.metrics()["skulk_eventlog_degraded"] == 1.0
                 # Serving goes on, and the log does not complain again.
                 for _ in range(3):
                     reply = await _chat(base)
                     assert reply["choices"][0]["finish_reason"] in ("length", "stop"), reply
-                assert runtime.handle.metrics()["skulk_eventlog_dropped_total"] > 0
+                assert runtime.api_bridge.metrics()["skulk_eventlog_dropped_total"] > 0
             finally:
                 runtime.request_stop()
                 code = await asyncio.wait_for(task, 60)
