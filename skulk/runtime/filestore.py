@@ -28,19 +28,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from skulk.core.effects import StartTransfer
+from skulk.core.files import Coverage, DiskInfo, Need
+from skulk.core.inputs import FilesGone, FilesObserved, TransferEnded, TransferProgressed
 from skulk.runtime.downloads import DownloadFailed, DownloadResult, HubDownloader, HubSettings, Progress
+from skulk.runtime.modelfiles import Coverage as RuntimeCoverage
 from skulk.runtime.modelfiles import (
     META_DIR,
     FileRecord,
     LayerRange,
     adopt_local,
+    coverage,
     dir_bytes,
     disk_free_bytes,
     load_manifest,
 )
 from skulk.runtime.transfer import PeerFetcher, TransferAuth
 
-__all__ = ["LocalModel", "LocalStore", "Transfers", "TransferOutcome"]
+__all__ = ["LocalModel", "LocalStore", "Transfers", "TransferOutcome", "NodeFiles", "core_coverage", "layer_range"]
 
 log = logging.getLogger("skulk.filestore")
 
@@ -139,12 +144,18 @@ class Transfers:
         self.on_done = on_done
         self.progress_interval_s = progress_interval_s
         self._active: dict[str, tuple[threading.Thread, threading.Event]] = {}
+        self._models: dict[str, str] = {}  # transfer id -> model id
         self._lock = threading.Lock()
 
     @property
     def active(self) -> list[str]:
         with self._lock:
             return sorted(self._active)
+
+    def busy_models(self) -> set[str]:
+        """Models with a transfer running (a scan leaves them to the transfer's report)."""
+        with self._lock:
+            return set(self._models.values())
 
     def download(self, transfer_id: str, model_id: str, layers: LayerRange | None) -> None:
         """Fetch the files ``layers`` needs from the hub."""
@@ -200,8 +211,160 @@ class Transfers:
                 finally:
                     with self._lock:
                         self._active.pop(transfer_id, None)
+                        self._models.pop(transfer_id, None)
                 self.on_done(outcome)
 
             thread = threading.Thread(target=run, name=f"transfer-{transfer_id}", daemon=True)
             self._active[transfer_id] = (thread, cancel)
+            self._models[transfer_id] = model_id
         thread.start()
+
+
+# --- the node's file service: the core's file effects, carried out --------------------------------
+
+
+def core_coverage(cov: RuntimeCoverage) -> Coverage:
+    """The runtime's coverage (from files) as the core's record (in layers)."""
+    return Coverage(n_layers=cov.n_layers, layers=cov.layers, head=cov.head)
+
+
+def layer_range(need: Need | None) -> LayerRange | None:
+    if need is None or need.is_whole:
+        return None
+    return LayerRange(need.start, need.end, need.n_layers, need.head)
+
+
+class NodeFiles:
+    """Carries out ``StartTransfer``/``CancelTransfer``/``DeleteFiles`` and reports what the disk holds.
+
+    Everything it learns goes back to the core through ``feed`` (thread-safe):
+    ``FilesObserved``/``FilesGone`` from scans and deletions,
+    ``TransferProgressed``/``TransferEnded`` from transfers. ``peer_url(node,
+    address)`` turns the core's chosen peer and address into the base URL of
+    that peer's API (its port comes from the transport), or None.
+    """
+
+    def __init__(self, models_dir: Path, hub: HubSettings, auth: TransferAuth, node_id: str, *,
+                 feed: Callable[[object], None], peer_url: Callable[[str, str], str | None],
+                 budget_bytes: int = 0, progress_interval_s: float = 0.5) -> None:
+        self.models_dir = models_dir
+        self.store = LocalStore(models_dir)
+        self.feed = feed
+        self.peer_url = peer_url
+        self.budget_bytes = budget_bytes
+        self.transfers = Transfers(models_dir, hub, auth, node_id, on_progress=self._progress, on_done=self._done,
+                                   progress_interval_s=progress_interval_s)
+        self._reported: set[str] = set()
+        self._lock = threading.Lock()
+
+    # --- scanning (blocking: call in a thread) -------------------------------------------
+
+    def observe(self, model_id: str) -> FilesObserved | None:
+        """What the disk holds of ``model_id``, verified, as the core's input (None: nothing usable)."""
+        path = self.store.model_dir(model_id)
+        manifest = load_manifest(path)
+        if manifest is None:
+            return None
+        present = sorted(p for p in manifest.files if (path / p).is_file())
+        cov = coverage(path, present)
+        if cov is None:
+            return None
+        return FilesObserved(model_id=model_id, status="verified", coverage=core_coverage(cov),
+                             bytes=sum(manifest.files[p].size for p in present), files=tuple(present),
+                             source=manifest.source)
+
+    def scan(self) -> None:
+        """Report every model directory (adopting unmanaged ones: staged, then verified once hashed)."""
+        seen: set[str] = set()
+        for model_id, path in _model_dirs(self.models_dir):
+            if model_id in self.transfers.busy_models():
+                seen.add(model_id)
+                continue  # its transfer reports it when it ends
+            if load_manifest(path) is None and (path / "config.json").is_file() and not (path / META_DIR).exists():
+                files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+                staged = coverage(path, files)
+                if staged is not None:
+                    self.feed(FilesObserved(model_id=model_id, status="staged", coverage=core_coverage(staged),
+                                            bytes=dir_bytes(path), files=(), source="local"))
+                try:
+                    adopt_local(path, model_id)
+                except OSError as exc:
+                    log.warning("cannot record the files of local model %s: %s", model_id, exc)
+                    continue
+            observed = self.observe(model_id)
+            if observed is not None:
+                seen.add(model_id)
+                self.feed(observed)
+        with self._lock:
+            gone = sorted(self._reported - seen)
+            self._reported = seen
+        for model_id in gone:
+            self.feed(FilesGone(model_id=model_id))
+
+    def disk_info(self) -> DiskInfo:
+        usage = shutil.disk_usage(self._existing(self.models_dir))
+        used = sum(dir_bytes(p) for _, p in _model_dirs(self.models_dir))
+        return DiskInfo(total_bytes=usage.total, free_bytes=usage.free, models_bytes=used,
+                        budget_bytes=self.budget_bytes)
+
+    @staticmethod
+    def _existing(path: Path) -> Path:
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        return path
+
+    # --- effects (called on the event loop: never block) ----------------------------------
+
+    def start(self, effect: StartTransfer) -> None:
+        layers = layer_range(effect.need)
+        if effect.source is None:
+            self.transfers.download(effect.transfer_id, effect.model_id, layers)
+            return
+        url = self.peer_url(effect.source, effect.address)
+        if url is None:
+            self.feed(TransferEnded(transfer_id=effect.transfer_id, model_id=effect.model_id, ok=False,
+                                    code="network", message=f"no API address known for {effect.source}"))
+            return
+        self.transfers.copy(effect.transfer_id, effect.model_id, url, effect.source, layers)
+
+    def cancel(self, transfer_id: str) -> None:
+        self.transfers.cancel(transfer_id)
+
+    def delete(self, model_id: str) -> None:
+        def work() -> None:
+            freed = 0
+            try:
+                freed = self.store.evict(model_id)
+            except OSError as exc:
+                log.error("could not delete the files of %s: %s", model_id, exc)
+            with self._lock:
+                self._reported.discard(model_id)
+            self.feed(FilesGone(model_id=model_id, freed_bytes=freed))
+
+        threading.Thread(target=work, name=f"evict-{model_id}", daemon=True).start()
+
+    # --- transfer callbacks (worker threads) ----------------------------------------------
+
+    def _progress(self, transfer_id: str, p: Progress) -> None:
+        self.feed(TransferProgressed(transfer_id=transfer_id, model_id=p.model_id, done_bytes=p.done_bytes,
+                                     total_bytes=p.total_bytes, rate_bps=int(p.rate_bps),
+                                     eta_s=None if p.eta_s is None else int(round(p.eta_s))))
+
+    def _done(self, outcome: TransferOutcome) -> None:
+        if outcome.failure is None:
+            observed = self.observe(outcome.model_id)
+            if observed is not None:
+                with self._lock:
+                    self._reported.add(outcome.model_id)
+                self.feed(observed)
+            self.feed(TransferEnded(transfer_id=outcome.transfer_id, model_id=outcome.model_id, ok=True))
+            return
+        # Whatever arrived verified before the failure still counts.
+        observed = self.observe(outcome.model_id)
+        if observed is not None:
+            with self._lock:
+                self._reported.add(outcome.model_id)
+            self.feed(observed)
+        f = outcome.failure
+        self.feed(TransferEnded(transfer_id=outcome.transfer_id, model_id=outcome.model_id, ok=False, code=f.code,
+                                message=f.message))
