@@ -118,7 +118,14 @@ class _TransferDone:
     transfer_id: str
 
 
-_SimKey = _RunnerLoading | _RunnerReady | _RunnerExit | _TaskDone | _TransferDone
+@dataclass(frozen=True)
+class _Later:
+    """An input for the node, handled as the next step (never inside the step that raised it)."""
+
+    seq: int
+
+
+_SimKey = _RunnerLoading | _RunnerReady | _RunnerExit | _TaskDone | _TransferDone | _Later
 TimerKey = str | _SimKey  # a core timer's key, or one of the cluster's own
 
 
@@ -195,16 +202,23 @@ class _Host(EffectCarrier):
 
     def carry_start_transfer(self, effect: StartTransfer) -> None:
         self.transfers[effect.transfer_id] = effect
+        self.cluster.transfers_started.append((self.cluster.now, self.nid, effect))
+        source = effect.source or "hub"
+        if source in self.cluster.stalled_sources:
+            return  # bytes never come: the keeper's stall timer must notice
         self.cluster._schedule(self.nid, _TransferDone(effect.transfer_id), self.cluster.now + self.cluster.transfer_s)
 
     def carry_cancel_transfer(self, effect: CancelTransfer) -> None:
-        if self.transfers.pop(effect.transfer_id, None) is not None:
+        tr = self.transfers.pop(effect.transfer_id, None)
+        if tr is not None:
             self.cluster._timers[self.nid].pop(_TransferDone(effect.transfer_id), None)
+            self.cluster._later(self.nid, TransferEnded(transfer_id=tr.transfer_id, model_id=tr.model_id, ok=False,
+                                                        code="cancelled", message="cancelled"))
 
     def carry_delete_files(self, effect: DeleteFiles) -> None:
         self.disk.pop(effect.model_id, None)
         self.cluster.deleted.append((self.cluster.now, self.nid, effect.model_id))
-        self.cluster._feed(self.nid, FilesGone(model_id=effect.model_id))
+        self.cluster._later(self.nid, FilesGone(model_id=effect.model_id))
 
     def files_observed(self, model: ModelId) -> FilesObserved:
         cov = self.disk[model]
@@ -230,6 +244,12 @@ class ManualCluster:
         disks: Mapping[str, Iterable[str]] | None = None,
         transfer_s: float = 5.0,
     ) -> None:
+        # Transfers from these sources ("hub" or a node id) never move a byte; transfers
+        # from those in ``failing_sources`` end with its failure code.
+        self.stalled_sources: set[str] = set()
+        self.failing_sources: dict[str, str] = {}
+        self.transfers_started: list[tuple[float, NodeId, StartTransfer]] = []
+        self._later_inputs: dict[int, Input] = {}
         self.config = config or CoreConfig()
         self.cards = dict(cards or {})
         self.now = 0.0
@@ -435,6 +455,11 @@ class ManualCluster:
         self._timers[nid][key] = at
         heapq.heappush(self._timer_heap, (at, next(self._seq), nid, key))
 
+    def _later(self, nid: NodeId, inp: Input) -> None:
+        seq = next(self._seq)
+        self._later_inputs[seq] = inp
+        self._schedule(nid, _Later(seq), self.now)
+
     def _card(self, nid: NodeId, model: ModelId) -> ModelCard:
         """The card of ``model`` as ``nid`` knows it (its own cards, then the cards added to the state)."""
         node = self.hosts[nid].node
@@ -447,9 +472,17 @@ class ManualCluster:
     def _happen(self, nid: NodeId, key: _SimKey) -> None:
         """One of the cluster's own happenings: a runner reports, exits or finishes a task."""
         host = self.hosts[nid]
+        if isinstance(key, _Later):
+            self._feed(nid, self._later_inputs.pop(key.seq))
+            return
         if isinstance(key, _TransferDone):
             tr = host.transfers.pop(key.transfer_id, None)
             if tr is None:
+                return
+            code = self.failing_sources.get(tr.source or "hub")
+            if code is not None:
+                self._feed(nid, TransferEnded(transfer_id=tr.transfer_id, model_id=tr.model_id, ok=False, code=code,
+                                              message=f"{code} (planted by the test)"))
                 return
             card = self._card(nid, tr.model_id)
             got = Coverage(n_layers=card.n_layers, layers=((tr.need.start, tr.need.end),), head=tr.need.head) \

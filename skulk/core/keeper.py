@@ -58,7 +58,7 @@ from skulk.core.inputs import FilesGone, FilesObserved, TransferEnded, TransferP
 from skulk.core.instances import Instance
 from skulk.core.output import Output
 from skulk.core.state import State
-from skulk.core.timers import TransferStallTimer, cancel_timer, set_timer
+from skulk.core.timers import TransferRetryTimer, TransferStallTimer, cancel_timer, set_timer
 
 __all__ = ["FileKeeper", "Source", "choose_source", "resolve_store", "HUB", "WAIT_STORE", "PERMANENT_CODES"]
 
