@@ -206,6 +206,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     for s in SETTINGS:
         if s.name == "CLUSTER_KEY":
             shown: object = "(set)" if cfg.sources[s.name] != "default" else f"(file {cfg.cluster_key_source})"
+        elif s.name == "HF_TOKEN":
+            shown = "(set)" if cfg.hf_token else "(not set)"
         else:
             shown = _setting_value(cfg, s.name)
         print(f"{s.env} = {shown}   [{cfg.sources[s.name]}]")
@@ -223,6 +225,7 @@ def _setting_value(cfg: Any, name: str) -> object:
         "RUNNER_STOP_GRACE_SECONDS": "runner_stop_grace_s", "PROBE_INTERVAL_SECONDS": "probe_interval_s",
         "PROBE_TIMEOUT_SECONDS": "probe_timeout_s",
         "EVENTLOG_MIN_FREE_BYTES": "eventlog_min_free_bytes", "LOGGING_EXTERNAL": "logging_external", "LOG_LEVEL": "log_level",
+        "MODELS_DISK_BUDGET": "models_disk_budget_bytes", "HF_ENDPOINT": "hf_endpoint", "HF_HUB_OFFLINE": "hf_offline",
     }.get(name)
     if attr is not None:
         return getattr(cfg, attr)

@@ -132,7 +132,11 @@ class ApiBridge:
 
     @property
     def cards(self) -> Mapping[str, ModelCard]:
-        return self._core.cards
+        """The node's cards, plus those added at run time (``POST /models/add``); the node's win."""
+        added = self._core.state.model_cards
+        if not added:
+            return self._core.cards
+        return {**added, **self._core.cards}
 
     def new_command_id(self) -> CommandId:
         return CommandId(f"cmd-{secrets.token_hex(10)}")

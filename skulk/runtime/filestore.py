@@ -30,7 +30,7 @@ from pathlib import Path
 
 from skulk.core.effects import StartTransfer
 from skulk.core.files import Coverage, DiskInfo, Need
-from skulk.core.inputs import FilesGone, FilesObserved, TransferEnded, TransferProgressed
+from skulk.core.inputs import FilesGone, FilesObserved, Input, TransferEnded, TransferProgressed
 from skulk.runtime.downloads import DownloadFailed, DownloadResult, HubDownloader, HubSettings, Progress
 from skulk.runtime.modelfiles import Coverage as RuntimeCoverage
 from skulk.runtime.modelfiles import (
@@ -245,7 +245,7 @@ class NodeFiles:
     """
 
     def __init__(self, models_dir: Path, hub: HubSettings, auth: TransferAuth, node_id: str, *,
-                 feed: Callable[[object], None], peer_url: Callable[[str, str], str | None],
+                 feed: Callable[[Input], None], peer_url: Callable[[str, str], str | None],
                  budget_bytes: int = 0, progress_interval_s: float = 0.5) -> None:
         self.models_dir = models_dir
         self.store = LocalStore(models_dir)
