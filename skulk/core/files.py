@@ -186,3 +186,4 @@ class DiskInfo(Record, frozen=True, kw_only=True):
     free_bytes: int
     models_bytes: int = 0
     budget_bytes: int = 0
+    path: str = ""  # the models directory, as the node names it (the store's health shows it)

@@ -305,7 +305,7 @@ class NodeFiles:
         usage = shutil.disk_usage(self._existing(self.models_dir))
         used = sum(dir_bytes(p) for _, p in _model_dirs(self.models_dir))
         return DiskInfo(total_bytes=usage.total, free_bytes=usage.free, models_bytes=used,
-                        budget_bytes=self.budget_bytes)
+                        budget_bytes=self.budget_bytes, path=str(self.models_dir))
 
     @staticmethod
     def _existing(path: Path) -> Path:

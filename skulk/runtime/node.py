@@ -194,6 +194,7 @@ class NodeRuntime:
             version=skulk.__version__,
             metrics=self.metrics,
             runner_diagnostics=self.supervisor.diagnostics,
+            describe_model=self._describe_model,
         )
         self.driver.api = self.api_bridge
         if self.eventlog.degraded:
@@ -241,6 +242,18 @@ class NodeRuntime:
         if info is None or info.api_port <= 0:
             return None
         return "http://" + format_address(address, info.api_port)
+
+    def _describe_model(self, model_id: str) -> ModelCard:
+        """A card for a hub model (``POST /models/add``; blocking, the bridge runs it in a thread)."""
+        from skulk.runtime.downloads import DownloadFailed, HubDownloader
+
+        cfg = self.config
+        settings = HubSettings(endpoint=cfg.hf_endpoint, token=cfg.hf_token, offline=cfg.hf_offline)
+        try:
+            card, _ = HubDownloader(settings).describe(model_id)
+        except DownloadFailed as exc:
+            raise LookupError(f"{exc.code}: {exc.message}") from exc
+        return card
 
     def _log_failed(self, error: str) -> None:
         """The event log turned degraded mid-run (it never reports from its constructor)."""
