@@ -117,7 +117,8 @@ def initial_disk(world: World, host_id: NodeId) -> SimDisk:
     disk = SimDisk()
     if mode == "everywhere" or (mode == "store" and host_id == world.opts.core.store_node):
         for model in sorted(world.cards):
-            disk.verified[ModelId(model)] = whole_coverage(world.cards[model].n_layers)
+            if model not in world.opts.hub_only_models:
+                disk.verified[ModelId(model)] = whole_coverage(world.cards[model].n_layers)
     return disk
 
 

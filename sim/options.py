@@ -140,6 +140,8 @@ class SimOptions:
     models_on_disk: str = knob(
         "everywhere", "which hosts hold every card's model verified at start: everywhere, store (only the store "
         "node, core.store_node), none (the hub only)", "name")
+    hub_only_models: tuple[str, ...] = knob((), "models no host holds at start, whatever models_on_disk says (only "
+                                                "the hub has them)", "model ids")
     hub_available: bool = knob(True, "a Hugging Face-compatible hub is reachable (from every host: the internet)", "bool")
     hub_rate_mbps: float = knob(200.0, "download rate of one transfer from the hub", "MB/s")
     link_rate_mbps_thunderbolt: float = knob(2_500.0, "copy rate of one transfer over Thunderbolt", "MB/s")

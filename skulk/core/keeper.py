@@ -282,16 +282,18 @@ class FileKeeper:
             seen = self.waiting.get(model)
             if seen is None:
                 return Output()
-            if now - seen[0] < self.config.transfer_stall_s:
-                return Output([set_timer(TransferStallTimer(model), seen[0] + self.config.transfer_stall_s)])
+            due = seen[0] + self.config.transfer_stall_s
+            if due > now:  # the timer's own deadline, same arithmetic: never re-armed for now itself
+                return Output([set_timer(TransferStallTimer(model), due)])
             # The store node shows no progress: fetch it some other way.
             del self.waiting[model]
             store = resolve_store(state, self.config)
             message = f"the store node {store} showed no progress for {self.config.transfer_stall_s:g} s"
             effects = self._fail(now, model, f"peer:{store}", "stalled", message, backoff=False)
             return Output(effects, self._sync(now, model, state, force=True))
-        if now - tr.progress_at < self.config.transfer_stall_s:
-            return Output([set_timer(TransferStallTimer(model), tr.progress_at + self.config.transfer_stall_s)])
+        due = tr.progress_at + self.config.transfer_stall_s
+        if due > now:  # progress came since the timer was set
+            return Output([set_timer(TransferStallTimer(model), due)])
         del self.transfers[model]
         message = f"no new byte from {tr.source.name} for {self.config.transfer_stall_s:g} s"
         effects: list[Effect] = [CancelTransfer(transfer_id=tr.transfer_id)]
