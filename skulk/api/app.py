@@ -34,6 +34,7 @@ from skulk.api.config import ApiConfig
 from skulk.api.context import ApiContext
 from skulk.api.errors import ApiError, error_response
 from skulk.api.handle import NodeHandle
+from skulk.api.keys import ApiKeyGuard
 from skulk.api.metrics import ApiMetrics
 from skulk.api.openapi import build_openapi
 from skulk.api.routes import ENDPOINTS
@@ -158,5 +159,14 @@ def create_app(handle: NodeHandle, *, config: ApiConfig | None = None) -> Starle
         },
     )
     app.state.skulk = context
+    # Added first, so it runs inside the counter: refused requests are counted too.
+    api_routes = [r for r in served if isinstance(r, Route) and r.path not in ("/",)]
+    app.add_middleware(
+        ApiKeyGuard,
+        keys=config.keys,
+        api_routes=api_routes,
+        failures_max=config.auth_failures_max,
+        window_s=config.auth_window_s,
+    )
     app.add_middleware(_RequestCounter, metrics=context.metrics, routes=routes)
     return app

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,13 +18,14 @@ from starlette.responses import Response
 from skulk.api.body import decode_body, read_body
 from skulk.api.context import ApiContext, ctx
 from skulk.api.errors import ApiError
-from skulk.api.generation import Prepared, Renderer, collect, prepare_chat, prepare_completion, raise_for_result, stream_events
+from skulk.api.generation import Prepared, Renderer, collect, prepare_completion, raise_for_result, stream_events
+from skulk.api.openai_chat import prepare_chat
 from skulk.api.handle import RequestStream
 from skulk.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList, ModelObject
 from skulk.api.sse import ClientGone, EventStreamResponse, until_disconnect
 from skulk.api.wire import json_response
 
-__all__ = ["chat_completions", "completions", "list_models", "get_model"]
+__all__ = ["chat_completions", "completions", "list_models", "get_model", "run_generation", "model_objects"]
 
 
 async def chat_completions(request: Request) -> Response:
@@ -43,13 +45,19 @@ async def completions(request: Request) -> Response:
 
 
 async def _run(request: Request, context: ApiContext, prepared: Prepared) -> Response:
+    return await run_generation(request, context, prepared, Renderer(prepared))
+
+
+async def run_generation(
+    request: Request, context: ApiContext, prepared: Prepared, renderer: Any, *, media_type: str = "text/event-stream"
+) -> Response:
+    """Submit ``prepared`` and answer with ``renderer``'s stream or its collected response (every dialect)."""
     result, stream = await context.handle.open_task(prepared.command)
     raise_for_result(result)
     if stream is None:
         raise ApiError(500, "the node accepted the request but gave no stream", code="internal_error")
-    renderer = Renderer(prepared)
     if prepared.stream:
-        return EventStreamResponse(_counted(context, renderer, stream))
+        return EventStreamResponse(_counted(context, renderer, stream), media_type=media_type)
     try:
         response = await until_disconnect(
             request.receive,
@@ -59,10 +67,10 @@ async def _run(request: Request, context: ApiContext, prepared: Prepared) -> Res
         # Nobody is listening; the request was abandoned by collect's finally. 499 is
         # what proxies log for "client closed request".
         return Response(status_code=499)
-    return json_response(response)
+    return json_response(response) if not isinstance(response, Response) else response
 
 
-async def _counted(context: ApiContext, renderer: Renderer, stream: RequestStream) -> AsyncIterator[bytes]:
+async def _counted(context: ApiContext, renderer: Any, stream: RequestStream) -> AsyncIterator[bytes]:
     metrics = context.metrics
     metrics.streams_active += 1
     metrics.streams_total += 1
@@ -85,7 +93,7 @@ async def _counted(context: ApiContext, renderer: Renderer, stream: RequestStrea
         metrics.streams_active -= 1
 
 
-def _model_objects(context: ApiContext) -> list[ModelObject]:
+def model_objects(context: ApiContext) -> list[ModelObject]:
     state = context.handle.state
     ceilings: dict[str, int] = {}
     for inst in state.instances.values():
@@ -106,13 +114,13 @@ def _model_objects(context: ApiContext) -> list[ModelObject]:
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: every model this node knows, placed ones first."""
-    return json_response(ModelList(data=_model_objects(ctx(request))))
+    return json_response(ModelList(data=model_objects(ctx(request))))
 
 
 async def get_model(request: Request) -> Response:
     """``GET /v1/models/{model_id}``."""
     model_id = request.path_params["model_id"]
-    for model in _model_objects(ctx(request)):
+    for model in model_objects(ctx(request)):
         if model.id == model_id:
             return json_response(model)
     raise ApiError(404, f"The model `{model_id}` does not exist on this cluster", code="model_not_found", param="model")

@@ -25,6 +25,7 @@ from skulk.api.schemas import (
     Completion,
     CompletionRequest,
     DeleteInstanceResponse,
+    HealthResponse,
     InstanceResponse,
     ModelList,
     ModelObject,
@@ -88,6 +89,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("POST", "/v1/cancel/{command_id}", control.cancel, "Cancel a generation by its command id", "OpenAI",
              response=CancelResponse, errors=(400, 503)),
     # --- Skulk control ---
+    Endpoint("GET", "/healthz", control.healthz, "Liveness (never needs an API key)", "Cluster", response=HealthResponse),
     Endpoint("GET", "/node_id", control.node_id, "This node's id (a bare JSON string)", "Cluster", response=str),
     Endpoint("GET", "/state", control.state, "The replicated cluster state", "Cluster", response=StateResponse),
     Endpoint("GET", "/models", control.models, "Model cards known to this node", "Cluster", response=ModelsResponse),

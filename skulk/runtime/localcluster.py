@@ -217,7 +217,7 @@ class LocalCluster:
         return [p.node_id for p in self.plans if (pr := self.procs.get(p.node_id)) is not None and pr.poll() is None]
 
     def wait_ready(self, timeout_s: float = 60.0, nodes: list[str] | None = None) -> None:
-        """Wait until every (given) node answers ``GET /node_id`` with its own id."""
+        """Wait until every (given) node answers ``GET /healthz`` with its own id (no API key needed)."""
         deadline = time.monotonic() + timeout_s
         pending = list(nodes or self.alive())
         while pending:
@@ -226,7 +226,8 @@ class LocalCluster:
                 if proc.poll() is not None:
                     raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting")
                 try:
-                    if self.fetch(self.plan(node), "/node_id") == node:
+                    health = self.fetch(self.plan(node), "/healthz")
+                    if isinstance(health, dict) and health.get("node_id") == node:
                         pending.remove(node)
                 except (OSError, http.client.HTTPException, ValueError, subprocess.SubprocessError):
                     pass
