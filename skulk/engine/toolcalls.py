@@ -95,18 +95,16 @@ def parse_call_objects(text: str, new_id: Callable[[], str]) -> list[ToolCall] |
 
 
 class _WhitespaceHold:
-    """Content that is only whitespace is held: between or after calls it is noise."""
+    """Trailing whitespace is held until more text follows: before, between or after calls it is noise."""
 
     def __init__(self) -> None:
         self.held = ""
 
     def show(self, out: Parts, text: str) -> None:
         text = self.held + text
-        if not text.strip():
-            self.held = text
-            return
-        self.held = ""
-        out.content += text
+        body = text.rstrip()
+        self.held = text[len(body) :]
+        out.content += body
 
 
 class TaggedCallParser:
