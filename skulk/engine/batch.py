@@ -35,9 +35,10 @@ Chat replies go through the request's ``ReplyParser`` (``skulk.engine.chatformat
 each chunk carries content, reasoning and complete tool calls separately, so
 every dialect and every node sees one parse. Constrained rows (structured
 output, forced tool calls) sample under their grammar's token mask
-(``skulk.engine.grammar``); while the batch holds one, a step first reads the
-previous step's tokens back (as a distributed step does), so each mask follows
-every token that came before it.
+(``skulk.engine.grammar``); while the batch holds one, a pipelined step queues
+its forward, then reads the previous step's tokens back and advances the
+matchers while the forward runs, and samples last, so each mask follows every
+token that came before it.
 
 Invariants: every submitted task receives exactly one final chunk; chunk
 ``seq`` numbers are dense from 0; a task never holds a row after its final
@@ -499,11 +500,6 @@ class Engine:
         self._flush()
 
     def _step(self) -> None:
-        if self._outstanding is not None and any(r.grammar is not None for r in self.rows):
-            # A grammar's mask follows every earlier token: read the previous step back
-            # first (this step is then built from host inputs, as in a distributed step).
-            prev, self._outstanding = self._outstanding, None
-            self._materialize(prev)
         # Rows that finished, were cancelled or scheduled all their tokens leave.
         for request in self.rows:
             if request.cancelled and not request.done:
@@ -572,7 +568,14 @@ class Engine:
             assert inputs is not None
             bitmask = None
             if any(r.grammar is not None for r in rows):
-                assert prev is None or not self._pipelined or all(r.grammar is None for r in prev.rows), "masks need every token read back"
+                if self._pipelined and prev is not None:
+                    # A mask follows every earlier token: start this step's forward, then
+                    # read the previous step's tokens back and advance the matchers while
+                    # it runs; only the sampling waits for the masks.
+                    mx.async_eval(logits, pending)
+                    self._outstanding = None
+                    self._materialize(prev)
+                    prev = None
                 bitmask = self._bitmask(rows)
             sample_rows = [self._sample_row(r) for r in rows]
             out = sample_batch(logits, sample_rows, inputs, bitmask)
