@@ -112,7 +112,7 @@ def load_api_keys(
                 users.append(line)
     short = [k for k in users + admins if len(k) < 16]
     if short:
-        raise ValueError(f"API keys must be at least 16 characters ({len(short)} shorter); `skulk key` prints a good one")
+        raise ValueError(f"API keys must be at least 16 characters ({len(short)} shorter); docs/operations.md shows how to make a good one")
     return ApiKeys.of(users, admins)
 
 
