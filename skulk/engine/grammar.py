@@ -62,14 +62,23 @@ class GrammarTokenizer:
     """
 
     def __init__(self, hf_tokenizer: Any, n_vocab: int, eos_ids: Sequence[int]) -> None:
+        import copy
+
         import llguidance
-        import llguidance.hf
 
         assert n_vocab > 0, n_vocab
         self.n_vocab = n_vocab
         self.words = (n_vocab + 31) // 32
         eos = [int(t) for t in eos_ids]
-        self._ll = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=n_vocab, eos_token=eos or None)
+        # The Rust tokenizer behind a fast HF tokenizer (or a bare ``tokenizers.Tokenizer``),
+        # serialised with its added tokens, is what llguidance reads.
+        backend = getattr(hf_tokenizer, "backend_tokenizer", hf_tokenizer)
+        if not hasattr(backend, "to_str"):
+            raise GrammarError(f"constrained decoding needs a fast (tokenizers) tokenizer, not {type(hf_tokenizer).__name__}")
+        backend = copy.copy(backend)
+        backend.no_padding()
+        backend.no_truncation()
+        self._ll = llguidance.LLTokenizer(backend.to_str(), n_vocab=n_vocab, eos_token=eos or None)
         self._llguidance = llguidance
 
     def constraint(self, lark: str) -> Constraint:
