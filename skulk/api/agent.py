@@ -31,11 +31,11 @@ from typing import Any
 from skulk.api.errors import ApiError
 from skulk.api.generation import Prepared, admit_request, check_model
 from skulk.api.handle import NodeHandle
-from skulk.core.ids import ModelId
 from skulk.core.commands import SubmitTask
+from skulk.core.ids import ModelId
 from skulk.core.tasks import ChatMessage, GenerationParams, ResponseFormat, ToolCall, ToolChoice, ToolSpec
 
-__all__ = ["ChatSpec", "prepare_spec", "check_schema", "tool_spec", "arguments_object", "EMPTY_PARAMETERS"]
+__all__ = ["ChatSpec", "prepare_spec", "check_schema", "tool_spec", "arguments_object", "history_call", "EMPTY_PARAMETERS"]
 
 EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from skulk.core.tasks import ChatMessage, GenerationParams, ToolCall
+from skulk.core.tasks import ChatMessage, GenerationParams
 from skulk.engine.reasoning import HarmonyParser, Parts, ThinkSplitter
 from skulk.engine.toolcalls import (
     Llama3JsonParser,

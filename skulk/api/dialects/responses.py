@@ -33,7 +33,7 @@ from skulk.api.context import ctx
 from skulk.api.errors import ApiError
 from skulk.api.generation import Prepared
 from skulk.api.openai_routes import run_generation
-from skulk.core.tasks import ChatMessage, ResponseFormat, ToolCall, ToolChoice, ToolChoiceMode, TokenChunk
+from skulk.core.tasks import ChatMessage, ResponseFormat, TokenChunk, ToolCall, ToolChoice, ToolChoiceMode
 
 __all__ = ["responses", "ResponsesRequest"]
 
