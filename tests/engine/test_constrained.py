@@ -96,3 +96,38 @@ def test_reasoning_from_a_template_that_opens_think(loaded: Any, monkeypatch: An
     off = make_task("chat", messages=ASK, max_tokens=16, temperature=1.0, seed=1, reasoning_format="think", enable_thinking=False)
     chunks = run(loaded, [off])[off.task_id]
     assert "".join(c.reasoning for c in chunks) == "" and "".join(c.text for c in chunks)
+
+
+QWEN_LIKE_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n# Tools\n<tools>\n{%- for t in tools %}\n{{ t | tojson }}{%- endfor %}\n</tools><|im_end|>\n{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{%- for c in m.tool_calls %}\n<tool_call>\n"
+    '{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n'
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_history_renders_through_a_template_with_tools(loaded: Any, monkeypatch: Any) -> None:
+    from skulk.core.tasks import GenerationParams, ToolCall
+    from skulk.engine.chatformat import detect_formats, render_chat, resolve_formats
+
+    monkeypatch.setattr(loaded.tokenizer._tokenizer, "chat_template", QWEN_LIKE_TOOLS_TEMPLATE)
+    history = (
+        *ASK,
+        ChatMessage(role="assistant", content="", tool_calls=(ToolCall(id="call_1", name="get_weather", arguments='{"location": "Paris"}'),)),
+        ChatMessage(role="tool", content="21 degrees", tool_call_id="call_1"),
+    )
+    params = GenerationParams(messages=history, tools=(TOOL,))
+    formats = resolve_formats(detect_formats(loaded.tokenizer), params)
+    assert formats.template_tools and formats.tool == "hermes"
+    text = render_chat(loaded.tokenizer, params, formats)
+    assert '"name": "get_weather"' in text and '"maxLength": 30' in text, "the tool's schema reaches the template"
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"location": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n21 degrees\n</tool_response>" in text
+    # And a forced call through that template parses and validates.
+    task = make_task("chat", messages=history, tools=(TOOL,), tool_choice=ToolChoice(mode="required"), max_tokens=80, temperature=0.0)
+    chunks = run(loaded, [task])[task.task_id]
+    (call,) = [c for chunk in chunks for c in chunk.tool_calls]
+    jsonschema.validate(json.loads(call.arguments), SCHEMA)
