@@ -121,3 +121,21 @@ def test_forced_call_grammars_compile_and_accept_what_the_parser_reads(fmt: str)
     parser = {"llama3_json": Llama3JsonParser, "mistral": MistralParser}.get(fmt, TaggedCallParser)
     assert feed(lambda: parser(ids()), text, [])[2] == [("get_weather", '{"city": "Paris"}')]
     assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(json_schema_grammar({"type": "object"}))) == ""
+
+
+def test_harmony_forced_call_grammar_uses_special_tokens(tiny_path: Any) -> None:
+    # gpt-oss's markers are special tokens; the grammar must name them as tokens (not text).
+    from tokenizers import AddedToken, Tokenizer
+
+    tk = Tokenizer.from_file(str(tiny_path / "tokenizer.json"))
+    markers = ["<|start|>", "<|channel|>", "<|message|>", "<|constrain|>", "<|end|>", "<|call|>", "<|return|>"]
+    tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in markers])
+    ll = llguidance.LLTokenizer(tk.to_str(), eos_token=[tk.token_to_id("<|call|>")])
+    grammar = llguidance.LLMatcher.grammar_from_lark(call_grammar("harmony", [TOOL]))
+    assert llguidance.LLMatcher.validate_grammar(grammar, ll) == ""
+    matcher = llguidance.LLMatcher(ll, grammar)
+    text = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+    assert matcher.consume_tokens(tk.encode(text).ids) and matcher.is_accepting(), matcher.get_error()
+    assert feed(lambda: HarmonyParser(ids()), text, [])[2] == [("get_weather", '{"city": "Paris"}')]
+    wrong = llguidance.LLMatcher(ll, grammar)
+    assert not wrong.consume_tokens(tk.encode("<|channel|>final<|message|>hello").ids), "only the call is allowed"
