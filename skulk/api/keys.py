@@ -42,7 +42,7 @@ import msgspec
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-__all__ = ["ApiKeys", "load_api_keys", "ApiKeyGuard", "dialect_for_path", "is_control_request"]
+__all__ = ["ApiKeys", "load_api_keys", "ApiKeyGuard", "dialect_for_path", "is_control_request", "exposure_warning"]
 
 log = logging.getLogger("skulk.api.keys")
 
@@ -114,6 +114,24 @@ def load_api_keys(
     if short:
         raise ValueError(f"API keys must be at least 16 characters ({len(short)} shorter); docs/operations.md shows how to make a good one")
     return ApiKeys.of(users, admins)
+
+
+def exposure_warning(host: str, port: int, keys: ApiKeys) -> str | None:
+    """The start-up warning for an API reachable beyond this machine without keys (None: no warning)."""
+    import ipaddress
+
+    if keys.enabled:
+        return None
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False  # a host name: assume it is reachable
+    if loopback:
+        return None
+    return (
+        f"the API on {host}:{port} has no API keys: anyone who can reach it can place or delete instances "
+        "and use the cluster's compute; set SKULK_API_KEYS (docs/operations.md, API keys) or SKULK_API_HOST=127.0.0.1"
+    )
 
 
 def dialect_for_path(path: str) -> str:

@@ -231,19 +231,15 @@ class NodeRuntime:
             raise SystemExit(f"cannot serve the API on {cfg.api_host}:{cfg.api_port}: {exc} (set SKULK_API_PORT)") from None
         sock.listen(1024)
         sock.setblocking(False)
-        from skulk.api.keys import load_api_keys
+        from skulk.api.keys import exposure_warning, load_api_keys
 
         try:
             keys = load_api_keys(cfg.api_keys, cfg.api_admin_keys, cfg.api_keys_file or None)
         except ValueError as exc:
             raise SystemExit(f"cannot start the API: {exc}") from None
-        if not keys.enabled and not _is_loopback(cfg.api_host):
-            log.warning(
-                "the API on %s:%d has no API keys: anyone who can reach it can place or delete instances and use "
-                "the cluster's compute; set SKULK_API_KEYS (docs/operations.md, API keys) or SKULK_API_HOST=127.0.0.1",
-                cfg.api_host,
-                cfg.api_port,
-            )
+        warning = exposure_warning(cfg.api_host, cfg.api_port, keys)
+        if warning is not None:
+            log.warning("%s", warning)
         api_config = ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes, keys=keys)
         app = create_app(self.handle, config=api_config)
         server = _Server(
@@ -378,14 +374,3 @@ class NodeRuntime:
 
 _STARTED_AT = time.time()
 
-
-def _is_loopback(host: str) -> bool:
-    """Is ``host`` a loopback address (the API then reaches nobody else)?"""
-    import ipaddress
-
-    if host in ("localhost",):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -123,3 +123,14 @@ def test_no_keys_means_open_and_keys_file_format(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 16"):
         load_api_keys(["short"])
     assert ApiConfig.from_env({"SKULK_API_KEYS": f"{API_KEY},{WRONG}"}).keys.role(WRONG) == "user"
+
+
+def test_start_up_warning_only_for_an_exposed_api_without_keys() -> None:
+    from skulk.api.keys import exposure_warning
+
+    assert exposure_warning("0.0.0.0", 52415, ApiKeys()) is not None
+    assert "no API keys" in (exposure_warning("192.168.1.10", 52415, ApiKeys()) or "")
+    assert exposure_warning("my-host.local", 52415, ApiKeys()) is not None
+    for loopback in ("127.0.0.1", "127.0.0.3", "::1", "localhost"):
+        assert exposure_warning(loopback, 52415, ApiKeys()) is None, loopback
+    assert exposure_warning("0.0.0.0", 52415, ApiKeys.of([API_KEY])) is None
