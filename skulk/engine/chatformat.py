@@ -220,6 +220,8 @@ class ReplyParser:
 
     def __init__(self, formats: ChatFormats, params: GenerationParams, new_id: Callable[[], str], *, in_reasoning: bool) -> None:
         self.calls = 0
+        # parallel_tool_calls false: at most one call is returned (later ones are not calls the client asked for).
+        self._max_calls = None if params.parallel_tool_calls else 1
         self._tools: Any = _Passthrough()
         self._reasoning: Any = _Passthrough()
         if formats.tool == "harmony" or formats.reasoning == "harmony":
@@ -245,6 +247,11 @@ class ReplyParser:
             tooled = self._tools.push(parts.content)
             parts.content = tooled.content
             parts.calls.extend(tooled.calls)
+        return self._count(parts)
+
+    def _count(self, parts: Parts) -> Parts:
+        if self._max_calls is not None:
+            parts.calls = parts.calls[: max(0, self._max_calls - self.calls)]
         self.calls += len(parts.calls)
         return parts
 
@@ -253,7 +260,5 @@ class ReplyParser:
 
     def flush(self) -> Parts:
         parts = self._through_tools(self._reasoning.flush())
-        tail = self._tools.flush()
-        self.calls += len(tail.calls)
-        return parts.add(tail)
+        return parts.add(self._count(self._tools.flush()))
 

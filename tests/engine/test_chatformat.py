@@ -139,3 +139,12 @@ def test_harmony_forced_call_grammar_uses_special_tokens(tiny_path: Any) -> None
     assert feed(lambda: HarmonyParser(ids()), text, [])[2] == [("get_weather", '{"city": "Paris"}')]
     wrong = llguidance.LLMatcher(ll, grammar)
     assert not wrong.consume_tokens(tk.encode("<|channel|>final<|message|>hello").ids), "only the call is allowed"
+
+
+def test_parallel_tool_calls_false_returns_one_call() -> None:
+    formats = ChatFormats(tool="hermes", reasoning="none", template_tools=True, thinking_toggle=False)
+    text = '<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>\n<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>'
+    both = GenerationParams(prompt="x", tools=(TOOL,))
+    assert [c[0] for c in every_split(lambda: ReplyParser(formats, both, ids(), in_reasoning=False), text)[2]] == ["a", "b"]
+    one = GenerationParams(prompt="x", tools=(TOOL,), parallel_tool_calls=False)
+    assert [c[0] for c in every_split(lambda: ReplyParser(formats, one, ids(), in_reasoning=False), text)[2]] == ["a"]
