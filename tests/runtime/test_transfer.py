@@ -232,3 +232,25 @@ def test_a_peer_that_goes_away_mid_copy_fails_the_copy_and_another_peer_finishes
     assert _sha(dest / "model.safetensors") == rec.sha256
     mine = load_manifest(dest)
     assert mine is not None and mine.files["model.safetensors"].sha256 == rec.sha256
+
+
+def test_with_api_keys_the_node_still_serves_signed_copies_and_nothing_else_without_a_key(
+    source_models: Path, tmp_path: Path
+) -> None:
+    from skulk.api.app import create_app
+    from skulk.api.config import ApiConfig
+    from skulk.api.keys import ApiKeys
+    from tests.api.node_double import ScriptedNode
+
+    server = TransferServer(source_models, TransferAuth(SECRET, NS))
+    app = create_app(ScriptedNode.three_nodes(), config=ApiConfig(keys=ApiKeys.of(["sk-user"])),
+                     extra_routes=server.routes())
+    with ThreadedServer(app) as http:
+        result = _fetcher().fetch(SHARDED, tmp_path / SHARDED, http.url, source_node="node-a")
+        assert result.fetched_bytes > 0
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{http.url}/state")
+        assert err.value.code == 401
+        with pytest.raises(urllib.error.HTTPError) as err2:
+            urllib.request.urlopen(f"{http.url}/transfer/manifest?model={SHARDED}")
+        assert err2.value.code == 401  # refused by the transfer endpoint itself: not signed
