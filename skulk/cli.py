@@ -5,6 +5,7 @@
     skulk [run] [--api-port N] [--force-master] [--bootstrap-peers P] ...   start a node
     skulk cluster up -n N [--dir D]          N local nodes on loopback (Ctrl-C stops them)
     skulk status [--url URL]                 summarise the cluster (asks a node's API)
+    skulk models [--url URL] [--watch]       model files on every node: copies, transfers, disk
     skulk key                                print this node's cluster key (copy it to new nodes)
     skulk config                             print every resolved setting and where it came from
     skulk --version                          print the installed version
@@ -187,6 +188,12 @@ def summarise_state(state: dict[str, Any], node_id: str, url: str) -> str:
     return "\n".join(lines)
 
 
+def _models_status(args: argparse.Namespace) -> int:
+    from skulk.models_status import cmd_models_status
+
+    return cmd_models_status(args)
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     """Print the cluster key (as hex, which every node accepts) and where it came from."""
     from skulk.runtime.config import load_config
@@ -263,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="a node's API (default: this machine's configured port)")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(fn=cmd_status)
+    models = sub.add_parser("models", help="model files on every node: copies, transfers in flight, disk")
+    models.add_argument("--url", help="a node's API (default: this machine's configured port)")
+    models.add_argument("--timeout", type=float, default=5.0)
+    models.add_argument("--watch", action="store_true", help="print again every --interval seconds")
+    models.add_argument("--interval", type=float, default=2.0)
+    models.set_defaults(fn=_models_status)
     key = sub.add_parser("key", help="print the cluster key")
     key.set_defaults(fn=cmd_key)
     cfg = sub.add_parser("config", help="print every setting and its source")
