@@ -45,7 +45,7 @@ from skulk.core.effects import (
     StopRunner,
     WriteSnapshot,
 )
-from skulk.core.files import Coverage, whole
+from skulk.core.files import Coverage
 from skulk.core.ids import CommandId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.inputs import (
     Boot,
@@ -67,15 +67,11 @@ from skulk.core.messages import Message
 from skulk.core.node import CoreNode
 from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
 from skulk.core.tasks import TokenChunk, Usage
+from sim.files import whole_coverage
 
-__all__ = ["ManualCluster", "InFlight", "GIB", "whole_coverage"]
+__all__ = ["ManualCluster", "InFlight", "GIB"]
 
 GIB = 1024**3
-
-
-def whole_coverage(n_layers: int) -> Coverage:
-    w = whole(n_layers)
-    return Coverage(n_layers=n_layers, layers=((w.start, w.end),), head=True)
 
 
 @dataclass
@@ -265,8 +261,7 @@ class ManualCluster:
             self.hosts[nid] = _Host(self, nid, ram_total=rams[i] * GIB, address=f"10.0.0.{i + 1}")
             held = sorted(self.cards) if disks is None else sorted(disks.get(nid, ()))
             for model in held:
-                self.hosts[nid].disk[ModelId(model)] = Coverage(n_layers=self.cards[model].n_layers,
-                                                                 layers=((0, self.cards[model].n_layers),), head=True)
+                self.hosts[nid].disk[ModelId(model)] = whole_coverage(self.cards[model].n_layers)
         self.inflight: list[InFlight] = []
         self._seq = itertools.count()
         # (at, seq, node, key) heap plus the live key->at map per node.

@@ -15,8 +15,10 @@ what the index implies:
   failure fails its tasks;
 - an instance a worker still hosts after a failover is re-created if it is
   missing and still fits (invariant 5);
-- facts already held (a link, a download, a runner already deleted) are not
-  indexed again; telemetry only from the node it describes.
+- facts already held (a link, a download, a runner already deleted, a model
+  copy unchanged) are not indexed again; telemetry and model copies only from
+  the node they describe; a copy update sent before its node saw the master's
+  eviction of it is dropped (the node's removal follows).
 
 A rule returns the effects and whether the event was dropped (the master
 acknowledges a dropped event, since no indexed event will). Adding a local

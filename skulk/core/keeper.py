@@ -430,13 +430,13 @@ class FileKeeper:
                 events.append(DownloadCompleted(node_id=self.node_id, model_id=model))
         return events
 
-    def rebuild(self, state: State) -> list[Event]:
+    def rebuild(self, now: float, state: State) -> list[Event]:
         """A new master: re-report every copy this node has (the ingest drops what the state holds)."""
         self.reported.clear()
         self._completed.clear()
         events: list[Event] = []
         for model in sorted(set(self.local) | set(self.transfers) | set(self.failures) | set(self.waiting)):
-            events += self._sync(0.0, model, state, force=True)
+            events += self._sync(now, model, state, force=True)
         # A copy the old state lists but this node no longer has.
         for model in sorted(state.model_copies.get(self.node_id, {})):
             if model not in self.local and model not in self.transfers and model not in self.failures \

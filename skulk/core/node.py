@@ -491,7 +491,7 @@ class CoreNode:
             if not self._session_applied:
                 self._session_applied = True
                 effects += self._raise(
-                    now, self.reporter.rebuild(state) + self.keeper.rebuild(state) + self.worker.rebuild(state)
+                    now, self.reporter.rebuild(state) + self.keeper.rebuild(now, state) + self.worker.rebuild(state)
                 )
             if self._since_persist >= self.config.persist_state_every:
                 self._since_persist = 0

@@ -53,6 +53,8 @@ from urllib.parse import urlparse
 from skulk.runtime.modelfiles import (
     FileRecord,
     adopt_local,
+    file_lock,
+    locked,
     LayerRange,
     disk_free_bytes,
     files_for_shard,
@@ -398,15 +400,30 @@ class HubDownloader:
                 f"free under {model_dir}",
             )
 
+    @staticmethod
+    def _held(model_dir: Path, f: RemoteFile) -> bool:
+        manifest = load_manifest(model_dir)
+        known = manifest.files.get(f.path) if manifest is not None else None
+        return known is not None and known.etag == f.etag and known.size == f.size and (model_dir / f.path).is_file()
+
     def _ensure(self, model_id: str, model_dir: Path, listing: RepoListing, f: RemoteFile,
-                meter: ProgressMeter, manifest: Any) -> None:
-        """Make ``model_dir/f.path`` the verified file the hub lists."""
+                meter: ProgressMeter, manifest: Any = None) -> None:
+        """Make ``model_dir/f.path`` the verified file the hub lists (under the file's lock)."""
+        if self._held(model_dir, f):
+            meter.add_done(f.size)
+            return
+        try:
+            with locked(file_lock(model_dir, f.path), cancel=self.cancel):
+                if self._held(model_dir, f):  # another process sharing the directory fetched it meanwhile
+                    meter.add_done(f.size)
+                    return
+                self._fetch_verified(model_id, model_dir, listing, f, meter)
+        except InterruptedError as exc:
+            raise DownloadFailed("cancelled", f"transfer of {model_id} cancelled") from exc
+
+    def _fetch_verified(self, model_id: str, model_dir: Path, listing: RepoListing, f: RemoteFile,
+                        meter: ProgressMeter) -> None:
         final = model_dir / f.path
-        if manifest is not None:
-            known = manifest.files.get(f.path)
-            if known is not None and known.etag == f.etag and known.size == f.size and final.is_file():
-                meter.add_done(f.size)
-                return
         meter.file = f.path
         part = partial_path(model_dir, f.path, f.etag)
         for attempt in range(self.max_refetch + 1):

@@ -17,6 +17,12 @@ nothing half-written is ever where a runner looks (runners read
 ``model*.safetensors`` at the top level only). A crash leaves at most a
 partial file, which the next attempt resumes.
 
+Several node processes may share one models directory (``skulk cluster up``
+on one machine): the manifest is updated under a lock (``.skulk/files.lock``)
+and each file is fetched under its own (``<partial>.lock``), so two
+processes never write one partial file, and the second finds the file the
+first verified.
+
 Which files a shard needs: a pipeline rank holding layers ``[start, end)``
 needs the weight files that hold those layers (from the safetensors index's
 ``weight_map``), the files holding the embedding, final norm and output head
@@ -26,12 +32,16 @@ weights (config, tokenizer, index).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +71,8 @@ __all__ = [
     "format_bytes",
     "dir_bytes",
     "partial_path",
+    "locked",
+    "file_lock",
 ]
 
 META_DIR = ".skulk"
@@ -138,14 +150,39 @@ def save_manifest(model_dir: Path, manifest: Manifest) -> None:
         raise
 
 
+@contextlib.contextmanager
+def locked(lock_path: Path, *, cancel: threading.Event | None = None, poll_s: float = 0.2) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created) across processes; poll so ``cancel`` is seen."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+b") as f:
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if cancel is not None and cancel.is_set():
+                    raise InterruptedError(f"gave up waiting for {lock_path}") from None
+                time.sleep(poll_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def file_lock(model_dir: Path, path: str) -> Path:
+    """The lock a process holds while it fetches ``path`` of ``model_dir``."""
+    return _meta(model_dir) / PARTIAL_DIR / f"{path}.lock"
+
+
 def record_file(model_dir: Path, model_id: str, source: str, path: str, record: FileRecord,
                 commit: str | None = None) -> Manifest:
     """Add one verified file to the manifest (creating it) and save; returns the new manifest."""
-    manifest = load_manifest(model_dir) or Manifest(model_id=model_id, source=source, commit=commit)
-    manifest.files[path] = record
-    if commit is not None:
-        manifest.commit = commit
-    save_manifest(model_dir, manifest)
+    with locked(_meta(model_dir) / "files.lock"):
+        manifest = load_manifest(model_dir) or Manifest(model_id=model_id, source=source, commit=commit)
+        manifest.files[path] = record
+        if commit is not None:
+            manifest.commit = commit
+        save_manifest(model_dir, manifest)
     return manifest
 
 
@@ -154,13 +191,17 @@ def adopt_local(model_dir: Path, model_id: str) -> Manifest:
 
     Every regular file outside ``.skulk/`` is recorded with its size and SHA-256.
     """
-    manifest = Manifest(model_id=model_id, source="local")
-    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(model_dir).as_posix()
-        if rel.split("/")[0] == META_DIR:
-            continue
-        manifest.files[rel] = FileRecord(size=path.stat().st_size, sha256=sha256_file(path))
-    save_manifest(model_dir, manifest)
+    with locked(_meta(model_dir) / "files.lock"):
+        existing = load_manifest(model_dir)
+        if existing is not None:
+            return existing  # another process sharing this directory got here first
+        manifest = Manifest(model_id=model_id, source="local")
+        for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+            rel = path.relative_to(model_dir).as_posix()
+            if rel.split("/")[0] == META_DIR:
+                continue
+            manifest.files[rel] = FileRecord(size=path.stat().st_size, sha256=sha256_file(path))
+        save_manifest(model_dir, manifest)
     return manifest
 
 

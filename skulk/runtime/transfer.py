@@ -55,6 +55,8 @@ from skulk.runtime.modelfiles import (
     LayerRange,
     Manifest,
     disk_free_bytes,
+    file_lock,
+    locked,
     files_for_shard,
     format_bytes,
     load_manifest,
@@ -246,13 +248,31 @@ class PeerFetcher:
             raise DownloadFailed("disk_full", f"{model_id}: needs {format_bytes(need + self.disk_margin_bytes)} of "
                                               f"disk, has {format_bytes(free)} free under {model_dir}")
 
+    @staticmethod
+    def _held(model_dir: Path, path: str, rec: FileRecord) -> bool:
+        local = load_manifest(model_dir)
+        mine = local.files.get(path) if local is not None else None
+        return mine is not None and mine.sha256 == rec.sha256 and (model_dir / path).is_file()
+
     def _ensure(self, model_id: str, model_dir: Path, base_url: str, source_node: str, remote: Manifest, path: str,
-                meter: ProgressMeter, local: Manifest | None) -> None:
+                meter: ProgressMeter, local: Manifest | None = None) -> None:
         rec = remote.files[path]
-        final = model_dir / path
-        if local is not None and path in local.files and local.files[path].sha256 == rec.sha256 and final.is_file():
+        if self._held(model_dir, path, rec):
             meter.add_done(rec.size)
             return
+        try:
+            with locked(file_lock(model_dir, path), cancel=self.cancel):
+                if self._held(model_dir, path, rec):  # another process sharing the directory got it meanwhile
+                    meter.add_done(rec.size)
+                    return
+                self._copy_verified(model_id, model_dir, base_url, source_node, remote, path, meter)
+        except InterruptedError as exc:
+            raise DownloadFailed("cancelled", f"transfer of {model_id} cancelled") from exc
+
+    def _copy_verified(self, model_id: str, model_dir: Path, base_url: str, source_node: str, remote: Manifest,
+                       path: str, meter: ProgressMeter) -> None:
+        rec = remote.files[path]
+        final = model_dir / path
         meter.file = path
         part = partial_path(model_dir, path, rec.sha256)
         for attempt in range(self.max_refetch + 1):

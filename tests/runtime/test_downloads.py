@@ -294,3 +294,27 @@ def test_coverage_says_which_layers_a_partial_copy_holds(hub: LocalHub, tmp_path
     assert manifest is not None
     cov = coverage(dest, manifest.files)
     assert cov is not None and cov.layers == ((0, 6),) and cov.head and cov.complete
+
+
+def test_two_nodes_sharing_one_models_directory_fetch_each_file_once(hub: LocalHub, tmp_path: Path) -> None:
+    """`skulk cluster up` on one machine shares a models directory: concurrent downloads must not collide."""
+    hub.set_rate(16 << 20)
+    dest = tmp_path / SMALL
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            results.append(HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SMALL, dest))
+        except DownloadFailed as exc:  # pragma: no cover - reported by the assertion below
+            results.append(exc)
+
+    workers = [threading.Thread(target=run) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert len(results) == 2 and not any(isinstance(r, DownloadFailed) for r in results), results
+    assert [r.path for r in hub.downloads(SMALL)].count(f"/{SMALL}/resolve/{hub.repos[SMALL].sha}/model.safetensors") == 1
+    assert _sha(dest / "model.safetensors") == hub.repos[SMALL].files["model.safetensors"].sha256
+    manifest = load_manifest(dest)
+    assert manifest is not None and "model.safetensors" in manifest.files and "config.json" in manifest.files
