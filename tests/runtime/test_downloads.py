@@ -24,7 +24,7 @@ import pytest
 
 from skulk.runtime.downloads import DownloadFailed, HubDownloader, HubSettings, Progress
 from skulk.runtime.modelfiles import LayerRange, load_manifest, partial_path
-from tests.support.hub import LocalHub, build_hub
+from tests.support.hub import LocalHub
 from tests.support.tmpfs import fill_disk, small_tmpfs
 
 SHARDED = "skulk/tiny-qwen2-sharded"
@@ -33,11 +33,6 @@ SMALL = "skulk/small-qwen2-10m"  # one 42 MB weight file
 CHUNK = 10 << 20  # huggingface_hub writes a body in 10 MiB pieces
 F1, F2, F3 = (f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3))
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def hub_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
-    return build_hub(tmp_path_factory.mktemp("hub"), models_dir)
 
 
 @pytest.fixture

@@ -14,15 +14,10 @@ from skulk.runtime.filestore import LocalStore, TransferOutcome, Transfers
 from skulk.runtime.modelfiles import LayerRange, load_manifest, sha256_file
 from skulk.runtime.transfer import TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
-from tests.support.hub import LocalHub, build_hub
+from tests.support.hub import LocalHub
 
 SHARDED = "skulk/tiny-qwen2-sharded"
 SMALL = "skulk/small-qwen2-10m"
-
-
-@pytest.fixture(scope="module")
-def hub_dir(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
-    return build_hub(tmp_path_factory.mktemp("hub"), models_dir)
 
 
 def test_a_scan_adopts_a_hand_copied_model_once_and_reports_its_verified_files(models_dir: Path, tmp_path: Path) -> None:

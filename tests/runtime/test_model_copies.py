@@ -14,7 +14,6 @@ Real everything: node processes, zenoh, the transfer endpoint, runners, and
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -23,11 +22,11 @@ from typing import Any
 import pytest
 
 from skulk.core.events import ModelCopyUpdated, RunnerStatusUpdated
-from skulk.engine.models import SMALL_MODEL_ID, ensure_model
+from skulk.engine.models import SMALL_MODEL_ID
 from skulk.runtime.eventlog import Entry, iter_segments, read_segment
 from skulk.runtime.modelfiles import partial_path
 from tests.support.cluster import get, post, start_cluster, wait_for
-from tests.support.hub import LocalHub, build_hub, shard_repo
+from tests.support.hub import LocalHub, shard_repo
 
 pytestmark = pytest.mark.cluster
 
@@ -55,9 +54,9 @@ def _all_ready(cluster: Any, node: str, model: str) -> bool:
     return all("RunnerReady" in state["runners"].get(r, {}) for r in runners)
 
 
-def test_three_nodes_copy_a_model_only_the_store_holds_then_serve_it(tmp_path: Path, models_dir: Path) -> None:
+def test_three_nodes_copy_a_model_only_the_store_holds_then_serve_it(tmp_path: Path, hub_dir: Path) -> None:
     store_models = tmp_path / "models-1"
-    shard_repo(ensure_model(SMALL_MODEL_ID, root=models_dir), store_models / SPLIT, 3)
+    shard_repo(hub_dir / SMALL_MODEL_ID, store_models / SPLIT, 3)
     per_node = {i: {"SKULK_MODELS_DIR": str(tmp_path / f"models-{i + 1}")} for i in range(3)}
     per_node[0]["SKULK_FORCE_MASTER"] = "1"
     extra = {"SKULK_STORE": "n-1", "HF_HUB_OFFLINE": "1"}  # no hub at all: the copies come from the store
@@ -128,9 +127,9 @@ def test_three_nodes_copy_a_model_only_the_store_holds_then_serve_it(tmp_path: P
 
 
 def test_a_node_killed_mid_download_resumes_and_a_corrupted_transfer_is_fetched_again(
-    tmp_path: Path, models_dir: Path
+    tmp_path: Path, hub_dir: Path
 ) -> None:
-    hub_root = build_hub(tmp_path / "hub", models_dir)
+    hub_root = hub_dir
     model = SMALL_MODEL_ID
     with LocalHub(hub_root) as hub:
         f = hub.repos[model].files["model.safetensors"]
@@ -167,4 +166,3 @@ def test_a_node_killed_mid_download_resumes_and_a_corrupted_transfer_is_fetched_
         assert any(r.range == f"bytes={had}-" for r in bodies), [r.range for r in bodies]
         assert bodies[-1].range is None
         assert (models / model / "model.safetensors").stat().st_size == f.size
-        shutil.rmtree(tmp_path / "hub", ignore_errors=True)

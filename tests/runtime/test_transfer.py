@@ -23,7 +23,7 @@ from skulk.runtime.downloads import DownloadFailed, HubDownloader, HubSettings, 
 from skulk.runtime.modelfiles import LayerRange, load_manifest, partial_path
 from skulk.runtime.transfer import PeerFetcher, TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
-from tests.support.hub import LocalHub, build_hub
+from tests.support.hub import LocalHub
 
 SHARDED = "skulk/tiny-qwen2-sharded"
 SMALL = "skulk/small-qwen2-10m"
@@ -33,9 +33,8 @@ NS = "skulk-test"
 
 
 @pytest.fixture(scope="module")
-def source_models(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Path:
+def source_models(tmp_path_factory: pytest.TempPathFactory, hub_dir: Path) -> Path:
     """A store node's models directory: the sharded and the 42 MB model, downloaded from the hub."""
-    hub_dir = build_hub(tmp_path_factory.mktemp("hub"), models_dir)
     root = tmp_path_factory.mktemp("store-models")
     with LocalHub(hub_dir) as hub:
         for model in (SHARDED, SMALL):
