@@ -69,6 +69,7 @@ class SimDisk:
 
     verified: dict[ModelId, Coverage] = field(default_factory=dict)
     partial: dict[ModelId, int] = field(default_factory=dict)  # bytes arrived, not yet verified
+    source: dict[ModelId, str] = field(default_factory=dict)  # where the verified files last came from
 
     def covers(self, model: ModelId, need: Need) -> bool:
         return covers(self.verified.get(model), need)
@@ -101,7 +102,7 @@ def observed(host: SimHost, model: ModelId) -> FilesObserved:
     world = host.world
     cov = host.disk.verified[model]
     card = world.cards[model]
-    return FilesObserved(model_id=model, status="verified", coverage=cov, source="local",
+    return FilesObserved(model_id=model, status="verified", coverage=cov, source=host.disk.source.get(model, "local"),
                          bytes=host.disk.verified_bytes(model, card.weight_bytes))
 
 
@@ -166,6 +167,7 @@ def cancel_flow(host: SimHost, transfer_id: str) -> None:
 def delete_files(host: SimHost, model: ModelId) -> None:
     host.disk.verified.pop(model, None)
     host.disk.partial.pop(model, None)
+    host.disk.source.pop(model, None)
     host.world.call_later(0.0, host.feed_if, host.incarnation, FilesGone(model_id=model))
 
 
@@ -194,6 +196,7 @@ def _tick(host: SimHost, flow: Flow) -> None:
         old = host.disk.verified.get(e.model_id)
         host.disk.verified[e.model_id] = got if old is None else old.union(got)
         host.disk.partial.pop(e.model_id, None)
+        host.disk.source[e.model_id] = "hub" if e.source is None else f"peer:{e.source}"
         host.feed(observed(host, e.model_id))
         host.feed(TransferEnded(transfer_id=e.transfer_id, model_id=e.model_id, ok=True))
         return
