@@ -121,6 +121,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Models", request=store_routes.AddModelRequest, response=store_routes.UpstreamModel,
              errors=(400, 503)),
     # --- the model store (upstream Skulk's shapes) ---
+    # The {model_id:path} routes can also answer 404: the router matches no route for an
+    # id no path can hold (one with a line break), before any handler runs.
     Endpoint("GET", "/store/health", store_routes.store_health, "The store node's models disk", "Store",
              response=store_routes.StoreHealth, errors=(503,)),
     Endpoint("GET", "/store/registry", store_routes.store_registry, "Models the store node holds", "Store",
@@ -129,10 +131,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              "Store", response=store_routes.StoreDownloads, errors=(503,)),
     Endpoint("GET", "/store/models/{model_id:path}/download/status", store_routes.store_download_status,
              "A store download's status ({\"status\": \"not_found\"} when there is none)", "Store",
-             response=store_routes.StoreDownloadStatusAnswer, errors=(503,)),
+             response=store_routes.StoreDownloadStatusAnswer, errors=(404, 503)),
     Endpoint("POST", "/store/models/{model_id:path}/download", store_routes.store_download,
              "The store node downloads a whole model from the hub", "Store",
-             response=store_routes.StoreDownloadStarted, errors=(400, 503)),
+             response=store_routes.StoreDownloadStarted, errors=(400, 404, 503)),
     Endpoint("DELETE", "/store/models/{model_id:path}", store_routes.store_delete,
              "Delete the store node's copy of a model", "Store", response=store_routes.StoreDeleted,
              errors=(404, 409, 503)),
