@@ -149,6 +149,7 @@ class Worker:
             group_connect_deadline_s=self.config.group_connect_deadline_s,
             warmup_deadline_s=self.config.warmup_deadline_s,
             speculation=inst.speculation,
+            kv_reserved_bytes=inst.kv_bytes_by_node.get(self.node_id, 0),
         )
         entry = _Runner(spec, inst, now)
         self.runners[runner_id] = entry

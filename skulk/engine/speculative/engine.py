@@ -435,6 +435,10 @@ class SpeculativeEngine(Engine):
         self._settle_followers()
         super().stop_followers()
 
+    def clear_prefix_cache(self) -> None:
+        self._settle_followers()
+        super().clear_prefix_cache()
+
 
 def _encode_spec(prev: int, reset: bool, k: int, bonus: int, ext: list[int], drafts: list[int]) -> list[int]:
     return [OP_SPEC, prev, int(reset), k, int(bonus), len(ext), *ext, len(drafts), *drafts]
