@@ -41,6 +41,7 @@ from skulk.api.schemas import (
     CompletionRequest,
     Delta,
     GenerationStatsOut,
+    PromptTokensDetails,
     TokenLogprobOut,
     TopLogprobOut,
     UsageOut,
@@ -238,14 +239,20 @@ def stats_comment(stats: GenerationStats) -> bytes:
         generation_tokens=stats.generation_tokens,
         acceptance_rate=stats.acceptance_rate,
         draft_depth=stats.draft_depth,
+        cached_tokens=stats.cached_tokens,
     )
     return comment("generation_stats " + json_text(out))
 
 
 def _usage(chunk: TokenChunk) -> UsageOut | None:
+    cached = chunk.stats.cached_tokens if chunk.stats is not None else 0
+    details = PromptTokensDetails(cached_tokens=cached) if cached > 0 else None
     if chunk.usage is not None:
         u = chunk.usage
-        return UsageOut(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+        return UsageOut(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+            prompt_tokens_details=details,
+        )  # fmt: skip
     if chunk.stats is not None:
         s = chunk.stats
         return UsageOut(prompt_tokens=s.prompt_tokens, completion_tokens=s.generation_tokens, total_tokens=s.prompt_tokens + s.generation_tokens)
@@ -258,7 +265,13 @@ def chunk_error(chunk: TokenChunk) -> ApiError:
     if err is None:
         return ApiError(500, "the request ended with an error but no description", code="internal_error")
     default = 400 if err.type == "invalid_request_error" else 500
-    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type, headers=headers)
+
+
+def _retry_later(chunk: TokenChunk) -> bool:
+    """A refusal before any output that asks the client to come back (503 with Retry-After)."""
+    return chunk.seq == 0 and chunk.error is not None and chunk.error.retry_after_s is not None
 
 
 @dataclass
@@ -384,16 +397,29 @@ async def stream_events(
 ) -> AsyncIterator[bytes]:
     """The SSE events of one accepted request; abandons it if the consumer stops early.
 
+    Nothing is sent before the node's first chunk: a refusal that asks the
+    client to retry later (``kv_budget_exhausted``) raises ``ApiError`` instead,
+    so the client gets a real HTTP 503 with ``Retry-After`` (which OpenAI's
+    clients retry on their own) rather than an error inside a 200 stream.
+
     Invariants: the last event is ``data: [DONE]`` whenever the generator runs to
     its end; if it is closed or cancelled before the node's final chunk,
     ``abandon(command_id)`` is called exactly once.
     """
     command_id = renderer.prepared.command.command_id
     ended = False
+    chunks = stream.__aiter__()
     try:
+        try:
+            first: TokenChunk | None = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        if first is not None and _retry_later(first):
+            ended = True
+            raise chunk_error(first)
         for event in renderer.opening():
             yield event
-        async for chunk in stream:
+        async for chunk in _then(first, chunks):
             if on_text is not None and chunk.text:
                 on_text(len(chunk.token_ids))
             events = renderer.render(chunk)
@@ -426,6 +452,14 @@ async def stream_events(
                 await aclose()
             except Exception:  # noqa: BLE001 - closing a finished stream must not mask the real outcome
                 pass
+
+
+async def _then(first: TokenChunk | None, rest: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    if first is None:
+        return
+    yield first
+    async for chunk in rest:
+        yield chunk
 
 
 async def collect(

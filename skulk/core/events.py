@@ -133,6 +133,8 @@ class TaskFailed(TaggedRecord, frozen=True, kw_only=True):
     # its instance went), answered as "task_failed", a server error.
     code: str | None = None
     error_type: str | None = None
+    # With code "kv_budget_exhausted": seconds after which a retry may succeed.
+    retry_after_s: int | None = None
 
 
 class TaskDeleted(TaggedRecord, frozen=True, kw_only=True):

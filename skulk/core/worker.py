@@ -316,7 +316,12 @@ class Worker:
         self._settled.add(chunk.task_id)
         if chunk.error is not None:
             err = chunk.error
-            return [TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)]
+            return [
+                TaskFailed(
+                    task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type,
+                    retry_after_s=err.retry_after_s,
+                )
+            ]  # fmt: skip
         outcome = "cancelled" if chunk.finish_reason == "cancelled" else "completed"
         return [TaskDeleted(task_id=chunk.task_id, outcome=outcome)]
 

@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from skulk.core.codec import to_wire
 from skulk.core.ids import RunnerId, TaskId
 from skulk.core.inputs import Input, ModelAvailable, RunnerExited, RunnerOutput, RunnerStatusObserved
 from skulk.core.instances import RunnerFailed, RunnerSpec, RunnerStatus
@@ -195,6 +196,8 @@ class Supervisor:
                     "activeTasks": e.heartbeat.active_tasks if e.heartbeat else 0,
                     "queuedTasks": e.heartbeat.queued_tasks if e.heartbeat else 0,
                     "lastHeartbeatAgoSeconds": round(now - e.heartbeat_at, 3) if e.heartbeat_at else None,
+                    # Rank 0's KV budget and prefix cache (skulk.core.instances.KvUse), when it reported one.
+                    "kv": to_wire(e.heartbeat.kv) if e.heartbeat is not None and e.heartbeat.kv is not None else None,
                 }
             )
         return rows

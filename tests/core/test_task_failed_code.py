@@ -67,3 +67,14 @@ def test_a_refusal_that_arrives_as_the_event_keeps_its_code() -> None:
 def test_a_cluster_failure_is_still_a_server_error() -> None:
     err = _ended_with(_accepted(), TaskFailed(task_id=TASK, error_message="runner r exited with code -11"))
     assert (err.code, err.type) == ("task_failed", "server_error")
+
+
+def test_a_kv_budget_refusal_keeps_its_retry_after_either_way() -> None:
+    refusal = ChunkError(message="kv_budget_exhausted: ...", type="service_unavailable", code="kv_budget_exhausted", retry_after_s=7)
+    worker = Worker(NodeId("n1"), CoreConfig())
+    chunk = TokenChunk(command_id=CID, task_id=TASK, seq=0, finish_reason="error", error=refusal)
+    (event,) = worker.on_output(1.0, RunnerId("r"), chunk)
+    assert isinstance(event, TaskFailed) and event.retry_after_s == 7
+    assert from_wire(Event, to_wire(event)) == event
+    err = _ended_with(_accepted(), event)
+    assert (err.code, err.type, err.retry_after_s) == ("kv_budget_exhausted", "service_unavailable", 7)
