@@ -12,7 +12,7 @@ last replicated instances, downloads and connectivity (failover carryover).
 from __future__ import annotations
 
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
-from skulk.core.instances import Instance, RunnerStatus
+from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.records import Record, TaggedRecord
 from skulk.core.session import Incarnation, Session
@@ -62,6 +62,8 @@ class NodeGatheredInfo(TaggedRecord, frozen=True, kw_only=True):
     memory: MemoryInfo | None = None
     network: NetworkInfo | None = None
     system: SystemInfo | None = None
+    # The KV ledgers of the node's rank-0 runners (replaces the node's previous map).
+    runner_kv: dict[RunnerId, KvUse] | None = None
 
 
 class NodeTimedOut(TaggedRecord, frozen=True, kw_only=True):

@@ -447,7 +447,9 @@ class CoreNode:
     # --- telemetry and links -------------------------------------------------------------------
 
     def _on_info(self, now: float, inp: InfoObserved) -> list[Effect]:
-        changes = {f: getattr(inp, f) for f in ("identity", "memory", "network", "system") if getattr(inp, f) is not None}
+        changes = {
+            f: getattr(inp, f) for f in ("identity", "memory", "network", "system", "runner_kv") if getattr(inp, f) is not None
+        }
         self._info = msgspec.structs.replace(self._info, **changes)
         if inp.memory is not None:
             self.worker.memory = inp.memory
@@ -459,20 +461,30 @@ class CoreNode:
         return self._raise(now, [event]) + self._after_state(now)
 
     def _info_event(self, *, force: bool, full: bool = False) -> NodeGatheredInfo:
-        """Telemetry that changed since it was last reported in this session."""
+        """Telemetry that changed since it was last reported in this session.
+
+        Runners' KV ledgers change with every request, so they ride only on
+        the periodic (``force``) report: at most one update per telemetry
+        interval, and never an event of their own.
+        """
         info, rep = self._info, self._reported
         identity = info.identity if (full or info.identity != rep.identity) else None
         network = info.network if (full or info.network != rep.network) else None
         system = info.system if (full or info.system != rep.system) else None
         memory = info.memory if (full or _memory_moved(rep.memory, info.memory)) else None
+        runner_kv = info.runner_kv if (force or full) and info.runner_kv != rep.runner_kv else None
         changes = {
             k: v
-            for k, v in (("identity", identity), ("network", network), ("system", system), ("memory", memory))
+            for k, v in (
+                ("identity", identity), ("network", network), ("system", system), ("memory", memory), ("runner_kv", runner_kv),
+            )
             if v is not None
-        }
+        }  # fmt: skip
         if changes:
             self._reported = msgspec.structs.replace(self._reported, **changes)
-        return NodeGatheredInfo(node_id=self.node_id, identity=identity, memory=memory, network=network, system=system)
+        return NodeGatheredInfo(
+            node_id=self.node_id, identity=identity, memory=memory, network=network, system=system, runner_kv=runner_kv
+        )
 
     def _on_link(self, now: float, inp: LinkProbed) -> list[Effect]:
         self._links[(inp.sink, inp.address)] = (inp.kind, inp.reachable)

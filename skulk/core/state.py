@@ -39,7 +39,7 @@ from skulk.core.events import (
     TaskStatusUpdated,
 )
 from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
-from skulk.core.instances import Instance, RunnerStatus
+from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo, Topology
 from skulk.core.records import Record
 from skulk.core.session import Session
@@ -61,6 +61,8 @@ class State(Record, frozen=True, kw_only=True):
     node_memory: dict[NodeId, MemoryInfo] = {}
     node_network: dict[NodeId, NetworkInfo] = {}
     node_system: dict[NodeId, SystemInfo] = {}
+    # Each node's rank-0 runners' KV budget and prefix cache, as of its last telemetry.
+    node_kv: dict[NodeId, dict[RunnerId, KvUse]] = {}
     # Which instance each runner belongs to (runner statuses are keyed by runner).
     runner_instance: dict[RunnerId, InstanceId] = {}
     # Fresh-port counter: each created instance takes the next offset.
@@ -150,6 +152,9 @@ def _apply_body(state: State, event: object, at: float) -> State:
             changes["node_memory"] = _with(state.node_memory, node, event.memory)
         if event.network is not None:
             changes["node_network"] = _with(state.node_network, node, event.network)
+        if event.runner_kv is not None:
+            kv = event.runner_kv
+            changes["node_kv"] = _with(state.node_kv, node, kv) if kv else _without(state.node_kv, node)
         if event.system is not None:
             changes["node_system"] = _with(state.node_system, node, event.system)
         return replace(state, **changes)
@@ -173,6 +178,7 @@ def _apply_body(state: State, event: object, at: float) -> State:
             node_memory=_without(state.node_memory, node),
             node_network=_without(state.node_network, node),
             node_system=_without(state.node_system, node),
+            node_kv=_without(state.node_kv, node),
             downloads=_without(state.downloads, node),
         )
     if isinstance(event, ConnectionObserved):
