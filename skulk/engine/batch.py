@@ -119,6 +119,7 @@ class Plan:
     # (row, entry id, positions), seed the started prefill from an entry
     # (-1: none), then evict entries. Applied in that order.
     store: tuple[tuple[int, int, int], ...] = ()
+    drop_prefill: bool = False  # the prefilling request was cancelled: free its cache
     seed_entry: int = -1
     seed_positions: int = 0
     evict: tuple[int, ...] = ()
@@ -132,7 +133,7 @@ class Plan:
         out += [int(self.prefill_start), len(self.prefill_tokens), *self.prefill_tokens]
         out += [int(self.join), len(self.inputs), *self.inputs]
         out += [len(self.store), *(v for triple in self.store for v in triple)]
-        out += [self.seed_entry, self.seed_positions, len(self.evict), *self.evict]
+        out += [int(self.drop_prefill), self.seed_entry, self.seed_positions, len(self.evict), *self.evict]
         return out
 
     @classmethod
@@ -152,12 +153,13 @@ class Plan:
         inputs = take(next(it))
         flat = take(3 * next(it))
         store = tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
+        drop_prefill = bool(next(it))
         seed_entry, seed_positions = next(it), next(it)
         evict = take(next(it))
         assert next(it, None) is None, "trailing values in plan"
         return cls(
             op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs,
-            store=store, seed_entry=seed_entry, seed_positions=seed_positions, evict=evict,
+            store=store, drop_prefill=drop_prefill, seed_entry=seed_entry, seed_positions=seed_positions, evict=evict,
         )  # fmt: skip
 
 
@@ -209,6 +211,8 @@ class BatchState:
                     for c in self.decode_cache:
                         c.filter(keep)
                 self.batch = len(keep)
+        if plan.drop_prefill:
+            self.prefill_cache = None
         if plan.prefill_start:
             if plan.seed_entry >= 0:
                 self.prefill_cache = self.prefix.seed(plan.seed_entry, plan.seed_positions)
@@ -349,6 +353,7 @@ class Engine:
             cache_support=prefix_cache_support(shard.new_cache()),
         )
         self._step_s = 0.0  # recent seconds per step (for Retry-After estimates)
+        self._drop_prefill = False
 
     # --- intake ------------------------------------------------------------
 
@@ -459,6 +464,7 @@ class Engine:
             self._finish(request, "cancelled", "", ())
         elif request is self.prefilling:
             self.prefilling = None
+            self._drop_prefill = True  # its partial KV goes with the next plan (it no longer counts in the budget)
             self._finish(request, "cancelled", "", ())
         # A decoding row ends at the next step (its slot goes with the plan).
         self._flush()
@@ -554,6 +560,7 @@ class Engine:
             join=join,
             inputs=tuple(host_inputs) if lazy_inputs is None else (),
             store=tuple(store),
+            drop_prefill=self._drop_prefill,
             seed_entry=seed_entry,
             seed_positions=seed_positions,
             evict=tuple(evict),
@@ -567,6 +574,7 @@ class Engine:
             inputs = lazy_inputs
         logits, pending = self._state.apply(plan, inputs if rows else None)
         self.rows = rows
+        self._drop_prefill = False
 
         out = None
         if logits is not None:

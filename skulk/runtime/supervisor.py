@@ -250,9 +250,9 @@ class Supervisor:
         entry.exit_code = code
         self.exits.append((spec.runner_id, code))
         log.info("runner %s exited with code %d", spec.runner_id, code)
-        self.feed(RunnerExited(runner_id=spec.runner_id, exit_code=code))
         if entry.heartbeat is not None and entry.heartbeat.kv is not None:
-            self._feed_kv()  # its ledger is gone with it
+            self._feed_kv()  # its ledger is gone with it (before the exit: nothing about it follows that)
+        self.feed(RunnerExited(runner_id=spec.runner_id, exit_code=code))
 
     async def _spawn_and_watch(self, entry: _Runner) -> int:
         spec = entry.spec

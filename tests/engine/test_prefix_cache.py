@@ -272,8 +272,22 @@ def test_the_index_finds_the_longest_reusable_prefix() -> None:
     "plan",
     [
         Plan(store=((0, 7, 120), (2, 8, 5)), evict=(1, 3)),
+        Plan(drop_prefill=True, prefill_start=True, seed_entry=0, seed_positions=3),
         Plan(keep=(1,), prefill_start=True, prefill_tokens=(5, 6), seed_entry=4, seed_positions=99, inputs=(3,)),
     ],
 )
 def test_plans_with_cache_operations_round_trip(plan: Plan) -> None:
     assert Plan.decode(plan.encode()) == plan
+
+
+def test_a_cancelled_prefill_frees_its_cache(loaded: Any) -> None:
+    h = Harness(loaded, prefill_step_tokens=16, prefill_chunk_tokens=16)
+    task = greedy(LONG * 2, 8)
+    h.engine.submit(task)
+    h.step()
+    h.step()
+    assert h.engine.prefilling is not None and h.engine._state.prefill_cache is not None
+    h.engine.cancel(task.task_id)
+    h.step()
+    assert h.engine._state.prefill_cache is None
+    assert check_stream(h.by_task[task.task_id]).finish_reason == "cancelled"
