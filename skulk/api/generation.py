@@ -269,11 +269,6 @@ def chunk_error(chunk: TokenChunk) -> ApiError:
     return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type, headers=headers)
 
 
-def _retry_later(chunk: TokenChunk) -> bool:
-    """A refusal before any output that asks the client to come back (503 with Retry-After)."""
-    return chunk.seq == 0 and chunk.error is not None and chunk.error.retry_after_s is not None
-
-
 @dataclass
 class Renderer:
     """Renders one request's chunks as OpenAI objects; keeps the running totals."""
@@ -397,29 +392,16 @@ async def stream_events(
 ) -> AsyncIterator[bytes]:
     """The SSE events of one accepted request; abandons it if the consumer stops early.
 
-    Nothing is sent before the node's first chunk: a refusal that asks the
-    client to retry later (``kv_budget_exhausted``) raises ``ApiError`` instead,
-    so the client gets a real HTTP 503 with ``Retry-After`` (which OpenAI's
-    clients retry on their own) rather than an error inside a 200 stream.
-
     Invariants: the last event is ``data: [DONE]`` whenever the generator runs to
     its end; if it is closed or cancelled before the node's final chunk,
     ``abandon(command_id)`` is called exactly once.
     """
     command_id = renderer.prepared.command.command_id
     ended = False
-    chunks = stream.__aiter__()
     try:
-        try:
-            first: TokenChunk | None = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        if first is not None and _retry_later(first):
-            ended = True
-            raise chunk_error(first)
         for event in renderer.opening():
             yield event
-        async for chunk in _then(first, chunks):
+        async for chunk in stream:
             if on_text is not None and chunk.text:
                 on_text(len(chunk.token_ids))
             events = renderer.render(chunk)
@@ -452,14 +434,6 @@ async def stream_events(
                 await aclose()
             except Exception:  # noqa: BLE001 - closing a finished stream must not mask the real outcome
                 pass
-
-
-async def _then(first: TokenChunk | None, rest: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
-    if first is None:
-        return
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 async def collect(

@@ -13,11 +13,6 @@ producer is cancelled, so its ``finally`` runs (that is where a generation is
 abandoned, DESIGN.md invariant 6), whatever ASGI spec version the server
 speaks and even while the producer waits for a token that is slow to come.
 
-The response starts (status line and headers) with the first event, not
-before: a producer that raises ``ApiError`` before yielding anything (a
-refusal that arrived instead of the first token) gets a plain error response
-with its own status and headers instead of a stream.
-
 ``until_disconnect`` does the same for a plain coroutine (non-streamed
 requests): the work is cancelled if the client leaves first.
 """
@@ -31,8 +26,6 @@ from typing import Any, TypeVar
 
 import msgspec
 from starlette.types import Receive, Scope, Send
-
-from skulk.api.errors import ApiError, error_response
 
 __all__ = ["json_text", "data_event", "comment", "DONE", "EventStreamResponse", "ClientGone", "until_disconnect", "SSE_HEADERS"]
 
@@ -130,20 +123,7 @@ class EventStreamResponse:
                         await aclose()
 
     async def _pump(self, send: Send, raw_headers: list[tuple[bytes, bytes]]) -> None:
-        events = self.events.__aiter__()
-        try:
-            first = await events.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except ApiError as error:
-            # Refused before the first event: nothing was sent, so answer with the error itself.
-            response = error_response(error)
-            await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
-            await send({"type": "http.response.body", "body": response.body, "more_body": False})
-            return
         await send({"type": "http.response.start", "status": self.status_code, "headers": raw_headers})
-        if first is not None:
-            await send({"type": "http.response.body", "body": first, "more_body": True})
-            async for event in events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
+        async for event in self.events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,9 +1,11 @@
-"""A runner's KV refusal reaches clients as HTTP 503 ``kv_budget_exhausted`` with ``Retry-After``.
+"""A runner's KV refusal reaches clients as 503 ``kv_budget_exhausted`` with ``Retry-After``.
 
-The runner refuses in-band (an error chunk carrying ``retry_after_s``); the
-API answers with a real HTTP error even for a streamed request, because
-nothing has been sent yet: OpenAI's clients retry 503s with ``Retry-After`` by
-themselves (checked with the official client). Cached prompt tokens appear in
+The runner refuses in-band (an error chunk carrying ``retry_after_s``). Not
+streamed, the API answers HTTP 503 with ``Retry-After``, which OpenAI's
+clients retry by themselves (checked with the official client). Streamed,
+the response started at once (status 200 and the command id, so a client can
+cancel a queued request), so the refusal is the first event after the role
+delta, as a context refusal is. Cached prompt tokens appear in
 ``usage.prompt_tokens_details.cached_tokens`` and the generation stats.
 """
 
@@ -41,23 +43,21 @@ def expect_503(r: Any) -> None:
     assert r.json() == {"error": {"message": REFUSAL.message, "type": "service_unavailable", "param": None, "code": "kv_budget_exhausted"}}
 
 
-def test_a_kv_refusal_is_a_503_with_retry_after_streamed_or_not(client: TestClient, node: ScriptedNode) -> None:
+def test_a_kv_refusal_is_a_503_with_retry_after_or_the_first_stream_event(client: TestClient, node: ScriptedNode) -> None:
     node.script = refuse
     expect_503(client.post("/v1/chat/completions", json=chat_body()))
-    expect_503(client.post("/v1/chat/completions", json=chat_body(stream=True)))
-    expect_503(client.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "stream": True}))
+    expect_503(client.post("/v1/completions", json={"model": MODEL, "prompt": "Once"}))
+    for path, body in (("/v1/chat/completions", chat_body(stream=True)), ("/v1/completions", {"model": MODEL, "prompt": "Once", "stream": True})):
+        r = client.post(path, json=body)
+        assert r.status_code == 200
+        s = parse_sse(r.text)
+        assert s.comments[0].startswith("command_id "), "the command id came first, before the refusal"
+        assert s.errors == [{"message": REFUSAL.message, "type": "service_unavailable", "param": None, "code": "kv_budget_exhausted"}]
+        assert s.events[-1] == "[DONE]"
     assert node.abandoned == [], "a refused request ended; nothing to abandon"
     metrics = client.get("/metrics").text
-    assert 'skulk_api_requests_total{method="POST",route="/v1/chat/completions",status="503"} 2' in metrics
+    assert 'skulk_api_requests_total{method="POST",route="/v1/chat/completions",status="503"} 1' in metrics
     assert "skulk_api_streams_active 0" in metrics
-
-
-def test_other_first_chunk_errors_stay_in_band(client: TestClient, node: ScriptedNode) -> None:
-    # Only a refusal asking to retry later becomes an HTTP error; a context refusal stays
-    # the first event of a 200 stream, as before.
-    node.script = lambda cmd: [final(cmd, 0, "error", error=ChunkError(message="context_length_exceeded: ...", type="invalid_request_error", code="context_length_exceeded"))]
-    r = client.post("/v1/chat/completions", json=chat_body(stream=True))
-    assert r.status_code == 200 and parse_sse(r.text).errors[0]["code"] == "context_length_exceeded"
 
 
 def test_the_openai_client_retries_after_the_503_by_itself(served: ServedApp) -> None:
@@ -72,9 +72,8 @@ def test_the_openai_client_retries_after_the_503_by_itself(served: ServedApp) ->
 
     served.node.script = once_then_serve
     oa = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=1, timeout=10.0)
-    parts = [c.choices[0].delta.content or "" for c in oa.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], stream=True) if c.choices]  # fmt: skip
-    assert "".join(parts) == "Hi" and len(calls) == 2
+    reply = oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "Hi" and len(calls) == 2
     # Without retries the client raises the 503 with the code.
     calls.clear()
     oa = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=10.0)
