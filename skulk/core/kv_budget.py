@@ -15,19 +15,28 @@ own bytes per position), so a decision in positions is the same on every rank.
 
 The model of what memory a set of rows holds follows mlx-lm's caches exactly:
 
-- a row's cache grows to at most ``reserve = prompt tokens + max_tokens``
-  positions (the last sampled token is never fed back, one pipelined step may
-  be wasted: never more than that);
 - a cache allocates in steps (mlx-lm's ``KVCache.step``, 256), so a buffer
   holds fewer than ``slack_tokens = step - 1`` positions beyond its content;
 - two or more rows share one left-padded ``BatchKVCache``: every row is as
-  long as the longest, so ``rows`` hold ``len(rows) x (max(rows) + slack)``
-  positions (one row alone: its own length plus slack);
+  long as the longest, so ``n`` rows of which the longest holds ``L``
+  positions take ``n x (L + slack)``; a row leaving shrinks the batch;
+- every row grows by one position per step until it has fed its last input:
+  at most ``final = prompt tokens + max_tokens`` positions (the last sampled
+  token is never fed back; one pipelined step may be wasted: never more);
 - the prefix cache's entries are stored compact: exactly their positions.
 
-Reserving ``prompt + max_tokens`` when a request starts (as TGI's
-``max_batch_total_tokens`` does) means a row never outgrows the budget later,
-so nothing ever has to be preempted mid-stream.
+Each row is a ``RowSpan``: the positions it holds now, the most it may reach
+and the most steps until it leaves. ``rows_tokens`` is the most the rows can
+ever hold together from now on, if each runs to its ``max_tokens``: as rows
+finish the batch shrinks while the others grow, so the peak is the largest
+``alive x (longest + slack)`` at the moments rows end. A row stopping early
+only lowers it; a request being prefilled counts as a row already holding its
+whole prompt and growing from now, ending only after its prefill's steps too,
+an upper bound on what it will hold at any step. So a set of rows admitted
+under the budget stays under it for the rest of its life: nothing is ever
+preempted (TGI's ``max_batch_total_tokens`` reserves ``input + max_new_tokens``
+the same way), and short requests still fit beside one long one (the padded
+batch only costs while both are alive).
 
 The budget (``budget_tokens``) is the KV placement reserved, in this runner's
 positions, and never less than one request at the context ceiling plus slack:
@@ -36,7 +45,7 @@ needs more KV than the worst single request would.
 
 Decisions, for the request at the head of the FIFO queue (``decide_admission``):
 
-1. it fits beside the rows and the cache: admit it;
+1. it fits beside the rows and the cache (their peak, ``rows_tokens``): admit it;
 2. it fits once least-recently-used cache entries go: admit it and evict the
    fewest entries, oldest first;
 3. it does not fit even with the cache empty: it waits (rows finish and give
@@ -48,7 +57,7 @@ entry (evicting older entries if that makes room) or must go.
 
 Invariants (property-tested in ``tests/core/test_kv_budget.py``): after any
 sequence of these decisions the positions held never exceed the budget; a
-request whose reserve fits the budget alone is admitted at the latest when
+request whose ``final`` fits the budget alone is admitted at the latest when
 the rows ahead of it have finished; evictions are always the oldest entries.
 """
 
@@ -64,6 +73,7 @@ __all__ = [
     "MLX_KV_STEP_TOKENS",
     "RETRY_AFTER_MAX_S",
     "CacheEntry",
+    "RowSpan",
     "Admit",
     "Wait",
     "Refuse",
@@ -87,6 +97,26 @@ class CacheEntry(Record, frozen=True, kw_only=True):
 
     entry_id: int
     tokens: int
+
+
+class RowSpan(Record, frozen=True, kw_only=True):
+    """A row (or a request about to start) as the budget sees it.
+
+    ``held``: positions it holds now (a request not yet prefilled: its whole
+    prompt); ``final``: the most it may ever hold (prompt + max_tokens);
+    ``steps``: the most engine steps until it leaves the batch.
+    """
+
+    held: int
+    final: int
+    steps: int
+
+    def __post_init__(self) -> None:
+        assert 0 <= self.held <= self.final and self.final > 0 and self.steps >= 0, self
+
+    def after(self, steps: int) -> RowSpan:
+        """This row ``steps`` steps later (one position per step, at most ``final``)."""
+        return RowSpan(held=min(self.final, self.held + steps), final=self.final, steps=max(0, self.steps - steps))
 
 
 class Admit(Record, frozen=True, kw_only=True):
@@ -139,18 +169,24 @@ def budget_tokens(
     return max(reserved, lone)
 
 
-def rows_tokens(reserves: Sequence[int], slack_tokens: int = MLX_KV_STEP_TOKENS - 1) -> int:
-    """Positions a decode batch holds at most: every row as long as the longest, plus slack."""
+def rows_tokens(rows: Sequence[RowSpan], slack_tokens: int = MLX_KV_STEP_TOKENS - 1) -> int:
+    """The most positions ``rows`` can hold together from now on (module docstring).
+
+    The batch is padded to its longest row, so the largest ``alive x (longest
+    + slack)`` over the steps to come, which is reached when some row ends.
+    """
     assert slack_tokens >= 0, slack_tokens
-    if not reserves:
-        return 0
-    assert min(reserves) > 0, reserves
-    return len(reserves) * (max(reserves) + slack_tokens)
+    peak = 0
+    for end in sorted({0, *(r.steps for r in rows)}):
+        alive = [r.after(end) for r in rows if r.steps >= end]
+        if alive:
+            peak = max(peak, len(alive) * (max(r.held for r in alive) + slack_tokens))
+    return peak
 
 
-def held_tokens(reserves: Sequence[int], entries: Sequence[CacheEntry], slack_tokens: int = MLX_KV_STEP_TOKENS - 1) -> int:
-    """Everything a runner holds: the rows (``rows_tokens``) plus every cache entry."""
-    return rows_tokens(reserves, slack_tokens) + sum(e.tokens for e in entries)
+def held_tokens(rows: Sequence[RowSpan], entries: Sequence[CacheEntry], slack_tokens: int = MLX_KV_STEP_TOKENS - 1) -> int:
+    """Everything a runner may hold from now on: the rows' peak (``rows_tokens``) plus every cache entry."""
+    return rows_tokens(rows, slack_tokens) + sum(e.tokens for e in entries)
 
 
 def _evict_oldest(entries: Sequence[CacheEntry], room: int) -> tuple[int, ...] | None:
@@ -169,48 +205,43 @@ def _evict_oldest(entries: Sequence[CacheEntry], room: int) -> tuple[int, ...] |
 
 
 def retry_after_s(
-    *, budget: int, reserve: int, rows_remaining: Sequence[tuple[int, int]], step_s: float, slack_tokens: int = MLX_KV_STEP_TOKENS - 1
+    *, budget: int, request: RowSpan, rows: Sequence[RowSpan], step_s: float, slack_tokens: int = MLX_KV_STEP_TOKENS - 1
 ) -> int:
-    """Seconds until a request of ``reserve`` positions would fit, if every row ran to its end.
+    """Seconds until ``request`` would fit beside what is left of ``rows``, if every row ran to its end.
 
-    ``rows_remaining`` holds (reserve, steps left) per row; rows leave in
-    order of steps left, each step taking ``step_s``. An upper bound (rows
-    often stop early), rounded up, between 1 and ``RETRY_AFTER_MAX_S``.
+    An upper bound (rows often stop early, and the cache can always be
+    emptied), each step taking ``step_s``; rounded up, between 1 and
+    ``RETRY_AFTER_MAX_S``.
     """
-    assert reserve > 0 and step_s >= 0, (reserve, step_s)
-    running = sorted(rows_remaining, key=lambda r: (r[1], r[0]))
-    waited_steps = 0
-    while running and rows_tokens([r for r, _ in running] + [reserve], slack_tokens) > budget:
-        waited_steps = max(waited_steps, running[0][1])
-        running.pop(0)
-    seconds = math.ceil(waited_steps * step_s)
-    return max(1, min(RETRY_AFTER_MAX_S, seconds))
+    assert step_s >= 0, step_s
+    for wait in sorted({0, *(r.steps for r in rows)}):
+        left = [r.after(wait) for r in rows if r.steps > wait]
+        if rows_tokens([*left, request], slack_tokens) <= budget:
+            return max(1, min(RETRY_AFTER_MAX_S, math.ceil(wait * step_s)))
+    return RETRY_AFTER_MAX_S  # it does not fit even alone (admission should have refused it)
 
 
 def decide_admission(
     *,
     now: float,
     budget: int,
-    rows: Sequence[int],
-    reserve: int,
+    rows: Sequence[RowSpan],
+    request: RowSpan,
     entries: Sequence[CacheEntry],
     waiting_since: float,
     max_wait_s: float,
-    rows_remaining: Sequence[tuple[int, int]] = (),
     step_s: float = 0.0,
     slack_tokens: int = MLX_KV_STEP_TOKENS - 1,
 ) -> Decision:
     """Admit, wait or refuse the request at the head of the queue (module docstring).
 
-    Inputs: ``rows`` the reserves of the rows decoding or prefilling now,
-    ``reserve`` the candidate's (prompt + max_tokens), ``entries`` the cache
-    in least-recently-used order (oldest first), when it started waiting and
-    how long it may, and (for the Retry-After estimate) each row's reserve
-    and steps left with the recent time per step.
+    Inputs: ``rows`` the rows decoding or prefilling now, ``request`` the
+    candidate, ``entries`` the cache in least-recently-used order (oldest
+    first), when it started waiting and how long it may, and the recent time
+    per step (for the Retry-After estimate).
     """
-    assert reserve > 0, reserve
     assert max_wait_s >= 0 and now >= waiting_since - 1e-9, (max_wait_s, now, waiting_since)
-    need = rows_tokens([*rows, reserve], slack_tokens)
+    need = rows_tokens([*rows, request], slack_tokens)
     evict = _evict_oldest(entries, budget - need)
     if evict is not None:
         kept = sum(e.tokens for e in entries if e.entry_id not in evict)
@@ -220,10 +251,10 @@ def decide_admission(
     assert short > 0, (need, budget)
     if now - waiting_since < max_wait_s:
         return Wait(short_tokens=short)
-    after = retry_after_s(budget=budget, reserve=reserve, rows_remaining=rows_remaining, step_s=step_s, slack_tokens=slack_tokens)
+    after = retry_after_s(budget=budget, request=request, rows=rows, step_s=step_s, slack_tokens=slack_tokens)
     message = (
-        f"{KV_BUDGET_EXHAUSTED}: this request needs {reserve} KV positions (prompt + max_tokens) beside "
-        f"{len(rows)} running request(s) holding {rows_tokens(rows, slack_tokens)}, over the runner's KV budget of "
+        f"{KV_BUDGET_EXHAUSTED}: this request needs up to {request.final} KV positions (prompt + max_tokens) beside "
+        f"{len(rows)} running request(s) that may hold {rows_tokens(rows, slack_tokens)}, over the runner's KV budget of "
         f"{budget} positions; it waited {now - waiting_since:.0f}s (SKULK_KV_QUEUE_WAIT_SECONDS={max_wait_s:g}); "
         f"retry after {after}s, or lower max_tokens"
     )
@@ -233,7 +264,7 @@ def decide_admission(
 def plan_store(
     *,
     budget: int,
-    rows: Sequence[int],
+    rows: Sequence[RowSpan],
     entries: Sequence[CacheEntry],
     new_tokens: int,
     cap_tokens: int,
@@ -242,7 +273,7 @@ def plan_store(
 ) -> StorePlan:
     """May a leaving row's ``new_tokens`` positions stay as a cache entry?
 
-    ``rows`` are the reserves of the rows that stay (and the one prefilling),
+    ``rows`` are the rows that stay (and the one prefilling),
     ``entries`` the cache oldest first, ``cap_tokens`` and ``max_entries`` the
     cache's own bounds. Evicts the fewest oldest entries that make room; if
     even an empty cache could not hold it, nothing is stored or evicted.

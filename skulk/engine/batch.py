@@ -48,7 +48,7 @@ import mlx.core as mx
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from skulk.core.admission import Refused, admit
-from skulk.core.kv_budget import KV_BUDGET_EXHAUSTED, Refuse, Wait
+from skulk.core.kv_budget import KV_BUDGET_EXHAUSTED, Refuse, RowSpan, Wait
 from skulk.core.ids import TaskId
 from skulk.core.tasks import (
     ChunkError,
@@ -298,7 +298,7 @@ class _Request:
 
     @property
     def reserve(self) -> int:
-        """KV positions this request may come to hold (the budget reserves them at its start)."""
+        """KV positions this request may come to hold (prompt + max_tokens)."""
         return len(self.prompt) + self.max_tokens
 
 
@@ -611,8 +611,23 @@ class Engine:
             leaving.append((i, tokens[:held]))
         if not leaving:
             return [], []
-        staying = [r.reserve for r in rows] + ([self.prefilling.reserve] if self.prefilling is not None else [])
+        staying = [self._span(r) for r in rows] + ([self._span(self.prefilling)] if self.prefilling is not None else [])
         return self.kv.leave(leaving, staying)
+
+    def _span(self, r: _Request) -> RowSpan:
+        """What ``r`` may hold from now on, for the budget (``skulk.core.kv_budget.RowSpan``).
+
+        A decoding row holds its cache and grows a position per step until
+        its ``max_tokens``; a request not yet joined counts its whole prompt
+        now and ends after its prefill chunks (at the smaller chunk size), its
+        join and its ``max_tokens`` steps.
+        """
+        if r in self.rows or r.scheduled:
+            held = len(r.prompt) - 1 + r.scheduled
+            return RowSpan(held=min(held, r.reserve), final=r.reserve, steps=max(0, r.max_tokens - r.scheduled))
+        chunk = self.config.prefill_chunk_tokens
+        prefill_steps = -(-max(0, len(r.prompt) - 1 - r.prefill_pos) // chunk) + 1
+        return RowSpan(held=len(r.prompt), final=r.reserve, steps=prefill_steps + r.max_tokens)
 
     def _kv_admit(self, rows: list[_Request]) -> tuple[_Request, Any, list[int]] | None:
         """The next request to prefill under the KV budget: (request, cache hit, evictions), or None.
@@ -622,13 +637,12 @@ class Engine:
         and the next one is considered.
         """
         now = time.monotonic()
-        reserves = [r.reserve for r in rows]
-        remaining = [(r.reserve, max(0, r.max_tokens - r.scheduled)) for r in rows]
+        spans = [self._span(r) for r in rows]
         while self.waiting:
             head = self.waiting[0]
             decision, hit = self.kv.admit(
-                now=now, rows=reserves, reserve=head.reserve, prompt=head.prompt,
-                waiting_since=head.submitted_at, rows_remaining=remaining, step_s=self._step_s,
+                now=now, rows=spans, request=self._span(head), prompt=head.prompt,
+                waiting_since=head.submitted_at, step_s=self._step_s,
             )  # fmt: skip
             if isinstance(decision, Wait):
                 return None
@@ -662,10 +676,10 @@ class Engine:
 
     def kv_snapshot(self) -> KvSnapshot:
         """The KV ledger now: budget, rows' reservation, prefix cache and its counters."""
-        reserves = [r.reserve for r in self.rows if not r.done]
+        spans = [self._span(r) for r in self.rows if not r.done]
         if self.prefilling is not None:
-            reserves.append(self.prefilling.reserve)
-        return self.kv.snapshot(reserves)
+            spans.append(self._span(self.prefilling))
+        return self.kv.snapshot(spans)
 
     def clear_prefix_cache(self) -> None:
         """Drop every prefix-cache entry on every rank and zero the counters (idle only: after warmup)."""

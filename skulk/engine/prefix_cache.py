@@ -59,6 +59,7 @@ from skulk.core.kv_budget import (
     CacheEntry,
     Decision,
     Refuse,
+    RowSpan,
     budget_tokens,
     decide_admission,
     plan_store,
@@ -251,7 +252,7 @@ class KvSnapshot:
     """What the ledger holds now, for the runner's status, heartbeats and the tests."""
 
     budget_positions: int
-    rows_positions: int  # reserved by the rows decoding or prefilling (padded layout)
+    rows_positions: int  # the most the rows decoding or prefilling may hold (their peak, padded layout)
     cache_positions: int
     cache_entries: int
     bytes_per_position: int  # this rank's; 0 until measured
@@ -324,13 +325,13 @@ class KvLedger:
         per = self.bytes_per_position()
         return self.cache_bytes // per if per else 0
 
-    def leave(self, leaving: Sequence[tuple[int, Sequence[int]]], staying: Sequence[int]) -> tuple[list[tuple[int, int, int]], list[int]]:
+    def leave(self, leaving: Sequence[tuple[int, Sequence[int]]], staying: Sequence[RowSpan]) -> tuple[list[tuple[int, int, int]], list[int]]:
         """Rows leave the batch: which to keep as entries, which entries to evict.
 
         ``leaving`` holds (row index, the tokens its cache holds, in order);
-        ``staying`` the reserves of the rows that stay (and the one
-        prefilling). Returns the plan's ``store`` triples (row, entry id,
-        positions) and ``evict`` ids. Updates the index to match.
+        ``staying`` the rows that stay (and the one prefilling). Returns the
+        plan's ``store`` triples (row, entry id, positions) and ``evict`` ids.
+        Updates the index to match.
         """
         stores: list[tuple[int, int, int]] = []
         evicts: list[int] = []
@@ -367,11 +368,10 @@ class KvLedger:
         self,
         *,
         now: float,
-        rows: Sequence[int],
-        reserve: int,
+        rows: Sequence[RowSpan],
+        request: RowSpan,
         prompt: Sequence[int],
         waiting_since: float,
-        rows_remaining: Sequence[tuple[int, int]],
         step_s: float,
     ) -> tuple[Decision, Hit | None]:
         """Decide the head of the queue (``decide_admission``); on admission, its cache hit.
@@ -383,11 +383,10 @@ class KvLedger:
             now=now,
             budget=self.budget(),
             rows=rows,
-            reserve=reserve,
+            request=request,
             entries=self.index.entries(),
             waiting_since=waiting_since,
             max_wait_s=self.queue_wait_s,
-            rows_remaining=rows_remaining,
             step_s=step_s,
             slack_tokens=SLACK_TOKENS,
         )
@@ -417,7 +416,7 @@ class KvLedger:
     def reset_counters(self) -> None:
         self.hits = self.misses = self.positions_reused = self.stored = self.evicted = self.refused = 0
 
-    def snapshot(self, rows: Sequence[int]) -> KvSnapshot:
+    def snapshot(self, rows: Sequence[RowSpan]) -> KvSnapshot:
         return KvSnapshot(
             budget_positions=self.budget(),
             rows_positions=rows_tokens(rows, SLACK_TOKENS),
