@@ -8,10 +8,10 @@ Three sources, one Prometheus text exposition (version 0.0.4):
   template and status; streams open; tokens streamed; time to first token);
 - gauges derived from the replicated state (nodes, instances, tasks, runners
   by status, whether this node is master);
-- ``NodeHandle.metrics()``: whatever the runtime counts (names ending in
+- ``NodePort.metrics()``: whatever the runtime counts (names ending in
   ``_total`` are exposed as counters, others as gauges);
 - the KV budget and prefix cache of each rank-0 runner on this node (from
-  ``NodeHandle.runner_diagnostics()``, as its heartbeats report them),
+  ``NodePort.runner_diagnostics()``, as its heartbeats report them),
   labelled by instance, runner and rank.
 
 Label values are escaped per the exposition format; metric names are checked,
@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from skulk.api.handle import NodeHandle
+from skulk.api.port import NodePort
 
 __all__ = ["ApiMetrics", "render_metrics", "CONTENT_TYPE"]
 
@@ -85,8 +85,8 @@ def _family(lines: list[str], name: str, kind: str, help_text: str, samples: lis
 _KV_FAMILIES: tuple[tuple[str, str, str, str, bool], ...] = (
     ("skulk_runner_kv_budget_positions", "gauge", "KV positions this runner may hold (rows and prefix cache).", "budgetPositions", False),
     ("skulk_runner_kv_budget_bytes", "gauge", "The KV budget in bytes on rank 0.", "budgetPositions", True),
-    ("skulk_runner_kv_rows_positions", "gauge", "KV positions reserved by the requests decoding or prefilling.", "rowsPositions", False),
-    ("skulk_runner_kv_rows_bytes", "gauge", "KV bytes reserved by the requests decoding or prefilling, on rank 0.", "rowsPositions", True),
+    ("skulk_runner_kv_rows_positions", "gauge", "KV positions the requests decoding or prefilling may hold (their peak).", "rowsPositions", False),
+    ("skulk_runner_kv_rows_bytes", "gauge", "KV bytes the requests decoding or prefilling may hold, on rank 0.", "rowsPositions", True),
     ("skulk_runner_kv_cache_positions", "gauge", "KV positions held by prefix-cache entries.", "cachePositions", False),
     ("skulk_runner_kv_cache_bytes", "gauge", "KV bytes held by prefix-cache entries, on rank 0.", "cachePositions", True),
     ("skulk_runner_kv_cache_entries", "gauge", "Prefix-cache entries.", "cacheEntries", False),
@@ -111,7 +111,7 @@ def _runner_kv(lines: list[str], rows: list[dict[str, object]]) -> None:
         _family(lines, name, kind, help_text, values)
 
 
-def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
+def render_metrics(node: NodePort, api: ApiMetrics) -> str:
     """The whole exposition text, ending with a newline."""
     lines: list[str] = []
     _family(
@@ -138,7 +138,7 @@ def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
     lines.append(f"skulk_api_time_to_first_token_seconds_sum {_number(api.ttft_seconds_sum)}")
     lines.append(f"skulk_api_time_to_first_token_seconds_count {api.ttft_count}")
 
-    state = handle.state
+    state = node.state
     _family(lines, "skulk_cluster_nodes", "gauge", "Nodes in this node's replicated topology.", [({}, len(state.topology.nodes))])
     _family(lines, "skulk_cluster_instances", "gauge", "Placed model instances.", [({}, len(state.instances))])
     _family(lines, "skulk_cluster_tasks", "gauge", "Generation tasks the master has indexed and not yet deleted.", [({}, len(state.tasks))])
@@ -146,12 +146,12 @@ def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
     _family(
         lines, "skulk_cluster_runners", "gauge", "Runners by status.", [({"status": k}, v) for k, v in sorted(by_status.items())]
     )
-    _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if handle.is_master else 0)])
+    _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if node.is_master else 0)])
     _family(lines, "skulk_state_last_index", "gauge", "Index of the last applied event in this session.", [({}, state.last_index)])
 
-    _runner_kv(lines, handle.runner_diagnostics())
+    _runner_kv(lines, node.runner_diagnostics())
 
-    for name, value in sorted(handle.metrics().items()):
+    for name, value in sorted(node.metrics().items()):
         if not _NAME.match(name) or name.startswith("skulk_api_"):
             lines.append(f"# skipped invalid or reserved metric name {name!r}")
             continue
