@@ -55,7 +55,7 @@ _ASSISTANT = "Noted. The foxes crossed at dawn and the machines kept count. What
 
 
 def add_multi_turn_flags(group: Any) -> None:
-    group.add_argument("--kv-model", default="", help="model for both KV sections (default: the small preset)")
+    group.add_argument("--kv-model", default="", help="model for both KV sections (default: the real default model, else the 10M preset)")
     group.add_argument("--turns", type=int, default=10, help="chat turns")
     group.add_argument("--context", type=int, default=2000, help="context tokens at the last turn, about")
     group.add_argument("--reply-tokens", type=int, default=8, help="tokens asked for per turn")
@@ -68,9 +68,11 @@ def add_oversubscription_flags(group: Any) -> None:
 
 
 def _model(run: Any) -> tuple[str, Path]:
-    from skulk.engine.models import SMALL_MODEL_ID, ensure_model
+    """The model both sections use: ``--kv-model``, else the real default model, else the 10M preset."""
+    from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model
 
-    model_id = run.args.kv_model or SMALL_MODEL_ID
+    # A generated preset is a random-weight stand-in: measure on the 10M one then.
+    model_id = run.args.kv_model or (SMALL_MODEL_ID if DEFAULT_MODEL_ID in PRESETS else DEFAULT_MODEL_ID)
     return model_id, ensure_model(model_id)
 
 
