@@ -113,8 +113,11 @@ def _messages(tokenizer: Any, system: str, turns: int, context: int) -> list[lis
     return out
 
 
-def _runner_ttft(runner: RunnerProcess, task_id: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, int, int]:
-    """Submit one chat turn; returns (seconds to its first token, prompt tokens, cached tokens)."""
+def _runner_ttft(runner: RunnerProcess, task_id: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float, int, int]:
+    """Submit one chat turn; returns (seconds to its first token, the runner's CPU seconds until then,
+    prompt tokens, cached tokens)."""
+    from skulk.bench.engine import _cpu_s
+
     task = Task(
         task_id=TaskId(task_id),
         command_id=CommandId(f"cmd-{task_id}"),
@@ -128,9 +131,11 @@ def _runner_ttft(runner: RunnerProcess, task_id: str, messages: list[dict[str, s
             temperature=0.0,
         ),
     )
+    cpu0 = _cpu_s(runner.pid)
     started = time.perf_counter()
     runner.submit(task)
     first = None
+    cpu = 0.0
     while True:
         msg = runner.recv(timeout=600)
         if msg is None:
@@ -138,11 +143,12 @@ def _runner_ttft(runner: RunnerProcess, task_id: str, messages: list[dict[str, s
         if isinstance(msg, Chunk) and msg.chunk.task_id == task_id:
             if first is None and msg.chunk.token_ids:
                 first = time.perf_counter() - started
+                cpu = _cpu_s(runner.pid) - cpu0
             if msg.chunk.finish_reason is not None:
                 final = msg.chunk
                 break
     assert final.error is None and first is not None and final.usage is not None and final.stats is not None, final
-    return first, final.usage.prompt_tokens, final.stats.cached_tokens
+    return first, cpu, final.usage.prompt_tokens, final.stats.cached_tokens
 
 
 class _ChatServer:
@@ -153,15 +159,21 @@ class _ChatServer:
 
         self.server = _MlxServer(path, same_blas=True)
 
-    def ttft(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, int]:
+    def ttft(self, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, float, int]:
+        """One streamed chat turn: (seconds to the first content, the server's CPU seconds until then, cached tokens)."""
+        from skulk.bench.engine import _cpu_s
+
         body = json.dumps({"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                            "stream_options": {"include_usage": True}})  # fmt: skip
         conn = http.client.HTTPConnection("127.0.0.1", self.server.port, timeout=600)
+        pid = self.server.proc.pid
+        cpu0 = _cpu_s(pid)
         started = time.perf_counter()
         conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
         response = conn.getresponse()
         assert response.status == 200, response.status
         first = None
+        cpu = 0.0
         cached = 0
         for raw in response:
             line = raw.decode().strip()
@@ -171,11 +183,12 @@ class _ChatServer:
             choices = event.get("choices") or []
             if first is None and choices and (choices[0].get("delta") or {}).get("content"):
                 first = time.perf_counter() - started
+                cpu = _cpu_s(pid) - cpu0
             usage = event.get("usage") or {}
             cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
         conn.close()
         assert first is not None, "mlx_lm.server streamed no content"
-        return first, cached
+        return first, cpu, cached
 
     def close(self) -> None:
         self.server.close()
@@ -196,7 +209,9 @@ def multi_turn(run: Any) -> None:
     cached = _spawn(model_id, path, ceiling=8192, max_concurrent=8, env={})
     plain = _spawn(model_id, path, ceiling=8192, max_concurrent=8, env={"SKULK_PREFIX_CACHE_BYTES": "0"})
     server = _ChatServer(path)
-    ttft: dict[str, list[list[float]]] = {k: [[] for _ in range(turns)] for k in ("cache", "plain", "server")}
+    kinds = ("cache", "plain", "server")
+    ttft: dict[str, list[list[float]]] = {k: [[] for _ in range(turns)] for k in kinds}
+    cpu: dict[str, list[list[float]]] = {k: [[] for _ in range(turns)] for k in kinds}
     reused: list[list[int]] = [[] for _ in range(turns)]
     server_reused: list[list[int]] = [[] for _ in range(turns)]
     prompt_tokens = [0] * turns
@@ -210,21 +225,25 @@ def multi_turn(run: Any) -> None:
         for r in range(rounds):
             conversation = _messages(tokenizer, f"You are a field recorder (conversation {r}).", turns, args.context)
             for t, msgs in enumerate(conversation):
-                s, n_prompt, n_cached = _runner_ttft(cached, f"mt-c-{r}-{t}", msgs, args.reply_tokens)
+                s, c, n_prompt, n_cached = _runner_ttft(cached, f"mt-c-{r}-{t}", msgs, args.reply_tokens)
                 ttft["cache"][t].append(s)
+                cpu["cache"][t].append(c)
                 reused[t].append(n_cached)
                 prompt_tokens[t] = n_prompt
-                s, _, n_plain = _runner_ttft(plain, f"mt-p-{r}-{t}", msgs, args.reply_tokens)
+                s, c, _, n_plain = _runner_ttft(plain, f"mt-p-{r}-{t}", msgs, args.reply_tokens)
                 assert n_plain == 0, "the runner without a prefix cache reused a prefix"
                 ttft["plain"][t].append(s)
-                s, n_server = server.ttft(msgs, args.reply_tokens)
+                cpu["plain"][t].append(c)
+                s, c, n_server = server.ttft(msgs, args.reply_tokens)
                 ttft["server"][t].append(s)
+                cpu["server"][t].append(c)
                 server_reused[t].append(n_server)
     finally:
         server.close()
         cached.shutdown()
         plain.shutdown()
     med = {k: [statistics.median(v) for v in rows] for k, rows in ttft.items()}
+    cpu_med = {k: [statistics.median(v) for v in rows] for k, rows in cpu.items()}
     print(f"{'turn':>4} {'context':>7} {'reused':>7} {'skulk cache':>12} {'skulk no cache':>15} {'mlx_lm.server':>14} "
           f"{'server reused':>13} {'no cache / cache':>17} {'server / skulk':>15}")  # fmt: skip
     for t in range(turns):
@@ -233,10 +252,19 @@ def multi_turn(run: Any) -> None:
             f"{t + 1:>4} {prompt_tokens[t]:>7} {int(statistics.median(reused[t])):>7} {c:>12.1f} {p:>15.1f} {s:>14.1f} "
             f"{int(statistics.median(server_reused[t])):>13} {p / c:>16.2f}x {s / c:>14.2f}x"
         )
+    print("CPU milliseconds the serving process spent until the first token (all its threads), which other load")
+    print("on the machine hardly moves, unlike the wall-clock times above:")
+    print(f"{'turn':>4} {'skulk cache':>12} {'skulk no cache':>15} {'mlx_lm.server':>14} {'no cache / cache':>17} {'server / skulk':>15}")
+    for t in range(turns):
+        c, p, s = (cpu_med[k][t] * 1000 for k in kinds)
+        print(f"{t + 1:>4} {c:>12.0f} {p:>15.0f} {s:>14.0f} {p / max(c, 1e-3):>16.2f}x {s / max(c, 1e-3):>14.2f}x")
     last = turns - 1
+    per_round = [ttft["server"][last][i] / ttft["cache"][last][i] for i in range(rounds)]
     print(
         f"  turn {turns}: {med['plain'][last] / med['cache'][last]:.1f}x lower time to first token with the prefix cache "
-        f"than without (target >= 5x); {med['server'][last] / med['cache'][last]:.2f}x mlx_lm.server's (target >= 1.0x)"
+        f"than without (target >= 5x; CPU {cpu_med['plain'][last] / max(cpu_med['cache'][last], 1e-3):.1f}x); "
+        f"{med['server'][last] / med['cache'][last]:.2f}x mlx_lm.server's (target >= 1.0x; median of per-round ratios "
+        f"{statistics.median(per_round):.2f}x; CPU {cpu_med['server'][last] / max(cpu_med['cache'][last], 1e-3):.2f}x)"
     )
     print(f"  per-round turn-{turns} times (ms), cache / no cache / server: " + "; ".join(
         f"{ttft['cache'][last][i] * 1000:.0f} / {ttft['plain'][last][i] * 1000:.0f} / {ttft['server'][last][i] * 1000:.0f}"
