@@ -155,3 +155,16 @@ def test_kv_budget_settings_reach_the_runners(tmp_path: Path) -> None:
     assert defaults["SKULK_PREFIX_CACHE_BYTES"] == "auto" and defaults["SKULK_KV_BUDGET_BYTES"] == "0"
     with pytest.raises(ConfigError, match="SKULK_PREFIX_CACHE_BYTES"):
         load_config(_env(tmp_path / "c", SKULK_PREFIX_CACHE_BYTES="lots"))
+
+
+def test_skulk_config_prints_every_setting_but_never_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from skulk.cli import main
+
+    secret = "sk-never-print-this-key-0123456789"
+    monkeypatch.setenv("SKULK_HOME", str(tmp_path))
+    monkeypatch.setenv("SKULK_API_KEYS", secret)
+    main(["config"])
+    out = capsys.readouterr().out
+    for setting in SETTINGS:
+        assert f"{setting.env} = " in out, setting.env
+    assert secret not in out and "SKULK_API_KEYS = (1 key)" in out
