@@ -65,7 +65,7 @@ from mlx_lm import stream_generate  # noqa: E402
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId  # noqa: E402
 from skulk.core.instances import PipelineShardMetadata, RunnerReady, RunnerSpec  # noqa: E402
 from skulk.core.tasks import GenerationParams, Task  # noqa: E402
-from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
+from skulk.engine.models import TINY_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
 from skulk.engine.protocol import RunnerProcess  # noqa: E402
 
 _FILLER = (
@@ -387,8 +387,8 @@ def _mib(n: int) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m skulk.engine.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (about a minute)")
-    parser.add_argument("--models", default=f"{DEFAULT_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
-    parser.add_argument("--concurrency-model", default=DEFAULT_MODEL_ID, help="preset for the concurrency comparison")
+    parser.add_argument("--models", default=f"{TINY_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
+    parser.add_argument("--concurrency-model", default=TINY_MODEL_ID, help="preset for the concurrency comparison")
     parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
     parser.add_argument("--skip-reference-blas", action="store_true", help="skip the reference-BLAS prefill row")
     parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")

@@ -187,7 +187,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_PORT", _port, DEFAULT_API_PORT, "HTTP API port (OpenAI-compatible endpoint and dashboard)."),
     Setting("API_MAX_BODY_BYTES", _positive_int, 8 * 1024 * 1024, "Largest request body the API accepts (413 above)."),
     # Models and runners.
-    Setting("AUTO_PLACE", _optional_model, "skulk/tiny-qwen2",
+    Setting("AUTO_PLACE", _optional_model, "HuggingFaceTB/SmolLM2-135M-Instruct",
             "Model the master places when it has no instance of it ('none' disables)."),
     Setting("MAX_CONCURRENT_REQUESTS", _positive_int, 8, "Concurrent requests per runner.",
             core_field="max_concurrent_requests"),

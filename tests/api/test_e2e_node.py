@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from tests.api.browser import chromium_page, screenshot
 from tests.api.sse_parse import parse_sse
 from tests.api.test_validation import CHAT_CASES, RAW_CASES
@@ -29,7 +29,7 @@ from tests.support.cluster import shared_models_dir, start_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
-MODEL = DEFAULT_MODEL_ID
+MODEL = TINY_MODEL_ID
 
 
 @dataclass

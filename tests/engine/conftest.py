@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.models import TINY_MODEL_ID, ensure_model
 from skulk.engine.protocol import RunnerProcess
 
 
@@ -24,7 +24,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(models_root: Path) -> Path:
-    return ensure_model(DEFAULT_MODEL_ID, root=models_root)
+    return ensure_model(TINY_MODEL_ID, root=models_root)
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import pytest
 
 from skulk.core.codec import from_wire
 from skulk.core.state import State, digest
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime import auth
 from skulk.runtime.localcluster import LocalCluster, NodePlan
 from tests.support.cluster import FAST_ENV, wait_for, wait_stable
@@ -98,7 +98,7 @@ def test_three_namespaces_ring_avoids_the_vpn_link_and_survive_a_master_kill(mod
 
             t0 = time.monotonic()
             placed = call("m-1", "/place_instance", method="POST",
-                          body={"model_id": DEFAULT_MODEL_ID, "min_nodes": 2, "excluded_nodes": ["m-3"]}, timeout_s=30)
+                          body={"model_id": TINY_MODEL_ID, "min_nodes": 2, "excluded_nodes": ["m-3"]}, timeout_s=30)
             iid = placed["instance_id"]  # type: ignore[index]
 
             def ready(node: str) -> dict | None:
@@ -118,7 +118,7 @@ def test_three_namespaces_ring_avoids_the_vpn_link_and_survive_a_master_kill(mod
                 ip = ipaddress.ip_address(hop["address"].rsplit(":", 1)[0].strip("[]"))
                 assert ip not in VPN_NET, f"the ring took the VPN link: {hop}"
                 assert str(ip) in ("10.77.1.1", "10.77.1.2") and hop["kind"] == "ethernet"
-            chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
             reply = call("m-3", "/v1/chat/completions", method="POST", body=chat, timeout_s=60)
             assert reply["usage"]["completion_tokens"] == 4, reply  # type: ignore[index]
             pids = {n: {r["runnerId"]: r["pid"] for r in call(n, "/v1/diagnostics/node")["runners"]}  # type: ignore[index]
