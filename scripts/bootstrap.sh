@@ -21,7 +21,8 @@ fi
 
 # 2. The environment is (re)built whenever the lock changed, so it holds
 #    exactly the locked set (nothing left over from an older lock).
-lock_sum="$("$PYTHON" -c 'import hashlib,sys; print(hashlib.sha256(open("requirements.txt","rb").read()).hexdigest())')"
+#    (Comments, such as the inputs digest, do not count: only pins and hashes.)
+lock_sum="$("$PYTHON" -c 'import hashlib; print(hashlib.sha256(b"".join(l for l in open("requirements.txt","rb") if not l.lstrip().startswith(b"#"))).hexdigest())')"
 lock_stamp=.venv/.skulk-lock
 if [ -x .venv/bin/python ] && [ "$(cat "$lock_stamp" 2>/dev/null)" != "$lock_sum" ]; then
   echo "[bootstrap] requirements.txt changed since .venv was built: rebuilding .venv from the lock"

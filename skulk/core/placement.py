@@ -394,7 +394,7 @@ def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
     """The speculative decoding an instance of ``card`` over ``world_size`` ranks runs.
 
     MTP heads in the checkpoint (``mtp_max_depth > 0``, the depth measured by
-    ``skulk.engine.speculative.tune``) win over a separate draft model; a card
+    ``python -m skulk.bench tune``) win over a separate draft model; a card
     that opts out of multi-node speculation gets none on several ranks. The
     runner may still decline (it reports why), and then no rank speculates.
     """

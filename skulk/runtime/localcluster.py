@@ -216,6 +216,17 @@ class LocalCluster:
     def alive(self) -> list[str]:
         return [p.node_id for p in self.plans if (pr := self.procs.get(p.node_id)) is not None and pr.poll() is None]
 
+    def _log_tail(self, node: str, lines: int = 25) -> str:
+        """The last ``lines`` of ``node``'s log, for an error message ('' without a log dir)."""
+        if self.log_dir is None:
+            return ""
+        path = self.log_dir / f"{node}.log"
+        try:
+            tail = path.read_bytes().decode("utf-8", "replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"; the end of {path}:\n" + "\n".join(f"  | {line}" for line in tail)
+
     def wait_ready(self, timeout_s: float = 60.0, nodes: list[str] | None = None) -> None:
         """Wait until every (given) node answers ``GET /node_id`` with its own id."""
         deadline = time.monotonic() + timeout_s
@@ -224,7 +235,8 @@ class LocalCluster:
             for node in list(pending):
                 proc = self.procs[node]
                 if proc.poll() is not None:
-                    raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting")
+                    raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting"
+                                       f"{self._log_tail(node)}")
                 try:
                     if self.fetch(self.plan(node), "/node_id") == node:
                         pending.remove(node)

@@ -13,13 +13,15 @@ from typing import Any
 
 import pytest
 
+from skulk.engine.client import RunnerProcess
 from skulk.engine.models import TINY_MODEL_ID, ensure_model
-from skulk.engine.protocol import RunnerProcess
 
 
 @pytest.fixture(scope="session")
 def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
+    from tests.engine.helpers import session_models_root
+
+    return session_models_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,12 @@
-"""Builders and checks shared by the engine tests (tasks, specs, ports, streams)."""
+"""Builders and checks shared by the engine tests (tasks, specs, ports, streams, models)."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import PipelineShardMetadata, RunnerSpec, ShardMetadata, TensorShardMetadata
@@ -80,6 +83,19 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def session_models_root(factory: pytest.TempPathFactory) -> Path:
+    """The session's root for generated models, one directory whoever asks.
+
+    The engine tests and the tests of the tools that measure it (``tests/bench``)
+    both need the generated models; generation is idempotent per root, so a
+    shared root makes each model once per session (the speculation pair takes
+    about 10 s).
+    """
+    root = factory.getbasetemp() / "generated-models"
+    root.mkdir(exist_ok=True)
+    return root
 
 
 def tokens_of(chunks: list[TokenChunk]) -> list[int]:

@@ -122,5 +122,5 @@ def test_blocking_pipe_helpers_round_trip_and_report_eof() -> None:
 
 def test_protocol_imports_without_mlx() -> None:
     # The supervisor and the API import the protocol; it must not drag MLX in.
-    code = "import sys, skulk.engine.protocol, skulk.engine.models, skulk.engine._connect_guard; sys.exit(any(m.startswith('mlx') for m in sys.modules))"
+    code = "import sys, skulk.engine.protocol, skulk.engine.client, skulk.engine.models, skulk.engine._connect_guard; sys.exit(any(m.startswith('mlx') for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -27,7 +27,8 @@ from skulk.core.instances import (
     RunnerShuttingDown,
     RunnerWarmingUp,
 )
-from skulk.engine.protocol import EXIT_OK, EXIT_WEDGED, Heartbeat, RunnerFailedError, RunnerProcess
+from skulk.engine.client import RunnerFailedError, RunnerProcess
+from skulk.engine.protocol import EXIT_OK, EXIT_WEDGED, Heartbeat
 from tests.engine.helpers import check_stream, make_spec, make_task, pipeline_shard, text_of, tokens_of
 
 START_TIMEOUT_S = 120
@@ -123,7 +124,7 @@ import sys, time
 from pathlib import Path
 from skulk.core.codec import decode_json
 from skulk.core.instances import RunnerSpec, RunnerReady
-from skulk.engine.protocol import RunnerProcess
+from skulk.engine.client import RunnerProcess
 proc = RunnerProcess.spawn(decode_json(RunnerSpec, sys.argv[1]), Path(sys.argv[2]))
 proc.wait_for_status(RunnerReady, 120)
 print(proc.pid, flush=True)

@@ -62,13 +62,18 @@ def test_a_changed_dependency_is_caught_with_the_command_that_fixes_it(tmp_path:
     lock, pyproject = project / "requirements.txt", project / "pyproject.toml"
     assert lockfile.check(lock, pyproject)[0]
     text = pyproject.read_text()
+
+    def edited(old: str, new: str) -> str:
+        assert old in text, old
+        return text.replace(old, new)
+
     # Reformatting is not a change: whitespace inside a requirement does not matter.
-    pyproject.write_text(text.replace('"simpy>=4.1"', '"simpy >= 4.1"'))
+    pyproject.write_text(edited('"msgspec>=0.19"', '"msgspec >= 0.19"'))
     assert lockfile.check(lock, pyproject)[0]
-    pyproject.write_text(text.replace('"simpy>=4.1"', '"simpy>=4.1",\n    "rich>=13"'))
+    pyproject.write_text(edited('"msgspec>=0.19"', '"msgspec>=0.19",\n    "rich>=13"'))
     ok, message = lockfile.check(lock, pyproject)
     assert not ok and "no longer matches pyproject.toml" in message and "scripts/lock" in message
-    pyproject.write_text(text.replace('requires-python = ">=3.11"', 'requires-python = ">=3.12"'))
+    pyproject.write_text(edited('requires-python = ">=3.11"', 'requires-python = ">=3.12"'))
     assert not lockfile.check(lock, pyproject)[0]
     lock.write_text("\n".join(lock.read_text().splitlines()[1:]))
     ok, message = lockfile.check(lock, pyproject)
@@ -80,7 +85,9 @@ def test_a_changed_dependency_is_caught_with_the_command_that_fixes_it(tmp_path:
 def test_bootstrap_refuses_a_stale_lock_before_installing_anything(tmp_path: Path) -> None:
     project = _copy_project(tmp_path)
     pyproject = project / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace('"simpy>=4.1"', '"simpy>=4.1",\n    "rich>=13"'))
+    text = pyproject.read_text()
+    assert '"msgspec>=0.19"' in text
+    pyproject.write_text(text.replace('"msgspec>=0.19"', '"msgspec>=0.19",\n    "rich>=13"'))
     out = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=project, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stdout + out.stderr
     assert "no longer matches pyproject.toml" in out.stderr and "scripts/lock" in out.stderr

@@ -6,10 +6,12 @@ See ``docs/speculative-decoding.md``. Public surface:
   ``build_speculator`` (load-time set-up, a collective across ranks);
 - ``drafters``: ``DraftModelDrafter`` and ``MtpDrafter``;
 - ``acceptance``: greedy and sampled (rejection-sampling) acceptance;
-- ``rounds``: one round, and a single-stream decoder used by ``bench``/``tune``;
+- ``rounds``: one round, and a single-stream decoder (used by the tests);
 - ``mtp``: MTP heads, loaded from Qwen3-Next or DeepSeek-V3 layouts;
-- ``models``: generated target/draft pairs with MTP heads;
-- ``bench`` and ``tune``: command-line tools (``python -m``).
+- ``models``: generated target/draft pairs with MTP heads.
+
+Its benchmark and depth tuner are tools, ``python -m skulk.bench speculative``
+and ``python -m skulk.bench tune`` (``skulk.bench``).
 
 Importing this package imports no MLX; its modules do.
 """

@@ -148,8 +148,8 @@ def decode_stream(
 
     ``depth == 0`` or no drafter: plain decoding (one token per forward).
     The prompt is prefilled in one pass; the first token comes from its last
-    logits, as in plain decoding. Used by tests, ``tune`` and ``bench``; the
-    runner goes through ``SpeculativeEngine`` instead.
+    logits, as in plain decoding. Used by the tests; the runner, the
+    benchmark and the tuner go through ``SpeculativeEngine`` instead.
     """
     assert prompt and max_tokens >= 1, (len(prompt), max_tokens)
     cache = new_cache()

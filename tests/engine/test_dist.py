@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from skulk.core.instances import RunnerReady, ShardMetadata
-from skulk.engine.protocol import EXIT_OK, RunnerProcess
+from skulk.engine.client import RunnerProcess
+from skulk.engine.protocol import EXIT_OK
 from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of
 
 START_TIMEOUT_S = 120

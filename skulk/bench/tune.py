@@ -1,11 +1,11 @@
 """Find the best speculation depth for a model on this machine and write it to its card.
 
-``python -m skulk.engine.speculative.tune <model dir or card.toml>
+``python -m skulk.bench tune <model dir or card.toml>
 [--drafter mtp|draft_model] [--depths 1,2,3,4,5,6] [--write]``
 
-For each depth the real engine decodes a few greedy streams, interleaved with
-plain decoding (``measure.decode_figures``); the best depth is the one with
-the highest decode tokens/s, provided it beats plain decoding by at least
+For each depth the real engine decodes a few greedy streams, interleaved
+with plain decoding (``spec_measure.decode_figures``); the best depth is the
+one with the highest decode tokens/s, provided it beats plain decoding by at least
 ``--min-gain`` (default 5%). Otherwise speculation does not pay on this
 machine and the depth is 0 (placement then leaves speculation off). With
 ``--write`` the result is stored as ``mtp_max_depth`` in the card's
@@ -53,7 +53,7 @@ def _locate(target: Path) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skulk.engine.speculative.tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m skulk.bench tune", description=__doc__.splitlines()[0])
     parser.add_argument("target", type=Path, help="a model directory, or a model card TOML")
     parser.add_argument("--drafter", choices=("mtp", "draft_model"), default=None, help="default: mtp when the checkpoint has heads")
     parser.add_argument("--depths", default="1,2,3,4,5,6")
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from skulk.core.instances import PipelineShardMetadata, RunnerSpec, SpeculationConfig
     from skulk.engine.shard import load_shard
     from skulk.engine.speculative.engine import build_speculator
-    from skulk.engine.speculative.measure import decode_figures
+    from skulk.bench.spec_measure import decode_figures
     from skulk.engine.speculative.mtp import find_mtp_weights
 
     model_dir, card_path = _locate(args.target)

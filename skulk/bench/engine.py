@@ -1,26 +1,35 @@
-"""Engine benchmark: ``python -m skulk.engine.bench``.
+"""Engine benchmark: ``python -m skulk.bench engine``.
 
-Prints, for the embedded presets:
+After a header naming the BLAS MLX uses (``skulk.engine.accel``), prints for
+the embedded presets one section after another:
 
-1. prefill and decode tokens/s of the Skulk runner (a real runner subprocess
-   driven over the IPC protocol), single stream;
-2. Skulk runner decode vs plain ``mlx_lm`` (``stream_generate``, the loop
-   behind ``mlx_lm.generate``) on the same model in this process, alternating
-   rounds, with the ratio (target >= 0.95);
-3. aggregate decode tokens/s at 1, 4 and 8 concurrent streams: the Skulk
-   runner vs ``mlx_lm.server`` serving the same model directory, both under
-   the same load (N streaming requests submitted at once, greedy, distinct
-   prompts, same max_tokens), with the ratio (target >= 2x at 8). The server
-   runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS, which
-   isolates the serving stacks; tokens per CPU-second are printed too;
-4. prefill of the 10M preset with the optimized BLAS vs the mlx wheel's
-   reference BLAS (two runners, alternating; target >= 5x);
-5. peak memory: the runner's and the server's resident high-water mark and
-   MLX's peak allocation for the in-process baseline;
-6. the BLAS MLX uses (``skulk.engine.accel``).
+- ``single``: prefill and decode tokens/s of the Skulk runner (a real runner
+  subprocess driven over the IPC protocol), single stream, against plain
+  ``mlx_lm`` (``stream_generate``, the loop behind ``mlx_lm.generate``) on the
+  same model in this process, alternating rounds, with the decode ratio
+  (target >= 0.95);
+- ``reference-blas``: prefill of the 10M preset with the optimized BLAS vs
+  the mlx wheel's reference BLAS (two runners, alternating; target >= 5x);
+- ``concurrent``: aggregate decode tokens/s at 1, 4 and 8 concurrent streams:
+  the Skulk runner vs ``mlx_lm.server`` serving the same model directory,
+  both under the same load (N streaming requests submitted at once, greedy,
+  distinct prompts, same max_tokens), with the ratio (target >= 2x at 8). The
+  server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
+  which isolates the serving stacks; tokens per CPU-second are printed too,
+
+and closes with the peak memory of every process the sections measured: the
+runner's and the server's resident high-water mark and MLX's peak allocation
+for the in-process baseline.
 
 Every figure comes from one run, measured side by side; nothing is asserted.
 The default run takes a few minutes on two cores; ``--quick`` shortens it.
+
+Sections are registered with ``@section(name, help, flags)`` in running order
+(``SECTIONS``); ``--sections`` picks some of them. A new section is one
+function taking the ``Run`` (parsed flags, rounds, and the peak-memory lines
+for the closing summary, to which it adds its own) and printing its own
+figures, plus an optional function adding its flags to its own ``--help``
+group.
 """
 
 from __future__ import annotations
@@ -37,10 +46,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["SECTIONS", "Run", "Section", "main", "section"]
 
 
 def _enable_blas() -> str:
@@ -66,7 +77,7 @@ from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, Tas
 from skulk.core.instances import PipelineShardMetadata, RunnerReady, RunnerSpec  # noqa: E402
 from skulk.core.tasks import GenerationParams, Task  # noqa: E402
 from skulk.engine.models import TINY_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
-from skulk.engine.protocol import RunnerProcess  # noqa: E402
+from skulk.engine.client import RunnerProcess  # noqa: E402
 
 _FILLER = (
     "The cluster joins several machines into one, and serves models larger than any one of them. "
@@ -384,25 +395,60 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m skulk.engine.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (about a minute)")
-    parser.add_argument("--models", default=f"{TINY_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
-    parser.add_argument("--concurrency-model", default=TINY_MODEL_ID, help="preset for the concurrency comparison")
-    parser.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
-    parser.add_argument("--skip-reference-blas", action="store_true", help="skip the reference-BLAS prefill row")
-    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")
-    parser.add_argument(
-        "--server-blas", choices=("both", "same", "wheel"), default="both",
-        help="mlx_lm.server on the mlx wheel's own BLAS (wheel, as shipped), on the runner's BLAS (same), or both",
-    )  # fmt: skip
-    args = parser.parse_args(argv)
-    rounds = args.rounds or (1 if args.quick else 3)
-    started = time.perf_counter()
-    print(f"skulk engine benchmark  (python {sys.version.split()[0]}, mlx {mx.__version__}, {os.cpu_count()} CPUs)")
-    print(f"BLAS (runner and in-process mlx-lm): {BLAS}")
-    print("load average at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "  (other work on the machine skews every figure)")
-    print()
+# --- sections ---------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What every section sees: the flags, the rounds per figure, and the peak-memory lines.
+
+    ``memory`` collects one line per measured process group, left by the
+    sections that measured it, for the closing peak-memory summary.
+    """
+
+    args: argparse.Namespace
+    rounds: int
+    memory: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """One part of the benchmark: a name for ``--sections``, its body and its flags.
+
+    ``flags`` adds the section's own options to an argparse argument group.
+    """
+
+    name: str
+    help: str
+    run: Callable[[Run], None]
+    flags: Callable[[Any], None] | None = None
+
+
+SECTIONS: list[Section] = []
+"""Every section, in running order; ``@section`` appends."""
+
+
+def section(
+    name: str, help: str, flags: Callable[[Any], None] | None = None
+) -> Callable[[Callable[[Run], None]], Callable[[Run], None]]:
+    """Register the decorated function as the section ``name`` (run after those before it)."""
+    assert name and "," not in name, name
+
+    def register(body: Callable[[Run], None]) -> Callable[[Run], None]:
+        assert name not in {s.name for s in SECTIONS}, f"section {name!r} registered twice"
+        SECTIONS.append(Section(name=name, help=help, run=body, flags=flags))
+        return body
+
+    return register
+
+
+def _single_flags(group: Any) -> None:
+    group.add_argument("--models", default=f"{TINY_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
+
+
+@section("single", "single-stream prefill and decode, runner vs in-process mlx-lm", _single_flags)
+def _single(run: Run) -> None:
+    args, rounds = run.args, run.rounds
     print("Single stream (greedy; medians of alternating rounds; runner = real runner subprocess over IPC)")
     header = f"{'model':24} {'prompt':>6} {'gen':>5} {'prefill tok/s':>14} {'decode tok/s':>13} {'mlx-lm prefill':>15} {'mlx-lm decode':>14} {'decode ratio':>13}"
     print(header)
@@ -426,12 +472,38 @@ def main(argv: list[str] | None = None) -> None:
     print("  tokens per CPU-second, runner / mlx-lm (whole request, load-insensitive): " + "; ".join(
         f"{r['model']}: {r['cpu_efficiency_ratio']:.3f}" for r in singles))  # fmt: skip
     print()
-    if not args.skip_reference_blas:
-        blas_model = SMALL_MODEL_ID
-        ref = bench_reference_blas(blas_model, ensure_model(blas_model), rounds, 256 if args.quick else 512)
-        print(f"Prefill on {blas_model}, runner with the optimized BLAS vs the mlx wheel's reference BLAS (SKULK_FAST_BLAS=0)")
-        print(f"  {ref['fast_prefill_tps']:.1f} vs {ref['reference_prefill_tps']:.1f} tok/s: {ref['speedup']:.1f}x")
-        print()
+    for res in singles:
+        run.memory.append(f"  {res['model']}: runner RSS high-water {_mib(res['runner_peak_rss'])}; "
+                          f"MLX peak allocation of in-process mlx-lm {_mib(res['mlx_peak_bytes'])}")  # fmt: skip
+
+
+def _reference_blas_flags(group: Any) -> None:
+    group.add_argument("--skip-reference-blas", action="store_true", help="skip the reference-BLAS prefill row")
+
+
+@section("reference-blas", "prefill with the optimized BLAS vs the mlx wheel's reference BLAS", _reference_blas_flags)
+def _reference_blas(run: Run) -> None:
+    if run.args.skip_reference_blas:
+        return
+    blas_model = SMALL_MODEL_ID
+    ref = bench_reference_blas(blas_model, ensure_model(blas_model), run.rounds, 256 if run.args.quick else 512)
+    print(f"Prefill on {blas_model}, runner with the optimized BLAS vs the mlx wheel's reference BLAS (SKULK_FAST_BLAS=0)")
+    print(f"  {ref['fast_prefill_tps']:.1f} vs {ref['reference_prefill_tps']:.1f} tok/s: {ref['speedup']:.1f}x")
+    print()
+
+
+def _concurrent_flags(group: Any) -> None:
+    group.add_argument("--concurrency-model", default=TINY_MODEL_ID, help="preset for the concurrency comparison")
+    group.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
+    group.add_argument(
+        "--server-blas", choices=("both", "same", "wheel"), default="both",
+        help="mlx_lm.server on the mlx wheel's own BLAS (wheel, as shipped), on the runner's BLAS (same), or both",
+    )  # fmt: skip
+
+
+@section("concurrent", "aggregate decode at several concurrent streams, runner vs mlx_lm.server", _concurrent_flags)
+def _concurrent(run: Run) -> None:
+    args, rounds = run.args, run.rounds
     streams = [int(s) for s in args.streams.split(",") if s]
     max_tokens = 64 if args.quick else 128
     print(
@@ -458,13 +530,47 @@ def main(argv: list[str] | None = None) -> None:
             line += f" {row[k][1]:>30.1f} {row['skulk'][1] / row[k][1]:>5.2f}x"
         print(line)
     print()
-    print("Peak memory")
-    for res in singles:
-        print(f"  {res['model']}: runner RSS high-water {_mib(res['runner_peak_rss'])}; "
-              f"MLX peak allocation of in-process mlx-lm {_mib(res['mlx_peak_bytes'])}")  # fmt: skip
-    print(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; " + "; ".join(
+    run.memory.append(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; " + "; ".join(
         f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
+
+
+def _print_memory(run: Run) -> None:
+    """The closing summary: every peak-memory line the sections left, if any."""
+    if not run.memory:
+        return
+    print("Peak memory")
+    for line in run.memory:
+        print(line)
     print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m skulk.bench engine", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and tokens (about a minute)")
+    parser.add_argument("--rounds", type=int, default=0, help="alternating rounds per figure (default 3, quick 1)")
+    names = [s.name for s in SECTIONS]
+    parser.add_argument(
+        "--sections", default=",".join(names),
+        help="comma-separated sections to run, in this order: " + "; ".join(f"{s.name} ({s.help})" for s in SECTIONS),
+    )  # fmt: skip
+    for s in SECTIONS:
+        if s.flags is not None:
+            s.flags(parser.add_argument_group(f"section {s.name}", s.help))
+    args = parser.parse_args(argv)
+    chosen = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; sections: {', '.join(names)}")
+    run = Run(args=args, rounds=args.rounds or (1 if args.quick else 3))
+    started = time.perf_counter()
+    print(f"skulk engine benchmark  (python {sys.version.split()[0]}, mlx {mx.__version__}, {os.cpu_count()} CPUs)")
+    print(f"BLAS (runner and in-process mlx-lm): {BLAS}")
+    print("load average at start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "  (other work on the machine skews every figure)")
+    print()
+    for s in SECTIONS:
+        if s.name in chosen:
+            s.run(run)
+    _print_memory(run)
     print(f"took {time.perf_counter() - started:.0f}s; load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 

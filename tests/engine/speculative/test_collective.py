@@ -1,4 +1,4 @@
-"""Speculation across two real runner processes (pipeline and tensor ranks) on loopback.
+"""Speculation across two real runner processes (pipeline and tensor ranks) on loopback, in lockstep.
 
 Rank 0 decides every draft and accept decision and broadcasts it; greedy
 tokens must equal plain single-process decoding of the same model, and the
@@ -19,11 +19,12 @@ import msgspec
 import pytest
 
 from skulk.core.instances import RunnerReady, ShardMetadata, SpeculationConfig
-from skulk.engine.protocol import EXIT_OK, RunnerProcess
+from skulk.engine.client import RunnerProcess
+from skulk.engine.protocol import EXIT_OK
 from skulk.engine.speculative.models import update_card_runtime
 from skulk.engine.speculative.mtp import MTP_SIDECAR
 from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of
-from tests.engine.test_speculative import PROMPTS, Run, greedy, spec_dirs, spec_loaded  # noqa: F401 (fixtures)
+from tests.engine.speculative.helpers import PROMPTS, Run, greedy
 
 START_TIMEOUT_S = 180
 MAX_TOKENS = 24

@@ -23,12 +23,13 @@
  * Invariants
  * ----------
  * - A forwarding entry point never calls through a null pointer: if no table
- *   is bound (the library was loaded by something other than accel.py) it
- *   reports the fault on stderr and aborts rather than compute garbage.
+ *   is bound (the library was loaded by something other than
+ *   skulk.engine.accel) it reports the fault on stderr and aborts rather than
+ *   compute garbage.
  * - The integer width of the fast table may be 32 or 64 bits (OpenBLAS ILP64
  *   builds); the caller's `int` arguments are widened losslessly.
- * - `skulk_blas_calls()` counts forwarded calls, so accel.py can prove that
- *   mlx really routes its matmuls through this library.
+ * - `skulk_blas_calls()` counts forwarded calls, so skulk.engine.accel can
+ *   prove that mlx really routes its matmuls through this library.
  */
 
 #include <stdint.h>

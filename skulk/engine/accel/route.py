@@ -11,16 +11,16 @@ names and is loaded with ``RTLD_GLOBAL`` before ``import mlx.core`` wins.
 
 ``enable_fast_blas`` therefore:
 
-1. checks, by reading libmlx.so's ELF tables (``_blas_elf``), that mlx really
+1. checks, by reading libmlx.so's ELF tables (``elf``), that mlx really
    imports ``cblas_sgemm`` dynamically, and finds the reference library it
    would bind to;
 2. loads an OpenBLAS shipped by a PyPI wheel (``scipy-openblas32``, else a
    ``scipy-openblas64`` or numpy's own bundled copy) with ``RTLD_LOCAL``: its
    symbols are prefixed (``scipy_cblas_sgemm``) and must not leak;
-3. builds, once, a tiny dependency-free C shim (``_blas_shim.c``) with the
+3. builds, once, a tiny dependency-free C shim (``shim.c``) with the
    system C compiler into a cache under ``skulk.paths.data_dir()``, loads it
    locally, binds the OpenBLAS and reference function addresses into it, and
-   checks it against numpy through ctypes (``_blas_check``);
+   checks it against numpy through ctypes (``check``);
 4. only then promotes the shim to the global scope, imports ``mlx.core``, and
    checks that mlx's matmuls go through the shim (a call counter) and agree
    with numpy. On failure the shim is switched to the reference functions,
@@ -48,8 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from skulk.core.records import Record
-from skulk.engine._blas_check import check_direct, check_mlx
-from skulk.engine._blas_elf import ElfError, read_dynamic
+from skulk.engine.accel.check import check_direct, check_mlx
+from skulk.engine.accel.elf import ElfError, read_dynamic
 from skulk.paths import data_dir
 
 __all__ = ["OPT_OUT_ENV", "BlasStatus", "enable_fast_blas", "fast_blas_calls", "shim_cache_dir"]
@@ -61,7 +61,7 @@ usable backend; a backend name (``scipy-openblas32``, ``scipy-openblas64``,
 
 REFERENCE_BACKEND = "mlx-reference"
 _GEMM_NAMES = ("cblas_sgemm", "cblas_dgemm", "cblas_cgemm")
-_SHIM_SOURCE = Path(__file__).with_name("_blas_shim.c")
+_SHIM_SOURCE = Path(__file__).with_name("shim.c")
 _SHIM_ABI = 1
 _CFLAGS = ("-O2", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11")
 _COMPILE_TIMEOUT_S = 120.0

@@ -2,18 +2,18 @@
 
 Usage::
 
-    python -m skulk.engine.bench_blas [--sizes 256,512,1024] [--prompt-tokens 256]
-                                      [--runs 3] [--decode-steps 64] [--rounds 1]
+    python -m skulk.bench blas [--sizes 256,512,1024] [--prompt-tokens 256]
+                               [--runs 3] [--decode-steps 64] [--rounds 1]
 
-Each configuration runs in its own subprocess (the BLAS must be chosen before
-``import mlx.core``): one with ``SKULK_FAST_BLAS=0`` and one with fast BLAS
-enabled, one after the other, repeated ``--rounds`` times keeping each
-figure's best (other load on the machine only ever slows a run down). It
-prints f32 matmul GFLOP/s at each size, prefill and decode tokens/s of a ~10M
-parameter qwen2 model (random weights), whether greedy tokens agree, and the
-fast/reference ratio of each figure, with numpy's own f32 matmul speed as the
-machine's ceiling. Nothing is asserted: figures are for
-people and for docs/engine-blas.md.
+Each configuration runs in its own subprocess, ``skulk.engine.accel.probe``
+(the BLAS must be chosen before ``import mlx.core``): one with
+``SKULK_FAST_BLAS=0`` and one with fast BLAS enabled, one after the other,
+repeated ``--rounds`` times keeping each figure's best (other load on the
+machine only ever slows a run down). It prints f32 matmul GFLOP/s at each
+size, prefill and decode tokens/s of a ~10M parameter qwen2 model (random
+weights), whether greedy tokens agree, and the fast/reference ratio of each
+figure, with numpy's own f32 matmul speed as the machine's ceiling. Nothing is
+asserted: figures are for people and for docs/engine-blas.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import subprocess
 import sys
 from typing import Any
 
-from skulk.engine._blas_probe import QWEN2_10M
+from skulk.engine.accel.probe import QWEN2_10M
 
 __all__ = ["main", "run_side_by_side"]
 
@@ -41,7 +41,7 @@ def _probe(request: dict[str, Any], fast: bool) -> dict[str, Any]:
     else:
         env["SKULK_FAST_BLAS"] = "0"
     done = subprocess.run(
-        [sys.executable, "-m", "skulk.engine._blas_probe", json.dumps(request)],
+        [sys.executable, "-m", "skulk.engine.accel.probe", json.dumps(request)],
         env=env,
         capture_output=True,
         text=True,
@@ -92,7 +92,7 @@ def _row(label: str, ref: float, fast: float, unit: str, ceiling: float | None =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skulk.engine.bench_blas", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m skulk.bench blas", description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="256,512,1024", help="square f32 matmul sizes, comma-separated")
     parser.add_argument("--prompt-tokens", type=int, default=256, help="prefill prompt length (tokens)")
     parser.add_argument("--runs", type=int, default=3, help="timed prefills per process (best kept)")

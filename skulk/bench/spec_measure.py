@@ -1,6 +1,6 @@
 """Measuring speculation on this machine: decode throughput and forward-pass costs.
 
-Shared by ``bench`` (figures) and ``tune`` (best depth for a card). Every
+Shared by ``speculative`` (figures) and ``tune`` (best depth for a card). Every
 measurement runs the real engine (``Engine`` for plain decoding,
 ``SpeculativeEngine`` for speculation) in this process on a world of one, and
 configurations are *interleaved* (each repetition runs every configuration

@@ -1,8 +1,9 @@
-"""Fast BLAS for MLX on Linux: active here, numerically sane, and a clean fallback.
+"""``skulk.engine.accel.route``: fast BLAS for MLX on Linux is active here,
+numerically sane, and falls back cleanly.
 
 The BLAS must be chosen before ``import mlx.core``, and this test process may
 already have imported mlx, so every behavioural check runs a fresh Python
-process (``skulk.engine._blas_probe``) and reads its JSON reply. Each test
+process (``skulk.engine.accel.probe``) and reads its JSON reply. Each test
 gives the child its own SKULK_HOME so it never touches the user's data dir.
 """
 
@@ -17,9 +18,9 @@ from typing import Any
 
 import pytest
 
-from skulk.engine import accel
-from skulk.engine._blas_elf import ElfError, read_dynamic
-from skulk.engine._blas_probe import QWEN2_TINY
+from skulk.engine.accel import route
+from skulk.engine.accel.elf import read_dynamic
+from skulk.engine.accel.probe import QWEN2_TINY
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fast BLAS is Linux-only")
 
@@ -39,9 +40,9 @@ def probe(request: dict[str, Any], home: Path, **env_changes: str | None) -> dic
         else:
             env[key] = value
     done = subprocess.run(
-        [sys.executable, "-m", "skulk.engine._blas_probe", json.dumps(request)],
+        [sys.executable, "-m", "skulk.engine.accel.probe", json.dumps(request)],
         env=env,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
         capture_output=True,
         text=True,
         timeout=PROBE_TIMEOUT_S,
@@ -225,35 +226,12 @@ def test_enable_twice_returns_the_first_status(home: Path) -> None:
 # --- in-process: pure functions that load nothing into the global scope -------
 
 
-def test_libmlx_imports_gemm_dynamically_from_a_bundled_blas() -> None:
-    """The premise of the shim, checked on the installed wheel."""
-    mlx_dir = Path(__import__("importlib").util.find_spec("mlx").submodule_search_locations[0])
-    libmlx = mlx_dir / "lib" / "libmlx.so"
-    if not libmlx.is_file():
-        pytest.skip("this mlx build has no lib/libmlx.so")
-    dyn = read_dynamic(libmlx)
-    assert {"cblas_sgemm", "cblas_dgemm", "cblas_cgemm"} <= dyn.imports
-    assert "cblas_sgemm" not in dyn.exports
-    assert any("blas" in name for name in dyn.needed), dyn.needed
-
-
-def test_elf_reader_rejects_non_elf(tmp_path: Path) -> None:
-    junk = tmp_path / "junk.so"
-    junk.write_bytes(b"#!/bin/sh\n" + bytes(100))
-    with pytest.raises(ElfError):
-        read_dynamic(junk)
-    truncated = tmp_path / "truncated.so"
-    truncated.write_bytes(Path(sys.executable).read_bytes()[:40])
-    with pytest.raises(ElfError):
-        read_dynamic(truncated)
-
-
 def test_shim_cache_key_follows_the_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SKULK_HOME", str(tmp_path))
-    original = accel._shim_path()
+    original = route._shim_path()
     assert original.parent == tmp_path / "cache" / "blas"
-    edited = tmp_path / "_blas_shim.c"
-    edited.write_text(accel._SHIM_SOURCE.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(accel, "_SHIM_SOURCE", edited)
-    assert accel._shim_path() != original
-    assert accel._shim_path().parent == original.parent
+    edited = tmp_path / "shim.c"
+    edited.write_text(route._SHIM_SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(route, "_SHIM_SOURCE", edited)
+    assert route._shim_path() != original
+    assert route._shim_path().parent == original.parent

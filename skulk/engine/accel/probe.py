@@ -1,6 +1,6 @@
 """Measurements of one process's BLAS, for the benchmark and the tests.
 
-Run as ``python -m skulk.engine._blas_probe '<json request>'``: the process
+Run as ``python -m skulk.engine.accel.probe '<json request>'``: the process
 first calls ``enable_fast_blas()`` (so ``SKULK_FAST_BLAS`` in its environment
 picks the BLAS), then runs what the request asks and prints one JSON object on
 stdout. Fast BLAS must be chosen before ``import mlx.core``, so every
@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Any
 
-from skulk.engine.accel import enable_fast_blas, fast_blas_calls
+from skulk.engine.accel.route import enable_fast_blas, fast_blas_calls
 
 __all__ = ["QWEN2_10M", "QWEN2_TINY", "build_qwen2", "run_request"]
 
@@ -217,7 +217,7 @@ def run_request(request: dict[str, Any]) -> dict[str, Any]:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m skulk.engine._blas_probe '<json request>'", file=sys.stderr)
+        print("usage: python -m skulk.engine.accel.probe '<json request>'", file=sys.stderr)
         return 2
     print(json.dumps(run_request(json.loads(argv[0]))), flush=True)
     return 0

@@ -1,4 +1,4 @@
-"""Speculative decoding benchmark: ``python -m skulk.engine.speculative.bench``.
+"""Speculative decoding benchmark: ``python -m skulk.bench speculative``.
 
 On Skulk's generated high-agreement pair (``SPEC_BENCH``: a 16-layer target
 whose upper layers refine its lower ones, its 1-layer truncation as the draft,
@@ -8,7 +8,7 @@ and MTP heads), prints:
    drafter (and their ratios to a plain decode step);
 2. single-stream decode tokens/s, plain vs speculative at depths 1-4 for each
    drafter: acceptance, tokens per round, measured speed-up, the speed-up the
-   acceptance and costs predict (``measure.predicted_speedup``) and
+   acceptance and costs predict (``spec_measure.predicted_speedup``) and
    measured/predicted;
 3. aggregate tokens/s with 8 concurrent streams (equal lengths, and staggered
    lengths so the batch drains to one stream), plain vs speculative;
@@ -69,7 +69,7 @@ def _draft_step_callables(target: Any, speculators: dict[str, Any]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m skulk.engine.speculative.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m skulk.bench speculative", description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=None, help="models root (default: Skulk's models directory)")
     parser.add_argument("--preset", default="bench", help="speculation preset (bench or tiny)")
     parser.add_argument("--tokens", type=int, default=96, help="tokens per single stream")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from skulk.core.instances import SpeculationConfig
     from skulk.engine.shard import load_shard
     from skulk.engine.speculative.engine import build_speculator
-    from skulk.engine.speculative.measure import concurrent_figures, decode_figures, forward_costs, predicted_speedup
+    from skulk.bench.spec_measure import concurrent_figures, decode_figures, forward_costs, predicted_speedup
     from skulk.engine.speculative.models import SPEC_PRESETS, ensure_spec_models
     from skulk.engine.speculative.target import TargetView
 
