@@ -17,6 +17,11 @@ the embedded presets one section after another:
   server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
   which isolates the serving stacks; tokens per CPU-second are printed too,
 
+- ``real`` and ``profile`` (``skulk.bench.real``): the real default model,
+  SmolLM2-135M-Instruct, against plain mlx-lm on the same directory and
+  llama.cpp on the same GGUF file at 1 and 8 streams; and where its decode
+  step's time goes, per layer and per op, in each serving format,
+
 and closes with the peak memory of every process the sections measured: the
 runner's and the server's resident high-water mark and MLX's peak allocation
 for the in-process baseline.
@@ -532,6 +537,10 @@ def _concurrent(run: Run) -> None:
     print()
     run.memory.append(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; " + "; ".join(
         f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
+
+
+# The real default model's sections (their own module), after the presets' ones.
+from skulk.bench import real as _real  # noqa: E402,F401
 
 
 def _print_memory(run: Run) -> None:

@@ -29,6 +29,7 @@ Layout of a card (``[runtime]`` keys are optional)::
     mtp_max_depth = 0
     speculative_multi_node = true
     draft_model = ""          # "" means none
+    prompt_lookup_depth = 0   # optional: draft up to this many tokens by prompt lookup (0: off)
 
 Invariants kept: ``card_from_toml(card_to_toml(c)) == c`` for every valid card;
 a card that parses has positive figures and never names itself as its draft.
@@ -86,6 +87,7 @@ class ModelCard(Record, frozen=True, kw_only=True):
     mtp_max_depth: int = 0
     speculative_multi_node: bool = True
     draft_model: ModelId | None = None
+    prompt_lookup_depth: int = 0
     kv_bytes_per_token: int = 0
     pipeline_refusal: str = ""
 
@@ -96,7 +98,7 @@ class ModelCard(Record, frozen=True, kw_only=True):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise CardError(f"{self.model_id}: {name} must be a positive integer, got {value!r}")
-        for name in ("mtp_max_depth", "kv_bytes_per_token"):
+        for name in ("mtp_max_depth", "kv_bytes_per_token", "prompt_lookup_depth"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise CardError(f"{self.model_id}: {name} must be a non-negative integer, got {value!r}")
@@ -149,7 +151,9 @@ _RUNTIME_KEYS: dict[str, type] = {
     "mtp_max_depth": int,
     "speculative_multi_node": bool,
     "draft_model": str,
+    "prompt_lookup_depth": int,
 }
+_OPTIONAL_RUNTIME = ("prompt_lookup_depth",)  # written only when set
 
 
 def _checked(source: str, key: str, value: Any, expected: type) -> Any:
@@ -219,6 +223,8 @@ def card_to_toml(card: ModelCard, *, comment: str = "") -> str:
     lines += ["", "[runtime]"]
     for key in _RUNTIME_KEYS:
         value = getattr(card, key)
+        if key in _OPTIONAL_RUNTIME and not value:
+            continue
         lines.append(f"{key} = {_toml_value('' if value is None else value)}")
     text = "\n".join(lines) + "\n"
     assert card_from_toml(text) == card, "card_to_toml must round-trip"

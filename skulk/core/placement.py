@@ -402,9 +402,11 @@ def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
     """The speculative decoding an instance of ``card`` over ``world_size`` ranks runs.
 
     MTP heads in the checkpoint (``mtp_max_depth > 0``, the depth measured by
-    ``python -m skulk.bench tune``) win over a separate draft model; a card
-    that opts out of multi-node speculation gets none on several ranks. The
-    runner may still decline (it reports why), and then no rank speculates.
+    ``python -m skulk.bench tune``) win over a separate draft model, which
+    wins over prompt lookup (``prompt_lookup_depth > 0``: drafts copied from
+    the request itself, no model needed); a card that opts out of multi-node
+    speculation gets none on several ranks. The runner may still decline (it
+    reports why), and then no rank speculates.
     """
     assert world_size >= 1
     if world_size > 1 and not card.speculative_multi_node:
@@ -415,6 +417,8 @@ def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
         return SpeculationConfig(
             drafter="draft_model", depth=DRAFT_MODEL_DEFAULT_DEPTH, draft_model_id=ModelId(card.draft_model)
         )
+    if card.prompt_lookup_depth > 0:
+        return SpeculationConfig(drafter="prompt_lookup", depth=card.prompt_lookup_depth)
     return SpeculationConfig()
 
 
