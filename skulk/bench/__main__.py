@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "blas": ("skulk.bench.blas", "MLX on its reference BLAS vs Skulk's fast BLAS"),
     "speculative": ("skulk.bench.speculative", "speculative decoding: costs, acceptance, speed-ups"),
     "tune": ("skulk.bench.tune", "the best speculation depth for a model, written to its card"),
+    "lookup": ("skulk.bench.lookup", "prompt-lookup drafting on the real model: rewriting a paragraph vs plain decoding"),
     "ranks": ("skulk.bench.ranks", "every carded architecture: 2-rank pipeline and tensor greedy tokens vs one process"),
 }
 """Tool name -> (module with a ``main(argv)``, one line for the usage text)."""

@@ -51,14 +51,21 @@ def _batched_greedy(llm: Any, prompts: list[str], n_tokens: int, eos: int) -> di
     import llama_cpp
     import numpy as np
 
-    ctx = llm._ctx.ctx
     vocab = llm.n_vocab()
     seqs = [llm.tokenize(p.encode(), add_bos=False, special=False) for p in prompts]
     n = len(seqs)
     batch_cap = int(llm.n_batch)
+    # A context with one sequence per stream and a unified KV buffer, as llama-server -np N makes.
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = sum(len(s) for s in seqs) + n * (n_tokens + 8)
+    params.n_batch = params.n_ubatch = batch_cap
+    params.n_seq_max = n
+    params.n_threads = params.n_threads_batch = llm.n_threads
+    params.kv_unified = True
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    assert ctx is not None, "llama.cpp could not create a batched context"
     batch = llama_cpp.llama_batch_init(max(batch_cap, n), 0, n)
     try:
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
 
         def decode(items: list[tuple[int, int, int, bool]]) -> None:
             batch.n_tokens = len(items)
@@ -96,6 +103,7 @@ def _batched_greedy(llm: Any, prompts: list[str], n_tokens: int, eos: int) -> di
         total_s = time.perf_counter() - started
     finally:
         llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
     tokens = sum(len(v) for v in out.values())
     prompt_tokens = sum(len(s) for s in seqs)
     return {
@@ -129,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or len(os.sched_getaffinity(0))
     longest = max(len(p) for p in prompts)
     llm = llama_cpp.Llama(
-        model_path=args.gguf, n_ctx=max(streams) * (longest + args.tokens + 64), n_batch=512, n_threads=threads,
-        n_threads_batch=threads, n_seq_max=max(streams), verbose=False, logits_all=False,
+        model_path=args.gguf, n_ctx=4 * longest + args.tokens + 256, n_batch=512, n_threads=threads,
+        n_threads_batch=threads, verbose=False,
     )  # fmt: skip
     eos = int(llm.token_eos())
     _single(llm, prompts[0], 8, eos)  # warm up

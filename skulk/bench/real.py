@@ -280,9 +280,10 @@ def profile_decode(path: Path, fmt: str, context: int = 64, reps: int = 20) -> d
     mx.eval(model(mx.array([list(range(100, 100 + context))]), cache=cache))
     inner = model.model
     n_layers = len(inner.layers)
-    x = inner.embed_tokens(mx.array([[42]]))
-    mx.eval(x)
     layer = inner.layers[n_layers // 2]
+    # What the projections really see: a normed hidden state (norm weights set its dtype).
+    x = layer.input_layernorm(inner.embed_tokens(mx.array([[42]])))
+    mx.eval(x)
     attn, mlp = layer.self_attn, layer.mlp
     parts: dict[str, float] = {}
     heads_out = attn.q_proj(x)  # the attention output has the queries' width

@@ -567,13 +567,15 @@ def import_gguf(
     model_id: str,
     dequantize: bool = True,
     on_progress: Progress | None = None,
+    card_runtime: Mapping[str, Any] | None = None,
 ) -> ImportReport:
     """Write the GGUF file ``src`` as an mlx-lm model directory at ``dest`` (which must not exist).
 
     Inputs: the file, the target directory, the id the model is served under
     (written into its card), whether types MLX cannot run quantized may be
-    dequantized to float16 (else they are refused), and an optional progress
-    callback. Output: an ``ImportReport``; its ``warnings`` are also logged.
+    dequantized to float16 (else they are refused), an optional progress
+    callback, and runtime knobs to set on the card (``card_runtime``, for
+    example ``prompt_lookup_depth``). Output: an ``ImportReport``; its ``warnings`` are also logged.
     Raises ``GGUFImportError`` with the reason when the file cannot be
     imported exactly. Not atomic: ``ensure_imported`` is.
     """
@@ -619,6 +621,10 @@ def import_gguf(
         generation["bos_token_id"] = tok.bos_id
     (target / "generation_config.json").write_text(json.dumps(generation, indent=2))
     card = derive_card(target, model_id=model_id)
+    if card_runtime:
+        import msgspec
+
+        card = msgspec.structs.replace(card, **dict(card_runtime))
     (target / CARD_FILENAME).write_text(card_to_toml(card, comment=f"imported by skulk.engine.gguf from {source.name}"))
     if on_progress is not None:
         on_progress("write", 1, 1)
@@ -644,6 +650,7 @@ def ensure_imported(
     model_id: str,
     dequantize: bool = True,
     on_progress: Progress | None = None,
+    card_runtime: Mapping[str, Any] | None = None,
 ) -> tuple[Path, ImportReport | None]:
     """Import ``src`` into ``final`` unless a complete import is already there.
 
@@ -660,7 +667,8 @@ def ensure_imported(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.import-", dir=final.parent))
     try:
-        report = import_gguf(src, staging / "model", model_id=model_id, dequantize=dequantize, on_progress=on_progress)
+        report = import_gguf(src, staging / "model", model_id=model_id, dequantize=dequantize, on_progress=on_progress,
+                             card_runtime=card_runtime)  # fmt: skip
         try:
             os.rename(staging / "model", final)
         except OSError:

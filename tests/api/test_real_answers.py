@@ -140,3 +140,32 @@ def test_a_model_imported_with_skulk_models_import_is_served(url: str, qwen3_sou
     tok = load_tokenizer(qwen3_source, eos_token_ids=config["eos_token_id"])
     expected = generate(model, tok, prompt, max_tokens=12)
     assert served.choices[0].text == expected
+
+
+def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decoding(url: str) -> None:
+    """The default model's card turns on prompt-lookup drafting; greedy answers must not change."""
+    import json as _json
+
+    from mlx_lm import generate
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    from skulk.bench.lookup import REWRITE_PARAGRAPHS
+    from skulk.engine.models import ensure_model as _ensure
+    from skulk.engine.weights import prepare_weights
+    from tests.api.sse_parse import parse_sse
+
+    question = f"Rewrite the following paragraph, keeping every detail:\n\n{REWRITE_PARAGRAPHS[0]}"
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": 64, "stream": True}  # fmt: skip
+    raw = httpx.post(url + "/v1/chat/completions", json=body, timeout=300).text
+    parsed = parse_sse(raw)
+    text = parsed.text()
+    stats = _json.loads(parsed.comment("generation_stats"))
+    assert stats["draft_depth"] == 4 and stats["acceptance_rate"] > 0.5, stats
+    # The oracle: plain greedy decoding in this process, on the same weights in the same format.
+    path = _ensure(MODEL)
+    model, config = load_model(path)
+    prepare_weights(model, "float32")
+    tok = load_tokenizer(path, eos_token_ids=config["eos_token_id"])
+    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    assert text == generate(model, tok, prompt, max_tokens=64)
