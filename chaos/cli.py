@@ -5,6 +5,8 @@
     python -m chaos sweep [--scenario S ...] --seeds N [--start K] [--jobs J] [--canary] [--check-determinism]
     python -m chaos replay artifacts/chaos/<run>/trace.jsonl
     python -m chaos bench [--sim-seconds S] [--failover-seeds N] [--jobs J]
+    python -m chaos digests --seeds N [--scenario S ...] [--jobs J] --out FILE
+    python -m chaos digests --compare FILE [--jobs J] [--out FILE]
     python -m chaos ci [--jobs J]          # the CI sample the test command runs
     python -m chaos nightly [--jobs J]     # every scenario x 200 seeds, determinism on a sample
 
@@ -28,6 +30,7 @@ from chaos.sweep import sweep, worst_exit_code
 __all__ = ["main"]
 
 DEFAULT_ARTIFACTS = Path("artifacts/chaos")
+_STATUS_CODES = {"ok": exitcodes.OK, "safety": exitcodes.SAFETY, "liveness": exitcodes.LIVENESS, "error": exitcodes.ERROR}
 
 
 def _overrides(pairs: list[str] | None) -> dict[str, str]:
@@ -164,6 +167,45 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_digests(args: argparse.Namespace) -> int:
+    """Record the trace digests of many runs, or re-run a recording and compare."""
+    from chaos import digests
+
+    echo = lambda line: print(line, flush=True)  # noqa: E731
+    if args.compare is not None:
+        expected = digests.load(Path(args.compare))
+        runs = [digests.parse_key(key) for key in expected]
+        if args.scenario:
+            wanted = set(_scenarios(args.scenario))
+            runs = [(s, n) for s, n in runs if s in wanted]
+            expected = {k: v for k, v in expected.items() if digests.parse_key(k)[0] in wanted}
+        print(f"# digests: re-running the {len(runs)} runs of {args.compare}, {args.jobs} job(s)", flush=True)
+    else:
+        if args.seeds is None or args.out is None:
+            print("digests: give --seeds N and --out FILE to record, or --compare FILE", file=sys.stderr)
+            return exitcodes.USAGE
+        seeds = range(args.start, args.start + args.seeds)
+        runs = [(name, seed) for name in _scenarios(args.scenario) for seed in seeds]
+        print(f"# digests: {len(runs)} runs (seeds {seeds.start}..{seeds.stop - 1}), {args.jobs} job(s)", flush=True)
+    actual = digests.record(runs, jobs=args.jobs, echo=echo)
+    if args.out is not None:
+        digests.save(Path(args.out), actual)
+        print(f"# wrote {len(actual)} digests to {args.out}", flush=True)
+    not_ok = sorted(k for k, (_, status) in actual.items() if status != "ok")
+    if args.compare is None:
+        for key in not_ok:
+            print(f"{key}: {actual[key][1]}")
+        return worst_exit_code(_STATUS_CODES[actual[key][1]] for key in not_ok)
+    diff = digests.compare(expected, actual)
+    for line in diff:
+        print(line)
+    if diff:
+        print(f"# {len(diff)} of {len(expected)} runs differ from {args.compare}")
+        return exitcodes.NONDETERMINISM
+    print(f"# all {len(expected)} runs have the recorded digest and status")
+    return exitcodes.OK
+
+
 def _cmd_ci(args: argparse.Namespace) -> int:
     """The CI sample: every scenario x a few seeds, a determinism sample, the canary proof."""
     from chaos.determinism import check_determinism
@@ -266,6 +308,15 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--failover-seeds", type=int, default=1_000)
     be.add_argument("--jobs", type=int, default=2)
     be.set_defaults(fn=_cmd_bench)
+
+    dg = sub.add_parser("digests", help="record the trace digests of many runs, or compare with a recording")
+    dg.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")
+    dg.add_argument("--seeds", type=int, help="how many seeds per scenario (when recording)")
+    dg.add_argument("--start", type=int, default=1, help="first seed")
+    dg.add_argument("--jobs", type=int, default=2, help="worker processes")
+    dg.add_argument("--out", help="write the digests here (JSON: {scenario:seed: [digest, status]})")
+    dg.add_argument("--compare", help="re-run the runs of this recording; exit 5 on any difference")
+    dg.set_defaults(fn=_cmd_digests)
 
     ci = sub.add_parser("ci", help="the CI sample (about 5 minutes on 2 cores)")
     ci.add_argument("--seeds", type=int, default=10, help="seeds per scenario")

@@ -40,7 +40,7 @@ from skulk.core.state import digest as core_digest
 
 from chaos import exitcodes
 from chaos.checkers import SafetyChecker, SafetyViolation
-from chaos.context import Context, ScenarioStuck
+from chaos.stage import Stage, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
 from sim.rng import derive
@@ -139,16 +139,16 @@ def _requests_open(world: World) -> str | None:
     return None
 
 
-def _main(world: World, scenario: Scenario, ctx: Context, checker: SafetyChecker) -> Generator[simpy.Event, Any, None]:
+def _main(world: World, scenario: Scenario, stage: Stage, checker: SafetyChecker) -> Generator[simpy.Event, Any, None]:
     opts = world.opts
     world.phase("boot")
     world.boot_all()
-    ok = yield from ctx.wait_until(lambda: convergence(world) is None, timeout_s=opts.settle_deadline_s)
+    ok = yield from stage.wait_until(lambda: convergence(world) is None, timeout_s=opts.settle_deadline_s)
     if not ok:
         raise LivenessFailure(f"boot: no convergence within {opts.settle_deadline_s:g} s: {convergence(world)}")
-    ctx.metrics["boot_converged_s"] = round(world.env.now, 3)
+    stage.metrics["boot_converged_s"] = round(world.env.now, 3)
     world.phase("scenario")
-    yield from scenario.script(ctx)
+    yield from scenario.script(stage)
     world.phase("heal")
     world.clients.stopping = True
     world.faults.heal_all()
@@ -164,7 +164,7 @@ def _main(world: World, scenario: Scenario, ctx: Context, checker: SafetyChecker
         if world.env.now >= deadline:
             raise LivenessFailure(f"no convergence within {opts.liveness_bound_s:g} s after faults healed: {last}")
         yield world.env.timeout(opts.liveness_poll_s)
-    ctx.metrics["converged_after_heal_s"] = round(world.env.now - healed_at, 3)
+    stage.metrics["converged_after_heal_s"] = round(world.env.now - healed_at, 3)
     # Final checks on the converged cluster.
     master = world.hosts[world.masters()[0]]
     assert master.node is not None and master.node.replica.current is not None
@@ -174,8 +174,8 @@ def _main(world: World, scenario: Scenario, ctx: Context, checker: SafetyChecker
         raise SafetyViolation(3, f"converged nodes disagree on the core's state digest: {sorted(digests)}", t=world.env.now, host=None)
     alive = {h.id for h in world.live_hosts()}
     checker.check_placements_kept(final, alive)
-    ctx.metrics["final_digest"] = next(iter(digests))[:16]
-    ctx.metrics["final_index"] = final.last_index
+    stage.metrics["final_digest"] = next(iter(digests))[:16]
+    stage.metrics["final_index"] = final.last_index
 
 
 def run_scenario(
@@ -204,10 +204,10 @@ def run_scenario(
     checker.ram_total_bytes = {h: world.hosts[h].ram_total_bytes for h in world.host_ids}
     checker.host_paused = lambda h: world.hosts[h].paused  # type: ignore[index]
     checker.master_reachable = lambda h, s: _master_reachable(world, h, s)
-    ctx = Context(world, checker, derive(seed, "scenario:" + name))
+    stage = Stage(world, checker, derive(seed, "scenario:" + name))
     started = time.perf_counter()
     status, code, message = "ok", exitcodes.OK, ""
-    proc = world.process(_main(world, scenario, ctx, checker))
+    proc = world.process(_main(world, scenario, stage, checker))
     try:
         world.env.run(until=proc)
     except SafetyViolation as exc:
@@ -232,7 +232,7 @@ def run_scenario(
         wall_s=wall,
         canary=canary,
         overrides=over,
-        metrics=dict(ctx.metrics),
+        metrics=dict(stage.metrics),
         checks=checker.summary(),
         replay=replay_command(name, seed, over, canary),
     )

@@ -13,7 +13,7 @@ counts and for the sim-to-real trace).
 ports, a private namespace and no multicast, so runs never meet each other
 or a cluster the operator has running; the caller gets a ``RealCluster``
 and the nodes are always stopped. A cluster in network namespaces is built
-by the caller (``tests/support/netns.py``) and wrapped the same way.
+by the caller (``loadtests/netns.py``) and wrapped the same way.
 
 Everything here is plain blocking code (``urllib``/``httpx``) meant to be
 called from a test or a command-line run, never from the node's loop.

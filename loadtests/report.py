@@ -199,10 +199,8 @@ def _parity(plan: Plan, figures: dict[str, Any]) -> dict[str, Any]:
 
 
 def _netns(plan: Plan, work: Path, out: Path, models: Path) -> dict[str, Any]:
-    try:
-        from tests.reliability.netns_cluster import netns_available, netns_cluster
-    except ImportError as exc:  # run from outside the repository
-        return {"skipped": f"the namespace builder is not importable: {exc}"}
+    from loadtests.netns import netns_available, netns_cluster
+
     ok, why = netns_available()
     if not ok:
         return {"skipped": why}
@@ -541,7 +539,7 @@ def _netns_section(n: dict[str, Any]) -> list[str]:
         return out
     out += ["Three network namespaces joined by veth pairs with their own addresses (10.77.x.0/24), one pair also "
             "joined over a VPN-range address (100.64.7.0/24), each reachable from the root namespace for Locust "
-            "(`tests/reliability/netns_cluster.py`).", ""]
+            "(`loadtests/netns.py`).", ""]
     s, f = n["storm"], n["failover"]
     rows = []
     if "error" not in s:

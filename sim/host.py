@@ -21,7 +21,8 @@ driver:
 - **Observations.** Periodic memory telemetry (``InfoObserved``) and link
   probes (``LinkProbed``) for every address of every peer.
 
-Effects are carried out in list order by a table of handlers. A handler
+Effects are carried out in list order, each by the host's ``carry_*`` method
+for its type (``skulk.core.effects.EffectCarrier``). A handler
 never re-enters the core: an input raised while the host is inside a step (a
 runner answering ``DispatchTask``, a client reacting to a chunk) is queued
 and handled as the next step, in order.
@@ -34,11 +35,13 @@ a successful ``PersistNode``.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from skulk.core.effects import (
     AppendLog,
+    Effect,
+    EffectCarrier,
     CancelRunnerTask,
     CancelTimer,
     CommandCompleted,
@@ -64,7 +67,7 @@ from skulk.core.inputs import (
     PersistFailed,
     TimerFired,
 )
-from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
 
 from sim.network import probe_reachable
 
@@ -82,7 +85,7 @@ GIB = 1024**3
 _MIN_TIMER_WAIT_S = 1e-9
 
 
-class SimHost:
+class SimHost(EffectCarrier):
     """One simulated machine. ``node`` is None while it is down."""
 
     def __init__(
@@ -128,22 +131,7 @@ class SimHost:
         # an effect, a client to a chunk) wait here and run right after it.
         self.busy = False
         self.pending: list[Input] = []
-        self._handlers: dict[type, Callable[[Any], None]] = {
-            Send: self._send,
-            SetTimer: self._set_timer,
-            CancelTimer: self._cancel_timer,
-            PersistNode: self._persist_node,
-            AppendLog: self._append_log,
-            WriteSnapshot: self._write_snapshot,
-            StartRunner: self._start_runner,
-            StopRunner: self._stop_runner,
-            DispatchTask: self._dispatch_task,
-            CancelRunnerTask: self._cancel_runner_task,
-            DeliverChunk: self._deliver_chunk,
-            CommandCompleted: self._command_completed,
-            SessionChanged: self._session_changed,
-            Log: self._log,
-        }
+        self._handlers = self.effect_table()
 
     # --- clock -------------------------------------------------------------------
 
@@ -235,21 +223,21 @@ class SimHost:
         if self.incarnation == incarnation:
             self.feed(inp)
 
-    def carry_out(self, effects: list[Any]) -> None:
+    def carry_out(self, effects: Iterable[Effect]) -> None:
         handlers = self._handlers
         for effect in effects:
             handlers[type(effect)](effect)
 
     # --- timers --------------------------------------------------------------------------------
 
-    def _set_timer(self, effect: SetTimer) -> None:
+    def carry_set_timer(self, effect: SetTimer) -> None:
         self._token += 1
         token = self._token
         self.timers[effect.key] = (effect.at, token)
         delay = (effect.at - self.now()) / self.clock_rate
         self.world.call_later(delay if delay > 0.0 else 0.0, self._timer_due, effect.key, token)
 
-    def _cancel_timer(self, effect: CancelTimer) -> None:
+    def carry_cancel_timer(self, effect: CancelTimer) -> None:
         self.timers.pop(effect.key, None)
 
     def _timer_due(self, key: str, token: int) -> None:
@@ -292,21 +280,21 @@ class SimHost:
         self.world.call_later(0.0, self.feed_if, self.incarnation, PersistFailed(what=what, error=error))
         return False
 
-    def _persist_node(self, effect: PersistNode) -> None:
+    def carry_persist_node(self, effect: PersistNode) -> None:
         if self._disk_write("node record"):
             assert effect.record.node_id == self.id
             self.record = effect.record
 
-    def _append_log(self, effect: AppendLog) -> None:
+    def carry_append_log(self, effect: AppendLog) -> None:
         self.world.count_append()
         self._disk_write("event log")
 
-    def _write_snapshot(self, effect: WriteSnapshot) -> None:
+    def carry_write_snapshot(self, effect: WriteSnapshot) -> None:
         self._disk_write("snapshot")
 
     # --- network ---------------------------------------------------------------------------------------
 
-    def _send(self, effect: Send) -> None:
+    def carry_send(self, effect: Send) -> None:
         world = self.world
         if effect.to is None:
             send = world.network.send
@@ -319,23 +307,23 @@ class SimHost:
 
     # --- runners ------------------------------------------------------------------------------------------
 
-    def _start_runner(self, effect: StartRunner) -> None:
+    def carry_start_runner(self, effect: StartRunner) -> None:
         spec = effect.spec
         old = self.runners.get(spec.runner_id)
         assert old is None or not old.alive, f"{self.id}: runner {spec.runner_id} started twice"
         self.runners[spec.runner_id] = SimRunner(self.world, self, spec)
 
-    def _stop_runner(self, effect: StopRunner) -> None:
+    def carry_stop_runner(self, effect: StopRunner) -> None:
         runner = self.runners.get(effect.runner_id)
         if runner is not None and runner.alive:
             runner.stop()
 
-    def _dispatch_task(self, effect: DispatchTask) -> None:
+    def carry_dispatch_task(self, effect: DispatchTask) -> None:
         runner = self.runners.get(effect.runner_id)
         if runner is not None and runner.alive:
             runner.dispatch(effect.task)
 
-    def _cancel_runner_task(self, effect: CancelRunnerTask) -> None:
+    def carry_cancel_runner_task(self, effect: CancelRunnerTask) -> None:
         runner = self.runners.get(effect.runner_id)
         if runner is not None and runner.alive:
             runner.cancel(effect.task_id)
@@ -346,16 +334,16 @@ class SimHost:
 
     # --- towards the API -----------------------------------------------------------------------------------
 
-    def _deliver_chunk(self, effect: DeliverChunk) -> None:
+    def carry_deliver_chunk(self, effect: DeliverChunk) -> None:
         self.world.clients.on_chunk(self, effect.chunk)
 
-    def _command_completed(self, effect: CommandCompleted) -> None:
+    def carry_command_completed(self, effect: CommandCompleted) -> None:
         self.world.clients.on_completed(self, effect.command_id, effect.result)
 
-    def _session_changed(self, effect: SessionChanged) -> None:
+    def carry_session_changed(self, effect: SessionChanged) -> None:
         self.world.on_session_changed(self, effect)
 
-    def _log(self, effect: Log) -> None:
+    def carry_log(self, effect: Log) -> None:
         self.world.on_log(self, effect)
 
     # --- observations --------------------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from skulk.core.cards import ModelCard
 from skulk.core.config import CoreConfig
 from skulk.core.effects import (
     AppendLog,
+    EffectCarrier,
     CancelRunnerTask,
     CancelTimer,
     CommandCompleted,
@@ -38,7 +39,7 @@ from skulk.core.effects import (
     StopRunner,
     WriteSnapshot,
 )
-from skulk.core.ids import NodeId, RunnerId, TaskId
+from skulk.core.ids import CommandId, NodeId, RunnerId, TaskId
 from skulk.core.inputs import (
     Boot,
     InfoObserved,
@@ -54,7 +55,7 @@ from skulk.core.inputs import (
 from skulk.core.instances import LinkKind, RunnerLoaded, RunnerLoading, RunnerReady, RunnerSpec, RunnerWarmingUp
 from skulk.core.messages import Message
 from skulk.core.node import CoreNode
-from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
 from skulk.core.tasks import TokenChunk, Usage
 
 __all__ = ["ManualCluster", "InFlight", "GIB"]
@@ -70,16 +71,104 @@ class InFlight:
     message: Message
 
 
-@dataclass
-class _Host:
-    node: CoreNode | None
-    record: NodeRecord | None = None
-    ram_total: int = 64 * GIB
-    ram_used: int = 0
-    address: str = ""
-    kind: LinkKind = "ethernet"
-    runners: dict[RunnerId, RunnerSpec] = field(default_factory=dict)
-    tasks: dict[TaskId, RunnerId] = field(default_factory=dict)
+# The cluster's own scheduled happenings (runner reports), kept beside the
+# core's timers in one time-ordered heap. Equal keys replace each other, as
+# the core's timer keys do.
+
+
+@dataclass(frozen=True)
+class _RunnerLoading:
+    runner_id: RunnerId
+
+
+@dataclass(frozen=True)
+class _RunnerReady:
+    runner_id: RunnerId
+
+
+@dataclass(frozen=True)
+class _RunnerExit:
+    runner_id: RunnerId
+
+
+@dataclass(frozen=True)
+class _TaskDone:
+    runner_id: RunnerId
+    task_id: TaskId
+    command_id: CommandId
+
+
+_SimKey = _RunnerLoading | _RunnerReady | _RunnerExit | _TaskDone
+TimerKey = str | _SimKey  # a core timer's key, or one of the cluster's own
+
+
+class _Host(EffectCarrier):
+    """One node's machine: carries out its node's effects on the cluster."""
+
+    def __init__(self, cluster: ManualCluster, nid: NodeId, *, ram_total: int, address: str) -> None:
+        self.cluster = cluster
+        self.nid = nid
+        self.node: CoreNode | None = None
+        self.record: NodeRecord | None = None
+        self.ram_total = ram_total
+        self.ram_used = 0
+        self.address = address
+        self.kind: LinkKind = "ethernet"
+        self.runners: dict[RunnerId, RunnerSpec] = {}
+        self.tasks: dict[TaskId, RunnerId] = {}
+
+    def carry_send(self, effect: Send) -> None:
+        c, nid = self.cluster, self.nid
+        targets = [effect.to] if effect.to is not None else [p for p in c.alive() if p != nid]
+        for to in targets:
+            if to in c.hosts and c.hosts[to].node is not None and c.connected(nid, to):
+                c.inflight.append(InFlight(next(c._seq), nid, to, effect.message))
+
+    def carry_set_timer(self, effect: SetTimer) -> None:
+        self.cluster._schedule(self.nid, effect.key, effect.at)
+
+    def carry_cancel_timer(self, effect: CancelTimer) -> None:
+        self.cluster._timers[self.nid].pop(effect.key, None)
+
+    def carry_persist_node(self, effect: PersistNode) -> None:
+        self.record = effect.record
+
+    def carry_append_log(self, effect: AppendLog) -> None:
+        pass  # no disk: the record is the only state that survives a crash here
+
+    def carry_write_snapshot(self, effect: WriteSnapshot) -> None:
+        pass
+
+    def carry_start_runner(self, effect: StartRunner) -> None:
+        runner_id = effect.spec.runner_id
+        self.runners[runner_id] = effect.spec
+        now = self.cluster.now
+        self.cluster._schedule(self.nid, _RunnerLoading(runner_id), now + 0.1)
+        self.cluster._schedule(self.nid, _RunnerReady(runner_id), now + self.cluster.runner_load_s)
+
+    def carry_stop_runner(self, effect: StopRunner) -> None:
+        if self.runners.pop(effect.runner_id, None) is not None:
+            self.cluster._schedule(self.nid, _RunnerExit(effect.runner_id), self.cluster.now + 0.1)
+
+    def carry_dispatch_task(self, effect: DispatchTask) -> None:
+        task = effect.task
+        self.tasks[task.task_id] = effect.runner_id
+        self.cluster._schedule(self.nid, _TaskDone(effect.runner_id, task.task_id, task.command_id), self.cluster.now + 0.5)
+
+    def carry_cancel_runner_task(self, effect: CancelRunnerTask) -> None:
+        self.tasks.pop(effect.task_id, None)
+
+    def carry_deliver_chunk(self, effect: DeliverChunk) -> None:
+        self.cluster.delivered.setdefault(effect.chunk.command_id, []).append(effect.chunk)
+
+    def carry_command_completed(self, effect: CommandCompleted) -> None:
+        self.cluster.completed[effect.command_id] = effect
+
+    def carry_session_changed(self, effect: SessionChanged) -> None:
+        self.cluster.session_changes.append((self.cluster.now, self.nid, effect))
+
+    def carry_log(self, effect: Log) -> None:
+        self.cluster.log.append((self.cluster.now, self.nid, effect.message))
 
 
 class ManualCluster:
@@ -105,12 +194,12 @@ class ManualCluster:
         self.hosts: dict[NodeId, _Host] = {}
         for i in range(n):
             nid = NodeId(f"n{i + 1}")
-            self.hosts[nid] = _Host(node=None, ram_total=rams[i] * GIB, address=f"10.0.0.{i + 1}")
+            self.hosts[nid] = _Host(self, nid, ram_total=rams[i] * GIB, address=f"10.0.0.{i + 1}")
         self.inflight: list[InFlight] = []
         self._seq = itertools.count()
         # (at, seq, node, key) heap plus the live key->at map per node.
-        self._timer_heap: list[tuple[float, int, NodeId, str]] = []
-        self._timers: dict[NodeId, dict[str, float]] = {nid: {} for nid in self.hosts}
+        self._timer_heap: list[tuple[float, int, NodeId, TimerKey]] = []
+        self._timers: dict[NodeId, dict[TimerKey, float]] = {nid: {} for nid in self.hosts}
         self.cut: set[frozenset[NodeId]] = set()
         self.peers_seen: dict[NodeId, frozenset[NodeId]] = {}
         self.delivered: dict[str, list[TokenChunk]] = {}
@@ -181,10 +270,12 @@ class ManualCluster:
             if member.get(a, -1 - ids.index(a)) != member.get(b, -2 - ids.index(b)):
                 self.cut.add(frozenset((a, b)))
         self.inflight = [m for m in self.inflight if self.connected(m.sender, m.to)]
+        self._notify("cluster_changed", "partition " + " | ".join(" ".join(sorted(g)) for g in map(list, groups)))
         self._refresh_membership()
 
     def heal(self) -> None:
         self.cut = set()
+        self._notify("cluster_changed", "heal")
         self._refresh_membership()
 
     # --- steps -------------------------------------------------------------------------
@@ -217,10 +308,10 @@ class ManualCluster:
         _, _, nid, key = heapq.heappop(self._timer_heap)
         self.now = max(self.now, at)
         del self._timers[nid][key]
-        if key.startswith("sim."):
-            self._sim_timer(nid, key)
-        else:
+        if isinstance(key, str):
             self._feed(nid, TimerFired(key=key))
+        else:
+            self._happen(nid, key)
         return True
 
     def settle(self, *, until: float | None = None, max_steps: int = 200_000) -> None:
@@ -282,80 +373,41 @@ class ManualCluster:
                 hook(*args)
 
     def _carry_out(self, nid: NodeId, effects: list[Effect]) -> None:
-        host = self.hosts[nid]
-        for effect in effects:
-            if isinstance(effect, Send):
-                targets = [effect.to] if effect.to is not None else [p for p in self.alive() if p != nid]
-                for to in targets:
-                    if to in self.hosts and self.hosts[to].node is not None and self.connected(nid, to):
-                        self.inflight.append(InFlight(next(self._seq), nid, to, effect.message))
-            elif isinstance(effect, SetTimer):
-                self._timers[nid][effect.key] = effect.at
-                heapq.heappush(self._timer_heap, (effect.at, next(self._seq), nid, effect.key))
-            elif isinstance(effect, CancelTimer):
-                self._timers[nid].pop(effect.key, None)
-            elif isinstance(effect, PersistNode):
-                host.record = effect.record
-            elif isinstance(effect, StartRunner):
-                host.runners[effect.spec.runner_id] = effect.spec
-                self._sim_later(nid, f"sim.runner.loading.{effect.spec.runner_id}", 0.1)
-                self._sim_later(nid, f"sim.runner.ready.{effect.spec.runner_id}", self.runner_load_s)
-            elif isinstance(effect, StopRunner):
-                if host.runners.pop(effect.runner_id, None) is not None:
-                    self._sim_later(nid, f"sim.runner.exit.{effect.runner_id}", 0.1)
-            elif isinstance(effect, DispatchTask):
-                host.tasks[effect.task.task_id] = effect.runner_id
-                self._sim_later(nid, f"sim.task.{effect.runner_id}.{effect.task.task_id}.{effect.task.command_id}", 0.5)
-            elif isinstance(effect, CancelRunnerTask):
-                host.tasks.pop(effect.task_id, None)
-            elif isinstance(effect, DeliverChunk):
-                self.delivered.setdefault(effect.chunk.command_id, []).append(effect.chunk)
-            elif isinstance(effect, CommandCompleted):
-                self.completed[effect.command_id] = effect
-            elif isinstance(effect, SessionChanged):
-                self.session_changes.append((self.now, nid, effect))
-            elif isinstance(effect, Log):
-                self.log.append((self.now, nid, effect.message))
-            elif isinstance(effect, (AppendLog, WriteSnapshot)):
-                pass
-            else:
-                raise AssertionError(f"unhandled effect {type(effect).__name__}")
+        self.hosts[nid].carry_out(effects)
 
-    def _sim_later(self, nid: NodeId, key: str, delay: float) -> None:
-        at = self.now + delay
+    def _schedule(self, nid: NodeId, key: TimerKey, at: float) -> None:
         self._timers[nid][key] = at
         heapq.heappush(self._timer_heap, (at, next(self._seq), nid, key))
 
-    def _sim_timer(self, nid: NodeId, key: str) -> None:
+    def _happen(self, nid: NodeId, key: _SimKey) -> None:
+        """One of the cluster's own happenings: a runner reports, exits or finishes a task."""
         host = self.hosts[nid]
-        parts = key.split(".")
-        if parts[1] == "runner":
-            runner_id = RunnerId(".".join(parts[3:]))
-            if parts[2] == "exit":
-                self._feed(nid, RunnerExited(runner_id=runner_id, exit_code=0))
-                return
-            spec = host.runners.get(runner_id)
+        if isinstance(key, _RunnerExit):
+            self._feed(nid, RunnerExited(runner_id=key.runner_id, exit_code=0))
+            return
+        if isinstance(key, (_RunnerLoading, _RunnerReady)):
+            spec = host.runners.get(key.runner_id)
             if spec is None:
                 return
-            if parts[2] == "loading":
-                self._feed(nid, RunnerStatusObserved(runner_id=runner_id, status=RunnerLoading()))
-            else:
-                for status in (RunnerLoaded(), RunnerWarmingUp(), RunnerReady(context_ceiling=spec.context_ceiling)):
-                    self._feed(nid, RunnerStatusObserved(runner_id=runner_id, status=status))
-        elif parts[1] == "task":
-            runner_id, task_id, command_id = RunnerId(parts[2]), TaskId(parts[3]), parts[4]
-            if host.tasks.pop(task_id, None) is None or runner_id not in host.runners:
+            if isinstance(key, _RunnerLoading):
+                self._feed(nid, RunnerStatusObserved(runner_id=key.runner_id, status=RunnerLoading()))
                 return
-            n = self.tokens_per_request
-            for seq in range(n):
-                last = seq == n - 1
-                chunk = TokenChunk(
-                    command_id=command_id,  # type: ignore[arg-type]
-                    task_id=task_id,
-                    seq=seq,
-                    text=f"t{seq}",
-                    token_ids=(seq,),
-                    finish_reason="stop" if last else None,
-                    usage=Usage(prompt_tokens=1, completion_tokens=n, total_tokens=n + 1) if last else None,
-                )
-                self._feed(nid, RunnerOutput(runner_id=runner_id, chunk=chunk))
+            for status in (RunnerLoaded(), RunnerWarmingUp(), RunnerReady(context_ceiling=spec.context_ceiling)):
+                self._feed(nid, RunnerStatusObserved(runner_id=key.runner_id, status=status))
+            return
+        runner_id, task_id = key.runner_id, key.task_id
+        if host.tasks.pop(task_id, None) is None or runner_id not in host.runners:
+            return
+        n = self.tokens_per_request
+        for seq in range(n):
+            last = seq == n - 1
+            chunk = TokenChunk(
+                command_id=key.command_id,
+                task_id=task_id,
+                seq=seq,
+                text=f"t{seq}",
+                token_ids=(seq,),
+                finish_reason="stop" if last else None,
+                usage=Usage(prompt_tokens=1, completion_tokens=n, total_tokens=n + 1) if last else None,
+            )
+            self._feed(nid, RunnerOutput(runner_id=runner_id, chunk=chunk))

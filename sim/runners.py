@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import simpy
 
-from skulk.core.admission import Refused, admit
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
 from skulk.core.ids import InstanceId, TaskId
 from skulk.core.inputs import RunnerExited, RunnerOutput, RunnerStatusObserved
 from skulk.core.instances import (
@@ -63,19 +63,18 @@ from skulk.core.instances import (
     RunnerStatus,
     RunnerWarmingUp,
 )
+from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from skulk.core.tasks import ChunkError, Task, TokenChunk, Usage
 
 if TYPE_CHECKING:
     from sim.host import SimHost
     from sim.world import World
 
-__all__ = ["SimRunner", "Group", "prompt_tokens_of", "WEDGE_EXIT_CODE", "DEFAULT_MAX_OUTPUT_TOKENS"]
+__all__ = ["SimRunner", "Group", "prompt_tokens_of"]
 
-WEDGE_EXIT_CODE = 86
 CRASH_ON_LOAD_EXIT_CODE = 1
 CRASH_MID_TASK_EXIT_CODE = -11
 PEER_LOST_EXIT_CODE = 1
-DEFAULT_MAX_OUTPUT_TOKENS = 4096  # SKULK_MAX_OUTPUT_TOKENS default
 _SPAWN_S = 0.05  # process start before the first report
 
 

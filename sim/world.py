@@ -31,7 +31,7 @@ from skulk.core.effects import Log, SessionChanged
 from skulk.core.ids import InstanceId, ModelId, NodeId
 from skulk.core.inputs import Input, SubmitCommand
 from skulk.core.instances import RunnerStatus
-from skulk.core.nodes import NetworkInterface
+from skulk.core.telemetry import NetworkInterface
 
 from sim.cards import sim_cards
 from sim.clients import ClientHub

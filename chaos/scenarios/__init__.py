@@ -4,18 +4,18 @@ Theory of operation
 -------------------
 A scenario is a name, a one-line summary, an ``adjust`` function that narrows
 the seed's options to what the scenario is about, and a ``script``: a simpy
-generator that, given a ``Context``, places models, starts clients and injects
+generator that, given a ``Stage``, places models, starts clients and injects
 faults. The harness (``chaos.harness``) wraps every script in the same
 phases: boot and settle, the script, heal every fault, then the liveness
 check. Safety is checked after every step throughout.
 
 Adding a scenario is adding a module here::
 
-    from chaos.scenarios import Context, scenario
+    from chaos.scenarios import Stage, scenario
 
     @scenario("my_scenario", "what it proves, in one line")
-    def my_scenario(ctx: Context):
-        yield from ctx.place_and_wait()
+    def my_scenario(stage: Stage):
+        yield from stage.place_and_wait()
         ...
 
 Modules are imported in name order by ``load_all``, so a new file is all it
@@ -31,12 +31,12 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from chaos.context import Context
+from chaos.stage import Stage
 from sim.options import SimOptions
 
-__all__ = ["Scenario", "SCENARIOS", "scenario", "load_all", "get", "Context"]
+__all__ = ["Scenario", "SCENARIOS", "scenario", "load_all", "get", "Stage"]
 
-Script = Callable[[Context], Generator[Any, Any, None]]
+Script = Callable[[Stage], Generator[Any, Any, None]]
 Adjust = Callable[[SimOptions, random.Random], SimOptions]
 
 

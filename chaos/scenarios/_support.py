@@ -43,7 +43,7 @@ from skulk.core.memory import NodeBudget, node_budget
 from skulk.core.state import State
 from skulk.core.tasks import ChatMessage, GenerationParams
 
-from chaos.context import Context, ScenarioStuck
+from chaos.stage import Stage, ScenarioStuck
 from sim.clients import PlacementFailed, Request, place_model
 
 __all__ = [
@@ -112,8 +112,8 @@ class Report:
 class Ledger:
     """Observer recording runners, placements and failures (see the module docstring)."""
 
-    def __init__(self, ctx: Context) -> None:
-        self.env = ctx.env
+    def __init__(self, stage: Stage) -> None:
+        self.env = stage.env
         self.starts: list[Started] = []
         self.exits: list[Exited] = []
         self.errors: list[tuple[float, NodeId, str]] = []
@@ -122,7 +122,7 @@ class Ledger:
         # (time, reporting node, instance, failure) for every RunnerFailed a master indexed.
         self.failures: list[tuple[float, NodeId, InstanceId, RunnerFailed]] = []
         self.reports: list[Report] = []
-        ctx.world.observers.append(self)
+        stage.world.observers.append(self)
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -184,22 +184,22 @@ class Ledger:
 # --- steps ------------------------------------------------------------------------------------
 
 
-def master_state(ctx: Context) -> State | None:
+def master_state(stage: Stage) -> State | None:
     """The current master's applied state (None without exactly one master)."""
-    master = ctx.master_host()
+    master = stage.master_host()
     if master is None or master.node is None:
         return None
     return master.node.replica.current
 
 
-def links_observed(ctx: Context) -> bool:
+def links_observed(stage: Stage) -> bool:
     """The master's topology holds every link of the simulated network that is up, both ways."""
-    state = master_state(ctx)
+    state = master_state(stage)
     if state is None:
         return False
     have = {(c.source, c.sink, c.address) for c in state.topology.connections}
-    net = ctx.world.network
-    ids = ctx.world.host_ids
+    net = stage.world.network
+    ids = stage.world.host_ids
     for a in ids:
         for b in ids:
             if a == b:
@@ -210,18 +210,18 @@ def links_observed(ctx: Context) -> bool:
     return True
 
 
-def wait_links_observed(ctx: Context) -> Generator[simpy.Event, Any, None]:
+def wait_links_observed(stage: Stage) -> Generator[simpy.Event, Any, None]:
     """Wait (up to two probe rounds past the settle deadline) until the master knows every link."""
-    ok = yield from ctx.wait_until(
-        lambda: ctx.cluster_known() and links_observed(ctx),
-        timeout_s=ctx.opts.settle_deadline_s + 2 * ctx.opts.probe_interval_s,
+    ok = yield from stage.wait_until(
+        lambda: stage.cluster_known() and links_observed(stage),
+        timeout_s=stage.opts.settle_deadline_s + 2 * stage.opts.probe_interval_s,
     )
     if not ok:
         raise ScenarioStuck("the master never observed every link of the cluster")
 
 
 def place_on(
-    ctx: Context,
+    stage: Stage,
     model_id: str,
     *,
     min_nodes: int = 1,
@@ -229,20 +229,20 @@ def place_on(
     name: str = "place",
 ) -> Generator[simpy.Event, Any, InstanceId]:
     """Place ``model_id`` (retrying what is pending); ``ScenarioStuck`` if it never is."""
-    yield from ctx.wait_until(ctx.cluster_known, timeout_s=ctx.opts.settle_deadline_s)
+    yield from stage.wait_until(stage.cluster_known, timeout_s=stage.opts.settle_deadline_s)
     try:
         iid = yield from place_model(
-            ctx.world, model_id, deadline_s=ctx.opts.ready_deadline_s, excluded=excluded, min_nodes=min_nodes, name=name
+            stage.world, model_id, deadline_s=stage.opts.ready_deadline_s, excluded=excluded, min_nodes=min_nodes, name=name
         )
     except PlacementFailed as exc:
         raise ScenarioStuck(str(exc)) from exc
-    ctx.world.trace_note("-", "placed", f"{model_id} as {iid}")
+    stage.world.trace_note("-", "placed", f"{model_id} as {iid}")
     return iid
 
 
-def serving_instances(ctx: Context, model_id: str) -> list[Instance]:
+def serving_instances(stage: Stage, model_id: str) -> list[Instance]:
     """Instances of ``model_id`` in the master's state whose every rank serves (by instance id)."""
-    state = master_state(ctx)
+    state = master_state(stage)
     if state is None:
         return []
     out = []
@@ -256,15 +256,15 @@ def serving_instances(ctx: Context, model_id: str) -> list[Instance]:
 
 
 def wait_serving(
-    ctx: Context, model_id: str, *, timeout_s: float, min_generation: int = 0, what: str = ""
+    stage: Stage, model_id: str, *, timeout_s: float, min_generation: int = 0, what: str = ""
 ) -> Generator[simpy.Event, Any, Instance]:
     """Wait until an instance of ``model_id`` of at least ``min_generation`` serves; return it."""
 
     def found() -> Instance | None:
-        ready = [i for i in serving_instances(ctx, model_id) if i.generation >= min_generation]
+        ready = [i for i in serving_instances(stage, model_id) if i.generation >= min_generation]
         return ready[0] if ready else None
 
-    ok = yield from ctx.wait_until(lambda: found() is not None, timeout_s=timeout_s)
+    ok = yield from stage.wait_until(lambda: found() is not None, timeout_s=timeout_s)
     inst = found()
     if not ok or inst is None:
         raise ScenarioStuck(
@@ -280,11 +280,11 @@ def served_after(requests: list[Request], t: float) -> int:
 
 
 def submit_chat(
-    ctx: Context, host: Any, cid: str, model_id: str, *, prompt_tokens: int, max_tokens: int | None
+    stage: Stage, host: Any, cid: str, model_id: str, *, prompt_tokens: int, max_tokens: int | None
 ) -> Request:
     """Send one chat request of ``prompt_tokens`` tokens (4 characters each) to ``host``'s API."""
     assert prompt_tokens >= 1
     params = GenerationParams(
         messages=(ChatMessage(role="user", content="p" * (4 * prompt_tokens)),), max_tokens=max_tokens, seed=0
     )
-    return ctx.world.clients.submit(host, SubmitTask(command_id=CommandId(cid), model_id=ModelId(model_id), params=params))
+    return stage.world.clients.submit(host, SubmitTask(command_id=CommandId(cid), model_id=ModelId(model_id), params=params))

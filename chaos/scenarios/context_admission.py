@@ -29,12 +29,12 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from skulk.core.admission import Refused, admit
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
 from skulk.core.context import context_ceiling
 from skulk.core.instances import RUNNER_SERVING, RunnerFailed, RunnerReady
 from skulk.core.memory import shard_share
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
     expect,
@@ -45,7 +45,6 @@ from chaos.scenarios._support import (
     wait_serving,
 )
 from sim.options import SimOptions
-from sim.runners import DEFAULT_MAX_OUTPUT_TOKENS
 
 
 def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
@@ -68,15 +67,15 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     "every rank enforces the same context ceiling; over-long requests are refused before prefill and the runner keeps serving",
     adjust=_adjust,
 )
-def context_admission(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
+def context_admission(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
     model = opts.model_id
     card = world.cards[model]
-    ledger = Ledger(ctx)
-    k = ctx.rng.randint(2, opts.node_count)
-    iid = yield from place_on(ctx, model, min_nodes=k)
-    inst = yield from wait_serving(ctx, model, timeout_s=opts.ready_deadline_s)
+    ledger = Ledger(stage)
+    k = stage.rng.randint(2, opts.node_count)
+    iid = yield from place_on(stage, model, min_nodes=k)
+    inst = yield from wait_serving(stage, model, timeout_s=opts.ready_deadline_s)
     expect(inst.instance_id == iid, f"{iid} to serve, got {inst.instance_id}")
     ceiling = inst.context_ceiling
     sa = inst.shard_assignments
@@ -93,12 +92,12 @@ def context_admission(ctx: Context) -> Generator[Any, Any, None]:
            f"every rank ready with ceiling {ceiling}, got {ready}")
     specs = {s.spec.runner_id: s.spec.context_ceiling for s in ledger.starts_of(iid)}
     expect(set(specs) == runners and set(specs.values()) == {ceiling}, f"every runner started with {ceiling}: {specs}")
-    ctx.metrics["ceiling"] = ceiling
-    ctx.metrics["ceiling_bound_by"] = "memory" if ceiling < card.context_length else "card"
-    ctx.metrics["ranks"] = len(runners)
+    stage.metrics["ceiling"] = ceiling
+    stage.metrics["ceiling_bound_by"] = "memory" if ceiling < card.context_length else "card"
+    stage.metrics["ranks"] = len(runners)
 
-    ctx.start_clients(world.env.now + 10_000.0)
-    yield ctx.sleep(ctx.rng.uniform(2.0, 6.0))
+    stage.start_clients(world.env.now + 10_000.0)
+    yield stage.sleep(stage.rng.uniform(2.0, 6.0))
     # Probes go through the API of rank 0's node: its stream never crosses the
     # (possibly lossy) network, so each outcome is the runner's own answer.
     rank0 = next(node for node, r in sa.node_to_runner.items() if sa.runner_to_shard[r].device_rank == 0)
@@ -107,14 +106,14 @@ def context_admission(ctx: Context) -> Generator[Any, Any, None]:
     def send(prompt: int, max_tokens: int | None) -> Any:
         nonlocal probes
         probes += 1
-        return submit_chat(ctx, world.hosts[rank0], f"probe-{probes}", model, prompt_tokens=prompt, max_tokens=max_tokens)
+        return submit_chat(stage, world.hosts[rank0], f"probe-{probes}", model, prompt_tokens=prompt, max_tokens=max_tokens)
 
     # 2. Over-long requests: refused before prefill, never shortened.
-    long_prompt = ceiling // 2 + ctx.rng.randint(0, ceiling // 4)
+    long_prompt = ceiling // 2 + stage.rng.randint(0, ceiling // 4)
     over = [
-        ("max_tokens beside a long prompt", long_prompt, ceiling - long_prompt + ctx.rng.randint(1, 64)),
-        ("max_tokens beyond the ceiling", ctx.rng.randint(ceiling // 4, ceiling // 2), ceiling + ctx.rng.randint(1, 4_096)),
-        ("a prompt that fills the window", ceiling + ctx.rng.randint(0, 64), None),
+        ("max_tokens beside a long prompt", long_prompt, ceiling - long_prompt + stage.rng.randint(1, 64)),
+        ("max_tokens beyond the ceiling", stage.rng.randint(ceiling // 4, ceiling // 2), ceiling + stage.rng.randint(1, 4_096)),
+        ("a prompt that fills the window", ceiling + stage.rng.randint(0, 64), None),
     ]
     api = admit(prompt_tokens=0, max_tokens=over[1][2], ceiling=ceiling, default_max_tokens=DEFAULT_MAX_OUTPUT_TOKENS)
     expect(isinstance(api, Refused), f"the API's pre-check to refuse max_tokens {over[1][2]} > {ceiling} too")
@@ -131,17 +130,17 @@ def context_admission(ctx: Context) -> Generator[Any, Any, None]:
         expect(took < prefill_s / 2, f"{what}: refused before prefill ({took:.3f} s; prefill takes {prefill_s:.3f} s)")
 
     # 3. No max_tokens and a prompt just under the ceiling: clamped to the room left.
-    room = ctx.rng.randint(1, 32)
+    room = stage.rng.randint(1, 32)
     req = send(ceiling - room, None)
     yield req.done
     expect(req.served, f"a prompt {room} token(s) under the ceiling served, got {req.outcome} ({req.code}) {req.message}")
     expect(1 <= req.tokens <= room, f"at most the {room} token(s) of room streamed, got {req.tokens}")
     expect(req.finish_reason == "stop" or req.tokens == room, f"a 'length' finish only at the room's end: {req.tokens}")
-    ctx.metrics["clamped_finish"] = req.finish_reason
+    stage.metrics["clamped_finish"] = req.finish_reason
 
     # 4. The runners kept serving.
     since = world.env.now
-    ok = yield from ctx.wait_until(
+    ok = yield from stage.wait_until(
         lambda: served_after([r for r in world.clients.requests.values() if r.kind == "SubmitTask"], since) > 0,
         timeout_s=60.0,
     )
@@ -150,16 +149,16 @@ def context_admission(ctx: Context) -> Generator[Any, Any, None]:
     expect(len(ledger.starts_of(iid)) == len(runners), f"no runner of {iid} restarted")
     failed = [r for r in ledger.reports if r.runner_id in runners and type(r.status) is RunnerFailed]
     expect(not failed, f"no rank failed: {failed}")
-    state = master_state(ctx)
+    state = master_state(stage)
     expect(state is not None and all(isinstance(state.runners.get(r), RUNNER_SERVING) for r in runners),
            f"every rank of {iid} still ready or running")
 
     def leftover() -> list[str]:
-        now = master_state(ctx)
+        now = master_state(stage)
         return [] if now is None else sorted(t.command_id for t in now.tasks.values() if t.command_id.startswith("probe-"))
 
     # The last chunk can overtake its task's deletion (a local event, retried after
     # 5, 10, 20 s when lost) on the way to the client.
-    gone = yield from ctx.wait_until(lambda: not leftover(), timeout_s=60.0)
+    gone = yield from stage.wait_until(lambda: not leftover(), timeout_s=60.0)
     expect(gone, f"refused and finished probe tasks gone from the state: {leftover()}")
-    yield ctx.sleep(ctx.rng.uniform(2.0, 8.0))
+    yield stage.sleep(stage.rng.uniform(2.0, 8.0))

@@ -33,8 +33,8 @@ from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId
 from skulk.core.instances import RUNNER_SERVING, RunnerFailed, RunnerReady
 from skulk.core.runner_policy import WEDGE_EXIT_CODE, BreakerPolicy
 
-from chaos.context import ScenarioStuck
-from chaos.scenarios import Context, scenario
+from chaos.stage import ScenarioStuck
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import Ledger, expect, master_state, place_on, served_after
 from sim.clients import chat_client
 from sim.options import SimOptions
@@ -60,42 +60,42 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     )
 
 
-def _runner_on(ctx: Context, iid: InstanceId, host: NodeId) -> Any:
-    state = master_state(ctx)
+def _runner_on(stage: Stage, iid: InstanceId, host: NodeId) -> Any:
+    state = master_state(stage)
     expect(state is not None and iid in state.instances, f"instance {iid} on {host} still placed")
     assert state is not None
     return state.instances[iid].shard_assignments.node_to_runner[host]
 
 
-def _status(ctx: Context, runner_id: Any) -> Any:
-    state = master_state(ctx)
+def _status(stage: Stage, runner_id: Any) -> Any:
+    state = master_state(stage)
     return None if state is None else state.runners.get(runner_id)
 
 
-def _given_up(ctx: Context, runner_id: Any) -> bool:
-    status = _status(ctx, runner_id)
+def _given_up(stage: Stage, runner_id: Any) -> bool:
+    status = _status(stage, runner_id)
     return isinstance(status, RunnerFailed) and status.permanent
 
 
-def _place_serving(ctx: Context, model: str, host: NodeId, name: str) -> Generator[Any, Any, InstanceId]:
-    others = tuple(h for h in ctx.world.host_ids if h != host)
-    iid = yield from place_on(ctx, model, excluded=others, name=name)
-    ok = yield from ctx.wait_until(lambda: ctx.instance_serving(iid), timeout_s=ctx.opts.ready_deadline_s)
+def _place_serving(stage: Stage, model: str, host: NodeId, name: str) -> Generator[Any, Any, InstanceId]:
+    others = tuple(h for h in stage.world.host_ids if h != host)
+    iid = yield from place_on(stage, model, excluded=others, name=name)
+    ok = yield from stage.wait_until(lambda: stage.instance_serving(iid), timeout_s=stage.opts.ready_deadline_s)
     if not ok:
         raise ScenarioStuck(f"{model} on {host} ({iid}) never served")
     return iid
 
 
-def _crash_loop(ctx: Context, ledger: Ledger, iid: InstanceId, host: NodeId, loop: int) -> Generator[Any, Any, None]:
+def _crash_loop(stage: Stage, ledger: Ledger, iid: InstanceId, host: NodeId, loop: int) -> Generator[Any, Any, None]:
     """Inject a crash loop on ``host`` and check the breaker trips exactly once for it."""
-    world = ctx.world
-    runner_id = _runner_on(ctx, iid, host)
+    world = stage.world
+    runner_id = _runner_on(stage, iid, host)
     fault = world.faults.runner_crash_loop(world.hosts[host])
     began = world.env.now
-    ok = yield from ctx.wait_until(lambda: _given_up(ctx, runner_id), timeout_s=POLICY.window_s)
+    ok = yield from stage.wait_until(lambda: _given_up(stage, runner_id), timeout_s=POLICY.window_s)
     expect(ok, f"loop {loop}: the breaker to give up on {runner_id} within {POLICY.window_s:g} s")
     tripped = world.env.now
-    yield ctx.sleep(QUIET_S)
+    yield stage.sleep(QUIET_S)
     exits = ledger.exits_of({runner_id}, since=began)
     restarts = ledger.starts_of(iid, host=host, since=began)
     trips = [m for (t, h, m) in ledger.errors if h == host and m.startswith(f"instance {iid} failed: crash loop")]
@@ -110,8 +110,8 @@ def _crash_loop(ctx: Context, ledger: Ledger, iid: InstanceId, host: NodeId, loo
     expect(len(trips) == 1, f"loop {loop}: the breaker to trip exactly once, got {len(trips)}: {trips}")
     expect(len(given_up) == 1 and "crash loop" in given_up[0].error_message,
            f"loop {loop}: one permanent failure indexed for {iid}, got {given_up}")
-    expect(_given_up(ctx, runner_id), f"loop {loop}: {runner_id} still given up {QUIET_S:g} s after the trip")
-    ctx.metrics[f"loop{loop}_trip_after_s"] = round(tripped - began, 3)
+    expect(_given_up(stage, runner_id), f"loop {loop}: {runner_id} still given up {QUIET_S:g} s after the trip")
+    stage.metrics[f"loop{loop}_trip_after_s"] = round(tripped - began, 3)
     fault.heal()
 
 
@@ -120,38 +120,38 @@ def _crash_loop(ctx: Context, ledger: Ledger, iid: InstanceId, host: NodeId, loo
     "a crash loop trips the breaker exactly once per loop, a wedged runner is never retried, other nodes carry on",
     adjust=_adjust,
 )
-def crash_loop(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
-    ledger = Ledger(ctx)
-    a, b, c = ctx.rng.sample(list(world.host_ids), 3)
-    yield from ctx.wait_until(ctx.cluster_known, timeout_s=opts.settle_deadline_s)
-    on_a = yield from _place_serving(ctx, LOOPED, a, "place-a")
-    on_b = yield from _place_serving(ctx, STEADY, b, "place-b")
-    on_c = yield from _place_serving(ctx, LOOPED, c, "place-c")
-    steady_runner = _runner_on(ctx, on_b, b)
+def crash_loop(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
+    ledger = Ledger(stage)
+    a, b, c = stage.rng.sample(list(world.host_ids), 3)
+    yield from stage.wait_until(stage.cluster_known, timeout_s=opts.settle_deadline_s)
+    on_a = yield from _place_serving(stage, LOOPED, a, "place-a")
+    on_b = yield from _place_serving(stage, STEADY, b, "place-b")
+    on_c = yield from _place_serving(stage, LOOPED, c, "place-c")
+    steady_runner = _runner_on(stage, on_b, b)
     for k in range(opts.client_count):
         world.process(chat_client(world, k, until=world.env.now + 10_000.0, model_id=ModelId(STEADY)))
-    yield ctx.sleep(ctx.rng.uniform(2.0, 6.0))
+    yield stage.sleep(stage.rng.uniform(2.0, 6.0))
     since = world.env.now
     sessions_before = len(world.session_log)
 
     # 1 and 2: two crash loops on A, each its own instance.
-    yield from _crash_loop(ctx, ledger, on_a, a, 1)
+    yield from _crash_loop(stage, ledger, on_a, a, 1)
     host_a = world.hosts[a]
     req = world.clients.submit(host_a, DeleteInstance(command_id=CommandId("delete-a"), instance_id=on_a))
     yield req.done
     expect(req.outcome == "accepted", f"deleting {on_a} to be accepted, got {req.outcome}: {req.message}")
-    again = yield from _place_serving(ctx, LOOPED, a, "place-a2")
-    yield from _crash_loop(ctx, ledger, again, a, 2)
+    again = yield from _place_serving(stage, LOOPED, a, "place-a2")
+    yield from _crash_loop(stage, ledger, again, a, 2)
 
     # 3: a wedged runner on C is given up at once and never restarted.
-    wedged_runner = _runner_on(ctx, on_c, c)
+    wedged_runner = _runner_on(stage, on_c, c)
     wedged_at = world.env.now
     world.faults.runner_wedge(world.hosts[c])
-    ok = yield from ctx.wait_until(lambda: _given_up(ctx, wedged_runner), timeout_s=opts.runner_wedge_exit_s + 30.0)
+    ok = yield from stage.wait_until(lambda: _given_up(stage, wedged_runner), timeout_s=opts.runner_wedge_exit_s + 30.0)
     expect(ok, f"the wedged runner {wedged_runner} to be given up")
-    yield ctx.sleep(QUIET_S)
+    yield stage.sleep(QUIET_S)
     exits = ledger.exits_of({wedged_runner}, since=wedged_at)
     expect([e.exit_code for e in exits] == [WEDGE_EXIT_CODE], f"one exit with code 86, got {exits}")
     expect(exits[0].t - wedged_at >= opts.runner_wedge_exit_s - 1e-6,
@@ -159,7 +159,7 @@ def crash_loop(ctx: Context) -> Generator[Any, Any, None]:
     expect(not ledger.starts_of(on_c, host=c, since=wedged_at), "the wedged runner never restarted")
     wedge_errors = [m for (t, h, m) in ledger.errors if h == c and t >= wedged_at]
     expect(len(wedge_errors) == 1 and "wedged" in wedge_errors[0], f"one wedge error on {c}, got {wedge_errors}")
-    ctx.metrics["wedge_exit_after_s"] = round(exits[0].t - wedged_at, 3)
+    stage.metrics["wedge_exit_after_s"] = round(exits[0].t - wedged_at, 3)
 
     # 4: nobody else was disturbed.
     others = [h for h in world.host_ids if h not in (a, c)]
@@ -178,7 +178,7 @@ def crash_loop(ctx: Context) -> Generator[Any, Any, None]:
     failed = [(r.cid, r.outcome, r.code, r.message) for r in steady
               if r.outcome not in ("ok", "abandoned") and r.code != "stream_lost"]
     expect(not failed, f"every {STEADY} request served, walked away from or lost on the wire, got {failed[:3]}")
-    ctx.metrics["steady_streams_lost"] = sum(1 for r in steady if r.code == "stream_lost")
+    stage.metrics["steady_streams_lost"] = sum(1 for r in steady if r.code == "stream_lost")
     served = served_after(steady, since)
     expect(served > 0, f"{STEADY} requests served while the faults ran")
-    ctx.metrics["steady_served"] = served
+    stage.metrics["steady_served"] = served

@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from chaos.context import ScenarioStuck
-from chaos.scenarios import Context, scenario
+from chaos.stage import ScenarioStuck
+from chaos.scenarios import Stage, scenario
 from sim.options import SimOptions
 
 
@@ -32,11 +32,11 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 
 
 @scenario("event_storm", "clients abandon requests en masse against a loading model: bounded events, no election churn", adjust=_adjust)
-def event_storm(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
-    iid = yield from ctx.place()
-    loading = yield from ctx.wait_until(lambda: _any_loading(ctx, iid), timeout_s=opts.ready_deadline_s)
+def event_storm(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
+    iid = yield from stage.place()
+    loading = yield from stage.wait_until(lambda: _any_loading(stage, iid), timeout_s=opts.ready_deadline_s)
     if not loading:
         raise ScenarioStuck(f"no runner of {iid} started loading")
     sessions = {h.id: h.node.session for h in world.running_hosts()}  # type: ignore[union-attr]
@@ -44,7 +44,7 @@ def event_storm(ctx: Context) -> Generator[Any, Any, None]:
     changes_before = len(world.session_log)
     start = world.env.now
     until = start + opts.storm_duration_s
-    ctx.start_clients(
+    stage.start_clients(
         until,
         count=opts.storm_clients,
         prefix="storm",
@@ -52,9 +52,9 @@ def event_storm(ctx: Context) -> Generator[Any, Any, None]:
         abandon_after_s_max=2.0,
         think_s_mean=0.5,
     )
-    yield ctx.sleep(opts.storm_duration_s + 3.0)
-    if ctx.instance_serving(iid):
-        ctx.metrics["note"] = "the model finished loading during the storm"
+    yield stage.sleep(opts.storm_duration_s + 3.0)
+    if stage.instance_serving(iid):
+        stage.metrics["note"] = "the model finished loading during the storm"
     churn = world.session_log[changes_before:]
     now_sessions = {h.id: h.node.session for h in world.running_hosts()}  # type: ignore[union-attr]
     now_clocks = {h.id: h.node.election.clock for h in world.running_hosts()}  # type: ignore[union-attr]
@@ -63,18 +63,18 @@ def event_storm(ctx: Context) -> Generator[Any, Any, None]:
             f"election churn during the storm: {len(churn)} session change(s); clocks {clocks} -> {now_clocks}"
         )
     storm = [r for r in world.clients.requests.values() if r.cid.startswith("storm-")]
-    ctx.metrics["storm_requests"] = len(storm)
-    ctx.metrics["storm_abandoned"] = sum(1 for r in storm if r.abandoned)
-    ctx.metrics["max_events_per_abandoned_request"] = ctx.checker.max_abandoned_events
-    ok = yield from ctx.wait_until(lambda: ctx.instance_serving(iid), timeout_s=opts.ready_deadline_s)
+    stage.metrics["storm_requests"] = len(storm)
+    stage.metrics["storm_abandoned"] = sum(1 for r in storm if r.abandoned)
+    stage.metrics["max_events_per_abandoned_request"] = stage.checker.max_abandoned_events
+    ok = yield from stage.wait_until(lambda: stage.instance_serving(iid), timeout_s=opts.ready_deadline_s)
     if not ok:
         raise ScenarioStuck(f"instance {iid} never became ready after the storm")
-    ctx.start_clients(world.env.now + opts.chaos_s)
-    yield ctx.sleep(opts.chaos_s)
+    stage.start_clients(world.env.now + opts.chaos_s)
+    yield stage.sleep(opts.chaos_s)
 
 
-def _any_loading(ctx: Context, iid: Any) -> bool:
-    master = ctx.master_host()
+def _any_loading(stage: Stage, iid: Any) -> bool:
+    master = stage.master_host()
     if master is None or master.node is None or master.node.replica.current is None:
         return False
     state = master.node.replica.current

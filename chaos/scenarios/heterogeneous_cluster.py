@@ -30,7 +30,7 @@ from skulk.core.instances import Instance, PipelineShardMetadata
 from skulk.core.memory import USABLE_FRACTION_OF_TOTAL, shard_footprint
 from skulk.core.placement import layer_split
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
     expect,
@@ -58,9 +58,9 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     )
 
 
-def _check_split(ctx: Context, inst: Instance, free: dict[NodeId, int], what: str) -> str:
+def _check_split(stage: Stage, inst: Instance, free: dict[NodeId, int], what: str) -> str:
     """The instance's pipeline split is ``layer_split`` of ``free`` (see the module docstring)."""
-    card = ctx.world.cards[inst.shard_assignments.model_id]
+    card = stage.world.cards[inst.shard_assignments.model_id]
     sa = inst.shard_assignments
     shards = {node: sa.runner_to_shard[r] for node, r in sa.node_to_runner.items()}
     expect(all(isinstance(s, PipelineShardMetadata) for s in shards.values()), f"{what}: pipeline shards")
@@ -96,33 +96,33 @@ def _check_split(ctx: Context, inst: Instance, free: dict[NodeId, int], what: st
     "nodes with different memory sizes get pipeline layer splits in proportion to their free memory",
     adjust=_adjust,
 )
-def heterogeneous_cluster(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
+def heterogeneous_cluster(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
     n = opts.node_count
-    ledger = Ledger(ctx)
-    yield from wait_links_observed(ctx)
+    ledger = Ledger(stage)
+    yield from wait_links_observed(stage)
 
     # 1. The 70B over every node: the split follows 0.75 x RAM.
-    big = yield from place_on(ctx, BIG, min_nodes=n, name="place-big")
-    inst = yield from wait_serving(ctx, BIG, timeout_s=opts.ready_deadline_s)
+    big = yield from place_on(stage, BIG, min_nodes=n, name="place-big")
+    inst = yield from wait_serving(stage, BIG, timeout_s=opts.ready_deadline_s)
     expect(inst.instance_id == big and len(inst.shard_assignments.node_to_runner) == n, f"{BIG} on all {n} nodes")
     static = {h: int(world.hosts[h].ram_total_bytes * USABLE_FRACTION_OF_TOTAL) for h in world.host_ids}
     seen = {node: b.free_bytes for node, b in ledger.created[big].budgets.items()}
     expect(seen == static, f"free memory on a fresh cluster to be 0.75 x RAM: {seen} vs {static}")
-    ctx.metrics["big_layers"] = _check_split(ctx, inst, static, BIG)
-    ctx.metrics["ram_gib"] = ",".join(str(g) for g in opts.ram_total_gib)
+    stage.metrics["big_layers"] = _check_split(stage, inst, static, BIG)
+    stage.metrics["ram_gib"] = ",".join(str(g) for g in opts.ram_total_gib)
 
     # 2. The 7B over some nodes once the 70B is loaded: the split follows free memory then.
-    yield ctx.sleep(2 * opts.telemetry_sample_s)  # telemetry shows the 70B's memory by now
-    k = ctx.rng.randint(2, n)
-    small = yield from place_on(ctx, SMALL, min_nodes=k, name="place-small")
-    served_small = yield from wait_serving(ctx, SMALL, timeout_s=opts.ready_deadline_s)
+    yield stage.sleep(2 * opts.telemetry_sample_s)  # telemetry shows the 70B's memory by now
+    k = stage.rng.randint(2, n)
+    small = yield from place_on(stage, SMALL, min_nodes=k, name="place-small")
+    served_small = yield from wait_serving(stage, SMALL, timeout_s=opts.ready_deadline_s)
     expect(served_small.instance_id == small and len(served_small.shard_assignments.node_to_runner) == k,
            f"{SMALL} on {k} nodes")
     seen = {node: b.free_bytes for node, b in ledger.created[small].budgets.items()}
     expect(sorted(seen) == sorted(served_small.shard_assignments.node_to_runner), f"budgets for every node of {small}")
-    ctx.metrics["small_layers"] = _check_split(ctx, served_small, seen, SMALL)
+    stage.metrics["small_layers"] = _check_split(stage, served_small, seen, SMALL)
 
     # Both serve.
     since = world.env.now
@@ -133,8 +133,8 @@ def heterogeneous_cluster(ctx: Context) -> Generator[Any, Any, None]:
     def requests(model: str) -> list[Any]:
         return [r for r in world.clients.requests.values() if r.kind == "SubmitTask" and r.command.model_id == model]
 
-    ok = yield from ctx.wait_until(
+    ok = yield from stage.wait_until(
         lambda: served_after(requests(BIG), since) > 0 and served_after(requests(SMALL), since) > 0, timeout_s=60.0
     )
     expect(ok, "requests served by both instances")
-    yield ctx.sleep(ctx.rng.uniform(2.0, 8.0))
+    yield stage.sleep(stage.rng.uniform(2.0, 8.0))

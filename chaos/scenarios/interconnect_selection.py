@@ -42,7 +42,7 @@ import msgspec
 from skulk.core.instances import Instance
 from skulk.core.interconnect import KIND_RANK, classify_interface, is_vpn_address
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
     expect,
@@ -79,12 +79,12 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     )
 
 
-def _best_kinds(ctx: Context) -> dict[tuple[str, str], str]:
+def _best_kinds(stage: Stage) -> dict[tuple[str, str], str]:
     """Ground truth: the best link up from a to b, by true kind (VPN last), for every ordered pair."""
-    net = ctx.world.network
+    net = stage.world.network
     out: dict[tuple[str, str], str] = {}
-    for a in ctx.world.host_ids:
-        for b in ctx.world.host_ids:
+    for a in stage.world.host_ids:
+        for b in stage.world.host_ids:
             if a != b:
                 up = [link.kind for link in net.links_between(a, b) if link.up]
                 if up:
@@ -92,9 +92,9 @@ def _best_kinds(ctx: Context) -> dict[tuple[str, str], str]:
     return out
 
 
-def _link_address(ctx: Context, a: str, b: str, kind: str) -> str:
+def _link_address(stage: Stage, a: str, b: str, kind: str) -> str:
     """The address at ``b`` of the link of ``kind`` up between ``a`` and ``b``."""
-    for link in ctx.world.network.links_between(a, b):  # type: ignore[arg-type]
+    for link in stage.world.network.links_between(a, b):  # type: ignore[arg-type]
         if link.up and link.kind == kind:
             return link.address_of(b)  # type: ignore[arg-type]
     raise AssertionError(f"no {kind} link up between {a} and {b}")
@@ -104,25 +104,25 @@ def _quality(kinds: list[str]) -> tuple[int, ...]:
     return tuple(sorted((KIND_RANK[k] for k in kinds), reverse=True))
 
 
-def _check_ring(ctx: Context, inst: Instance, phase: str) -> None:
+def _check_ring(stage: Stage, inst: Instance, phase: str) -> None:
     """Every hop takes the best link up; the ring order is the best possible (see the docstring)."""
-    best = _best_kinds(ctx)
+    best = _best_kinds(stage)
     ring = inst.ring
     nodes = [h.node_id for h in ring]
-    expect(len(ring) == ctx.opts.node_count, f"{phase}: a ring over all {ctx.opts.node_count} nodes, got {nodes}")
+    expect(len(ring) == stage.opts.node_count, f"{phase}: a ring over all {stage.opts.node_count} nodes, got {nodes}")
     for h in ring:
         pred = ring[h.rank - 1].node_id
         want = best[(pred, h.node_id)]
         expect(h.kind == want, f"{phase}: hop into rank {h.rank} ({pred} -> {h.node_id}) over {want}, got {h.kind} "
                                f"at {h.address}")
         ip, port = h.address.rsplit(":", 1)
-        expect(ip == _link_address(ctx, pred, h.node_id, want) and int(port) == inst.ephemeral_port + h.rank,
+        expect(ip == _link_address(stage, pred, h.node_id, want) and int(port) == inst.ephemeral_port + h.rank,
                f"{phase}: rank {h.rank} listens on its {want} address at port {inst.ephemeral_port + h.rank}, "
                f"got {h.address}")
         expect((h.kind == "vpn") == is_vpn_address(ip), f"{phase}: hop kind 'vpn' exactly for a VPN address, got "
                                                          f"{h.kind} at {h.address}")
         if h.kind == "vpn":
-            direct = [link for link in ctx.world.network.links_between(pred, h.node_id)  # type: ignore[arg-type]
+            direct = [link for link in stage.world.network.links_between(pred, h.node_id)  # type: ignore[arg-type]
                       if link.up and link.kind != "vpn"]
             expect(not direct, f"{phase}: the VPN only as the only path, but {pred} -> {h.node_id} has {direct}")
     first, *rest = sorted(nodes)
@@ -140,24 +140,24 @@ def _adjacent(inst: Instance, a: str, b: str) -> bool:
     return any({ring[i - 1].node_id, ring[i].node_id} == {a, b} for i in range(len(ring)))
 
 
-def _pick_pair(ctx: Context, inst: Instance, prefer_wifi: bool) -> tuple[str, str]:
+def _pick_pair(stage: Stage, inst: Instance, prefer_wifi: bool) -> tuple[str, str]:
     """Two ring neighbours (sorted), preferring a pair whose LAN is Wi-Fi when asked."""
     ring = inst.ring
     pairs = sorted({tuple(sorted((ring[i - 1].node_id, ring[i].node_id))) for i in range(len(ring))})
     if prefer_wifi:
-        wifi = [p for p in pairs if any(link.kind == "wifi" for link in ctx.world.network.links_between(*p))]
+        wifi = [p for p in pairs if any(link.kind == "wifi" for link in stage.world.network.links_between(*p))]
         if wifi:
             pairs = wifi
-    a, b = ctx.rng.choice(pairs)
+    a, b = stage.rng.choice(pairs)
     return a, b
 
 
-def _replaced(ctx: Context, ledger: Ledger, old: Instance, phase: str) -> Generator[Any, Any, Instance]:
+def _replaced(stage: Stage, ledger: Ledger, old: Instance, phase: str) -> Generator[Any, Any, Instance]:
     """Wait for the one re-placement of ``old`` and check how it came about."""
-    opts = ctx.opts
+    opts = stage.opts
     deadline = opts.core.group_connect_deadline_s
     new = yield from wait_serving(
-        ctx, MODEL, min_generation=old.generation + 1,
+        stage, MODEL, min_generation=old.generation + 1,
         timeout_s=deadline + opts.ready_deadline_s + 2 * opts.probe_interval_s, what=f"after {phase}",
     )
     expect(new.generation == old.generation + 1, f"{phase}: exactly one re-placement (generation "
@@ -173,53 +173,53 @@ def _replaced(ctx: Context, ledger: Ledger, old: Instance, phase: str) -> Genera
     "rings take thunderbolt, re-form over ethernet when it is pulled, and use the VPN (by address) only as the last path",
     adjust=_adjust,
 )
-def interconnect_selection(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
+def interconnect_selection(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
     n = opts.node_count
     mislabel = opts.vpn_interface_kind != "vpn"
-    ledger = Ledger(ctx)
+    ledger = Ledger(stage)
     # A VPN address is VPN whatever the interface is called (the node-side classifier).
     for host in world.hosts.values():
         for iface in host.interfaces:
             if is_vpn_address(iface.ip_address):
                 expect(classify_interface(iface.name, iface.ip_address) == "vpn",
                        f"{iface.name} at {iface.ip_address} classified as vpn")
-    yield from wait_links_observed(ctx)
-    yield from place_on(ctx, MODEL, min_nodes=n)
-    inst = yield from wait_serving(ctx, MODEL, timeout_s=opts.ready_deadline_s)
-    _check_ring(ctx, inst, "boot")
+    yield from wait_links_observed(stage)
+    yield from place_on(stage, MODEL, min_nodes=n)
+    inst = yield from wait_serving(stage, MODEL, timeout_s=opts.ready_deadline_s)
+    _check_ring(stage, inst, "boot")
     expect(all(h.kind == "thunderbolt" for h in inst.ring), f"an all-thunderbolt ring, got {[h.kind for h in inst.ring]}")
     if mislabel:
         # The mislabel is real: the master's topology carries VPN addresses as "ethernet" links.
         state = world.hosts[world.masters()[0]].node.replica.current  # type: ignore[union-attr]
         labels = {c.kind for c in state.topology.connections if is_vpn_address(c.address)}
         expect(labels == {"ethernet"}, f"VPN connections labelled 'ethernet', got {sorted(labels)}")
-    ctx.start_clients(world.env.now + 10_000.0)
-    yield ctx.sleep(ctx.rng.uniform(2.0, 6.0))
+    stage.start_clients(world.env.now + 10_000.0)
+    yield stage.sleep(stage.rng.uniform(2.0, 6.0))
 
     # Phase 2: pull a Thunderbolt cable between ring neighbours.
-    a, b = _pick_pair(ctx, inst, prefer_wifi=mislabel)
+    a, b = _pick_pair(stage, inst, prefer_wifi=mislabel)
     pulled = world.faults.interconnect_loss(a, b)  # type: ignore[arg-type]
     expect(pulled is not None and "thunderbolt" in pulled.target, f"a thunderbolt cable between {a} and {b}")
     cut_at = world.env.now
-    inst2 = yield from _replaced(ctx, ledger, inst, "the thunderbolt cut")
-    _check_ring(ctx, inst2, "after the thunderbolt cut")
+    inst2 = yield from _replaced(stage, ledger, inst, "the thunderbolt cut")
+    _check_ring(stage, inst2, "after the thunderbolt cut")
     lan = {h.kind for h in inst2.ring if {inst2.ring[h.rank - 1].node_id, h.node_id} == {a, b}}
     if n <= 3:
         want = "wifi" if any(link.kind == "wifi" for link in world.network.links_between(a, b)) else "ethernet"  # type: ignore[arg-type]
         expect(lan == {want}, f"the {a}-{b} hops over {want} after the cut, got {sorted(lan)}")
     expect("vpn" not in {h.kind for h in inst2.ring}, f"no VPN hop while direct links remain: {inst2.ring}")
-    ctx.metrics["reform_after_cut_s"] = round(world.env.now - cut_at, 3)
-    ctx.metrics["lan_after_cut"] = ",".join(sorted(lan)) or "(pair not adjacent)"
+    stage.metrics["reform_after_cut_s"] = round(world.env.now - cut_at, 3)
+    stage.metrics["lan_after_cut"] = ",".join(sorted(lan)) or "(pair not adjacent)"
 
     # Phase 3: only the VPN is left between two ring neighbours.
-    c, d = _pick_pair(ctx, inst2, prefer_wifi=False)
+    c, d = _pick_pair(stage, inst2, prefer_wifi=False)
     only = world.faults.vpn_only(c, d)  # type: ignore[arg-type]
     expect(only is not None, f"direct links between {c} and {d} to pull")
     cut_at = world.env.now
-    inst3 = yield from _replaced(ctx, ledger, inst2, "the VPN-only cut")
-    _check_ring(ctx, inst3, "with only the VPN between " + f"{c} and {d}")
+    inst3 = yield from _replaced(stage, ledger, inst2, "the VPN-only cut")
+    _check_ring(stage, inst3, "with only the VPN between " + f"{c} and {d}")
     vpn_hops = [h for h in inst3.ring if h.kind == "vpn"]
     for h in vpn_hops:
         expect({inst3.ring[h.rank - 1].node_id, h.node_id} == {c, d}, f"VPN hops only between {c} and {d}: {h}")
@@ -227,17 +227,17 @@ def interconnect_selection(ctx: Context) -> Generator[Any, Any, None]:
         expect(len(vpn_hops) == (2 if n == 2 else 1), f"the {c}-{d} hop(s) over the VPN, got {inst3.ring}")
     elif not _adjacent(inst3, c, d):
         expect(not vpn_hops, f"a ring that avoids the VPN-only pair uses no VPN: {inst3.ring}")
-    ctx.metrics["reform_after_vpn_only_s"] = round(world.env.now - cut_at, 3)
-    ctx.metrics["vpn_hops"] = len(vpn_hops)
-    ctx.metrics["vpn_label"] = opts.vpn_interface_kind
+    stage.metrics["reform_after_vpn_only_s"] = round(world.env.now - cut_at, 3)
+    stage.metrics["vpn_hops"] = len(vpn_hops)
+    stage.metrics["vpn_label"] = opts.vpn_interface_kind
 
     # The re-formed ring serves.
     since = world.env.now
     requests = [r for r in world.clients.requests.values() if r.kind == "SubmitTask"]
-    ok = yield from ctx.wait_until(
+    ok = yield from stage.wait_until(
         lambda: served_after([r for r in world.clients.requests.values() if r.kind == "SubmitTask"], since) > 0,
         timeout_s=60.0,
     )
     expect(ok, f"a request served on the re-formed ring within 60 s (of {len(requests)} so far)")
-    yield ctx.sleep(ctx.rng.uniform(2.0, 8.0))
-    ctx.metrics["instances"] = len(ledger.of_model(MODEL))
+    yield stage.sleep(stage.rng.uniform(2.0, 8.0))
+    stage.metrics["instances"] = len(ledger.of_model(MODEL))

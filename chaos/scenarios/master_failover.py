@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from chaos.context import ScenarioStuck
-from chaos.scenarios import Context, scenario
+from chaos.stage import ScenarioStuck
+from chaos.scenarios import Stage, scenario
 from sim.options import SimOptions
 
 MODES = ("crash", "crash_restart", "pause", "isolate")
@@ -53,29 +53,29 @@ class _FirstServed:
 
 
 @scenario("master_failover", "kill the master while requests stream; requests end, placements survive, service resumes", adjust=_adjust)
-def master_failover(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    master = ctx.master_host()
+def master_failover(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    master = stage.master_host()
     if master is None:
         raise ScenarioStuck("no single master after boot")
     excluded = (master.id,) if len(world.host_ids) > 1 else ()
-    yield from ctx.place_and_wait(excluded=excluded)
-    until = world.env.now + ctx.opts.chaos_s
-    ctx.start_clients(until)
-    yield ctx.sleep(ctx.rng.uniform(3.0, 8.0))
-    master = ctx.master_host()
+    yield from stage.place_and_wait(excluded=excluded)
+    until = world.env.now + stage.opts.chaos_s
+    stage.start_clients(until)
+    yield stage.sleep(stage.rng.uniform(3.0, 8.0))
+    master = stage.master_host()
     if master is None or master.node is None or master.node.master is None:
         raise ScenarioStuck("no single master while requests stream")
-    mode = ctx.opts.master_loss_mode
+    mode = stage.opts.master_loss_mode
     if mode == "mixed":
-        mode = ctx.rng.choice(MODES)
+        mode = stage.rng.choice(MODES)
     old = master.node.master.session
     watch = _FirstServed(old, world.env.now)
     world.observers.append(watch)
     lost_at = world.env.now
     # Long enough that the others notice (a pause or a cut shorter than the
     # membership lease is invisible, and rightly changes nothing).
-    down_s = ctx.opts.lease_s + ctx.rng.uniform(2.0, 15.0)
+    down_s = stage.opts.lease_s + stage.rng.uniform(2.0, 15.0)
     if mode == "crash":
         world.faults.crash_stop(master)
     elif mode == "crash_restart":
@@ -84,11 +84,11 @@ def master_failover(ctx: Context) -> Generator[Any, Any, None]:
         world.faults.heal_after(world.faults.pause(master), down_s)
     else:
         world.faults.heal_after(world.faults.isolate(master), down_s)
-    ctx.metrics["master_loss_mode"] = mode
-    ok = yield from ctx.wait_until(lambda: watch.at is not None, timeout_s=max(60.0, until - world.env.now))
+    stage.metrics["master_loss_mode"] = mode
+    ok = yield from stage.wait_until(lambda: watch.at is not None, timeout_s=max(60.0, until - world.env.now))
     if not ok:
         raise ScenarioStuck(f"no request was served under a new master within 60 s of losing {master.id} ({mode})")
     assert watch.at is not None
-    ctx.metrics["failover_s"] = round(watch.at - lost_at, 6)
+    stage.metrics["failover_s"] = round(watch.at - lost_at, 6)
     world.observers.remove(watch)
-    yield ctx.sleep(until - world.env.now)
+    yield stage.sleep(until - world.env.now)

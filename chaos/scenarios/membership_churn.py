@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from chaos.context import ScenarioStuck
-from chaos.scenarios import Context, scenario
+from chaos.stage import ScenarioStuck
+from chaos.scenarios import Stage, scenario
 from sim.options import SimOptions
 
 ACTIONS = ("restart", "restart", "pause", "flap", "flap")
@@ -28,16 +28,16 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 
 
 @scenario("membership_churn", "nodes restart, pause and flap while requests stream; flaps start no campaign", adjust=_adjust)
-def membership_churn(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    rng = ctx.rng
-    opts = ctx.opts
-    yield from ctx.place_and_wait()
+def membership_churn(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    rng = stage.rng
+    opts = stage.opts
+    yield from stage.place_and_wait()
     until = world.env.now + opts.chaos_s
-    ctx.start_clients(until)
+    stage.start_clients(until)
     counts = {"restart": 0, "pause": 0, "flap": 0}
     while world.env.now < until - 2.0:
-        yield ctx.sleep(rng.uniform(2.0, 8.0))
+        yield stage.sleep(rng.uniform(2.0, 8.0))
         up = world.running_hosts()
         if len(up) < 2:
             continue
@@ -57,16 +57,16 @@ def membership_churn(ctx: Context) -> Generator[Any, Any, None]:
             quiet_s = opts.lease_s + opts.discovery_s + opts.core.settle_delay_s + opts.core.campaign_timeout_s + 1.0
             last_heal = max((f.ended_at or 0.0 for f in world.faults.history), default=0.0)
             if world.env.now - last_heal < quiet_s:
-                yield ctx.sleep(quiet_s - (world.env.now - last_heal))
+                yield stage.sleep(quiet_s - (world.env.now - last_heal))
                 if world.faults.active or any(h.node is None or h.paused for h in world.hosts.values()):
                     continue
             clocks = {h.id: h.node.election.clock for h in world.running_hosts()}  # type: ignore[union-attr]
             fault = world.faults.isolate(host)
-            yield ctx.sleep(rng.uniform(0.05, 0.5) * opts.lease_s)
+            yield stage.sleep(rng.uniform(0.05, 0.5) * opts.lease_s)
             fault.heal()
-            yield ctx.sleep(opts.lease_s + opts.core.settle_delay_s + 0.5)
+            yield stage.sleep(opts.lease_s + opts.core.settle_delay_s + 0.5)
             after = {h.id: h.node.election.clock for h in world.running_hosts() if h.id in clocks}  # type: ignore[union-attr]
             if after != {h: c for h, c in clocks.items() if h in after}:
                 raise ScenarioStuck(f"a {host.id} flap shorter than the lease started a campaign: clocks {clocks} -> {after}")
-    ctx.metrics["churn"] = ",".join(f"{k}={v}" for k, v in sorted(counts.items()))
-    yield ctx.sleep(max(0.0, until - world.env.now))
+    stage.metrics["churn"] = ",".join(f"{k}={v}" for k, v in sorted(counts.items()))
+    yield stage.sleep(max(0.0, until - world.env.now))

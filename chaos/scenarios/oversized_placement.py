@@ -37,7 +37,7 @@ from skulk.core.memory import (
 )
 from skulk.core.placement import layer_split
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
     expect,
@@ -70,11 +70,11 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     )
 
 
-def _budgets(ctx: Context) -> dict[NodeId, NodeBudget]:
-    state = master_state(ctx)
+def _budgets(stage: Stage) -> dict[NodeId, NodeBudget]:
+    state = master_state(stage)
     assert state is not None
     out = {}
-    for n in ctx.world.host_ids:
+    for n in stage.world.host_ids:
         b = node_budget(state, n)
         expect(b is not None, f"{n}'s memory known to the master")
         assert b is not None
@@ -98,21 +98,21 @@ def _smallest_fit(card: Any, budgets: dict[NodeId, NodeBudget]) -> int | None:
     return None
 
 
-def _refuse(ctx: Context, ledger: Ledger, name: str) -> Generator[Any, Any, Any]:
+def _refuse(stage: Stage, ledger: Ledger, name: str) -> Generator[Any, Any, Any]:
     """Ask to place the 70B; it must be refused at once, with nothing spawned."""
-    world = ctx.world
+    world = stage.world
     starts = len(ledger.starts)
-    host = world.hosts[ctx.rng.choice(list(world.host_ids))]
+    host = world.hosts[stage.rng.choice(list(world.host_ids))]
     req = world.clients.submit(host, PlaceInstance(command_id=CommandId(name), model_id=ModelId(HUGE)))
     yield req.done
     expect(req.outcome == "rejected" and req.code == "insufficient_memory",
            f"{HUGE} refused as insufficient_memory, got {req.outcome} ({req.code}): {req.message}")
     took = req.ended_at - req.submitted_at
     expect(took <= _ANSWER_S_MAX, f"an impossible placement answered at once, it took {took:.3f} s")
-    yield ctx.sleep(1.0)  # anything a placement would have started would be starting now
+    yield stage.sleep(1.0)  # anything a placement would have started would be starting now
     expect(len(ledger.starts) == starts, f"no runner started by the refused placement: {ledger.starts[starts:]}")
     expect(not ledger.of_model(HUGE), f"no instance of {HUGE} ever indexed: {ledger.of_model(HUGE)}")
-    state = master_state(ctx)
+    state = master_state(stage)
     expect(state is not None and all(i.shard_assignments.model_id != HUGE for i in state.instances.values()),
            f"no instance of {HUGE} in the state")
     return req.message
@@ -123,19 +123,19 @@ def _refuse(ctx: Context, ledger: Ledger, name: str) -> Generator[Any, Any, Any]
     "a model that fits nowhere is refused with the memory arithmetic and nothing spawned; one that fits only across nodes spans them",
     adjust=_adjust,
 )
-def oversized_placement(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    n = ctx.opts.node_count
-    ledger = Ledger(ctx)
-    yield from wait_links_observed(ctx)
+def oversized_placement(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    n = stage.opts.node_count
+    ledger = Ledger(stage)
+    yield from wait_links_observed(stage)
     huge, split = world.cards[HUGE], world.cards[SPLIT]
-    budgets = _budgets(ctx)
+    budgets = _budgets(stage)
     for node, b in budgets.items():
         static = int(world.hosts[node].ram_total_bytes * USABLE_FRACTION_OF_TOTAL)
         expect(b.free_bytes == b.usable_bytes == static, f"{node} free to use exactly 0.75 x RAM ({static}), got {b}")
 
     # 1. The 70B fits nowhere: refused with the arithmetic.
-    message = yield from _refuse(ctx, ledger, "place-huge")
+    message = yield from _refuse(stage, ledger, "place-huge")
     free = {node: b.free_bytes for node, b in budgets.items()}
     whole = shard_footprint(huge, 1)
     expect(f"it does not fit in memory on 1 to {n} node(s)" in message, f"the node counts tried in {message!r}")
@@ -152,8 +152,8 @@ def oversized_placement(ctx: Context) -> Generator[Any, Any, None]:
     # 2. The 7B fits only across several nodes: placed across the fewest that hold it.
     k = _smallest_fit(split, budgets)
     expect(k is not None and k >= 2, f"{SPLIT} to fit only across several nodes here (smallest fit: {k})")
-    iid = yield from place_on(ctx, SPLIT)
-    inst = yield from wait_serving(ctx, SPLIT, timeout_s=ctx.opts.ready_deadline_s)
+    iid = yield from place_on(stage, SPLIT)
+    inst = yield from wait_serving(stage, SPLIT, timeout_s=stage.opts.ready_deadline_s)
     expect(inst.instance_id == iid, f"the placed instance {iid} to serve, got {inst.instance_id}")
     hosts = sorted(inst.shard_assignments.node_to_runner)
     expect(len(hosts) == k, f"{SPLIT} across the {k} node(s) that suffice, got {hosts}")
@@ -162,20 +162,20 @@ def oversized_placement(ctx: Context) -> Generator[Any, Any, None]:
         expect(inst.memory_by_node[node] <= seen[node].free_bytes,
                f"{node}'s share ({inst.memory_by_node[node]} bytes) within its free {seen[node].free_bytes}")
     expect(len(ledger.starts_of(iid)) == k, f"one runner per node of {iid}, got {len(ledger.starts_of(iid))}")
-    ctx.metrics["split_nodes"] = k
+    stage.metrics["split_nodes"] = k
     since = world.env.now
-    ctx.start_clients(world.env.now + 10_000.0)
-    ok = yield from ctx.wait_until(
+    stage.start_clients(world.env.now + 10_000.0)
+    ok = yield from stage.wait_until(
         lambda: served_after([r for r in world.clients.requests.values() if r.kind == "SubmitTask"], since) > 0,
         timeout_s=60.0,
     )
     expect(ok, f"a request served by {SPLIT} across {k} nodes")
 
     # 3. Refused again; nodes hosting the 7B say what is already placed on them.
-    message = yield from _refuse(ctx, ledger, "place-huge-again")
+    message = yield from _refuse(stage, ledger, "place-huge-again")
     parts = message.split("; node ")
     for node in hosts:
         part = next((p for p in parts if p.startswith(f"{node} needs") or f"node {node} needs" in p), None)
         expect(part is not None and "already placed there" in part,
                f"{node} (hosting {SPLIT}) to explain the memory already placed there: {message!r}")
-    yield ctx.sleep(ctx.rng.uniform(2.0, 10.0))
+    yield stage.sleep(stage.rng.uniform(2.0, 10.0))

@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from chaos.context import ScenarioStuck
-from chaos.scenarios import Context, scenario
+from chaos.stage import ScenarioStuck
+from chaos.scenarios import Stage, scenario
 from sim.options import SimOptions
 
 KINDS = ("split", "master_minority", "isolate_master", "oneway_from_master")
@@ -33,17 +33,17 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 
 
 @scenario("partition_heal", "partition the cluster (master in the minority, isolated, one-way), heal, converge", adjust=_adjust)
-def partition_heal(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    rng = ctx.rng
-    yield from ctx.place_and_wait()
-    until = world.env.now + ctx.opts.chaos_s
-    ctx.start_clients(until)
+def partition_heal(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    rng = stage.rng
+    yield from stage.place_and_wait()
+    until = world.env.now + stage.opts.chaos_s
+    stage.start_clients(until)
     rounds = 0
     kinds_run = []
     while world.env.now < until - 5.0:
-        yield ctx.sleep(rng.uniform(1.0, 5.0))
-        master = ctx.master_host()
+        yield stage.sleep(rng.uniform(1.0, 5.0))
+        master = stage.master_host()
         if master is None:
             continue
         ids = list(world.host_ids)
@@ -64,11 +64,11 @@ def partition_heal(ctx: Context) -> Generator[Any, Any, None]:
             fault = world.faults.partition_oneway(master.id, rng.choice(others))
         kinds_run.append(kind)
         rounds += 1
-        yield ctx.sleep(ctx.opts.lease_s + rng.uniform(1.0, 20.0))
+        yield stage.sleep(stage.opts.lease_s + rng.uniform(1.0, 20.0))
         fault.heal()
-        ok = yield from ctx.wait_until(lambda: ctx.master_host() is not None, timeout_s=ctx.opts.liveness_bound_s)
+        ok = yield from stage.wait_until(lambda: stage.master_host() is not None, timeout_s=stage.opts.liveness_bound_s)
         if not ok:
-            raise ScenarioStuck(f"no single master within {ctx.opts.liveness_bound_s:g} s after healing {fault.describe()}")
-        yield ctx.sleep(rng.uniform(3.0, 10.0))
-    ctx.metrics["partitions"] = ",".join(kinds_run)
-    yield ctx.sleep(until - world.env.now)
+            raise ScenarioStuck(f"no single master within {stage.opts.liveness_bound_s:g} s after healing {fault.describe()}")
+        yield stage.sleep(rng.uniform(3.0, 10.0))
+    stage.metrics["partitions"] = ",".join(kinds_run)
+    yield stage.sleep(until - world.env.now)

@@ -37,7 +37,7 @@ from skulk.core.events import InstanceCreated
 from skulk.core.ids import InstanceId, derive_id
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerConnecting
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
     expect,
@@ -74,8 +74,8 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 class _Blocker:
     """Observer: makes one rank of the first generation-0 instance of MODEL unreachable, once."""
 
-    def __init__(self, ctx: Context, mode: str) -> None:
-        self.ctx = ctx
+    def __init__(self, stage: Stage, mode: str) -> None:
+        self.stage = stage
         self.mode = mode
         self.done = False
         self.rank = -1
@@ -98,11 +98,11 @@ class _Blocker:
                     return
 
     def _block(self, inst: Any) -> None:
-        ctx = self.ctx
-        world = ctx.world
+        stage = self.stage
+        world = stage.world
         self.done = True
         self.instance_id = inst.instance_id
-        hop = inst.ring[ctx.rng.randrange(len(inst.ring))]
+        hop = inst.ring[stage.rng.randrange(len(inst.ring))]
         pred = inst.ring[hop.rank - 1]
         self.rank, self.node, self.address = hop.rank, hop.node_id, hop.address
         ip = hop.address.rsplit(":", 1)[0]
@@ -127,7 +127,7 @@ class _Blocker:
         world.trace_note("-", "ring_deadline", f"rank {hop.rank} at {hop.address} unreachable ({self.mode})")
 
     def _link_down(self, link: Link) -> None:
-        self.ctx.world.faults.set_link(link, kind="ring_link_down")
+        self.stage.world.faults.set_link(link, kind="ring_link_down")
 
 
 @scenario(
@@ -135,27 +135,27 @@ class _Blocker:
     "a rank's ring address is unreachable: group connect fails at its deadline with a diagnosis, then re-placement",
     adjust=_adjust,
 )
-def ring_deadline(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
+def ring_deadline(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
     deadline = opts.core.group_connect_deadline_s
-    ledger = Ledger(ctx)
-    blocker = _Blocker(ctx, ctx.rng.choice(("port", "link")))
+    ledger = Ledger(stage)
+    blocker = _Blocker(stage, stage.rng.choice(("port", "link")))
     world.observers.append(blocker)
-    yield from wait_links_observed(ctx)
-    k = ctx.rng.randint(2, opts.node_count)
+    yield from wait_links_observed(stage)
+    k = stage.rng.randint(2, opts.node_count)
     placed_at = world.env.now
-    iid = yield from place_on(ctx, MODEL, min_nodes=k)
-    ctx.start_clients(world.env.now + 10_000.0)
+    iid = yield from place_on(stage, MODEL, min_nodes=k)
+    stage.start_clients(world.env.now + 10_000.0)
     expect(blocker.done and blocker.instance_id == iid, f"the first placement {iid} to get an unreachable rank")
     new = yield from wait_serving(
-        ctx, MODEL, min_generation=1, timeout_s=deadline + opts.ready_deadline_s + 2 * opts.probe_interval_s,
+        stage, MODEL, min_generation=1, timeout_s=deadline + opts.ready_deadline_s + 2 * opts.probe_interval_s,
         what="after the group-connect deadline",
     )
     old = ledger.created[iid].instance
-    ctx.metrics["mode"] = blocker.mode
-    ctx.metrics["deadline_s"] = deadline
-    ctx.metrics["ranks"] = len(old.ring)
+    stage.metrics["mode"] = blocker.mode
+    stage.metrics["deadline_s"] = deadline
+    stage.metrics["ranks"] = len(old.ring)
 
     # The failure: at the deadline, with a diagnosis naming the rank and its address.
     timeouts = [(t, node, f) for (t, node, i, f) in ledger.failures if i == iid and f.code == GROUP_CONNECT_TIMEOUT]
@@ -175,7 +175,7 @@ def ring_deadline(ctx: Context) -> Generator[Any, Any, None]:
     took = reported[0].t - began[-1]
     expect(deadline - 1e-6 <= took <= deadline + _SLACK_S,
            f"group connect to fail at its {deadline:g} s deadline, it took {took:.3f} s")
-    ctx.metrics["failed_after_s"] = round(took, 3)
+    stage.metrics["failed_after_s"] = round(took, 3)
 
     # The re-placement: once, generation 1, a derived id, a fresh port, the address avoided.
     gens = sorted(c.instance.generation for c in ledger.of_model(MODEL))
@@ -195,14 +195,14 @@ def ring_deadline(ctx: Context) -> Generator[Any, Any, None]:
     # Creation reaches the workers, and the failure the master, over a lossy, heavy-tailed network.
     expect(replaced_after <= deadline + _NETWORK_SLACK_S,
            f"re-placement within the deadline + {_NETWORK_SLACK_S:g} s, took {replaced_after:.3f} s")
-    ctx.metrics["replaced_after_s"] = round(replaced_after, 3)
-    ctx.metrics["placed_to_serving_s"] = round(world.env.now - placed_at, 3)
+    stage.metrics["replaced_after_s"] = round(replaced_after, 3)
+    stage.metrics["placed_to_serving_s"] = round(world.env.now - placed_at, 3)
 
     # The re-placed instance serves.
     since = world.env.now
-    ok = yield from ctx.wait_until(
+    ok = yield from stage.wait_until(
         lambda: served_after([r for r in world.clients.requests.values() if r.kind == "SubmitTask"], since) > 0,
         timeout_s=60.0,
     )
     expect(ok, "a request served by the re-placed instance within 60 s")
-    yield ctx.sleep(ctx.rng.uniform(2.0, 10.0))
+    yield stage.sleep(stage.rng.uniform(2.0, 10.0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from chaos.scenarios import Context, scenario
+from chaos.scenarios import Stage, scenario
 from sim.options import FAULT_KINDS, SimOptions
 
 
@@ -35,20 +35,20 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 
 
 @scenario("swarm", "a random mix of every fault kind while clients stream; converge after healing", adjust=_adjust)
-def swarm(ctx: Context) -> Generator[Any, Any, None]:
-    world = ctx.world
-    opts = ctx.opts
-    rng = ctx.rng
-    yield from ctx.place_and_wait()
+def swarm(stage: Stage) -> Generator[Any, Any, None]:
+    world = stage.world
+    opts = stage.opts
+    rng = stage.rng
+    yield from stage.place_and_wait()
     until = world.env.now + opts.chaos_s
-    ctx.start_clients(until)
+    stage.start_clients(until)
     world.process(world.faults.swarm(until, world.rngs("swarm")))
     storms = 0
     while world.env.now < until:
-        yield ctx.sleep(min(until - world.env.now, rng.uniform(10.0, 40.0)))
+        yield stage.sleep(min(until - world.env.now, rng.uniform(10.0, 40.0)))
         if "abandon_storm" in opts.fault_kinds and world.env.now < until - 1.0:
             storms += 1
-            ctx.start_clients(
+            stage.start_clients(
                 min(until, world.env.now + opts.storm_duration_s),
                 count=opts.storm_clients,
                 prefix=f"storm{storms}",
@@ -56,5 +56,5 @@ def swarm(ctx: Context) -> Generator[Any, Any, None]:
                 abandon_after_s_max=2.0,
                 think_s_mean=0.3,
             )
-    ctx.metrics["faults_enabled"] = ",".join(opts.fault_kinds)
-    ctx.metrics["storms"] = storms
+    stage.metrics["faults_enabled"] = ",".join(opts.fault_kinds)
+    stage.metrics["storms"] = storms

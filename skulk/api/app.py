@@ -1,9 +1,9 @@
-"""``create_app(handle)``: the Starlette application every node serves on port 52415.
+"""``create_app(node)``: the Starlette application every node serves on port 52415.
 
 Theory of operation
 -------------------
 The app is thin: the route table (``skulk.api.routes``) maps each endpoint to a
-handler that validates, talks to the node through ``NodeHandle`` (commands and
+handler that validates, talks to the node through ``NodePort`` (commands and
 the replicated state, nothing else) and renders. Around it:
 
 - exception handlers that turn every failure (``ApiError``, Starlette's own
@@ -31,9 +31,9 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from skulk.api.config import ApiConfig
-from skulk.api.context import ApiContext
+from skulk.api.appstate import AppState
 from skulk.api.errors import ApiError, error_response
-from skulk.api.handle import NodeHandle
+from skulk.api.port import NodePort
 from skulk.api.metrics import ApiMetrics
 from skulk.api.openapi import build_openapi
 from skulk.api.routes import ENDPOINTS
@@ -85,15 +85,15 @@ def _read_asset(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def create_app(handle: NodeHandle, *, config: ApiConfig | None = None) -> Starlette:
-    """The API and dashboard app for the node behind ``handle``.
+def create_app(node: NodePort, *, config: ApiConfig | None = None) -> Starlette:
+    """The API and dashboard app for the node behind ``node``.
 
     ``config`` defaults to ``ApiConfig.from_env()``. The app keeps no state of
     its own beyond counters and a bounded memory of cancelled command ids;
-    everything it shows comes from ``handle``.
+    everything it shows comes from ``node``.
     """
     config = config or ApiConfig.from_env()
-    context = ApiContext(handle=handle, config=config)
+    api = AppState(node=node, config=config)
     openapi_body = json_response(build_openapi()).body
     index_html = _read_asset("index.html").replace("__SKULK_POLL_MS__", str(config.dashboard_poll_ms))
     docs_html = _read_asset("docs.html")
@@ -157,6 +157,6 @@ def create_app(handle: NodeHandle, *, config: ApiConfig | None = None) -> Starle
             Exception: on_unexpected,
         },
     )
-    app.state.skulk = context
-    app.add_middleware(_RequestCounter, metrics=context.metrics, routes=routes)
+    app.state.skulk = api
+    app.add_middleware(_RequestCounter, metrics=api.metrics, routes=routes)
     return app

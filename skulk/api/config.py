@@ -15,7 +15,7 @@ from dataclasses import dataclass
 __all__ = ["ApiConfig", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_OUTPUT_TOKENS"]
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_OUTPUT_TOKENS = 4096
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from skulk.api.errors import ApiError, error_body, status_for_code
-from skulk.api.handle import NodeHandle, RequestStream
+from skulk.api.port import NodePort, RequestStream
 from skulk.api.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -78,17 +78,17 @@ class Prepared:
     want_logprobs: bool
 
 
-def instances_for(handle: NodeHandle, model: str) -> list[Instance]:
+def instances_for(node: NodePort, model: str) -> list[Instance]:
     """Instances of ``model`` in the node's replicated state, by instance id."""
-    state = handle.state
+    state = node.state
     return [state.instances[i] for i in sorted(state.instances) if state.instances[i].shard_assignments.model_id == model]
 
 
-def _check_model(handle: NodeHandle, model: str) -> list[Instance]:
+def _check_model(node: NodePort, model: str) -> list[Instance]:
     if not model.strip():
         raise ApiError(400, "model must name a model (GET /v1/models lists them)", code="invalid_value", param="model")
-    found = instances_for(handle, model)
-    if not found and model not in handle.cards:
+    found = instances_for(node, model)
+    if not found and model not in node.cards:
         raise ApiError(
             404,
             f"The model `{model}` does not exist on this cluster: no model card and no placed instance "
@@ -127,7 +127,7 @@ def _message(message: ChatMessageIn) -> ChatMessage:
     return ChatMessage(role=message.role, content=text)
 
 
-def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_tokens: int) -> Prepared:
+def prepare_chat(node: NodePort, body: ChatCompletionRequest, default_max_tokens: int) -> Prepared:
     """Validate a chat request and build its ``SubmitTask``; raises ``ApiError`` when invalid."""
     messages = tuple(_message(m) for m in body.messages)
     assert messages, "the schema requires at least one message"
@@ -143,7 +143,7 @@ def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_to
         )
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     stop = _stop(body.stop)
-    instances = _check_model(handle, body.model)
+    instances = _check_model(node, body.model)
     _admit(instances, max_tokens, max_param, default_max_tokens)
     params = GenerationParams(
         messages=messages,
@@ -158,7 +158,7 @@ def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_to
         logprobs=bool(body.logprobs),
         top_logprobs=body.top_logprobs or 0,
     )
-    command = SubmitTask(command_id=handle.new_command_id(), model_id=ModelId(body.model), kind="chat", params=params)
+    command = SubmitTask(command_id=node.new_command_id(), model_id=ModelId(body.model), kind="chat", params=params)
     return Prepared(
         command=command,
         model=body.model,
@@ -169,13 +169,13 @@ def prepare_chat(handle: NodeHandle, body: ChatCompletionRequest, default_max_to
     )
 
 
-def prepare_completion(handle: NodeHandle, body: CompletionRequest, default_max_tokens: int) -> Prepared:
+def prepare_completion(node: NodePort, body: CompletionRequest, default_max_tokens: int) -> Prepared:
     """Validate a text-completion request and build its ``SubmitTask``."""
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     if body.echo:
         raise ApiError(400, "echo is not supported", code="unsupported_value", param="echo")
     stop = _stop(body.stop)
-    instances = _check_model(handle, body.model)
+    instances = _check_model(node, body.model)
     _admit(instances, body.max_tokens, "max_tokens", default_max_tokens)
     params = GenerationParams(
         prompt=prompt,
@@ -190,7 +190,7 @@ def prepare_completion(handle: NodeHandle, body: CompletionRequest, default_max_
         logprobs=body.logprobs is not None,
         top_logprobs=body.logprobs or 0,
     )
-    command = SubmitTask(command_id=handle.new_command_id(), model_id=ModelId(body.model), kind="completion", params=params)
+    command = SubmitTask(command_id=node.new_command_id(), model_id=ModelId(body.model), kind="completion", params=params)
     return Prepared(
         command=command,
         model=body.model,

@@ -8,7 +8,7 @@ Three sources, one Prometheus text exposition (version 0.0.4):
   template and status; streams open; tokens streamed; time to first token);
 - gauges derived from the replicated state (nodes, instances, tasks, runners
   by status, whether this node is master);
-- ``NodeHandle.metrics()``: whatever the runtime counts (names ending in
+- ``NodePort.metrics()``: whatever the runtime counts (names ending in
   ``_total`` are exposed as counters, others as gauges).
 
 Label values are escaped per the exposition format; metric names are checked,
@@ -23,7 +23,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from skulk.api.handle import NodeHandle
+from skulk.api.port import NodePort
 
 __all__ = ["ApiMetrics", "render_metrics", "CONTENT_TYPE"]
 
@@ -78,7 +78,7 @@ def _family(lines: list[str], name: str, kind: str, help_text: str, samples: lis
         lines.append(f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}")
 
 
-def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
+def render_metrics(node: NodePort, api: ApiMetrics) -> str:
     """The whole exposition text, ending with a newline."""
     lines: list[str] = []
     _family(
@@ -105,7 +105,7 @@ def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
     lines.append(f"skulk_api_time_to_first_token_seconds_sum {_number(api.ttft_seconds_sum)}")
     lines.append(f"skulk_api_time_to_first_token_seconds_count {api.ttft_count}")
 
-    state = handle.state
+    state = node.state
     _family(lines, "skulk_cluster_nodes", "gauge", "Nodes in this node's replicated topology.", [({}, len(state.topology.nodes))])
     _family(lines, "skulk_cluster_instances", "gauge", "Placed model instances.", [({}, len(state.instances))])
     _family(lines, "skulk_cluster_tasks", "gauge", "Generation tasks the master has indexed and not yet deleted.", [({}, len(state.tasks))])
@@ -113,10 +113,10 @@ def render_metrics(handle: NodeHandle, api: ApiMetrics) -> str:
     _family(
         lines, "skulk_cluster_runners", "gauge", "Runners by status.", [({"status": k}, v) for k, v in sorted(by_status.items())]
     )
-    _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if handle.is_master else 0)])
+    _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if node.is_master else 0)])
     _family(lines, "skulk_state_last_index", "gauge", "Index of the last applied event in this session.", [({}, state.last_index)])
 
-    for name, value in sorted(handle.metrics().items()):
+    for name, value in sorted(node.metrics().items()):
         if not _NAME.match(name) or name.startswith("skulk_api_"):
             lines.append(f"# skipped invalid or reserved metric name {name!r}")
             continue

@@ -1,7 +1,7 @@
 """Handlers of the OpenAI-compatible endpoints: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``.
 
 Each generation request goes: read the bounded body -> typed decode ->
-``prepare_*`` (validation and context admission) -> ``handle.open_task`` ->
+``prepare_*`` (validation and context admission) -> ``node.open_task`` ->
 either an ``EventStreamResponse`` or, non-streamed, the collected response.
 A client that leaves, streamed or not, has its request abandoned.
 """
@@ -15,10 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from skulk.api.body import decode_body, read_body
-from skulk.api.context import ApiContext, ctx
+from skulk.api.appstate import AppState, app_state
 from skulk.api.errors import ApiError
 from skulk.api.generation import Prepared, Renderer, collect, prepare_chat, prepare_completion, raise_for_result, stream_events
-from skulk.api.handle import RequestStream
+from skulk.api.port import RequestStream
 from skulk.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList, ModelObject
 from skulk.api.sse import ClientGone, EventStreamResponse, until_disconnect
 from skulk.api.wire import json_response
@@ -28,32 +28,32 @@ __all__ = ["chat_completions", "completions", "list_models", "get_model"]
 
 async def chat_completions(request: Request) -> Response:
     """``POST /v1/chat/completions``."""
-    context = ctx(request)
-    body = decode_body(await read_body(request, context.config.max_body_bytes), ChatCompletionRequest)
-    prepared = prepare_chat(context.handle, body, context.config.max_output_tokens)
-    return await _run(request, context, prepared)
+    api = app_state(request)
+    body = decode_body(await read_body(request, api.config.max_body_bytes), ChatCompletionRequest)
+    prepared = prepare_chat(api.node, body, api.config.max_output_tokens)
+    return await _run(request, api, prepared)
 
 
 async def completions(request: Request) -> Response:
     """``POST /v1/completions``."""
-    context = ctx(request)
-    body = decode_body(await read_body(request, context.config.max_body_bytes), CompletionRequest)
-    prepared = prepare_completion(context.handle, body, context.config.max_output_tokens)
-    return await _run(request, context, prepared)
+    api = app_state(request)
+    body = decode_body(await read_body(request, api.config.max_body_bytes), CompletionRequest)
+    prepared = prepare_completion(api.node, body, api.config.max_output_tokens)
+    return await _run(request, api, prepared)
 
 
-async def _run(request: Request, context: ApiContext, prepared: Prepared) -> Response:
-    result, stream = await context.handle.open_task(prepared.command)
+async def _run(request: Request, api: AppState, prepared: Prepared) -> Response:
+    result, stream = await api.node.open_task(prepared.command)
     raise_for_result(result)
     if stream is None:
         raise ApiError(500, "the node accepted the request but gave no stream", code="internal_error")
     renderer = Renderer(prepared)
     if prepared.stream:
-        return EventStreamResponse(_counted(context, renderer, stream))
+        return EventStreamResponse(_counted(api, renderer, stream))
     try:
         response = await until_disconnect(
             request.receive,
-            collect(renderer, stream, abandon=context.abandon, was_cancelled=context.was_cancelled),
+            collect(renderer, stream, abandon=api.abandon, was_cancelled=api.was_cancelled),
         )
     except ClientGone:
         # Nobody is listening; the request was abandoned by collect's finally. 499 is
@@ -62,8 +62,8 @@ async def _run(request: Request, context: ApiContext, prepared: Prepared) -> Res
     return json_response(response)
 
 
-async def _counted(context: ApiContext, renderer: Renderer, stream: RequestStream) -> AsyncIterator[bytes]:
-    metrics = context.metrics
+async def _counted(api: AppState, renderer: Renderer, stream: RequestStream) -> AsyncIterator[bytes]:
+    metrics = api.metrics
     metrics.streams_active += 1
     metrics.streams_total += 1
     started = time.monotonic()
@@ -78,20 +78,20 @@ async def _counted(context: ApiContext, renderer: Renderer, stream: RequestStrea
 
     try:
         async for event in stream_events(
-            renderer, stream, abandon=context.abandon, was_cancelled=context.was_cancelled, on_text=on_text
+            renderer, stream, abandon=api.abandon, was_cancelled=api.was_cancelled, on_text=on_text
         ):
             yield event
     finally:
         metrics.streams_active -= 1
 
 
-def _model_objects(context: ApiContext) -> list[ModelObject]:
-    state = context.handle.state
+def _model_objects(api: AppState) -> list[ModelObject]:
+    state = api.node.state
     ceilings: dict[str, int] = {}
     for inst in state.instances.values():
         model = inst.shard_assignments.model_id
         ceilings[model] = max(ceilings.get(model, 0), inst.context_ceiling)
-    cards = context.handle.cards
+    cards = api.node.cards
     ids = sorted(set(ceilings) | set(cards))
     out = []
     for model_id in ids:
@@ -106,13 +106,13 @@ def _model_objects(context: ApiContext) -> list[ModelObject]:
 
 async def list_models(request: Request) -> Response:
     """``GET /v1/models``: every model this node knows, placed ones first."""
-    return json_response(ModelList(data=_model_objects(ctx(request))))
+    return json_response(ModelList(data=_model_objects(app_state(request))))
 
 
 async def get_model(request: Request) -> Response:
     """``GET /v1/models/{model_id}``."""
     model_id = request.path_params["model_id"]
-    for model in _model_objects(ctx(request)):
+    for model in _model_objects(app_state(request)):
         if model.id == model_id:
             return json_response(model)
     raise ApiError(404, f"The model `{model_id}` does not exist on this cluster", code="model_not_found", param="model")

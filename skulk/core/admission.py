@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from skulk.core.records import Record
 
-__all__ = ["Admitted", "Refused", "Admission", "CONTEXT_LENGTH_EXCEEDED", "admit"]
+__all__ = ["Admitted", "Refused", "Admission", "CONTEXT_LENGTH_EXCEEDED", "DEFAULT_MAX_OUTPUT_TOKENS", "admit"]
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+# The output cap of a request that omits max_tokens (SKULK_MAX_OUTPUT_TOKENS's default):
+# the API, every runner and the simulator clamp to the same number.
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
 
 
 class Admitted(Record, frozen=True, kw_only=True):

@@ -7,7 +7,7 @@ its weight bytes, its layer count, the shape of its KV cache (hidden size, KV
 heads, head dimension), its advertised context length, whether mlx-lm can shard
 it tensor-parallel, and runtime knobs for speculative decoding. Cards are small
 TOML files; this module only parses and writes text (``tomllib``), the loader
-that reads files from disk lives outside the core (``skulk.modelcards``).
+that reads files from disk lives outside the core (``skulk.cards``).
 
 Layout of a card (``[runtime]`` keys are optional)::
 

@@ -3,11 +3,23 @@
 The asyncio runtime turns them into zenoh puts, asyncio timers, disk writes
 and subprocesses; the simulator turns them into simpy events. A driver carries
 effects out in list order and never decides anything about them.
+
+Every driver (``skulk.runtime.driver.Driver``, ``sim.host.SimHost``, the
+hand-stepped ``sim.manual.ManualCluster``) subclasses ``EffectCarrier``: one
+abstract method per effect type, named ``carry_<snake_case name>``, and one
+table (``EFFECT_METHODS``) from type to method that every driver dispatches
+through. Adding an effect type is adding its record to this module, to the
+``Effect`` union and an abstract method to ``EffectCarrier``; an import-time
+check names what is missing, and a driver that cannot carry the new effect
+out cannot be constructed until it implements the method.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import abc
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Literal, get_args
 
 from skulk.core.commands import CommandResult
 from skulk.core.events import IndexedEvent
@@ -35,6 +47,8 @@ __all__ = [
     "SessionChanged",
     "Log",
     "Effect",
+    "EffectCarrier",
+    "EFFECT_METHODS",
 ]
 
 
@@ -145,3 +159,90 @@ Effect = (
     | SessionChanged
     | Log
 )
+
+
+# --- the driver's side ------------------------------------------------------------------------
+
+
+def _method_name(effect_type: type) -> str:
+    return "carry_" + re.sub(r"(?<!^)(?=[A-Z])", "_", effect_type.__name__).lower()
+
+
+EFFECT_METHODS: dict[type, str] = {kind: _method_name(kind) for kind in get_args(Effect)}
+"""Each effect type -> the ``EffectCarrier`` method that carries it out (``SetTimer`` -> ``carry_set_timer``)."""
+
+
+class EffectCarrier(abc.ABC):
+    """A driver of the core: one method per effect type; ``carry_out`` dispatches through ``EFFECT_METHODS``."""
+
+    def effect_table(self) -> dict[type, Callable[[Any], None]]:
+        """This driver's handler for each effect type (bind once, dispatch many)."""
+        return {kind: getattr(self, name) for kind, name in EFFECT_METHODS.items()}
+
+    def carry_out(self, effects: Iterable[Effect]) -> None:
+        """Carry out ``effects`` in order."""
+        table = self.effect_table()
+        for effect in effects:
+            table[type(effect)](effect)
+
+    @abc.abstractmethod
+    def carry_send(self, effect: Send) -> None:
+        """Put the message on its topic, to ``effect.to`` or (None) every peer."""
+
+    @abc.abstractmethod
+    def carry_set_timer(self, effect: SetTimer) -> None:
+        """Feed ``TimerFired(effect.key)`` at ``effect.at``, replacing a pending timer of the same key."""
+
+    @abc.abstractmethod
+    def carry_cancel_timer(self, effect: CancelTimer) -> None:
+        """Forget the pending timer of ``effect.key``, if any."""
+
+    @abc.abstractmethod
+    def carry_persist_node(self, effect: PersistNode) -> None:
+        """Replace the node's durable record; on failure feed ``PersistFailed``."""
+
+    @abc.abstractmethod
+    def carry_append_log(self, effect: AppendLog) -> None:
+        """Append to the master's on-disk log; on failure feed ``PersistFailed``."""
+
+    @abc.abstractmethod
+    def carry_write_snapshot(self, effect: WriteSnapshot) -> None:
+        """Persist the master's snapshot."""
+
+    @abc.abstractmethod
+    def carry_start_runner(self, effect: StartRunner) -> None:
+        """Start a runner process for ``effect.spec``; its reports come back as inputs."""
+
+    @abc.abstractmethod
+    def carry_stop_runner(self, effect: StopRunner) -> None:
+        """Stop a runner (its exit comes back as ``RunnerExited``)."""
+
+    @abc.abstractmethod
+    def carry_dispatch_task(self, effect: DispatchTask) -> None:
+        """Hand a task to a runner; its chunks come back as ``RunnerOutput``."""
+
+    @abc.abstractmethod
+    def carry_cancel_runner_task(self, effect: CancelRunnerTask) -> None:
+        """Tell a runner to stop generating a task."""
+
+    @abc.abstractmethod
+    def carry_deliver_chunk(self, effect: DeliverChunk) -> None:
+        """Hand a chunk to the local API request waiting on its command id."""
+
+    @abc.abstractmethod
+    def carry_command_completed(self, effect: CommandCompleted) -> None:
+        """Hand a command's outcome to the local API request that submitted it."""
+
+    @abc.abstractmethod
+    def carry_session_changed(self, effect: SessionChanged) -> None:
+        """Tell the listeners (API, observers) about the node's new session."""
+
+    @abc.abstractmethod
+    def carry_log(self, effect: Log) -> None:
+        """Log the core's message at its level."""
+
+
+_unhandled = sorted(name for name in EFFECT_METHODS.values() if name not in EffectCarrier.__abstractmethods__)
+assert not _unhandled, f"EffectCarrier lacks an abstract method for: {_unhandled}"
+assert len(EffectCarrier.__abstractmethods__) == len(EFFECT_METHODS), "an EffectCarrier method names no effect type"
+del _unhandled

@@ -23,6 +23,14 @@ candidate by ``(clock, seniority, commands seen, node id)``.
   announces; two settled nodes that disagree at the same clock, or a settled
   node that hears a higher clock, start a slow campaign.
 
+The election never calls back into the node. What it needs to know about the
+rest of the node (its seniority, a master's log length) comes in with every
+input as a ``Standing``; what the node must do comes back in the ``Output``:
+``persist`` when the clock moved (the node writes its record before the votes
+go out), ``session`` when the node must follow a new session. After following
+a session that concluded a campaign, the node calls ``announce`` so the peers
+hear the result at once.
+
 Invariants kept: ``clock`` never decreases; a node's session only moves to a
 session with a greater clock; ``is_master`` implies ``session.master`` is this
 node.
@@ -30,20 +38,25 @@ node.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from skulk.core.config import CoreConfig
-from skulk.core.effects import Effect, Log, PersistNode, Send, SetTimer
+from skulk.core.effects import Effect, Log, Send
 from skulk.core.ids import NodeId
 from skulk.core.messages import Candidate, ElectionMessage, Vote
+from skulk.core.output import Output, SessionChange
+from skulk.core.records import Record
 from skulk.core.session import Session
+from skulk.core.timers import CampaignTimer, HeartbeatTimer, SettleTimer, set_timer
 
-__all__ = ["Election", "CAMPAIGN_TIMER", "SETTLE_TIMER", "HEARTBEAT_TIMER", "FORCE_MASTER_SENIORITY"]
+__all__ = ["Election", "Standing", "FORCE_MASTER_SENIORITY"]
 
-CAMPAIGN_TIMER = "election.campaign"
-SETTLE_TIMER = "election.settle"
-HEARTBEAT_TIMER = "election.heartbeat"
 FORCE_MASTER_SENIORITY = 1_000_000_000
+
+
+class Standing(Record, frozen=True, kw_only=True):
+    """What the rest of the node tells the election with each input."""
+
+    seniority: int = 0  # a sitting master's grows with the nodes it serves
+    log_next: int | None = None  # while this node acts as master: its log length (for heartbeats)
 
 
 def _vote_order(vote: Vote) -> tuple[tuple[int, int, int, str], tuple[int, str]]:
@@ -62,22 +75,9 @@ class _Campaign:
 
 
 class Election:
-    """One node's view of the election. Drive it through the ``on_*`` methods.
+    """One node's view of the election. Drive it through the ``on_*`` methods."""
 
-    ``seniority`` is a callback so the node can say how senior it is right now
-    (a sitting master's seniority grows with the nodes it serves).
-    ``persist`` builds the record to persist when the clock moves.
-    """
-
-    def __init__(
-        self,
-        node_id: NodeId,
-        config: CoreConfig,
-        *,
-        clock: int,
-        seniority: Callable[[], int],
-        persist: Callable[[int], PersistNode],
-    ) -> None:
+    def __init__(self, node_id: NodeId, config: CoreConfig, *, clock: int) -> None:
         assert clock >= 0
         self.node_id = node_id
         self.config = config
@@ -88,12 +88,6 @@ class Election:
         self.peers: frozenset[NodeId] = frozenset()
         self._campaign_peers: frozenset[NodeId] | None = None
         self._campaign: _Campaign | None = None
-        self._seniority = seniority
-        self._persist = persist
-        # A settled master puts its log length in heartbeats (see replica.py).
-        self.log_next: Callable[[], int | None] = lambda: None
-        # Set by the node to learn about a session change without polling.
-        self.on_session_change: Callable[[float, Session | None, Session], list[Effect]] | None = None
 
     # --- queries -------------------------------------------------------------
 
@@ -101,8 +95,8 @@ class Election:
     def campaigning(self) -> bool:
         return self._campaign is not None
 
-    def my_vote(self, clock: int) -> Vote:
-        seniority = self._seniority()
+    def my_vote(self, clock: int, standing: Standing) -> Vote:
+        seniority = standing.seniority
         if self.config.force_master:
             seniority += FORCE_MASTER_SENIORITY
         return Vote(
@@ -117,112 +111,118 @@ class Election:
 
     # --- inputs --------------------------------------------------------------
 
-    def on_boot(self, now: float) -> list[Effect]:
+    def on_boot(self, now: float, standing: Standing) -> Output:
         """Start: campaign alone (slow, so discovery has the whole timeout)."""
-        effects: list[Effect] = [SetTimer(key=HEARTBEAT_TIMER, at=now + self.config.heartbeat_interval_s)]
-        effects += self._start_campaign(now, clock=self.clock + 1, fast=False)
-        return effects
+        out = Output([set_timer(HeartbeatTimer(), now + self.config.heartbeat_interval_s)])
+        self._start_campaign(out, now, self.clock + 1, False, standing)
+        return out
 
     def on_command_seen(self) -> None:
         self.commands_seen += 1
 
-    def on_peers_changed(self, now: float, peers: frozenset[NodeId]) -> list[Effect]:
+    def on_peers_changed(self, now: float, peers: frozenset[NodeId], standing: Standing) -> Output:
         self.peers = peers
         if self._campaign is not None and self._campaign.fast:
             # A voter may have gone; re-check whether everyone left has voted.
             self._campaign.peers = peers
-            done = self._maybe_conclude_early(now)
-            if done:
-                return done
-        return [SetTimer(key=SETTLE_TIMER, at=now + self.config.settle_delay_s)]
+            out = Output()
+            self._maybe_conclude_early(out, standing)
+            if out:
+                return out
+        return Output([set_timer(SettleTimer(), now + self.config.settle_delay_s)])
 
-    def on_settle(self, now: float) -> list[Effect]:
-        if self.peers == self._campaign_peers:
-            return []  # the set flapped back: nothing really changed
-        return self._start_campaign(now, clock=self.clock + 1, fast=True)
+    def on_settle(self, now: float, standing: Standing) -> Output:
+        out = Output()
+        if self.peers != self._campaign_peers:  # else the set flapped back: nothing really changed
+            self._start_campaign(out, now, self.clock + 1, True, standing)
+        return out
 
-    def on_campaign_timeout(self, now: float) -> list[Effect]:
-        if self._campaign is None:
-            return []
-        return self._conclude(now)
+    def on_campaign_timeout(self, now: float, standing: Standing) -> Output:
+        out = Output()
+        if self._campaign is not None:
+            self._conclude(out, standing)
+        return out
 
-    def on_heartbeat(self, now: float) -> list[Effect]:
-        effects: list[Effect] = [SetTimer(key=HEARTBEAT_TIMER, at=now + self.config.heartbeat_interval_s)]
+    def on_heartbeat(self, now: float, standing: Standing) -> Output:
+        out = Output([set_timer(HeartbeatTimer(), now + self.config.heartbeat_interval_s)])
         if self._campaign is None and self.session is not None and self.peers:
-            effects.append(Send(message=self._heartbeat()))
-        return effects
+            out.effects.append(Send(message=self._heartbeat(standing)))
+        return out
 
-    def _heartbeat(self) -> ElectionMessage:
+    def announce(self, change: SessionChange, standing: Standing) -> list[Effect]:
+        """After the node followed ``change``: tell the peers the result of the campaign right away."""
+        if not change.announce or not self.peers:
+            return []
+        return [Send(message=self._heartbeat(standing))]
+
+    def _heartbeat(self, standing: Standing) -> ElectionMessage:
         return ElectionMessage(
             clock=self.clock,
             campaigning=False,
-            votes=(self.my_vote(self.clock),),
-            log_next=self.log_next() if self.is_master else None,
+            votes=(self.my_vote(self.clock, standing),),
+            log_next=standing.log_next if self.is_master else None,
         )
 
-    def on_message(self, now: float, sender: NodeId, msg: ElectionMessage) -> list[Effect]:
+    def on_message(self, now: float, sender: NodeId, msg: ElectionMessage, standing: Standing) -> Output:
         assert msg.votes and msg.votes[0].candidate.node_id == sender, "first vote is the sender's"
+        out = Output()
         if msg.clock > self.clock:
-            return self._on_higher_clock(now, sender, msg)
-        if msg.clock < self.clock:
+            self._on_higher_clock(out, now, sender, msg, standing)
+        elif msg.clock < self.clock:
             # The sender is behind: tell it where we are (it will catch up).
             reply = ElectionMessage(
                 clock=self.clock,
                 campaigning=self._campaign is not None,
-                votes=self._known_votes(self.clock),
+                votes=self._known_votes(self.clock, standing),
                 fast=self._campaign.fast if self._campaign else True,
             )
-            return [Send(message=reply, to=sender)]
-        # Same clock.
-        if self._campaign is not None:
-            return self._record_votes(now, msg)
-        if msg.campaigning:
+            out.effects.append(Send(message=reply, to=sender))
+        elif self._campaign is not None:  # same clock from here on
+            self._record_votes(out, msg, standing)
+        elif msg.campaigning:
             # It campaigns at a clock we have concluded: give it our vote.
-            reply = ElectionMessage(clock=self.clock, campaigning=False, votes=(self.my_vote(self.clock),))
-            return [Send(message=reply, to=sender)]
-        if msg.sender_vote.session != self.session:
-            return [
-                Log(level="info", message=f"session disagreement with {sender} at clock {self.clock}"),
-                *self._start_campaign(now, clock=self.clock + 1, fast=False),
-            ]
-        return []
+            reply = ElectionMessage(clock=self.clock, campaigning=False, votes=(self.my_vote(self.clock, standing),))
+            out.effects.append(Send(message=reply, to=sender))
+        elif msg.sender_vote.session != self.session:
+            out.effects.append(Log(level="info", message=f"session disagreement with {sender} at clock {self.clock}"))
+            self._start_campaign(out, now, self.clock + 1, False, standing)
+        return out
 
-    # --- internals -------------------------------------------------------------
+    # --- internals (each adds to ``out``) ----------------------------------------------
 
-    def _on_higher_clock(self, now: float, sender: NodeId, msg: ElectionMessage) -> list[Effect]:
+    def _on_higher_clock(self, out: Output, now: float, sender: NodeId, msg: ElectionMessage, standing: Standing) -> None:
         if msg.campaigning:
-            effects = self._start_campaign(now, clock=msg.clock, fast=msg.fast)
-            effects += self._record_votes(now, msg)
-            return effects
+            self._start_campaign(out, now, msg.clock, msg.fast, standing)
+            self._record_votes(out, msg, standing)
+            return
         announced = msg.sender_vote.session
         if self.session is None and self._campaign is not None and not self._campaign.fast and announced is not None:
             # A fresh node hears a settled cluster: join it without disturbing anyone.
             self._campaign = None
             self.clock = msg.clock
             self._campaign_peers = self.peers
-            effects: list[Effect] = [self._persist(self.clock)]
-            effects += self._set_session(now, announced)
-            return effects
+            out.persist = True
+            self._set_session(out, announced, False, standing)
+            return
         # A settled node at a higher clock we did not take part in: resolve by campaigning.
-        return self._start_campaign(now, clock=msg.clock + 1, fast=False)
+        self._start_campaign(out, now, msg.clock + 1, False, standing)
 
-    def _start_campaign(self, now: float, *, clock: int, fast: bool) -> list[Effect]:
+    def _start_campaign(self, out: Output, now: float, clock: int, fast: bool, standing: Standing) -> None:
         assert clock > self.clock or (clock == self.clock and self._campaign is None), (clock, self.clock)
         self.clock = clock
         campaign = _Campaign(clock, fast, self.peers)
-        campaign.votes[self.node_id] = self.my_vote(clock)
+        campaign.votes[self.node_id] = self.my_vote(clock, standing)
         self._campaign = campaign
         self._campaign_peers = self.peers
-        effects: list[Effect] = [
-            self._persist(clock),
-            Send(message=ElectionMessage(clock=clock, campaigning=True, votes=self._known_votes(clock), fast=fast)),
-            SetTimer(key=CAMPAIGN_TIMER, at=now + self.config.campaign_timeout_s),
-        ]
-        return effects
+        out.persist = True  # the clock moved: persisted before the vote goes out
+        out.effects.append(
+            Send(message=ElectionMessage(clock=clock, campaigning=True, votes=self._known_votes(clock, standing), fast=fast))
+        )
+        out.effects.append(set_timer(CampaignTimer(), now + self.config.campaign_timeout_s))
 
-    def _known_votes(self, clock: int) -> tuple[Vote, ...]:
+    def _known_votes(self, clock: int, standing: Standing) -> tuple[Vote, ...]:
         if self._campaign is None or self._campaign.clock != clock:
-            return (self.my_vote(clock),)
+            return (self.my_vote(clock, standing),)
         # Gossip the vote this node counts for itself (recorded when the campaign
         # started), never a fresher one: commands seen meanwhile would make peers
         # rank a vote this node does not use, and two close candidates would
@@ -231,7 +231,7 @@ class Election:
         others = tuple(v for n, v in sorted(self._campaign.votes.items()) if n != self.node_id)
         return (mine, *others)
 
-    def _record_votes(self, now: float, msg: ElectionMessage) -> list[Effect]:
+    def _record_votes(self, out: Output, msg: ElectionMessage, standing: Standing) -> None:
         campaign = self._campaign
         assert campaign is not None and campaign.clock == msg.clock
         if not msg.fast and campaign.fast:
@@ -249,27 +249,27 @@ class Election:
                 if known is None or _vote_order(vote) > _vote_order(known):
                     campaign.votes[node] = vote
                     learnt = True
-        effects: list[Effect] = []
         if learnt:
-            effects.append(
+            out.effects.append(
                 Send(
                     message=ElectionMessage(
-                        clock=campaign.clock, campaigning=True, votes=self._known_votes(campaign.clock), fast=campaign.fast
+                        clock=campaign.clock,
+                        campaigning=True,
+                        votes=self._known_votes(campaign.clock, standing),
+                        fast=campaign.fast,
                     )
                 )
             )
-        effects += self._maybe_conclude_early(now)
-        return effects
+        self._maybe_conclude_early(out, standing)
 
-    def _maybe_conclude_early(self, now: float) -> list[Effect]:
+    def _maybe_conclude_early(self, out: Output, standing: Standing) -> None:
         campaign = self._campaign
         if campaign is None or not campaign.fast or not campaign.peers:
-            return []
+            return
         if all(p in campaign.votes for p in campaign.peers):
-            return self._conclude(now)
-        return []
+            self._conclude(out, standing)
 
-    def _conclude(self, now: float) -> list[Effect]:
+    def _conclude(self, out: Output, standing: Standing) -> None:
         campaign = self._campaign
         assert campaign is not None
         self._campaign = None
@@ -283,7 +283,7 @@ class Election:
             and all(v.session in (None, sitting) for v in votes.values())
         )
         new_session = sitting if keep and sitting is not None else Session(clock=campaign.clock, master=winner)
-        effects: list[Effect] = [
+        out.effects.append(
             Log(
                 level="info",
                 message=(
@@ -291,21 +291,21 @@ class Election:
                     f"({'kept' if keep else 'new'} session {new_session}) from {len(votes)} votes"
                 ),
             )
-        ]
-        # Tell our peers the result right away (a heartbeat), so stragglers converge.
-        effects += self._set_session(now, new_session)
-        if self.peers:
-            effects.append(Send(message=self._heartbeat()))
-        return effects
+        )
+        # The node follows the session, then ``announce`` tells the peers the
+        # result right away (a heartbeat), so stragglers converge.
+        self._set_session(out, new_session, True, standing)
 
-    def _set_session(self, now: float, session: Session) -> list[Effect]:
+    def _set_session(self, out: Output, session: Session, announce: bool, standing: Standing) -> None:
         old = self.session
         if old is not None and session != old:
             assert session.clock > old.clock or (session.clock == old.clock and session == old), (old, session)
         self.session = session
         self.is_master = session.master == self.node_id
-        if session == old:
-            return []
-        if self.on_session_change is None:
-            return []
-        return self.on_session_change(now, old, session)
+        assert out.session is None, "one session change per input"
+        if session != old:
+            out.session = SessionChange(old=old, new=session, announce=announce)
+        elif announce and self.peers:
+            # A campaign kept the session: nothing for the node to follow, but
+            # the peers still hear the result at once.
+            out.effects.append(Send(message=self._heartbeat(standing)))

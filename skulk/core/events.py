@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import Instance, RunnerStatus
-from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.topology import Connection
 from skulk.core.records import Record, TaggedRecord
 from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import Task
@@ -37,7 +38,6 @@ __all__ = [
     "TaskDeleted",
     "Event",
     "LOCAL_EVENT_TYPES",
-    "TASK_EVENT_TYPES",
     "IndexedEvent",
 ]
 
@@ -161,6 +161,7 @@ Event = (
 )
 
 # Events a worker may raise; anything else arriving as a local event is dropped.
+# Each has an ingest rule in ``skulk.core.ingest.INGEST_RULES`` (checked at import).
 LOCAL_EVENT_TYPES: tuple[type, ...] = (
     NodeGatheredInfo,
     ConnectionObserved,
@@ -173,9 +174,6 @@ LOCAL_EVENT_TYPES: tuple[type, ...] = (
     TaskFailed,
     TaskDeleted,
 )
-
-# Task events the ingest cap drops when the master does not know the task.
-TASK_EVENT_TYPES: tuple[type, ...] = (TaskStatusUpdated, TaskFailed, TaskDeleted)
 
 
 class IndexedEvent(Record, frozen=True, kw_only=True):

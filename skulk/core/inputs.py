@@ -5,11 +5,12 @@ Drivers feed these to ``CoreNode.handle(now, input)``.
 
 from __future__ import annotations
 
+from skulk.core.cards import ModelCard
 from skulk.core.commands import Command
 from skulk.core.ids import CommandId, NodeId, RunnerId
 from skulk.core.instances import LinkKind, RunnerStatus
 from skulk.core.messages import Message
-from skulk.core.nodes import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.records import TaggedRecord
 from skulk.core.tasks import TokenChunk
 
@@ -52,6 +53,8 @@ class Received(TaggedRecord, frozen=True, kw_only=True):
 
 
 class TimerFired(TaggedRecord, frozen=True, kw_only=True):
+    """A timer set by ``SetTimer(key, at)`` is due (the key is opaque to drivers; see ``skulk.core.timers``)."""
+
     key: str
 
 
@@ -73,8 +76,19 @@ class LinkProbed(TaggedRecord, frozen=True, kw_only=True):
     reachable: bool
 
 
-class ModelAvailable(TaggedRecord, frozen=True, kw_only=True):
+class ModelAvailable(TaggedRecord, frozen=True, kw_only=True, omit_defaults=True):
+    """The files of ``model_id`` are on this node's disk.
+
+    ``card``: the model's card, when the driver found one the node did not
+    have (a model directory that appeared after start-up); from then on the
+    master on this node can place it. A card for a model the node already
+    knows is ignored: built-in and operator cards win. (Omitted when None, so
+    the input's canonical bytes, and the simulator's trace digests, are those
+    of a card-less input.)
+    """
+
     model_id: str
+    card: ModelCard | None = None
 
 
 class RunnerStatusObserved(TaggedRecord, frozen=True, kw_only=True):

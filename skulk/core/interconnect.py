@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from skulk.core.ids import NodeId
 from skulk.core.instances import Instance, LinkKind, RingHop
-from skulk.core.nodes import Connection
+from skulk.core.topology import Connection
 from skulk.core.records import Record
 from skulk.core.state import State
 

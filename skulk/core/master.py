@@ -10,10 +10,11 @@ and topology are rebuilt by the workers, not carried.
 
 Local events from each origin are processed in ``origin_idx`` order (early
 ones are buffered, duplicates are acknowledged and dropped). Before an event
-takes an index it passes the *ingest cap*: task events for tasks the master
-does not know are dropped, runner statuses for runners it does not know are
-dropped, and facts it already holds are not indexed again. That is what keeps
-an abandonment storm at a small constant number of events per request.
+takes an index it passes the *ingest cap*, its type's rule in
+``skulk.core.ingest``: task events for tasks the master does not know are
+dropped, runner statuses for runners it does not know are dropped, and facts
+it already holds are not indexed again. That is what keeps an abandonment
+storm at a small constant number of events per request.
 
 Liveness pruning (nodes silent for ``node_timeout_s``) is suppressed for
 ``prune_grace_s`` after the session starts, while the topology settles.
@@ -28,9 +29,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any, get_args
 
-from skulk.core import interconnect, placement
-from skulk.core.runner_policy import instance_removal_events, node_removal_events
+from skulk.core import ingest, master_policy, placement
+from skulk.core.runner_policy import instance_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
     CancelTask,
@@ -41,29 +43,18 @@ from skulk.core.commands import (
     SubmitTask,
 )
 from skulk.core.config import CoreConfig
-from skulk.core.effects import AppendLog, Effect, Log, Send, SetTimer, WriteSnapshot
+from skulk.core.effects import AppendLog, Effect, Log, Send, WriteSnapshot
 from skulk.core.events import (
-    LOCAL_EVENT_TYPES,
-    TASK_EVENT_TYPES,
     Carryover,
-    ConnectionLost,
-    ConnectionObserved,
-    DownloadCompleted,
     Event,
     IndexedEvent,
     InstanceCreated,
-    InstanceStillHosted,
-    NodeGatheredInfo,
-    RunnerDeleted,
-    RunnerStatusUpdated,
     SessionStarted,
     TaskCreated,
     TaskDeleted,
-    TaskFailed,
-    TaskStatusUpdated,
 )
-from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId, derive_id
-from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RUNNER_SERVING, Instance, RunnerFailed
+from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
+from skulk.core.instances import RUNNER_SERVING, Instance, RunnerFailed
 from skulk.core.messages import (
     CommandResultMessage,
     GlobalEvent,
@@ -73,13 +64,15 @@ from skulk.core.messages import (
     SyncRequest,
     SyncResponse,
 )
+from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
-from skulk.core.state import State, digest, encode_state, hosting_nodes
+from skulk.core.state import State, digest, encode_state
 from skulk.core.tasks import Task
+from skulk.core.timers import PruneTimer, set_timer
 
-__all__ = ["Master", "PRUNE_TIMER"]
+__all__ = ["Master"]
 
-PRUNE_TIMER = "master.prune"
+
 class Master:
     """Indexes events for one session. Created when this node wins an election."""
 
@@ -111,12 +104,12 @@ class Master:
         self._cancelled: OrderedDict[CommandId, None] = OrderedDict()
         self.dropped_by_ingest_cap = 0
         self.active = True
-        # Auto-placed models still to settle in this session (see _auto_place).
-        self._auto_pending: list[str] = list(config.auto_place)
+        # Auto-placed models still to settle in this session (see master_policy.auto_place).
+        self.auto_pending: list[str] = list(config.auto_place)
 
     # --- lifecycle ---------------------------------------------------------------
 
-    def start(self, now: float, last_state: State) -> list[Effect]:
+    def start(self, now: float, last_state: State) -> Output:
         """Seed the session from our last replicated state (event 0)."""
         self.started_at = now
         carry = Carryover(
@@ -125,22 +118,22 @@ class Master:
             connections=last_state.topology.connections,
             next_port_offset=last_state.next_port_offset,
         )
-        effects = self._index(now, SessionStarted(session=self.session, carryover=carry))
-        effects.append(SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s))
+        effects = self.index(now, SessionStarted(session=self.session, carryover=carry))
+        effects.append(set_timer(PruneTimer(), now + self.config.prune_check_interval_s))
         effects.append(
             Log(
                 level="info",
                 message=f"master of session {self.session}: carried over {len(carry.instances)} instance(s)",
             )
         )
-        return effects
+        return Output(effects)
 
     def stop(self) -> None:
         self.active = False
 
     # --- indexing ----------------------------------------------------------------
 
-    def _index(
+    def index(
         self, now: float, event: Event, origin: NodeId | None = None, origin_idx: int | None = None
     ) -> list[Effect]:
         assert self.active, "a deposed master must not index"
@@ -165,10 +158,10 @@ class Master:
             effects += self._take_snapshot()
         return effects
 
-    def _index_all(self, now: float, events: list[Event]) -> list[Effect]:
+    def index_all(self, now: float, events: list[Event]) -> list[Effect]:
         effects: list[Effect] = []
         for event in events:
-            effects += self._index(now, event)
+            effects += self.index(now, event)
         return effects
 
     def _take_snapshot(self) -> list[Effect]:
@@ -188,56 +181,63 @@ class Master:
 
     # --- commands ----------------------------------------------------------------
 
-    def on_command(self, now: float, origin: NodeId, command: Command) -> list[Effect]:
+    def on_command(self, now: float, origin: NodeId, command: Command) -> Output:
         cached = self._results.get(command.command_id)
         if cached is not None:
-            return [self._reply(origin, cached)]
+            return Output([self._reply(origin, cached)])
         effects, result = self._execute(now, origin, command)
         if result.status != "pending":
             self._results[command.command_id] = result
             while len(self._results) > self.config.command_dedupe_max:
                 self._results.popitem(last=False)
         effects.append(self._reply(origin, result))
-        return effects
+        return Output(effects)
 
     def _reply(self, origin: NodeId, result: CommandResult) -> Effect:
         return Send(message=CommandResultMessage(session=self.session, result=result), to=origin)
 
     def _execute(self, now: float, origin: NodeId, command: Command) -> tuple[list[Effect], CommandResult]:
+        assert self.state is not None
+        return COMMAND_RULES[type(command)](self, now, origin, command)
+
+    def _place(self, now: float, origin: NodeId, command: PlaceInstance) -> tuple[list[Effect], CommandResult]:
         state = self.state
         assert state is not None
         cid = command.command_id
-        if isinstance(command, PlaceInstance):
-            outcome = placement.place(state, command, self.cards, self.config)
-            if isinstance(outcome, placement.PlacementRefused):
-                status = "pending" if outcome.pending else "rejected"
-                return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
-            inst = outcome.instance
-            effects = self._index(now, InstanceCreated(instance=inst, command_id=cid))
-            return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
-        if isinstance(command, DeleteInstance):
-            if command.instance_id not in state.instances:
-                return [], CommandResult(
-                    command_id=cid,
-                    status="rejected",
-                    code="instance_not_found",
-                    message=f"no instance {command.instance_id!r}",
-                )
-            effects = self._index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
-            return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
-        if isinstance(command, SubmitTask):
-            return self._submit(now, origin, command)
-        if isinstance(command, CancelTask):
-            self._cancelled[command.target] = None
-            while len(self._cancelled) > self.config.command_dedupe_max:
-                self._cancelled.popitem(last=False)
-            task_id = TaskId(derive_id("task", command.target))
-            if task_id in state.tasks:
-                return self._index(now, TaskDeleted(task_id=task_id, outcome="cancelled")), CommandResult(
-                    command_id=cid, status="accepted"
-                )
-            return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
-        raise AssertionError(f"unknown command {type(command).__name__}")
+        outcome = placement.place(state, command, self.cards, self.config)
+        if isinstance(outcome, placement.PlacementRefused):
+            status = "pending" if outcome.pending else "rejected"
+            return [], CommandResult(command_id=cid, status=status, message=outcome.message, code=outcome.code)
+        inst = outcome.instance
+        effects = self.index(now, InstanceCreated(instance=inst, command_id=cid))
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=inst.instance_id)
+
+    def _delete(self, now: float, origin: NodeId, command: DeleteInstance) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        if command.instance_id not in state.instances:
+            return [], CommandResult(
+                command_id=cid,
+                status="rejected",
+                code="instance_not_found",
+                message=f"no instance {command.instance_id!r}",
+            )
+        effects = self.index_all(now, instance_removal_events(state, command.instance_id, "deleted by request"))
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=command.instance_id)
+
+    def _cancel(self, now: float, origin: NodeId, command: CancelTask) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        self._cancelled[command.target] = None
+        while len(self._cancelled) > self.config.command_dedupe_max:
+            self._cancelled.popitem(last=False)
+        task_id = TaskId(derive_id("task", command.target))
+        if task_id in state.tasks:
+            effects = self.index(now, TaskDeleted(task_id=task_id, outcome="cancelled"))
+            return effects, CommandResult(command_id=cid, status="accepted")
+        return [], CommandResult(command_id=cid, status="accepted", message="nothing to cancel")
 
     def _submit(self, now: float, origin: NodeId, command: SubmitTask) -> tuple[list[Effect], CommandResult]:
         state = self.state
@@ -262,7 +262,7 @@ class Master:
         )
         if task.task_id in state.tasks:
             return [], CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
-        effects = self._index(now, TaskCreated(task=task))
+        effects = self.index(now, TaskCreated(task=task))
         return effects, CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
 
     def _choose_instance(self, state: State, command: SubmitTask) -> Instance | CommandResult:
@@ -326,9 +326,9 @@ class Master:
 
     # --- local events ----------------------------------------------------------------
 
-    def on_local_event(self, now: float, msg: LocalEventMessage) -> list[Effect]:
+    def on_local_event(self, now: float, msg: LocalEventMessage) -> Output:
         if msg.session != self.session:
-            return []
+            return Output()
         origin = msg.origin
         known = self._origin_incarnation.get(origin)
         if known is None or msg.incarnation > known:
@@ -338,16 +338,12 @@ class Master:
             self._origin_next[origin] = 0
             self._origin_buffer.pop(origin, None)
         elif msg.incarnation < known:
-            return []  # a late message from a life of the origin that has ended
+            return Output()  # a late message from a life of the origin that has ended
         inc = msg.incarnation
         expected = self._origin_next.get(origin, 0)
         if msg.origin_idx < expected:
-            return [
-                Send(
-                    message=LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc),
-                    to=origin,
-                )
-            ]
+            ack = LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc)
+            return Output([Send(message=ack, to=origin)])
         if msg.origin_idx > expected:
             buf = self._origin_buffer.setdefault(origin, {})
             new = msg.origin_idx not in buf
@@ -359,15 +355,9 @@ class Master:
                 # it at once, at 1, 2, 4, 8... events held (bounded, never per copy).
                 held = len(buf)
                 if held & (held - 1) == 0:
-                    return [
-                        Send(
-                            message=LocalEventAck(
-                                session=self.session, origin=origin, next_idx=expected, incarnation=inc, gap=True
-                            ),
-                            to=origin,
-                        )
-                    ]
-            return []
+                    ack = LocalEventAck(session=self.session, origin=origin, next_idx=expected, incarnation=inc, gap=True)
+                    return Output([Send(message=ack, to=origin)])
+            return Output()
         effects: list[Effect] = []
         dropped = False
         while True:
@@ -387,152 +377,25 @@ class Master:
                     to=origin,
                 )
             )
-        if self._auto_pending:
-            effects += self._auto_place(now)
-        return effects
-
-    def _auto_place(self, now: float) -> list[Effect]:
-        """Place each ``config.auto_place`` model the state lacks, once per session.
-
-        Called as telemetry arrives (placement needs memory readings), so a
-        single node serves its default model as soon as it knows its memory.
-        "Pending" keeps the model for a later try; placed, already present or
-        impossible settles it (a deleted instance is not re-placed until the
-        next session).
-        """
-        state = self.state
-        assert state is not None
-        effects: list[Effect] = []
-        for model_id in list(self._auto_pending):
-            if any(i.shard_assignments.model_id == model_id for i in state.instances.values()):
-                self._auto_pending.remove(model_id)
-                continue
-            command = PlaceInstance(
-                command_id=CommandId(derive_id("auto-place", self.session.clock, self.session.master, model_id)),
-                model_id=ModelId(model_id),
-            )
-            outcome = placement.place(state, command, self.cards, self.config)
-            if isinstance(outcome, placement.PlacementRefused):
-                if not outcome.pending:
-                    self._auto_pending.remove(model_id)
-                    effects.append(Log(level="error", message=f"cannot auto-place {model_id}: {outcome.message}"))
-                continue
-            self._auto_pending.remove(model_id)
-            effects += self._index(now, InstanceCreated(instance=outcome.instance, command_id=command.command_id))
-            effects.append(Log(level="info", message=f"auto-placed {model_id} as {outcome.instance.instance_id}"))
-            state = self.state
-            assert state is not None
-        return effects
+        if self.auto_pending:
+            effects += master_policy.auto_place(self, now)
+        return Output(effects)
 
     def _ingest(self, now: float, msg: LocalEventMessage) -> tuple[list[Effect], bool]:
-        """Index one local event, or drop it (returns dropped=True)."""
-        state = self.state
-        assert state is not None
-        event = msg.event
-        origin, idx = msg.origin, msg.origin_idx
-        if not isinstance(event, LOCAL_EVENT_TYPES):
-            return [Log(level="warning", message=f"dropped non-local event {type(event).__name__} from {origin}")], True
-        if isinstance(event, TASK_EVENT_TYPES):
-            task = state.tasks.get(event.task_id)  # type: ignore[union-attr]
-            if task is None:
-                self.dropped_by_ingest_cap += 1
-                return [], True
-            if isinstance(event, TaskFailed):
-                if task.status == "failed":
-                    return [], True
-                effects = self._index(now, event, origin, idx)
-                effects += self._index(now, TaskDeleted(task_id=event.task_id, outcome="failed"))
-                return effects, False
-            if isinstance(event, TaskStatusUpdated) and task.status == event.status:
-                return [], True
-        elif isinstance(event, RunnerStatusUpdated):
-            if event.runner_id not in state.runner_instance or event.instance_id not in state.instances:
-                self.dropped_by_ingest_cap += 1
-                return [], True
-            if state.runners.get(event.runner_id) == event.status:
-                return [], True
-            effects = self._index(now, event, origin, idx)
-            if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-                effects += self._replace_instance(now, event.instance_id, event.status.error_message, event.node_id)
-            elif isinstance(event.status, RunnerFailed) and event.status.permanent:
-                effects += self._fail_tasks_of(now, event.instance_id, event.status.error_message)
-            return effects, False
-        elif isinstance(event, RunnerDeleted):
-            if event.runner_id not in state.runners:
-                return [], True
-        elif isinstance(event, InstanceStillHosted):
-            inst = event.instance
-            if inst.instance_id in state.instances:
-                return [], True
-            problem = placement.fits(state, inst)
-            if problem is not None:
-                return [Log(level="warning", message=f"not re-adopting {inst.instance_id}: {problem}")], True
-            return self._index(now, InstanceCreated(instance=inst), origin, idx), False
-        elif isinstance(event, ConnectionObserved):
-            if event.connection in state.topology.connections:
-                return [], True
-        elif isinstance(event, ConnectionLost):
-            if event.connection not in state.topology.connections:
-                return [], True
-        elif isinstance(event, DownloadCompleted):
-            if event.model_id in state.downloads.get(event.node_id, ()):
-                return [], True
-        elif isinstance(event, NodeGatheredInfo):
-            if event.node_id != origin:
-                return [Log(level="warning", message=f"{origin} reported info for {event.node_id}")], True
-        return self._index(now, event, origin, idx), False
-
-    def _fail_tasks_of(self, now: float, instance_id: InstanceId, reason: str) -> list[Effect]:
-        state = self.state
-        assert state is not None
-        events: list[Event] = []
-        for task_id in sorted(state.tasks):
-            task = state.tasks[task_id]
-            if task.instance_id == instance_id and task.status != "failed":
-                events.append(TaskFailed(task_id=task_id, error_message=f"instance failed: {reason}"))
-                events.append(TaskDeleted(task_id=task_id, outcome="failed"))
-        return self._index_all(now, events)
-
-    def _replace_instance(self, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
-        """Re-place an instance whose group connect failed, on a fresh port.
-
-        The link the failing hop used is avoided when another ring exists
-        (probes may still answer on an address whose ring ports are blocked);
-        when it is the only way, the fresh port alone is tried.
-        """
-        state = self.state
-        assert state is not None
-        old = state.instances.get(instance_id)
-        if old is None:
-            return []
-        diagnosis = interconnect.diagnose_connect_failure(
-            state, old, reporting_node=reporter, deadline_s=self.config.group_connect_deadline_s
-        )
-        effects = self._index_all(now, instance_removal_events(state, instance_id, f"re-placing: {reason}"))
+        """Index one local event, or drop it (returns dropped=True); the rule is the event type's."""
         assert self.state is not None
-        outcome: placement.Placed | placement.PlacementRefused = placement.PlacementRefused(
-            message="", code="", pending=False
-        )
-        if diagnosis.avoid_connection is not None:
-            outcome = placement.replace(
-                self.state, old, self.cards, self.config, reason=reason, avoid_connections=[diagnosis.avoid_connection]
-            )
-        if not isinstance(outcome, placement.Placed):
-            outcome = placement.replace(self.state, old, self.cards, self.config, reason=reason)
-        if isinstance(outcome, placement.PlacementRefused):
-            effects.append(Log(level="error", message=f"could not re-place {instance_id}: {outcome.message}"))
-            return effects
-        effects += self._index(now, InstanceCreated(instance=outcome.instance))
-        effects.append(
-            Log(level="warning", message=f"re-placed {instance_id} as {outcome.instance.instance_id}: {reason}")
-        )
-        return effects
+        rule = ingest.INGEST_RULES.get(type(msg.event))
+        if rule is None:
+            return [Log(level="warning", message=f"dropped non-local event {type(msg.event).__name__} from {msg.origin}")], True
+        return rule(self, now, msg, msg.event)
+
+    # --- what the ingest rules (skulk.core.ingest) and the master's policy use ----------
 
     # --- sync ----------------------------------------------------------------------
 
-    def on_sync_request(self, now: float, msg: SyncRequest) -> list[Effect]:
+    def on_sync_request(self, now: float, msg: SyncRequest) -> Output:
         if msg.session != self.session:
-            return []
+            return Output()
         start = max(0, msg.from_index)
         end = self.next_index if msg.to_index is None else min(msg.to_index, self.next_index)
         snapshot = None
@@ -543,30 +406,26 @@ class Master:
             end = self.next_index
         end = min(end, start + self.config.replay_batch_max)
         events = tuple(self._log[start - self._log_base : end - self._log_base]) if end > start else ()
-        return [Send(message=SyncResponse(session=self.session, snapshot=snapshot, events=events), to=msg.requester)]
+        return Output([Send(message=SyncResponse(session=self.session, snapshot=snapshot, events=events), to=msg.requester)])
 
     # --- pruning -------------------------------------------------------------------
 
-    def on_prune_timer(self, now: float) -> list[Effect]:
-        effects: list[Effect] = [SetTimer(key=PRUNE_TIMER, at=now + self.config.prune_check_interval_s)]
-        if now - self.started_at < self.config.prune_grace_s:
-            return effects
-        state = self.state
-        assert state is not None
-        cutoff = now - self.config.node_timeout_s
-        gone = sorted(n for n, seen in state.last_seen.items() if seen < cutoff and n != self.node_id)
-        for node in gone:
-            assert self.state is not None
-            effects += self._index_all(now, node_removal_events(self.state, node, "no telemetry"))
-        # Carried-over instances whose hosts never reported in this session are gone too.
-        assert self.state is not None
-        present = set(self.state.topology.nodes)
-        for iid in sorted(self.state.instances):
-            hosts = hosting_nodes(self.state.instances[iid])
-            missing = [n for n in hosts if n not in present]
-            if missing:
-                effects += self._index_all(
-                    now,
-                    instance_removal_events(self.state, iid, f"hosting node(s) {', '.join(missing)} never reported"),
-                )
-        return effects
+    def on_prune_timer(self, now: float) -> Output:
+        effects: list[Effect] = [set_timer(PruneTimer(), now + self.config.prune_check_interval_s)]
+        return Output(effects + master_policy.prune(self, now))
+
+
+# --- the rule tables ------------------------------------------------------------------------------
+
+_CommandRule = Callable[[Master, float, NodeId, Any], tuple[list[Effect], CommandResult]]
+
+COMMAND_RULES: dict[type, _CommandRule] = {
+    PlaceInstance: Master._place,
+    DeleteInstance: Master._delete,
+    SubmitTask: Master._submit,
+    CancelTask: Master._cancel,
+}
+"""What the master does with each command type."""
+
+
+assert set(COMMAND_RULES) == set(get_args(Command)), "every command type needs a rule in COMMAND_RULES"

@@ -60,7 +60,7 @@ from skulk.core.instances import (
     ShardMetadata,
     TensorShardMetadata,
 )
-from skulk.core.nodes import MemoryInfo
+from skulk.core.telemetry import MemoryInfo
 from skulk.core.records import Record
 from skulk.core.state import State
 

@@ -4,51 +4,52 @@ Theory of operation
 -------------------
 ``handle(now, input) -> list[Effect]`` is the only entry point. The node
 composes the election, the replica (follower log), the master (while this
-node is master), the worker, the outbox of local events and the origin-side
-request tracker, and routes inputs between them:
+node is master), the worker, the reporter (its own facts), the outbox of
+local events and the origin-side request tracker, and routes inputs between
+them through three tables, each keyed by type and checked at import to cover
+every type there is:
 
-- messages and timers go to the component that owns them;
-- whatever the replica applied is then shown to the request tracker and the
-  worker, whose local events go through the outbox to the master (directly,
-  without the network, when this node is the master);
-- messages a node would send to itself are looped back in place.
+- ``INPUT_ROUTES``: one route per input type (``skulk.core.inputs``);
+- ``MESSAGE_ROUTES``: one route per message type (``Received``, and the
+  messages a node sends itself);
+- ``TIMER_ROUTES``: one route per timer kind (``skulk.core.timers``).
 
-A session change (from the election) deposes or creates the master, points
-the replica at the new session (bootstrap), resets the outbox and fails
+A route asks a component and turns its ``Output`` into effects in one place
+(``_take``): the node's record first when the component asked to persist,
+then the effects, then the session change (if the election made one), then
+the component's local events, raised through the outbox to the master (or
+indexed in place when this node is the master).
+
+After every routed input the node shows what its replica applied to the
+request tracker and the worker, until quiet (``_after_state``); that runs
+once per input, from ``_settled``, for the driver's input and for each
+message the node delivers to itself (``_loopback``).
+
+A session change (from the election's output) deposes or creates the master,
+points the replica at the new session (bootstrap), resets the outbox and fails
 requests that were in flight on the old master. Once the new session's first
 event is applied the node re-reports its facts (telemetry, links, models,
 runner statuses, hosted instances) to the new master.
 
 The driver supplies time, transport, timers, disk and processes; nothing here
 reads a clock or does I/O.
+
+Adding an input: a record in ``inputs.py`` (and in its ``Input`` union), a
+route here in ``INPUT_ROUTES``. A message or a timer kind: the same, in
+``messages.py`` or ``timers.py`` and the matching table. The import-time
+checks below fail until the route exists.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import msgspec
+from collections.abc import Callable, Mapping
+from typing import Any, get_args
 
 from skulk.core.cards import ModelCard
 from skulk.core.config import CoreConfig
-from skulk.core.effects import (
-    CancelTimer,
-    Effect,
-    Log,
-    NodeRecord,
-    PersistNode,
-    Send,
-    SessionChanged,
-    SetTimer,
-)
-from skulk.core.election import CAMPAIGN_TIMER, HEARTBEAT_TIMER, SETTLE_TIMER, Election
-from skulk.core.events import (
-    ConnectionLost,
-    ConnectionObserved,
-    DownloadCompleted,
-    Event,
-    NodeGatheredInfo,
-)
+from skulk.core.effects import Effect, Log, NodeRecord, PersistNode, Send, SessionChanged
+from skulk.core.election import Election, Standing
+from skulk.core.events import Event
 from skulk.core.ids import ModelId, NodeId
 from skulk.core.inputs import (
     AbandonRequest,
@@ -67,8 +68,7 @@ from skulk.core.inputs import (
     SubmitCommand,
     TimerFired,
 )
-from skulk.core.instances import LinkKind
-from skulk.core.master import PRUNE_TIMER, Master
+from skulk.core.master import Master
 from skulk.core.messages import (
     ChunkMessage,
     CommandMessage,
@@ -81,21 +81,35 @@ from skulk.core.messages import (
     SyncRequest,
     SyncResponse,
 )
-from skulk.core.nodes import Connection, MemoryInfo
-from skulk.core.outbox import OUTBOX_TIMER, Outbox
-from skulk.core.replica import NACK_TIMER, Replica
-from skulk.core.requests import REQUEST_TIMER_PREFIX, Requests
+from skulk.core.outbox import Outbox
+from skulk.core.output import Output, SessionChange
+from skulk.core.replica import Replica
+from skulk.core.reporter import Reporter
+from skulk.core.requests import Requests
 from skulk.core.session import Incarnation, Session
 from skulk.core.state import EMPTY_STATE, State, decode_state, encode_state
-from skulk.core.worker import DEADLINE_TIMER_PREFIX, RESTART_TIMER_PREFIX, Worker
+from skulk.core.timers import (
+    TIMER_KINDS,
+    CampaignTimer,
+    HeartbeatTimer,
+    MasterLostTimer,
+    NackTimer,
+    OutboxTimer,
+    PruneTimer,
+    RequestTimer,
+    RunnerDeadlineTimer,
+    RunnerRestartTimer,
+    SettleTimer,
+    TelemetryTimer,
+    Timer,
+    cancel_timer,
+    parse,
+    set_timer,
+)
+from skulk.core.worker import Worker
 
-__all__ = ["CoreNode", "TELEMETRY_TIMER"]
+__all__ = ["CoreNode", "INPUT_ROUTES", "MESSAGE_ROUTES", "TIMER_ROUTES"]
 
-TELEMETRY_TIMER = "node.telemetry"
-MASTER_LOST_TIMER = "node.master_lost"
-# Report memory again only when available memory moved by more than this share of total.
-_MEMORY_REPORT_FRACTION = 0.02
-_MEMORY_REPORT_MIN_BYTES = 64 * 1024 * 1024
 _LOOP_LIMIT = 10_000
 
 
@@ -113,28 +127,18 @@ class CoreNode:
         assert record is None or record.node_id == node_id, "a node's record must be its own"
         self.node_id = node_id
         self.config = config
-        self.cards = cards
+        # The node's own copy: it grows only through ModelAvailable inputs.
+        self.cards: dict[str, ModelCard] = dict(cards)
         last_state = EMPTY_STATE
         if record is not None and record.state is not None:
             last_state = decode_state(record.state)
-        self.election = Election(
-            node_id,
-            config,
-            clock=record.election_clock if record else 0,
-            seniority=self._seniority,
-            persist=self._persist_effect,
-        )
-        self.election.on_session_change = self._on_session_change
-        self.election.log_next = lambda: self.master.next_index if self.master is not None else None
+        self.election = Election(node_id, config, clock=record.election_clock if record else 0)
         self.replica = Replica(node_id, config, last_state)
         self.master: Master | None = None
         self.outbox = Outbox(node_id, config)
         self.worker = Worker(node_id, config)
+        self.reporter = Reporter(node_id)
         self.requests = Requests(node_id, config)
-        self._info = InfoObserved()
-        self._reported = InfoObserved()
-        self._links: dict[tuple[NodeId, str], tuple[LinkKind, bool]] = {}
-        self._models: set[ModelId] = set()
         self._session_applied = False
         self._master_lost_since: float | None = None  # when this follower's master left its peer set
         self._since_persist = 0
@@ -165,165 +169,223 @@ class CoreNode:
     # --- the entry point ---------------------------------------------------------------
 
     def handle(self, now: float, inp: Input) -> list[Effect]:
-        effects = self._dispatch(now, inp)
-        effects = self._loopback(now, effects)
+        route = INPUT_ROUTES.get(type(inp))
+        assert route is not None, f"unknown input {type(inp).__name__}"
+        return self._loopback(now, self._settled(now, route(self, now, inp)))
+
+    def _settled(self, now: float, effects: list[Effect]) -> list[Effect]:
+        """``effects`` of one routed input, then what the state it moved asks of the node."""
+        effects += self._after_state(now)
         return effects
 
-    def _dispatch(self, now: float, inp: Input) -> list[Effect]:
-        if isinstance(inp, Received):
-            return self._on_message(now, inp.sender, inp.message)
-        if isinstance(inp, TimerFired):
-            return self._on_timer(now, inp.key)
-        if isinstance(inp, PeersChanged):
-            effects = self.election.on_peers_changed(now, inp.peers)
-            return effects + self._watch_master(now) + self._after_state(now)
-        if isinstance(inp, Boot):
-            assert not self.booted, "Boot twice"
-            self.booted = True
-            self.incarnation = Incarnation(number=self._last_incarnation + 1, boot_at=now)
-            self.outbox.incarnation = self.incarnation
-            effects = self.election.on_boot(now)
-            effects.append(SetTimer(key=TELEMETRY_TIMER, at=now + self.config.telemetry_interval_s))
-            return effects
-        if isinstance(inp, SubmitCommand):
-            return self.requests.submit(now, inp.command, self.session)
-        if isinstance(inp, AbandonRequest):
-            return self.requests.abandon(now, inp.command_id, self.session)
-        if isinstance(inp, RunnerOutput):
-            return self._on_runner_output(now, inp)
-        if isinstance(inp, RunnerStatusObserved):
-            effects, events = self.worker.on_status(now, inp.runner_id, inp.status)
-            return effects + self._raise(now, events) + self._after_state(now)
-        if isinstance(inp, RunnerExited):
-            effects, events = self.worker.on_exit(now, inp.runner_id, inp.exit_code)
-            return effects + self._raise(now, events) + self._after_state(now)
-        if isinstance(inp, InfoObserved):
-            return self._on_info(now, inp)
-        if isinstance(inp, LinkProbed):
-            return self._on_link(now, inp)
-        if isinstance(inp, ModelAvailable):
-            model = ModelId(inp.model_id)
-            self._models.add(model)
-            if self._session_applied and model not in self.state.downloads.get(self.node_id, ()):
-                return self._raise(now, [DownloadCompleted(node_id=self.node_id, model_id=model)])
+    def _take(self, now: float, out: Output) -> list[Effect]:
+        """A component's output as effects, in the one order every route keeps (module doc)."""
+        effects: list[Effect] = [self._persist_effect()] if out.persist else []
+        effects += out.effects
+        if out.session is not None:
+            effects += self._follow(now, out.session)
+            effects += self.election.announce(out.session, self._standing())
+        if out.events:
+            effects += self._raise(now, out.events)
+        return effects
+
+    # --- inputs ------------------------------------------------------------------------
+
+    def _on_boot(self, now: float, inp: Boot) -> list[Effect]:
+        assert not self.booted, "Boot twice"
+        self.booted = True
+        self.incarnation = Incarnation(number=self._last_incarnation + 1, boot_at=now)
+        self.outbox.boot(self.incarnation)
+        effects = self._take(now, self.election.on_boot(now, self._standing()))
+        effects.append(set_timer(TelemetryTimer(), now + self.config.telemetry_interval_s))
+        return effects
+
+    def _on_peers_changed(self, now: float, inp: PeersChanged) -> list[Effect]:
+        effects = self._take(now, self.election.on_peers_changed(now, inp.peers, self._standing()))
+        return effects + self._watch_master(now)
+
+    def _on_received(self, now: float, inp: Received) -> list[Effect]:
+        return self._on_message(now, inp.sender, inp.message)
+
+    def _on_timer_fired(self, now: float, inp: TimerFired) -> list[Effect]:
+        timer = parse(inp.key)
+        route = TIMER_ROUTES.get(type(timer)) if timer is not None else None
+        if timer is None or route is None:
+            return [Log(level="debug", message=f"stale timer {inp.key}")]
+        return route(self, now, timer)
+
+    def _on_info(self, now: float, inp: InfoObserved) -> list[Effect]:
+        effects: list[Effect] = []
+        if inp.memory is not None:
+            effects += self._take(now, self.worker.on_memory(inp.memory))
+        return effects + self._take(now, self.reporter.on_info(inp, reporting=self._session_applied))
+
+    def _on_link(self, now: float, inp: LinkProbed) -> list[Effect]:
+        return self._take(now, self.reporter.on_link(inp, self.state, reporting=self._session_applied))
+
+    def _on_model(self, now: float, inp: ModelAvailable) -> list[Effect]:
+        model = ModelId(inp.model_id)
+        effects: list[Effect] = []
+        if inp.card is not None and model not in self.cards:
+            assert inp.card.model_id == model, f"card of {inp.card.model_id} offered for {model}"
+            self.cards[model] = inp.card  # the master here (if any) places it from now on
+            effects.append(Log(level="info", message=f"new local model {model}: placeable from now on"))
+        return effects + self._take(now, self.reporter.on_model(model, self.state, reporting=self._session_applied))
+
+    def _on_runner_status(self, now: float, inp: RunnerStatusObserved) -> list[Effect]:
+        return self._take(now, self.worker.on_status(now, inp.runner_id, inp.status))
+
+    def _on_runner_exited(self, now: float, inp: RunnerExited) -> list[Effect]:
+        return self._take(now, self.worker.on_exit(now, inp.runner_id, inp.exit_code))
+
+    def _on_runner_output(self, now: float, inp: RunnerOutput) -> list[Effect]:
+        chunk = inp.chunk
+        effects: list[Effect] = []
+        task = self.state.tasks.get(chunk.task_id)
+        if task is not None:
+            if task.origin == self.node_id:
+                effects += self._take(now, self.requests.on_chunk(now, chunk, self.incarnation))
+            else:
+                message = ChunkMessage(destination=task.origin, chunk=chunk, incarnation=self.incarnation)
+                effects.append(Send(message=message, to=task.origin))
+        return effects + self._take(now, self.worker.on_output(now, inp.runner_id, chunk))
+
+    def _on_submit(self, now: float, inp: SubmitCommand) -> list[Effect]:
+        return self._take(now, self.requests.submit(now, inp.command, self.session))
+
+    def _on_abandon(self, now: float, inp: AbandonRequest) -> list[Effect]:
+        return self._take(now, self.requests.abandon(now, inp.command_id, self.session))
+
+    def _on_persist_failed(self, now: float, inp: PersistFailed) -> list[Effect]:
+        count = self._persist_failures.get(inp.what, 0)
+        self._persist_failures[inp.what] = count + 1
+        if count > 0:
             return []
-        if isinstance(inp, Shutdown):
-            return self.worker.stop_all()
-        if isinstance(inp, PersistFailed):
-            count = self._persist_failures.get(inp.what, 0)
-            self._persist_failures[inp.what] = count + 1
-            if count == 0:
-                return [
-                    Log(
-                        level="critical",
-                        message=f"cannot persist {inp.what} ({inp.error}); serving on without it",
-                    )
-                ]
-            return []
-        raise AssertionError(f"unknown input {type(inp).__name__}")
+        return [Log(level="critical", message=f"cannot persist {inp.what} ({inp.error}); serving on without it")]
+
+    def _on_shutdown(self, now: float, inp: Shutdown) -> list[Effect]:
+        return self._take(now, self.worker.stop_all())
 
     # --- messages ------------------------------------------------------------------------
 
     def _on_message(self, now: float, sender: NodeId, msg: Message) -> list[Effect]:
-        if isinstance(msg, GlobalEvent):
-            return self.replica.on_global_event(now, sender, msg) + self._after_state(now)
-        if isinstance(msg, LocalEventMessage):
-            if self.is_master:
-                assert self.master is not None
-                return self.master.on_local_event(now, msg) + self._after_state(now)
+        route = MESSAGE_ROUTES.get(type(msg))
+        assert route is not None, f"unknown message {type(msg).__name__}"
+        return route(self, now, sender, msg)
+
+    def _on_global_event(self, now: float, sender: NodeId, msg: GlobalEvent) -> list[Effect]:
+        return self._take(now, self.replica.on_global_event(now, sender, msg))
+
+    def _on_local_event(self, now: float, sender: NodeId, msg: LocalEventMessage) -> list[Effect]:
+        if self.master is None or not self.master.active:
             return []
-        if isinstance(msg, ElectionMessage):
-            effects = self.election.on_message(now, sender, msg)
-            if msg.log_next is not None and not msg.campaigning:
-                effects += self.replica.on_master_heartbeat(now, sender, msg.log_next)
-            return effects + self._after_state(now)
-        if isinstance(msg, CommandMessage):
-            self.election.on_command_seen()
-            if self.is_master:
-                assert self.master is not None
-                return self.master.on_command(now, msg.origin, msg.command) + self._after_state(now)
+        return self._take(now, self.master.on_local_event(now, msg))
+
+    def _on_election_message(self, now: float, sender: NodeId, msg: ElectionMessage) -> list[Effect]:
+        effects = self._take(now, self.election.on_message(now, sender, msg, self._standing()))
+        if msg.log_next is not None and not msg.campaigning:
+            effects += self._take(now, self.replica.on_master_heartbeat(now, sender, msg.log_next))
+        return effects
+
+    def _on_command_message(self, now: float, sender: NodeId, msg: CommandMessage) -> list[Effect]:
+        self.election.on_command_seen()
+        if self.master is None or not self.master.active:
             return []
-        if isinstance(msg, CommandResultMessage):
-            return self.requests.on_result(now, msg.result, self.session, msg.session)
-        if isinstance(msg, LocalEventAck):
-            if (
-                msg.origin == self.node_id
-                and msg.session == self.outbox.session
-                and msg.incarnation == self.outbox.incarnation
-            ):
-                self.outbox.delivered_below(msg.next_idx)
-                if msg.gap:
-                    return self.outbox.resend(msg.next_idx)
+        return self._take(now, self.master.on_command(now, msg.origin, msg.command))
+
+    def _on_command_result(self, now: float, sender: NodeId, msg: CommandResultMessage) -> list[Effect]:
+        return self._take(now, self.requests.on_result(now, msg.result, self.session, msg.session))
+
+    def _on_local_event_ack(self, now: float, sender: NodeId, msg: LocalEventAck) -> list[Effect]:
+        return self._take(now, self.outbox.on_ack(msg))
+
+    def _on_sync_request(self, now: float, sender: NodeId, msg: SyncRequest) -> list[Effect]:
+        if self.master is None or not self.master.active:
             return []
-        if isinstance(msg, SyncRequest):
-            if self.is_master:
-                assert self.master is not None
-                return self.master.on_sync_request(now, msg)
+        return self._take(now, self.master.on_sync_request(now, msg))
+
+    def _on_sync_response(self, now: float, sender: NodeId, msg: SyncResponse) -> list[Effect]:
+        return self._take(now, self.replica.on_sync_response(now, sender, msg))
+
+    def _on_chunk_message(self, now: float, sender: NodeId, msg: ChunkMessage) -> list[Effect]:
+        if msg.destination != self.node_id:
             return []
-        if isinstance(msg, SyncResponse):
-            return self.replica.on_sync_response(now, sender, msg) + self._after_state(now)
-        if isinstance(msg, ChunkMessage):
-            if msg.destination == self.node_id:
-                return self.requests.on_chunk(now, msg.chunk, msg.incarnation)
-            return []
-        raise AssertionError(f"unknown message {type(msg).__name__}")
+        return self._take(now, self.requests.on_chunk(now, msg.chunk, msg.incarnation))
 
     # --- timers --------------------------------------------------------------------------
 
-    def _on_timer(self, now: float, key: str) -> list[Effect]:
-        if key == CAMPAIGN_TIMER:
-            return self.election.on_campaign_timeout(now) + self._after_state(now)
-        if key == SETTLE_TIMER:
-            return self.election.on_settle(now) + self._after_state(now)
-        if key == HEARTBEAT_TIMER:
-            return self.election.on_heartbeat(now)
-        if key == NACK_TIMER:
-            return self.replica.on_nack_timer(now)
-        if key == OUTBOX_TIMER:
-            return self.outbox.on_timer(now)
-        if key == PRUNE_TIMER:
-            if self.is_master:
-                assert self.master is not None
-                return self.master.on_prune_timer(now) + self._after_state(now)
+    def _on_campaign_timer(self, now: float, timer: CampaignTimer) -> list[Effect]:
+        return self._take(now, self.election.on_campaign_timeout(now, self._standing()))
+
+    def _on_settle_timer(self, now: float, timer: SettleTimer) -> list[Effect]:
+        return self._take(now, self.election.on_settle(now, self._standing()))
+
+    def _on_heartbeat_timer(self, now: float, timer: HeartbeatTimer) -> list[Effect]:
+        return self._take(now, self.election.on_heartbeat(now, self._standing()))
+
+    def _on_nack_timer(self, now: float, timer: NackTimer) -> list[Effect]:
+        return self._take(now, self.replica.on_nack_timer(now))
+
+    def _on_outbox_timer(self, now: float, timer: OutboxTimer) -> list[Effect]:
+        return self._take(now, self.outbox.on_timer(now))
+
+    def _on_prune_timer(self, now: float, timer: PruneTimer) -> list[Effect]:
+        if self.master is None or not self.master.active:
             return []
-        if key == TELEMETRY_TIMER:
-            effects: list[Effect] = [SetTimer(key=TELEMETRY_TIMER, at=now + self.config.telemetry_interval_s)]
-            if self._session_applied:
-                effects += self._raise(now, [self._info_event(force=True)])
-            return effects + self._after_state(now)
-        if key == MASTER_LOST_TIMER:
-            return self._on_master_lost(now)
-        if key.startswith(REQUEST_TIMER_PREFIX):
-            return self.requests.on_timer(now, key, self.session)
-        if key.startswith(RESTART_TIMER_PREFIX):
-            self.worker.on_restart_timer(now, key[len(RESTART_TIMER_PREFIX) :])  # type: ignore[arg-type]
-            return self._reconcile(now)
-        if key.startswith(DEADLINE_TIMER_PREFIX):
-            effects, events = self.worker.on_deadline(now, key[len(DEADLINE_TIMER_PREFIX) :])  # type: ignore[arg-type]
-            return effects + self._raise(now, events) + self._after_state(now)
-        return [Log(level="debug", message=f"stale timer {key}")]
+        return self._take(now, self.master.on_prune_timer(now))
+
+    def _on_telemetry_timer(self, now: float, timer: TelemetryTimer) -> list[Effect]:
+        effects: list[Effect] = [set_timer(TelemetryTimer(), now + self.config.telemetry_interval_s)]
+        if self._session_applied:
+            effects += self._raise(now, [self.reporter.info_event()])
+        return effects
+
+    def _on_master_lost_timer(self, now: float, timer: MasterLostTimer) -> list[Effect]:
+        since, session = self._master_lost_since, self.session
+        if since is None or session is None:
+            return []
+        lost_for = now - since
+        effects = self._take(now, self.requests.on_master_lost(now, session, lost_for))
+        # Still cut off: look again after another grace (a request accepted meanwhile).
+        effects.append(set_timer(MasterLostTimer(), now + self.config.master_lost_grace_s))
+        if len(effects) > 1:
+            effects.append(Log(level="warning", message=(
+                f"master {session.master} of session {session} not among this node's peers for {lost_for:.1f} s; "
+                "ended its in-flight requests (master_unreachable)")))
+        return effects
+
+    def _on_request_timer(self, now: float, timer: RequestTimer) -> list[Effect]:
+        return self._take(now, self.requests.on_timer(now, timer, self.session))
+
+    def _on_restart_timer(self, now: float, timer: RunnerRestartTimer) -> list[Effect]:
+        return self._take(now, self.worker.on_restart_timer(now, timer, self.replica.current))
+
+    def _on_deadline_timer(self, now: float, timer: RunnerDeadlineTimer) -> list[Effect]:
+        return self._take(now, self.worker.on_deadline(now, timer))
 
     # --- session changes -----------------------------------------------------------------
 
-    def _on_session_change(self, now: float, old: Session | None, new: Session) -> list[Effect]:
+    def _follow(self, now: float, change: SessionChange) -> list[Effect]:
+        """Move the whole node to the election's new session."""
+        old, new = change.old, change.new
         effects: list[Effect] = []
         deposed = self.master is not None and self.master.session != new
         if self.master is not None and self.master.session != new:
             self.master.stop()
             self.master = None
-            effects.append(CancelTimer(key=PRUNE_TIMER))
+            effects.append(cancel_timer(PruneTimer()))
         self._session_applied = False
-        self._reported = InfoObserved()
-        effects += self.replica.follow(now, new)
-        effects += self.outbox.reset(new)
-        effects += self.requests.on_session_changed(now, old, new)
+        self.reporter.new_session()
+        effects += self._take(now, self.replica.follow(now, new))
+        effects += self._take(now, self.outbox.reset(new))
+        effects += self._take(now, self.requests.on_session_changed(now, old, new))
         canary = self.config.canary_double_master and deposed and new.master != self.node_id
         if new.master == self.node_id or canary:
             # CANARY (config.canary_double_master): a deposed master that lost the
             # campaign also acts as master of the winner's session. The checkers
             # must catch this planted bug (two masters in one session).
             self.master = Master(self.node_id, self.config, new, self.cards, self.replica.apply_own)
-            effects += self.master.start(now, self.replica.last_state)
+            effects += self._take(now, self.master.start(now, self.replica.last_state))
         effects.append(SessionChanged(session=new, is_master=self.is_master))
         self._master_lost_since = None
         effects += self._watch_master(now)
@@ -334,6 +396,14 @@ class CoreNode:
             )
         )
         return effects
+
+    def _standing(self) -> Standing:
+        """What the election needs to know about the rest of the node, now."""
+        master = self.master
+        seniority = 0
+        if master is not None and master.active and master.state is not None:
+            seniority = 1 + len(master.state.topology.nodes)  # a sitting master grows with the nodes it serves
+        return Standing(seniority=seniority, log_next=master.next_index if master is not None else None)
 
     # --- a master out of reach ----------------------------------------------------------
 
@@ -352,25 +422,11 @@ class CoreNode:
             if self._master_lost_since is None:
                 return []
             self._master_lost_since = None
-            return [CancelTimer(key=MASTER_LOST_TIMER)]
+            return [cancel_timer(MasterLostTimer())]
         if self._master_lost_since is not None:
             return []
         self._master_lost_since = now
-        return [SetTimer(key=MASTER_LOST_TIMER, at=now + self.config.master_lost_grace_s)]
-
-    def _on_master_lost(self, now: float) -> list[Effect]:
-        since, session = self._master_lost_since, self.session
-        if since is None or session is None:
-            return []
-        lost_for = now - since
-        effects = self.requests.on_master_lost(now, session, lost_for)
-        # Still cut off: look again after another grace (a request accepted meanwhile).
-        effects.append(SetTimer(key=MASTER_LOST_TIMER, at=now + self.config.master_lost_grace_s))
-        if len(effects) > 1:
-            effects.append(Log(level="warning", message=(
-                f"master {session.master} of session {session} not among this node's peers for {lost_for:.1f} s; "
-                "ended its in-flight requests (master_unreachable)")))
-        return effects
+        return [set_timer(MasterLostTimer(), now + self.config.master_lost_grace_s)]
 
     # --- after the state moved -----------------------------------------------------------
 
@@ -384,7 +440,7 @@ class CoreNode:
             state = self.replica.current
             assert state is not None
             for indexed in applied:
-                effects += self.requests.on_applied(now, indexed)
+                effects += self._take(now, self.requests.on_applied(now, indexed))
                 if (
                     indexed.origin == self.node_id
                     and indexed.origin_idx is not None
@@ -395,37 +451,16 @@ class CoreNode:
             self._since_persist += len(applied) + (1 if jumped else 0)
             if not self._session_applied:
                 self._session_applied = True
-                effects += self._raise(now, self._rebuild_events(state))
+                effects += self._raise(now, self.reporter.rebuild(state) + self.worker.rebuild(state))
             if self._since_persist >= self.config.persist_state_every:
                 self._since_persist = 0
-                effects.append(self._persist_effect(self.election.clock))
-            effects += self._reconcile(now)
+                effects.append(self._persist_effect())
+            # The state now, not the one this pass began with: raising the rebuild
+            # on a master indexes (and applies) at once.
+            current = self.replica.current
+            assert current is not None
+            effects += self._take(now, self.worker.reconcile(now, current))
         raise AssertionError("state kept changing: a feedback loop between the worker and the master")
-
-    def _reconcile(self, now: float) -> list[Effect]:
-        if self.replica.current is None:
-            return []  # a failover is in progress: never act on a half-known state
-        effects, events = self.worker.reconcile(now, self.replica.current)
-        return effects + self._raise(now, events)
-
-    def _rebuild_events(self, state: State) -> list[Event]:
-        events: list[Event] = [self._info_event(force=True, full=True)]
-        mine = {c for c in state.topology.connections if c.source == self.node_id}
-        live = set()
-        for (sink, address), (kind, reachable) in sorted(self._links.items()):
-            if reachable:
-                conn = Connection(source=self.node_id, sink=sink, address=address, kind=kind)
-                live.add(conn)
-                if conn not in mine:
-                    events.append(ConnectionObserved(connection=conn))
-        for conn in sorted(mine - live, key=lambda c: (c.sink, c.address, c.kind)):
-            events.append(ConnectionLost(connection=conn))
-        have = state.downloads.get(self.node_id, ())
-        for model in sorted(self._models):
-            if model not in have:
-                events.append(DownloadCompleted(node_id=self.node_id, model_id=model))
-        events += self.worker.rebuild(state)
-        return events
 
     # --- local events ----------------------------------------------------------------------
 
@@ -434,93 +469,27 @@ class CoreNode:
         effects: list[Effect] = []
         if self.outbox.session is None:
             return effects  # no master yet; the rebuild after election re-reports
+        master = self.master
         for event in events:
             msg, timer_effects = self.outbox.add(now, event)
             effects += timer_effects
-            if self.is_master and msg.session == self.master.session:  # type: ignore[union-attr]
-                assert self.master is not None
-                effects += self.master.on_local_event(now, msg)
+            if master is not None and master.active and msg.session == master.session:
+                effects += self._take(now, master.on_local_event(now, msg))
             else:
                 effects.append(Send(message=msg, to=msg.session.master))
         return effects
 
-    # --- telemetry and links -------------------------------------------------------------------
-
-    def _on_info(self, now: float, inp: InfoObserved) -> list[Effect]:
-        changes = {f: getattr(inp, f) for f in ("identity", "memory", "network", "system") if getattr(inp, f) is not None}
-        self._info = msgspec.structs.replace(self._info, **changes)
-        if inp.memory is not None:
-            self.worker.memory = inp.memory
-        if not self._session_applied:
-            return []
-        event = self._info_event(force=False)
-        if event.identity is None and event.memory is None and event.network is None and event.system is None:
-            return []
-        return self._raise(now, [event]) + self._after_state(now)
-
-    def _info_event(self, *, force: bool, full: bool = False) -> NodeGatheredInfo:
-        """Telemetry that changed since it was last reported in this session."""
-        info, rep = self._info, self._reported
-        identity = info.identity if (full or info.identity != rep.identity) else None
-        network = info.network if (full or info.network != rep.network) else None
-        system = info.system if (full or info.system != rep.system) else None
-        memory = info.memory if (full or _memory_moved(rep.memory, info.memory)) else None
-        changes = {
-            k: v
-            for k, v in (("identity", identity), ("network", network), ("system", system), ("memory", memory))
-            if v is not None
-        }
-        if changes:
-            self._reported = msgspec.structs.replace(self._reported, **changes)
-        return NodeGatheredInfo(node_id=self.node_id, identity=identity, memory=memory, network=network, system=system)
-
-    def _on_link(self, now: float, inp: LinkProbed) -> list[Effect]:
-        self._links[(inp.sink, inp.address)] = (inp.kind, inp.reachable)
-        if not self._session_applied:
-            return []
-        state = self.state
-        conn = Connection(source=self.node_id, sink=inp.sink, address=inp.address, kind=inp.kind)
-        events: list[Event] = []
-        for old in state.topology.connections:
-            if old.source == self.node_id and old.sink == inp.sink and old.address == inp.address:
-                if old != conn or not inp.reachable:
-                    events.append(ConnectionLost(connection=old))
-        if inp.reachable and conn not in state.topology.connections:
-            events.append(ConnectionObserved(connection=conn))
-        if not events:
-            return []
-        return self._raise(now, events) + self._after_state(now)
-
-    # --- runners ---------------------------------------------------------------------------------
-
-    def _on_runner_output(self, now: float, inp: RunnerOutput) -> list[Effect]:
-        chunk = inp.chunk
-        effects: list[Effect] = []
-        task = self.state.tasks.get(chunk.task_id)
-        if task is not None:
-            if task.origin == self.node_id:
-                effects += self.requests.on_chunk(now, chunk, self.incarnation)
-            else:
-                effects.append(Send(
-                        message=ChunkMessage(destination=task.origin, chunk=chunk, incarnation=self.incarnation),
-                        to=task.origin,
-                    ))
-        events = self.worker.on_output(now, inp.runner_id, chunk)
-        return effects + self._raise(now, events) + self._after_state(now)
-
     # --- persistence -------------------------------------------------------------------------------
 
-    def _seniority(self) -> int:
-        if self.is_master and self.master is not None and self.master.state is not None:
-            return 1 + len(self.master.state.topology.nodes)
-        return 0
-
-    def _persist_effect(self, clock: int) -> PersistNode:
+    def _persist_effect(self) -> PersistNode:
         state = self.replica.last_state
         raw = encode_state(state) if state.session is not None else None
         return PersistNode(
             record=NodeRecord(
-                node_id=self.node_id, election_clock=clock, state=raw, incarnation=self.incarnation.number
+                node_id=self.node_id,
+                election_clock=self.election.clock,
+                state=raw,
+                incarnation=self.incarnation.number,
             )
         )
 
@@ -545,20 +514,71 @@ class CoreNode:
             if isinstance(effect, Send):
                 msg = effect.message
                 if effect.to == self.node_id:
-                    queue.extend(self._on_message(now, self.node_id, msg))
+                    queue.extend(self._settled(now, self._on_message(now, self.node_id, msg)))
                     continue
                 if effect.to is None and isinstance(msg, CommandMessage) and msg.origin == self.node_id:
                     out.append(effect)
-                    queue.extend(self._on_message(now, self.node_id, msg))
+                    queue.extend(self._settled(now, self._on_message(now, self.node_id, msg)))
                     continue
             out.append(effect)
         return out
 
 
-def _memory_moved(old: MemoryInfo | None, new: MemoryInfo | None) -> bool:
-    if new is None:
-        return False
-    if old is None or old.ram_total != new.ram_total:
-        return True
-    delta = abs(old.ram_available.in_bytes - new.ram_available.in_bytes)
-    return delta > max(_MEMORY_REPORT_MIN_BYTES, int(new.ram_total.in_bytes * _MEMORY_REPORT_FRACTION))
+# --- the routing tables -------------------------------------------------------------------------
+
+_Route = Callable[[CoreNode, float, Any], list[Effect]]
+_MessageRoute = Callable[[CoreNode, float, NodeId, Any], list[Effect]]
+
+INPUT_ROUTES: dict[type, _Route] = {
+    Boot: CoreNode._on_boot,
+    PeersChanged: CoreNode._on_peers_changed,
+    Received: CoreNode._on_received,
+    TimerFired: CoreNode._on_timer_fired,
+    InfoObserved: CoreNode._on_info,
+    LinkProbed: CoreNode._on_link,
+    ModelAvailable: CoreNode._on_model,
+    RunnerStatusObserved: CoreNode._on_runner_status,
+    RunnerExited: CoreNode._on_runner_exited,
+    RunnerOutput: CoreNode._on_runner_output,
+    SubmitCommand: CoreNode._on_submit,
+    AbandonRequest: CoreNode._on_abandon,
+    PersistFailed: CoreNode._on_persist_failed,
+    Shutdown: CoreNode._on_shutdown,
+}
+
+MESSAGE_ROUTES: dict[type, _MessageRoute] = {
+    ElectionMessage: CoreNode._on_election_message,
+    CommandMessage: CoreNode._on_command_message,
+    CommandResultMessage: CoreNode._on_command_result,
+    LocalEventMessage: CoreNode._on_local_event,
+    LocalEventAck: CoreNode._on_local_event_ack,
+    GlobalEvent: CoreNode._on_global_event,
+    SyncRequest: CoreNode._on_sync_request,
+    SyncResponse: CoreNode._on_sync_response,
+    ChunkMessage: CoreNode._on_chunk_message,
+}
+
+TIMER_ROUTES: dict[type[Timer], _Route] = {
+    CampaignTimer: CoreNode._on_campaign_timer,
+    SettleTimer: CoreNode._on_settle_timer,
+    HeartbeatTimer: CoreNode._on_heartbeat_timer,
+    NackTimer: CoreNode._on_nack_timer,
+    OutboxTimer: CoreNode._on_outbox_timer,
+    PruneTimer: CoreNode._on_prune_timer,
+    TelemetryTimer: CoreNode._on_telemetry_timer,
+    MasterLostTimer: CoreNode._on_master_lost_timer,
+    RequestTimer: CoreNode._on_request_timer,
+    RunnerRestartTimer: CoreNode._on_restart_timer,
+    RunnerDeadlineTimer: CoreNode._on_deadline_timer,
+}
+
+
+def _check_covers(table: Mapping[type, object], types: tuple[type, ...], what: str) -> None:
+    missing = sorted(t.__name__ for t in types if t not in table)
+    extra = sorted(t.__name__ for t in table if t not in types)
+    assert not missing and not extra, f"{what} routes: missing {missing}, unknown {extra}"
+
+
+_check_covers(INPUT_ROUTES, get_args(Input), "input")
+_check_covers(MESSAGE_ROUTES, get_args(Message), "message")
+_check_covers(TIMER_ROUTES, TIMER_KINDS, "timer")

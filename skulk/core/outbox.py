@@ -25,15 +25,15 @@ most log2(``local_outbox_max``) + 1 times).
 from __future__ import annotations
 
 from skulk.core.config import CoreConfig
-from skulk.core.effects import CancelTimer, Effect, Log, Send, SetTimer
+from skulk.core.effects import Effect, Log, Send
 from skulk.core.events import Event
 from skulk.core.ids import NodeId
-from skulk.core.messages import LocalEventMessage
+from skulk.core.messages import LocalEventAck, LocalEventMessage
+from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
+from skulk.core.timers import OutboxTimer, cancel_timer, set_timer
 
-__all__ = ["Outbox", "OUTBOX_TIMER"]
-
-OUTBOX_TIMER = "outbox.retry"
+__all__ = ["Outbox"]
 
 
 class _Pending:
@@ -56,15 +56,23 @@ class Outbox:
         self._timer_at: float | None = None
         self.given_up = 0
 
-    def reset(self, session: Session) -> list[Effect]:
+    def boot(self, incarnation: Incarnation) -> None:
+        """This life of the node: local events are numbered within it."""
+        assert self.incarnation is None, "booted twice"
+        self.incarnation = incarnation
+
+    def reset(self, session: Session) -> Output:
         self.session = session
         self._next_idx = 0
         self._pending.clear()
         self._timer_at = None
-        return [CancelTimer(key=OUTBOX_TIMER)]
+        return Output([cancel_timer(OutboxTimer())])
 
     def add(self, now: float, event: Event) -> tuple[LocalEventMessage, list[Effect]]:
-        """Number ``event``; returns the message (the caller routes it) and timer effects."""
+        """Number ``event``; returns the message (the caller routes it) and timer effects.
+
+        Not an input of its own: the node's plumbing for raising a local event.
+        """
         assert self.session is not None, "no session to send local events to"
         assert self.incarnation is not None, "local events before boot"
         msg = LocalEventMessage(
@@ -91,14 +99,20 @@ class Outbox:
         for idx in [i for i in self._pending if i < next_idx]:
             del self._pending[idx]
 
-    def resend(self, idx: int) -> list[Effect]:
-        """The master lacks event ``idx`` (it holds later ones): send it again now, if still pending."""
-        pending = self._pending.get(idx)
-        if pending is None or self.session is None:
-            return []
-        return [Send(message=pending.msg, to=self.session.master)]
+    def on_ack(self, ack: LocalEventAck) -> Output:
+        """The master processed this life's events below ``ack.next_idx`` (and, on a gap, lacks that one)."""
+        if ack.origin != self.node_id or ack.session != self.session or ack.incarnation != self.incarnation:
+            return Output()  # for another node, an old session or an earlier life of this one
+        self.delivered_below(ack.next_idx)
+        if not ack.gap:
+            return Output()
+        # The master lacks event ``next_idx`` (it holds later ones): send it again now, if still pending.
+        pending = self._pending.get(ack.next_idx)
+        if pending is None:
+            return Output()
+        return Output([Send(message=pending.msg, to=ack.session.master)])
 
-    def on_timer(self, now: float) -> list[Effect]:
+    def on_timer(self, now: float) -> Output:
         self._timer_at = None
         effects: list[Effect] = []
         for idx in sorted(self._pending):
@@ -121,7 +135,7 @@ class Outbox:
             effects.append(Send(message=pending.msg, to=self.session.master))
         if self._pending:
             effects += self._arm(min(p.due for p in self._pending.values()))
-        return effects
+        return Output(effects)
 
     @property
     def pending_count(self) -> int:
@@ -131,4 +145,4 @@ class Outbox:
         if self._timer_at is not None and self._timer_at <= due:
             return []
         self._timer_at = due
-        return [SetTimer(key=OUTBOX_TIMER, at=due)]
+        return [set_timer(OutboxTimer(), due)]

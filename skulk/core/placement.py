@@ -72,7 +72,7 @@ from skulk.core.memory import (
     node_budget,
     shard_footprint,
 )
-from skulk.core.nodes import Connection
+from skulk.core.topology import Connection
 from skulk.core.records import Record
 from skulk.core.state import State
 

@@ -27,16 +27,16 @@ is a prefix of the master's.
 from __future__ import annotations
 
 from skulk.core.config import CoreConfig
-from skulk.core.effects import CancelTimer, Effect, Log, Send, SetTimer
+from skulk.core.effects import Effect, Log, Send
 from skulk.core.events import IndexedEvent
 from skulk.core.ids import NodeId
 from skulk.core.messages import GlobalEvent, SyncRequest, SyncResponse
+from skulk.core.output import Output
 from skulk.core.session import Session
 from skulk.core.state import State, apply, decode_state, digest
+from skulk.core.timers import NackTimer, cancel_timer, set_timer
 
-__all__ = ["Replica", "NACK_TIMER"]
-
-NACK_TIMER = "replica.nack"
+__all__ = ["Replica"]
 
 
 class Replica:
@@ -76,7 +76,7 @@ class Replica:
 
     # --- inputs ----------------------------------------------------------------
 
-    def follow(self, now: float, session: Session) -> list[Effect]:
+    def follow(self, now: float, session: Session) -> Output:
         """Switch to ``session`` (a new master). Bootstrap unless we are its master."""
         assert self.session is None or session.key() > self.session.key(), (self.session, session)
         self.session = session
@@ -84,11 +84,11 @@ class Replica:
         self._buffer.clear()
         self._nack_attempt = 0
         self._known_master_next = 0
-        effects: list[Effect] = [CancelTimer(key=NACK_TIMER)]
+        effects: list[Effect] = [cancel_timer(NackTimer())]
         self._nack_armed = False
         if session.master != self.node_id:
             effects += self._request(now, 0, None)
-        return effects
+        return Output(effects)
 
     def apply_own(self, indexed: IndexedEvent) -> State:
         """The master applies what it indexes, synchronously."""
@@ -98,12 +98,12 @@ class Replica:
         assert self.current is not None
         return self.current
 
-    def on_global_event(self, now: float, sender: NodeId, msg: GlobalEvent) -> list[Effect]:
+    def on_global_event(self, now: float, sender: NodeId, msg: GlobalEvent) -> Output:
         if self.session is None or msg.session != self.session or sender != self.session.master:
-            return []
+            return Output()
         indexed = msg.indexed
         if indexed.index < self.next_index:
-            return []  # duplicate of something applied
+            return Output()  # duplicate of something applied
         buffered = self._buffer.get(indexed.index)
         effects: list[Effect] = []
         if buffered is not None and buffered != indexed:
@@ -111,28 +111,28 @@ class Replica:
                 del self._buffer[i]
             effects.append(Log(level="warning", message=f"conflicting event at index {indexed.index}; re-requesting"))
         if len(self._buffer) >= self.config.follower_buffer_max and indexed.index != self.next_index:
-            return effects  # bounded: drop, the NACK will fetch it again
+            return Output(effects)  # bounded: drop, the NACK will fetch it again
         self._buffer[indexed.index] = indexed
         self._known_master_next = max(self._known_master_next, indexed.index + 1)
         effects += self._drain(now)
-        return effects
+        return Output(effects)
 
-    def on_master_heartbeat(self, now: float, sender: NodeId, log_next: int) -> list[Effect]:
+    def on_master_heartbeat(self, now: float, sender: NodeId, log_next: int) -> Output:
         if self.session is None or sender != self.session.master:
-            return []
+            return Output()
         if log_next > self._known_master_next:
             self._known_master_next = log_next
-        return self._maybe_nack(now)
+        return Output(self._maybe_nack(now))
 
-    def on_sync_response(self, now: float, sender: NodeId, msg: SyncResponse) -> list[Effect]:
+    def on_sync_response(self, now: float, sender: NodeId, msg: SyncResponse) -> Output:
         if self.session is None or msg.session != self.session or sender != self.session.master:
-            return []
+            return Output()
         effects: list[Effect] = []
         snap = msg.snapshot
         if snap is not None and snap.index >= self.next_index:
             state = decode_state(snap.state)
             if digest(state) != snap.digest or state.session != self.session or state.last_index != snap.index:
-                return [Log(level="error", message=f"rejected corrupt snapshot at index {snap.index}")]
+                return Output([Log(level="error", message=f"rejected corrupt snapshot at index {snap.index}")])
             self.current = state
             self.last_state = state
             for i in [i for i in self._buffer if i <= snap.index]:
@@ -148,14 +148,14 @@ class Replica:
             self._buffer[indexed.index] = indexed
             self._known_master_next = max(self._known_master_next, indexed.index + 1)
         effects += self._drain(now)
-        return effects
+        return Output(effects)
 
-    def on_nack_timer(self, now: float) -> list[Effect]:
+    def on_nack_timer(self, now: float) -> Output:
         self._nack_armed = False
         if self._is_caught_up():
             self._nack_attempt = 0
-            return []
-        return self._request(now, self.next_index, self._gap_end())
+            return Output()
+        return Output(self._request(now, self.next_index, self._gap_end()))
 
     # --- internals ---------------------------------------------------------------
 
@@ -202,7 +202,7 @@ class Replica:
         # Give in-flight messages a moment before asking: wait the backoff first.
         delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
         self._nack_armed = True
-        return [SetTimer(key=NACK_TIMER, at=now + delay)]
+        return [set_timer(NackTimer(), now + delay)]
 
     def _request(self, now: float, start: int, end: int | None) -> list[Effect]:
         assert self.session is not None
@@ -210,5 +210,5 @@ class Replica:
         delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
         self._nack_armed = True
         req = SyncRequest(session=self.session, requester=self.node_id, from_index=start, to_index=end)
-        return [Send(message=req, to=self.session.master), SetTimer(key=NACK_TIMER, at=now + delay)]
+        return [Send(message=req, to=self.session.master), set_timer(NackTimer(), now + delay)]
 

@@ -29,16 +29,17 @@ from __future__ import annotations
 
 from skulk.core.commands import CancelTask, Command, CommandResult, SubmitTask
 from skulk.core.config import CoreConfig
-from skulk.core.effects import CancelTimer, CommandCompleted, DeliverChunk, Effect, Send, SetTimer
+from skulk.core.effects import CommandCompleted, DeliverChunk, Effect, Send
 from skulk.core.events import IndexedEvent, TaskDeleted, TaskFailed
 from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
 from skulk.core.messages import CommandMessage
+from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
 from skulk.core.tasks import ChunkError, TokenChunk
+from skulk.core.timers import RequestTimer, cancel_timer, set_timer
 
-__all__ = ["Requests", "REQUEST_TIMER_PREFIX", "SESSION_CHANGED", "MASTER_UNREACHABLE"]
+__all__ = ["Requests", "SESSION_CHANGED", "MASTER_UNREACHABLE"]
 
-REQUEST_TIMER_PREFIX = "request."
 SESSION_CHANGED = "session_changed"
 MASTER_UNREACHABLE = "master_unreachable"
 
@@ -73,11 +74,11 @@ class Requests:
 
     # --- from the API ----------------------------------------------------------------
 
-    def submit(self, now: float, command: Command, session: Session | None) -> list[Effect]:
+    def submit(self, now: float, command: Command, session: Session | None) -> Output:
         """Track and send ``command``. Returns the effects (the caller routes to the master)."""
         cid = command.command_id
         if cid in self._open:
-            return []  # a duplicate submission of something in flight
+            return Output()  # a duplicate submission of something in flight
         entry = _Open(command, now)
         self._open[cid] = entry
         if isinstance(command, SubmitTask):
@@ -86,25 +87,25 @@ class Requests:
         if session is not None:
             effects += self._send(now, entry, session)
         effects.append(self._arm(entry, self._next_try(entry, now)))
-        return effects
+        return Output(effects)
 
-    def abandon(self, now: float, command_id: CommandId, session: Session | None) -> list[Effect]:
+    def abandon(self, now: float, command_id: CommandId, session: Session | None) -> Output:
         entry = self._open.get(command_id)
         if entry is None:
-            return []
+            return Output()
         effects = self._close(command_id)
         if isinstance(entry.command, SubmitTask) and session is not None:
             cancel = CancelTask(command_id=CommandId(derive_id("cancel", command_id)), target=command_id)
             # Fire and forget: the master also remembers cancelled ids, so a
             # cancel overtaking its submit still cancels it.
             effects.append(Send(message=CommandMessage(origin=self.node_id, command=cancel)))
-        return effects
+        return Output(effects)
 
     # --- from the master --------------------------------------------------------------
 
     def on_result(
         self, now: float, result: CommandResult, session: Session | None, answered_in: Session | None = None
-    ) -> list[Effect]:
+    ) -> Output:
         """The master of ``answered_in`` answered a command; only the master it was sent to counts.
 
         A deposed master that has not heard of its deposition (paused, cut
@@ -114,73 +115,73 @@ class Requests:
         """
         entry = self._open.get(result.command_id)
         if entry is None:
-            return []
+            return Output()
         if answered_in is not None and answered_in != entry.sent_session:
-            return []
+            return Output()
         if result.status == "pending":
             if self._past_deadline(entry, now):
-                return self._fail(result.command_id, self._deadline_result(entry, result.message))
+                return Output(self._fail(result.command_id, self._deadline_result(entry, result.message)))
             entry.retry_at = now + self.config.command_retry_s
-            return [self._arm(entry, entry.retry_at)]
+            return Output([self._arm(entry, entry.retry_at)])
         if result.status == "rejected" or not isinstance(entry.command, SubmitTask):
             effects = self._close(result.command_id)
             effects.append(CommandCompleted(command_id=result.command_id, result=result))
-            return effects
+            return Output(effects)
         if entry.accepted:
-            return []
+            return Output()
         entry.accepted = True
-        return [
-            CancelTimer(key=REQUEST_TIMER_PREFIX + result.command_id),
+        return Output([
+            cancel_timer(RequestTimer(result.command_id)),
             CommandCompleted(command_id=result.command_id, result=result),
-        ]
+        ])
 
-    def on_chunk(self, now: float, chunk: TokenChunk, epoch: Incarnation) -> list[Effect]:
+    def on_chunk(self, now: float, chunk: TokenChunk, epoch: Incarnation) -> Output:
         """A chunk from the node (in its incarnation ``epoch``) running the request's task."""
         entry = self._open.get(chunk.command_id)
         if entry is None:
-            return []  # abandoned or finished
+            return Output()  # abandoned or finished
         if entry.epoch is None or (entry.epoch != epoch and entry.next_seq == 0):
             entry.epoch = epoch
         elif entry.epoch != epoch:
             # The node streaming this request restarted and runs the task again
             # from the start: the client already has part of the old output.
-            return self._error(
+            return Output(self._error(
                 chunk.command_id,
                 entry,
                 "the node generating this response restarted mid-stream; retry the request",
                 "runner_restarted",
-            )
+            ))
         if chunk.seq < entry.next_seq:
-            return []  # a duplicate
+            return Output()  # a duplicate
         entry.next_seq = chunk.seq + 1
         effects: list[Effect] = [DeliverChunk(chunk=chunk)]
         if chunk.finish_reason is not None:
             effects += self._close(chunk.command_id)
-        return effects
+        return Output(effects)
 
     # --- from the replicated state ------------------------------------------------------
 
-    def on_applied(self, now: float, indexed: IndexedEvent) -> list[Effect]:
+    def on_applied(self, now: float, indexed: IndexedEvent) -> Output:
         event = indexed.event
         if not isinstance(event, (TaskFailed, TaskDeleted)):
-            return []
+            return Output()
         cid = self._by_task.get(event.task_id)
         if cid is None or cid not in self._open:
-            return []
+            return Output()
         entry = self._open[cid]
         if isinstance(event, TaskFailed):
             # The runner's own code and type when it gave them (a refusal is the
             # client's error, not the server's), however the race with its chunk went.
-            return self._error(
+            return Output(self._error(
                 cid, entry, event.error_message, event.code or "task_failed", error_type=event.error_type or "server_error"
-            )
+            ))
         if event.outcome == "completed":
             # The last chunk travels separately and may still be on its way.
             entry.linger = True
-            return [self._arm(entry, now + self.config.request_linger_s)]
-        return self._error(cid, entry, f"the request was {event.outcome}", event.outcome)
+            return Output([self._arm(entry, now + self.config.request_linger_s)])
+        return Output(self._error(cid, entry, f"the request was {event.outcome}", event.outcome))
 
-    def on_session_changed(self, now: float, old: Session | None, new: Session) -> list[Effect]:
+    def on_session_changed(self, now: float, old: Session | None, new: Session) -> Output:
         effects: list[Effect] = []
         for cid in sorted(self._open):
             entry = self._open[cid]
@@ -199,9 +200,9 @@ class Requests:
                 effects += self._fail(
                     cid, CommandResult(command_id=cid, status="rejected", code=SESSION_CHANGED, message=message)
                 )
-        return effects
+        return Output(effects)
 
-    def on_master_lost(self, now: float, session: Session, lost_for_s: float) -> list[Effect]:
+    def on_master_lost(self, now: float, session: Session, lost_for_s: float) -> Output:
         """End the accepted task requests sent in ``session``: this node cannot reach its master.
 
         Requests not yet accepted keep retrying until their own deadline (an
@@ -219,26 +220,26 @@ class Requests:
             cancel = CancelTask(command_id=CommandId(derive_id("cancel", cid)), target=cid)
             effects.append(Send(message=CommandMessage(origin=self.node_id, command=cancel)))
             effects += self._error(cid, entry, message, MASTER_UNREACHABLE)
-        return effects
+        return Output(effects)
 
     # --- timers --------------------------------------------------------------------------
 
-    def on_timer(self, now: float, key: str, session: Session | None) -> list[Effect]:
-        cid = CommandId(key[len(REQUEST_TIMER_PREFIX) :])
+    def on_timer(self, now: float, timer: RequestTimer, session: Session | None) -> Output:
+        cid = timer.command_id
         entry = self._open.get(cid)
         if entry is None:
-            return []
+            return Output()
         if entry.linger:
-            return self._error(cid, entry, "the request completed but its last chunk never arrived", "stream_lost")
+            return Output(self._error(cid, entry, "the request completed but its last chunk never arrived", "stream_lost"))
         if entry.accepted:
-            return []
+            return Output()
         if self._past_deadline(entry, now):
-            return self._fail(cid, self._deadline_result(entry, ""))
+            return Output(self._fail(cid, self._deadline_result(entry, "")))
         effects: list[Effect] = []
         if session is not None:
             effects += self._send(now, entry, session)
         effects.append(self._arm(entry, self._next_try(entry, now)))
-        return effects
+        return Output(effects)
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -269,13 +270,13 @@ class Requests:
         return [Send(message=CommandMessage(origin=self.node_id, command=entry.command))]
 
     def _arm(self, entry: _Open, at: float) -> Effect:
-        return SetTimer(key=REQUEST_TIMER_PREFIX + entry.command.command_id, at=at)
+        return set_timer(RequestTimer(entry.command.command_id), at)
 
     def _close(self, cid: CommandId) -> list[Effect]:
         entry = self._open.pop(cid, None)
         if entry is not None and isinstance(entry.command, SubmitTask):
             self._by_task.pop(TaskId(derive_id("task", cid)), None)
-        return [CancelTimer(key=REQUEST_TIMER_PREFIX + cid)]
+        return [cancel_timer(RequestTimer(cid))]
 
     def _fail(self, cid: CommandId, result: CommandResult) -> list[Effect]:
         effects = self._close(cid)

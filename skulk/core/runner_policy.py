@@ -59,7 +59,7 @@ from skulk.core.instances import (
 )
 from skulk.core.memory import describe_shortfall, format_gb, reserved_bytes, shard_footprint, shard_share, usable_bytes
 from skulk.core.cards import ModelCard
-from skulk.core.nodes import MemoryInfo
+from skulk.core.telemetry import MemoryInfo
 from skulk.core.records import Record
 from skulk.core.state import State
 

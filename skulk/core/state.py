@@ -11,11 +11,18 @@ key-sorted msgpack encoding) makes that checkable byte for byte.
 
 ``apply`` never reads a clock: times in the state (``last_seen``) come from the
 ``at`` stamp the master put on the indexed event.
+
+Each event type has one transition in ``TRANSITIONS``; an import-time check
+fails when an event type has none (adding an event: its record in
+``events.py``, its transition here, and, if workers raise it, its ingest rule
+in ``master.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import Any, get_args
 
 import msgspec
 
@@ -24,6 +31,7 @@ from skulk.core.events import (
     ConnectionLost,
     ConnectionObserved,
     DownloadCompleted,
+    Event,
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
@@ -40,12 +48,23 @@ from skulk.core.events import (
 )
 from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import Instance, RunnerStatus
-from skulk.core.nodes import Connection, MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo, Topology
+from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
+from skulk.core.topology import Connection, Topology
 from skulk.core.records import Record
 from skulk.core.session import Session
 from skulk.core.tasks import Task
 
-__all__ = ["State", "apply", "digest", "encode_state", "decode_state", "hosting_nodes", "EMPTY_STATE"]
+__all__ = [
+    "State",
+    "apply",
+    "digest",
+    "encode_state",
+    "decode_state",
+    "hosting_nodes",
+    "EMPTY_STATE",
+    "TRANSITIONS",
+    "LOCAL_ONLY",
+]
 
 
 class State(Record, frozen=True, kw_only=True):
@@ -70,6 +89,7 @@ class State(Record, frozen=True, kw_only=True):
 EMPTY_STATE = State()
 
 _ENCODER = msgspec.msgpack.Encoder(order="sorted")
+_replace = msgspec.structs.replace
 
 
 def encode_state(state: State) -> bytes:
@@ -127,120 +147,159 @@ def apply(state: State, indexed: IndexedEvent) -> State:
     assert indexed.index == state.last_index + 1, (
         f"apply expected index {state.last_index + 1}, got {indexed.index}"
     )
-    state = _apply_body(state, event, indexed.at)
-    return msgspec.structs.replace(state, last_index=indexed.index)
+    transition = TRANSITIONS.get(type(event))
+    assert transition is not None, f"apply: {type(event).__name__} never takes an index"
+    state = transition(state, event, indexed.at)
+    return _replace(state, last_index=indexed.index)
 
 
 def _conn_key(c: Connection) -> tuple[str, str, str, str]:
     return (c.source, c.sink, c.address, c.kind)
 
 
-def _apply_body(state: State, event: object, at: float) -> State:
-    replace = msgspec.structs.replace
-    if isinstance(event, NodeGatheredInfo):
-        node = event.node_id
-        changes: dict[str, object] = {"last_seen": _with(state.last_seen, node, at)}
-        if node not in state.topology.nodes:
-            changes["topology"] = replace(
-                state.topology, nodes=tuple(sorted((*state.topology.nodes, node)))
-            )
-        if event.identity is not None:
-            changes["node_identities"] = _with(state.node_identities, node, event.identity)
-        if event.memory is not None:
-            changes["node_memory"] = _with(state.node_memory, node, event.memory)
-        if event.network is not None:
-            changes["node_network"] = _with(state.node_network, node, event.network)
-        if event.system is not None:
-            changes["node_system"] = _with(state.node_system, node, event.system)
-        return replace(state, **changes)
-    if isinstance(event, NodeTimedOut):
-        node = event.node_id
-        for inst in state.instances.values():
-            assert node not in inst.shard_assignments.node_to_runner, (
-                f"NodeTimedOut({node}) while instance {inst.instance_id} still uses it"
-            )
-        topo = Topology(
-            nodes=tuple(n for n in state.topology.nodes if n != node),
-            connections=tuple(
-                c for c in state.topology.connections if node not in (c.source, c.sink)
-            ),
+def _node_info(state: State, event: NodeGatheredInfo, at: float) -> State:
+    node = event.node_id
+    changes: dict[str, object] = {"last_seen": _with(state.last_seen, node, at)}
+    if node not in state.topology.nodes:
+        changes["topology"] = _replace(state.topology, nodes=tuple(sorted((*state.topology.nodes, node))))
+    if event.identity is not None:
+        changes["node_identities"] = _with(state.node_identities, node, event.identity)
+    if event.memory is not None:
+        changes["node_memory"] = _with(state.node_memory, node, event.memory)
+    if event.network is not None:
+        changes["node_network"] = _with(state.node_network, node, event.network)
+    if event.system is not None:
+        changes["node_system"] = _with(state.node_system, node, event.system)
+    return _replace(state, **changes)
+
+
+def _node_timed_out(state: State, event: NodeTimedOut, at: float) -> State:
+    node = event.node_id
+    for inst in state.instances.values():
+        assert node not in inst.shard_assignments.node_to_runner, (
+            f"NodeTimedOut({node}) while instance {inst.instance_id} still uses it"
         )
-        return replace(
-            state,
-            topology=topo,
-            last_seen=_without(state.last_seen, node),
-            node_identities=_without(state.node_identities, node),
-            node_memory=_without(state.node_memory, node),
-            node_network=_without(state.node_network, node),
-            node_system=_without(state.node_system, node),
-            downloads=_without(state.downloads, node),
+    topo = Topology(
+        nodes=tuple(n for n in state.topology.nodes if n != node),
+        connections=tuple(c for c in state.topology.connections if node not in (c.source, c.sink)),
+    )
+    return _replace(
+        state,
+        topology=topo,
+        last_seen=_without(state.last_seen, node),
+        node_identities=_without(state.node_identities, node),
+        node_memory=_without(state.node_memory, node),
+        node_network=_without(state.node_network, node),
+        node_system=_without(state.node_system, node),
+        downloads=_without(state.downloads, node),
+    )
+
+
+def _connection_observed(state: State, event: ConnectionObserved, at: float) -> State:
+    conns = set(state.topology.connections)
+    conns.add(event.connection)
+    return _replace(state, topology=_replace(state.topology, connections=tuple(sorted(conns, key=_conn_key))))
+
+
+def _connection_lost(state: State, event: ConnectionLost, at: float) -> State:
+    kept = tuple(c for c in state.topology.connections if c != event.connection)
+    return _replace(state, topology=_replace(state.topology, connections=kept))
+
+
+def _download_completed(state: State, event: DownloadCompleted, at: float) -> State:
+    have = state.downloads.get(event.node_id, ())
+    if event.model_id in have:
+        return state
+    models = tuple(sorted((*have, event.model_id)))
+    return _replace(state, downloads=_with(state.downloads, event.node_id, models))
+
+
+def _instance_created(state: State, event: InstanceCreated, at: float) -> State:
+    inst = event.instance
+    assert inst.instance_id not in state.instances, f"instance {inst.instance_id} exists"
+    runner_instance = dict(state.runner_instance)
+    for runner_id in sorted(inst.shard_assignments.runner_to_shard):
+        runner_instance[runner_id] = inst.instance_id
+    return _replace(
+        state,
+        instances=_with(state.instances, inst.instance_id, inst),
+        runner_instance=runner_instance,
+        next_port_offset=state.next_port_offset + 1,
+    )
+
+
+def _instance_deleted(state: State, event: InstanceDeleted, at: float) -> State:
+    iid = event.instance_id
+    assert iid in state.instances, f"InstanceDeleted for unknown instance {iid}"
+    for task in state.tasks.values():
+        assert task.instance_id != iid or task.status == "failed", (
+            f"task {task.task_id} still in flight on deleted instance {iid}"
         )
-    if isinstance(event, ConnectionObserved):
-        conns = set(state.topology.connections)
-        conns.add(event.connection)
-        topo = replace(state.topology, connections=tuple(sorted(conns, key=_conn_key)))
-        return replace(state, topology=topo)
-    if isinstance(event, ConnectionLost):
-        topo = replace(
-            state.topology,
-            connections=tuple(c for c in state.topology.connections if c != event.connection),
-        )
-        return replace(state, topology=topo)
-    if isinstance(event, DownloadCompleted):
-        have = state.downloads.get(event.node_id, ())
-        if event.model_id in have:
-            return state
-        models = tuple(sorted((*have, event.model_id)))
-        return replace(state, downloads=_with(state.downloads, event.node_id, models))
-    if isinstance(event, InstanceCreated):
-        inst = event.instance
-        assert inst.instance_id not in state.instances, f"instance {inst.instance_id} exists"
-        runner_instance = dict(state.runner_instance)
-        for runner_id in sorted(inst.shard_assignments.runner_to_shard):
-            runner_instance[runner_id] = inst.instance_id
-        return replace(
-            state,
-            instances=_with(state.instances, inst.instance_id, inst),
-            runner_instance=runner_instance,
-            next_port_offset=state.next_port_offset + 1,
-        )
-    if isinstance(event, InstanceDeleted):
-        iid = event.instance_id
-        assert iid in state.instances, f"InstanceDeleted for unknown instance {iid}"
-        for task in state.tasks.values():
-            assert task.instance_id != iid or task.status == "failed", (
-                f"task {task.task_id} still in flight on deleted instance {iid}"
-            )
-        runners = state.instances[iid].shard_assignments.runner_to_shard
-        return replace(
-            state,
-            instances=_without(state.instances, iid),
-            runners={k: v for k, v in state.runners.items() if k not in runners},
-            runner_instance={k: v for k, v in state.runner_instance.items() if k not in runners},
-            tasks={k: v for k, v in state.tasks.items() if v.instance_id != iid},
-        )
-    if isinstance(event, RunnerStatusUpdated):
-        assert event.runner_id in state.runner_instance, f"runner {event.runner_id} unknown"
-        return replace(state, runners=_with(state.runners, event.runner_id, event.status))
-    if isinstance(event, RunnerDeleted):
-        return replace(state, runners=_without(state.runners, event.runner_id))
-    if isinstance(event, TaskCreated):
-        task = event.task
-        assert task.task_id not in state.tasks, f"task {task.task_id} exists"
-        assert task.instance_id in state.instances, f"task on unknown instance {task.instance_id}"
-        return replace(state, tasks=_with(state.tasks, task.task_id, task))
-    if isinstance(event, TaskStatusUpdated):
-        task = state.tasks[event.task_id]
-        return replace(
-            state, tasks=_with(state.tasks, task.task_id, replace(task, status=event.status))
-        )
-    if isinstance(event, TaskFailed):
-        task = state.tasks[event.task_id]
-        failed = replace(task, status="failed", error_message=event.error_message)
-        return replace(state, tasks=_with(state.tasks, task.task_id, failed))
-    if isinstance(event, TaskDeleted):
-        assert event.task_id in state.tasks, f"TaskDeleted for unknown task {event.task_id}"
-        return replace(state, tasks=_without(state.tasks, event.task_id))
-    if isinstance(event, InstanceStillHosted):
-        raise AssertionError("InstanceStillHosted is local only and is never indexed")
-    raise AssertionError(f"apply: unknown event {type(event).__name__}")
+    runners = state.instances[iid].shard_assignments.runner_to_shard
+    return _replace(
+        state,
+        instances=_without(state.instances, iid),
+        runners={k: v for k, v in state.runners.items() if k not in runners},
+        runner_instance={k: v for k, v in state.runner_instance.items() if k not in runners},
+        tasks={k: v for k, v in state.tasks.items() if v.instance_id != iid},
+    )
+
+
+def _runner_status_updated(state: State, event: RunnerStatusUpdated, at: float) -> State:
+    assert event.runner_id in state.runner_instance, f"runner {event.runner_id} unknown"
+    return _replace(state, runners=_with(state.runners, event.runner_id, event.status))
+
+
+def _runner_deleted(state: State, event: RunnerDeleted, at: float) -> State:
+    return _replace(state, runners=_without(state.runners, event.runner_id))
+
+
+def _task_created(state: State, event: TaskCreated, at: float) -> State:
+    task = event.task
+    assert task.task_id not in state.tasks, f"task {task.task_id} exists"
+    assert task.instance_id in state.instances, f"task on unknown instance {task.instance_id}"
+    return _replace(state, tasks=_with(state.tasks, task.task_id, task))
+
+
+def _task_status_updated(state: State, event: TaskStatusUpdated, at: float) -> State:
+    task = state.tasks[event.task_id]
+    return _replace(state, tasks=_with(state.tasks, task.task_id, _replace(task, status=event.status)))
+
+
+def _task_failed(state: State, event: TaskFailed, at: float) -> State:
+    task = state.tasks[event.task_id]
+    failed = _replace(task, status="failed", error_message=event.error_message)
+    return _replace(state, tasks=_with(state.tasks, task.task_id, failed))
+
+
+def _task_deleted(state: State, event: TaskDeleted, at: float) -> State:
+    assert event.task_id in state.tasks, f"TaskDeleted for unknown task {event.task_id}"
+    return _replace(state, tasks=_without(state.tasks, event.task_id))
+
+
+_Transition = Callable[[State, Any, float], State]
+
+TRANSITIONS: dict[type, _Transition] = {
+    NodeGatheredInfo: _node_info,
+    NodeTimedOut: _node_timed_out,
+    ConnectionObserved: _connection_observed,
+    ConnectionLost: _connection_lost,
+    DownloadCompleted: _download_completed,
+    InstanceCreated: _instance_created,
+    InstanceDeleted: _instance_deleted,
+    RunnerStatusUpdated: _runner_status_updated,
+    RunnerDeleted: _runner_deleted,
+    TaskCreated: _task_created,
+    TaskStatusUpdated: _task_status_updated,
+    TaskFailed: _task_failed,
+    TaskDeleted: _task_deleted,
+}
+"""How each indexed event changes the state, by event type (``SessionStarted`` resets it in ``apply``)."""
+
+# Events that never take an index, so they have no transition: the master
+# turns ``InstanceStillHosted`` into ``InstanceCreated`` or drops it.
+LOCAL_ONLY: tuple[type, ...] = (InstanceStillHosted,)
+
+_missing = sorted(t.__name__ for t in get_args(Event) if t not in TRANSITIONS and t not in LOCAL_ONLY and t is not SessionStarted)
+assert not _missing, f"events without a state transition: {_missing}"
+del _missing

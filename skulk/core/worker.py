@@ -24,16 +24,7 @@ from __future__ import annotations
 
 from skulk.core import interconnect, runner_policy
 from skulk.core.config import CoreConfig
-from skulk.core.effects import (
-    CancelRunnerTask,
-    CancelTimer,
-    DispatchTask,
-    Effect,
-    Log,
-    SetTimer,
-    StartRunner,
-    StopRunner,
-)
+from skulk.core.effects import CancelRunnerTask, DispatchTask, Effect, Log, StartRunner, StopRunner
 from skulk.core.events import (
     Event,
     InstanceStillHosted,
@@ -52,14 +43,13 @@ from skulk.core.instances import (
     RunnerSpec,
     RunnerStatus,
 )
-from skulk.core.nodes import MemoryInfo
+from skulk.core.output import Output
 from skulk.core.state import State
 from skulk.core.tasks import TokenChunk
+from skulk.core.telemetry import MemoryInfo
+from skulk.core.timers import RunnerDeadlineTimer, RunnerRestartTimer, cancel_timer, set_timer
 
-__all__ = ["Worker", "RESTART_TIMER_PREFIX", "DEADLINE_TIMER_PREFIX"]
-
-RESTART_TIMER_PREFIX = "worker.restart."
-DEADLINE_TIMER_PREFIX = "worker.deadline."
+__all__ = ["Worker"]
 
 
 class _Runner:
@@ -73,9 +63,6 @@ class _Runner:
         self.entered_at = now  # when the runner entered its current lifecycle state
         self.stopping = False
         self.reported: RunnerStatus | None = None
-
-
-Output = tuple[list[Effect], list[Event]]
 
 
 class Worker:
@@ -94,6 +81,13 @@ class Worker:
         self._settled: set[TaskId] = set()
         self._last_runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
 
+    # --- observations ------------------------------------------------------------------
+
+    def on_memory(self, memory: MemoryInfo) -> Output:
+        """This node's memory, as telemetry last measured it (the pre-spawn guard reads it)."""
+        self.memory = memory
+        return Output()
+
     # --- reconciliation ------------------------------------------------------------
 
     def reconcile(self, now: float, state: State) -> Output:
@@ -110,7 +104,7 @@ class Worker:
             if runner_id not in desired and not entry.stopping:
                 entry.stopping = True
                 effects.append(StopRunner(runner_id=runner_id, reason="instance removed"))
-                effects.append(CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id))
+                effects.append(cancel_timer(RunnerDeadlineTimer(runner_id)))
         for runner_id in [r for r in self._blocked_until if r not in desired]:
             del self._blocked_until[runner_id]
             self._failures.pop(runner_id, None)
@@ -123,9 +117,9 @@ class Worker:
             effects += e
             events += ev
         e, ev = self._dispatch(now, state)
-        return effects + e, events + ev
+        return Output(effects + e, events + ev)
 
-    def _start(self, now: float, state: State, runner_id: RunnerId, inst: Instance) -> Output:
+    def _start(self, now: float, state: State, runner_id: RunnerId, inst: Instance) -> tuple[list[Effect], list[Event]]:
         shard = inst.shard_assignments.runner_to_shard[runner_id]
         refusal = runner_policy.prespawn_guard(state, inst, self.node_id, self.memory)
         if refusal is not None:
@@ -135,7 +129,7 @@ class Worker:
             self._blocked_until[runner_id] = retry_at
             return [
                 Log(level="warning", message=refusal),
-                SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=retry_at),
+                set_timer(RunnerRestartTimer(runner_id), retry_at),
             ], self._report(inst, runner_id, failed)
         spec = RunnerSpec(
             instance_id=inst.instance_id,
@@ -159,10 +153,10 @@ class Worker:
         state = None if entry.status is None else runner_policy.state_of(entry.status)
         deadline = runner_policy.deadline_for(state, entry.entered_at, self.config)
         if deadline is None:
-            return [CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id)]
-        return [SetTimer(key=DEADLINE_TIMER_PREFIX + runner_id, at=deadline.at)]
+            return [cancel_timer(RunnerDeadlineTimer(runner_id))]
+        return [set_timer(RunnerDeadlineTimer(runner_id), deadline.at)]
 
-    def _dispatch(self, now: float, state: State) -> Output:
+    def _dispatch(self, now: float, state: State) -> tuple[list[Effect], list[Event]]:
         # Nothing to do unless the tasks or our runners changed since the last
         # pass (apply replaces state.tasks only when a task event is applied),
         # which keeps a storm of thousands of tasks from costing O(n) per event.
@@ -223,7 +217,7 @@ class Worker:
     def on_status(self, now: float, runner_id: RunnerId, status: RunnerStatus) -> Output:
         entry = self.runners.get(runner_id)
         if entry is None:
-            return [], []
+            return Output()
         effects: list[Effect] = []
         problem = runner_policy.check_transition(entry.status, status)
         if problem is not None:
@@ -235,7 +229,7 @@ class Worker:
             effects += self._arm_deadline(now, entry, runner_id)
         if isinstance(status, RUNNER_SERVING):
             self.breaker.record_ready(now, entry.instance.instance_id)
-        return effects, self._report(entry.instance, runner_id, status)
+        return Output(effects, self._report(entry.instance, runner_id, status))
 
     def _report(self, inst: Instance, runner_id: RunnerId, status: RunnerStatus) -> list[Event]:
         entry = self.runners.get(runner_id)
@@ -253,8 +247,8 @@ class Worker:
     def on_exit(self, now: float, runner_id: RunnerId, exit_code: int) -> Output:
         entry = self.runners.pop(runner_id, None)
         if entry is None:
-            return [], []
-        effects: list[Effect] = [CancelTimer(key=DEADLINE_TIMER_PREFIX + runner_id)]
+            return Output()
+        effects: list[Effect] = [cancel_timer(RunnerDeadlineTimer(runner_id))]
         events: list[Event] = []
         for task_id in [t for t, r in self.dispatched.items() if r == runner_id]:
             del self.dispatched[task_id]
@@ -262,11 +256,11 @@ class Worker:
                 self._settled.add(task_id)
                 events.append(TaskFailed(task_id=task_id, error_message=f"runner {runner_id} exited with code {exit_code}"))
         if entry.stopping:
-            return effects, events
+            return Output(effects, events)
         decision = self.breaker.record_exit(now, entry.instance.instance_id, exit_code)
         if isinstance(decision, runner_policy.Restart):
             self._blocked_until[runner_id] = now + decision.after_s
-            effects.append(SetTimer(key=RESTART_TIMER_PREFIX + runner_id, at=now + decision.after_s))
+            effects.append(set_timer(RunnerRestartTimer(runner_id), now + decision.after_s))
             effects.append(
                 Log(level="warning", message=f"runner {runner_id} exited ({exit_code}); restarting in {decision.after_s:g} s")
             )
@@ -275,7 +269,7 @@ class Worker:
                 runner_id,
                 RunnerFailed(error_message=f"runner exited with code {exit_code}; restarting", permanent=False),
             )
-            return effects, events
+            return Output(effects, events)
         assert isinstance(decision, runner_policy.GiveUp)
         self._blocked_until[runner_id] = float("inf")
         failed = RunnerFailed(error_message=decision.reason, permanent=True)
@@ -283,16 +277,17 @@ class Worker:
         if decision.tripped_now:
             effects.append(Log(level="error", message=f"instance {entry.instance.instance_id} failed: {decision.reason}"))
         events += self._report(entry.instance, runner_id, failed)
-        return effects, events
+        return Output(effects, events)
 
-    def on_deadline(self, now: float, runner_id: RunnerId) -> Output:
+    def on_deadline(self, now: float, timer: RunnerDeadlineTimer) -> Output:
+        runner_id = timer.runner_id
         entry = self.runners.get(runner_id)
         if entry is None or entry.stopping:
-            return [], []
+            return Output()
         state = None if entry.status is None else runner_policy.state_of(entry.status)
         deadline = runner_policy.deadline_for(state, entry.entered_at, self.config)
         if deadline is None or deadline.at > now:
-            return [], []  # the runner moved on meanwhile
+            return Output()  # the runner moved on meanwhile
         entry.stopping = True
         self._blocked_until[runner_id] = float("inf")
         code = GROUP_CONNECT_TIMEOUT if deadline.kind == "group_connect" else f"{deadline.kind}_deadline"
@@ -301,23 +296,32 @@ class Worker:
         )
         self._failures[runner_id] = failed
         events = self._report(entry.instance, runner_id, failed)
-        return [StopRunner(runner_id=runner_id, reason=failed.error_message), Log(level="error", message=failed.error_message)], events
+        effects: list[Effect] = [
+            StopRunner(runner_id=runner_id, reason=failed.error_message),
+            Log(level="error", message=failed.error_message),
+        ]
+        return Output(effects, events)
 
-    def on_restart_timer(self, now: float, runner_id: RunnerId) -> None:
-        if self._blocked_until.get(runner_id, float("inf")) <= now:
-            del self._blocked_until[runner_id]
+    def on_restart_timer(self, now: float, timer: RunnerRestartTimer, state: State | None) -> Output:
+        """A runner's restart backoff ended: unblock it, then reconcile (``state`` None: mid-failover, wait)."""
+        if self._blocked_until.get(timer.runner_id, float("inf")) <= now:
+            del self._blocked_until[timer.runner_id]
+        if state is None:
+            return Output()  # a failover is in progress: never act on a half-known state
+        return self.reconcile(now, state)
 
-    def on_output(self, now: float, runner_id: RunnerId, chunk: TokenChunk) -> list[Event]:
+    def on_output(self, now: float, runner_id: RunnerId, chunk: TokenChunk) -> Output:
         """Local events for a chunk (the node routes the chunk itself)."""
         if chunk.finish_reason is None:
-            return []
+            return Output()
         self.dispatched.pop(chunk.task_id, None)
         self._settled.add(chunk.task_id)
         if chunk.error is not None:
             err = chunk.error
-            return [TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)]
+            failed = TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)
+            return Output(events=[failed])
         outcome = "cancelled" if chunk.finish_reason == "cancelled" else "completed"
-        return [TaskDeleted(task_id=chunk.task_id, outcome=outcome)]
+        return Output(events=[TaskDeleted(task_id=chunk.task_id, outcome=outcome)])
 
     # --- failover ----------------------------------------------------------------------
 
@@ -351,11 +355,11 @@ class Worker:
     def hosted_instance_ids(self) -> list[InstanceId]:
         return sorted({e.instance.instance_id for e in self.runners.values() if not e.stopping})
 
-    def stop_all(self) -> list[Effect]:
+    def stop_all(self) -> Output:
         effects: list[Effect] = []
         for runner_id in sorted(self.runners):
             if not self.runners[runner_id].stopping:
                 self.runners[runner_id].stopping = True
                 effects.append(StopRunner(runner_id=runner_id, reason="node shutting down"))
-        return effects
+        return Output(effects)
 

@@ -47,7 +47,7 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
-from skulk.core.admission import Refused, admit
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
 from skulk.core.ids import TaskId
 from skulk.core.tasks import (
     ChunkError,
@@ -76,7 +76,7 @@ class EngineConfig:
 
     context_ceiling: int
     max_concurrent: int = 8
-    default_max_tokens: int = 4096
+    default_max_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS
     prefill_step_tokens: int = 2048
     prefill_chunk_tokens: int = 256
     default_temperature: float = 1.0

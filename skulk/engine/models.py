@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from skulk.core.cards import card_to_toml
-from skulk.modelcards import CARD_FILENAME, derive_card
+from skulk.cards import CARD_FILENAME, derive_card
 from skulk.paths import models_dir
 
 __all__ = [

@@ -74,6 +74,7 @@ from skulk.core.codec import WireError, decode_msgpack, encode_json, encode_msgp
 from skulk.core.ids import TaskId
 from skulk.core.instances import RunnerSpec, RunnerStatus
 from skulk.core.records import TaggedRecord
+from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from skulk.core.tasks import Task, TokenChunk
 
 __all__ = [
@@ -104,7 +105,7 @@ _LEN = struct.Struct(">I")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PARENT_GONE = 3
-EXIT_WEDGED = 86
+EXIT_WEDGED = WEDGE_EXIT_CODE  # defined once, in the core policy that never retries it
 
 
 # --- parent -> runner --------------------------------------------------------

@@ -36,6 +36,7 @@ import time
 import traceback
 from typing import Any
 
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS
 from skulk.core.codec import decode_json
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from skulk.core.instances import (
@@ -92,7 +93,7 @@ class RunnerSettings:
 
     def __init__(self) -> None:
         self.eval_timeout_s = float(env_value("PIPELINE_EVAL_TIMEOUT_SECONDS", "60"))
-        self.default_max_tokens = int(env_value("MAX_OUTPUT_TOKENS", "4096"))
+        self.default_max_tokens = int(env_value("MAX_OUTPUT_TOKENS", str(DEFAULT_MAX_OUTPUT_TOKENS)))
         self.prefill_chunk_tokens = int(env_value("PREFILL_CHUNK_TOKENS", "256"))
         self.prefill_step_tokens = int(env_value("PREFILL_STEP_TOKENS", "2048"))
         self.heartbeat_s = float(env_value("RUNNER_HEARTBEAT_SECONDS", "1.0"))

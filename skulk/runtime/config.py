@@ -38,7 +38,9 @@ from typing import Any
 import msgspec
 import yaml
 
+from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS
 from skulk.core.config import CoreConfig
+from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from skulk.runtime import auth
 
 __all__ = [
@@ -191,7 +193,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Model the master places when it has no instance of it ('none' disables)."),
     Setting("MAX_CONCURRENT_REQUESTS", _positive_int, 8, "Concurrent requests per runner.",
             core_field="max_concurrent_requests"),
-    Setting("MAX_OUTPUT_TOKENS", _positive_int, 4096, "Default cap on generated tokens per request."),
+    Setting("MAX_OUTPUT_TOKENS", _positive_int, DEFAULT_MAX_OUTPUT_TOKENS, "Default cap on generated tokens per request."),
     Setting("GROUP_CONNECT_DEADLINE_SECONDS", _positive_float, 120.0, "Deadline for a multi-node group to connect.",
             core_field="group_connect_deadline_s"),
     Setting("WARMUP_DEADLINE_SECONDS", _positive_float, 300.0, "Deadline for a runner to load and warm up.",
@@ -199,7 +201,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("FIRST_REPORT_DEADLINE_SECONDS", _positive_float, 120.0, "Deadline for a new runner's first status.",
             core_field="first_report_deadline_s"),
     Setting("PIPELINE_EVAL_TIMEOUT_SECONDS", _positive_float, 60.0,
-            "A runner step without progress for this long is a wedge (exit 86, never retried)."),
+            f"A runner step without progress for this long is a wedge (exit {WEDGE_EXIT_CODE}, never retried)."),
     Setting("RUNNER_HEARTBEAT_SECONDS", _positive_float, 1.0, "Runner heartbeat interval."),
     Setting("RUNNER_STOP_GRACE_SECONDS", _positive_float, 10.0,
             "After a graceful Shutdown, wait this long before SIGTERM (and as long again before SIGKILL)."),

@@ -9,13 +9,15 @@ being carried out (a failed disk write becomes ``PersistFailed``, a runner
 spawn error becomes ``RunnerExited``) is queued and handled after the current
 one, never re-entrantly.
 
-``now`` is the wall clock (``time.time()``), held monotone: it never goes
-backwards even if the system clock is stepped, so timers and the master's
-event stamps only move forward. Timers are ``loop.call_later`` handles keyed
-like the core's ``SetTimer``/``CancelTimer`` (a new ``SetTimer`` replaces the
-old one of the same key).
+``now`` and timers come from a clock (``skulk.runtime.clock``): by default
+the wall clock (``time.time()``) held monotone, so a stepped system clock
+never moves timers or the master's event stamps backwards, with timers as
+``loop.call_later`` handles; tests inject a ``ManualClock`` and advance it by
+hand. Timers are keyed like the core's ``SetTimer``/``CancelTimer`` (a new
+``SetTimer`` replaces the old one of the same key).
 
-Effects are carried out in list order:
+Effects are carried out in list order, each by the driver's ``carry_*``
+method for its type (``skulk.core.effects.EffectCarrier``):
 
 ==================  ====================================================
 Send                ``transport.send`` (zenoh put on the message's topic)
@@ -27,7 +29,7 @@ WriteSnapshot       ``eventlog.write_snapshot``
 StartRunner ...     the supervisor (start, stop, dispatch, cancel)
 DeliverChunk        to the API request waiting on the command id
 CommandCompleted    to the API request waiting on the command id
-SessionChanged      to the listeners (API handle, auto-placement)
+SessionChanged      to the listeners (the API bridge, auto-placement)
 Log                 the ``skulk.core`` logger
 ==================  ====================================================
 
@@ -58,7 +60,7 @@ from skulk.core.effects import (
     CommandCompleted,
     DeliverChunk,
     DispatchTask,
-    Effect,
+    EffectCarrier,
     Log,
     NodeRecord,
     PersistNode,
@@ -74,6 +76,7 @@ from skulk.core.inputs import Input, PersistFailed, Shutdown, TimerFired
 from skulk.core.node import CoreNode
 from skulk.core.session import Session
 from skulk.core.tasks import TokenChunk
+from skulk.runtime.clock import Clock, TimerHandle, WallClock
 
 __all__ = ["Driver", "ApiSink", "load_node_record", "write_node_record", "NODE_RECORD_FILENAME"]
 
@@ -91,7 +94,7 @@ _LOG_LEVELS = {
 
 
 class ApiSink(Protocol):
-    """Where results for the local API go (implemented by ``skulk.runtime.handle``)."""
+    """Where results for the local API go (implemented by ``skulk.runtime.api_bridge``)."""
 
     def deliver_chunk(self, chunk: TokenChunk) -> None: ...
 
@@ -133,7 +136,7 @@ def write_node_record(path: Path, record: NodeRecord) -> None:
     os.replace(tmp, path)
 
 
-class Driver:
+class Driver(EffectCarrier):
     """Runs one ``CoreNode`` on the running asyncio loop."""
 
     def __init__(
@@ -146,6 +149,7 @@ class Driver:
         record_path: Path,
         api: ApiSink | None = None,
         fatal: Callable[[BaseException], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.core = core
         self.transport = transport
@@ -156,10 +160,11 @@ class Driver:
         self.fatal = fatal
         self.session_listeners: list[Callable[[Session, bool], None]] = []
         self.loop = asyncio.get_running_loop()
+        self.clock: Clock = clock if clock is not None else WallClock(self.loop)
         self._queue: deque[Input] = deque()
         self._draining = False
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._last_now = 0.0
+        self._timers: dict[str, TimerHandle] = {}
+        self._carry = self.effect_table()
         self.failed: BaseException | None = None
         # Metrics.
         self.inputs: Counter[str] = Counter()
@@ -173,12 +178,8 @@ class Driver:
     # --- time ----------------------------------------------------------------------
 
     def now(self) -> float:
-        """Wall-clock seconds, never decreasing."""
-        t = time.time()
-        if t < self._last_now:
-            t = self._last_now
-        self._last_now = t
-        return t
+        """The core's ``now``: the clock's seconds, never decreasing."""
+        return self.clock.now()
 
     # --- inputs --------------------------------------------------------------------
 
@@ -210,7 +211,7 @@ class Driver:
                 for effect in effects:
                     self.effects[type(effect).__name__] += 1
                     try:
-                        self._execute(effect)
+                        self._carry[type(effect)](effect)
                     except (OverflowError, msgspec.EncodeError) as exc:
                         # The core produced something the wire cannot carry. For the
                         # ordered log that means followers would stall behind this
@@ -234,55 +235,62 @@ class Driver:
         """``feed`` from any thread."""
         self.loop.call_soon_threadsafe(self.feed, inp)
 
-    # --- effects -------------------------------------------------------------------
+    # --- effects (one method per effect type; see skulk.core.effects.EffectCarrier) ----
 
-    def _execute(self, effect: Effect) -> None:
-        if isinstance(effect, Send):
-            self.transport.send(effect.message, effect.to)
-        elif isinstance(effect, SetTimer):
-            self._set_timer(effect.key, effect.at)
-        elif isinstance(effect, CancelTimer):
-            handle = self._timers.pop(effect.key, None)
-            if handle is not None:
-                handle.cancel()
-        elif isinstance(effect, PersistNode):
-            self._persist(effect.record)
-        elif isinstance(effect, AppendLog):
-            if effect.indexed.index == 0:
-                self.master_session_started_at = effect.indexed.at
-            self.eventlog.append(effect.session, effect.indexed)  # type: ignore[attr-defined]
-        elif isinstance(effect, WriteSnapshot):
-            self.eventlog.write_snapshot(effect.snapshot)  # type: ignore[attr-defined]
-        elif isinstance(effect, StartRunner):
-            self.supervisor.start(effect.spec)  # type: ignore[attr-defined]
-        elif isinstance(effect, StopRunner):
-            self.supervisor.stop(effect.runner_id, effect.reason)  # type: ignore[attr-defined]
-        elif isinstance(effect, DispatchTask):
-            self.supervisor.dispatch(effect.runner_id, effect.task)  # type: ignore[attr-defined]
-        elif isinstance(effect, CancelRunnerTask):
-            self.supervisor.cancel(effect.runner_id, effect.task_id)  # type: ignore[attr-defined]
-        elif isinstance(effect, DeliverChunk):
-            if self.api is not None:
-                self.api.deliver_chunk(effect.chunk)
-        elif isinstance(effect, CommandCompleted):
-            if self.api is not None:
-                self.api.command_completed(effect.command_id, effect.result)
-        elif isinstance(effect, SessionChanged):
-            if self.api is not None:
-                self.api.session_changed(effect.session, effect.is_master)
-            for listener in list(self.session_listeners):
-                listener(effect.session, effect.is_master)
-        elif isinstance(effect, Log):
-            core_log.log(_LOG_LEVELS[effect.level], effect.message)
-        else:
-            raise AssertionError(f"unknown effect {type(effect).__name__}")
+    def carry_send(self, effect: Send) -> None:
+        self.transport.send(effect.message, effect.to)
 
-    def _set_timer(self, key: str, at: float) -> None:
+    def carry_set_timer(self, effect: SetTimer) -> None:
+        key = effect.key
         old = self._timers.pop(key, None)
         if old is not None:
             old.cancel()
-        delay = max(0.0, at - time.time())
-        self._timers[key] = self.loop.call_later(delay, self._fire, key)
+        self._timers[key] = self.clock.call_at(effect.at, lambda: self._fire(key))
+
+    def carry_cancel_timer(self, effect: CancelTimer) -> None:
+        handle = self._timers.pop(effect.key, None)
+        if handle is not None:
+            handle.cancel()
+
+    def carry_persist_node(self, effect: PersistNode) -> None:
+        self._persist(effect.record)
+
+    def carry_append_log(self, effect: AppendLog) -> None:
+        if effect.indexed.index == 0:
+            self.master_session_started_at = effect.indexed.at
+        self.eventlog.append(effect.session, effect.indexed)  # type: ignore[attr-defined]
+
+    def carry_write_snapshot(self, effect: WriteSnapshot) -> None:
+        self.eventlog.write_snapshot(effect.snapshot)  # type: ignore[attr-defined]
+
+    def carry_start_runner(self, effect: StartRunner) -> None:
+        self.supervisor.start(effect.spec)  # type: ignore[attr-defined]
+
+    def carry_stop_runner(self, effect: StopRunner) -> None:
+        self.supervisor.stop(effect.runner_id, effect.reason)  # type: ignore[attr-defined]
+
+    def carry_dispatch_task(self, effect: DispatchTask) -> None:
+        self.supervisor.dispatch(effect.runner_id, effect.task)  # type: ignore[attr-defined]
+
+    def carry_cancel_runner_task(self, effect: CancelRunnerTask) -> None:
+        self.supervisor.cancel(effect.runner_id, effect.task_id)  # type: ignore[attr-defined]
+
+    def carry_deliver_chunk(self, effect: DeliverChunk) -> None:
+        if self.api is not None:
+            self.api.deliver_chunk(effect.chunk)
+
+    def carry_command_completed(self, effect: CommandCompleted) -> None:
+        if self.api is not None:
+            self.api.command_completed(effect.command_id, effect.result)
+
+    def carry_session_changed(self, effect: SessionChanged) -> None:
+        if self.api is not None:
+            self.api.session_changed(effect.session, effect.is_master)
+        for listener in list(self.session_listeners):
+            listener(effect.session, effect.is_master)
+
+    def carry_log(self, effect: Log) -> None:
+        core_log.log(_LOG_LEVELS[effect.level], effect.message)
 
     def _fire(self, key: str) -> None:
         self._timers.pop(key, None)
@@ -310,8 +318,7 @@ class Driver:
         exits that follow are not crashes to restart) and returns the
         ``StopRunner`` effects carried out here.
         """
-        for effect in self.core.handle(self.now(), Shutdown()):
-            self._execute(effect)
+        self.carry_out(self.core.handle(self.now(), Shutdown()))
 
     def cancel_timers(self) -> None:
         for handle in self._timers.values():

@@ -7,7 +7,7 @@ Theory of operation
 1. model cards (built-in, ``<data_dir>/cards``, local model directories) and
    the persisted node record (so a restart is the same node, never going back
    in time);
-2. the disk event log, the runner supervisor, the driver and the API handle;
+2. the disk event log, the runner supervisor, the driver and the API bridge;
 3. the HTTP API (uvicorn on a socket bound here, so a busy port is a clear
    start-up error);
 4. one telemetry measurement, the zenoh transport, then ``Boot`` (nothing is
@@ -43,11 +43,11 @@ from skulk.core.cards import CardError, ModelCard
 from skulk.core.ids import NodeId
 from skulk.core.inputs import Boot, ModelAvailable, PeersChanged, Received
 from skulk.core.node import CoreNode
-from skulk.core.nodes import NetworkInterface, NodeIdentity
+from skulk.core.telemetry import NetworkInterface, NodeIdentity
 from skulk.runtime.config import RuntimeConfig
 from skulk.runtime.driver import NODE_RECORD_FILENAME, Driver, load_node_record
 from skulk.runtime.eventlog import EventLog
-from skulk.runtime.handle import RuntimeHandle
+from skulk.runtime.api_bridge import ApiBridge
 from skulk.runtime.supervisor import Supervisor, find_local_models
 from skulk.runtime.telemetry import LinkProber, Telemetry
 from skulk.runtime.transport import Transport, TransportSettings
@@ -62,7 +62,7 @@ _MODEL_RESCAN_S = 60.0
 
 def load_node_cards(config: RuntimeConfig) -> dict[str, ModelCard]:
     """Built-in cards, operator cards, then a card for each local model directory."""
-    from skulk.modelcards import card_for_model_dir, load_cards
+    from skulk.cards import card_for_model_dir, load_cards
 
     def skip(path: Path, exc: CardError) -> None:
         log.error("ignoring model card %s: %s", path, exc)
@@ -96,7 +96,7 @@ class NodeRuntime:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.driver: Driver | None = None
-        self.handle: RuntimeHandle | None = None
+        self.api_bridge: ApiBridge | None = None
         self.transport: Transport | None = None
         self.supervisor: Supervisor | None = None
         self.eventlog: EventLog | None = None
@@ -165,7 +165,7 @@ class NodeRuntime:
             record_path=cfg.data_dir / NODE_RECORD_FILENAME,
             fatal=lambda exc: self.request_stop(EXIT_FATAL),
         )
-        self.handle = RuntimeHandle(
+        self.api_bridge = ApiBridge(
             core=core,
             feed=feed,
             friendly_name=cfg.friendly_name,
@@ -173,7 +173,7 @@ class NodeRuntime:
             metrics=self.metrics,
             runner_diagnostics=self.supervisor.diagnostics,
         )
-        self.driver.api = self.handle
+        self.driver.api = self.api_bridge
         if self.eventlog.degraded:
             self.driver.on_log_failure(self.eventlog.degraded_reason)
 
@@ -219,7 +219,7 @@ class NodeRuntime:
         from skulk.api.app import create_app
         from skulk.api.config import ApiConfig
 
-        assert self.handle is not None
+        assert self.api_bridge is not None
         cfg = self.config
         family = socket.AF_INET6 if ":" in cfg.api_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -231,7 +231,7 @@ class NodeRuntime:
             raise SystemExit(f"cannot serve the API on {cfg.api_host}:{cfg.api_port}: {exc} (set SKULK_API_PORT)") from None
         sock.listen(1024)
         sock.setblocking(False)
-        app = create_app(self.handle, config=ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes))
+        app = create_app(self.api_bridge, config=ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes))
         server = _Server(
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         )
@@ -245,8 +245,8 @@ class NodeRuntime:
     # --- background work ----------------------------------------------------------------
 
     def _probe_targets(self) -> Mapping[str, tuple[int, tuple[NetworkInterface, ...]]]:
-        assert self.transport is not None and self.handle is not None
-        state = self.handle.state
+        assert self.transport is not None and self.api_bridge is not None
+        state = self.api_bridge.state
         out: dict[str, tuple[int, tuple[NetworkInterface, ...]]] = {}
         for peer, info in self.transport.peer_info.items():
             net = state.node_network.get(NodeId(peer))
@@ -273,20 +273,17 @@ class NodeRuntime:
         while True:
             try:
                 found = await asyncio.to_thread(self._scan_models)
-                cards = self.driver.core.cards
                 for model_id, card in found:
-                    if card is not None and model_id not in cards:
-                        # A model directory that appeared since start-up: placeable from now on.
-                        cards[model_id] = card  # type: ignore[index]
-                        log.info("new local model %s", model_id)
-                    self.driver.feed(ModelAvailable(model_id=model_id))
+                    # A card only for a directory that appeared since start-up; the core
+                    # adds it (placeable from then on) unless it knows the model already.
+                    self.driver.feed(ModelAvailable(model_id=model_id, card=card))
             except Exception:
                 log.exception("scanning local models failed")
             await asyncio.sleep(_MODEL_RESCAN_S)
 
     def _scan_models(self) -> list[tuple[str, ModelCard | None]]:
         """Local model directories with a card for each (blocking: runs in a thread)."""
-        from skulk.modelcards import card_for_model_dir
+        from skulk.cards import card_for_model_dir
 
         assert self.driver is not None
         known = self.driver.core.cards

@@ -46,7 +46,7 @@ import psutil
 from skulk.core.inputs import InfoObserved, Input, LinkProbed
 from skulk.core.instances import LinkKind
 from skulk.core.interconnect import classify_interface, usable_address
-from skulk.core.nodes import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
 
 __all__ = [
     "parse_vm_stat",

@@ -141,6 +141,11 @@ class Transport:
         self._hello_task: asyncio.Task[None] | None = None
         self._closed = False
 
+    @property
+    def subscriptions(self) -> tuple[str, ...]:
+        """The key expressions this node takes messages from: every broadcast, and what is addressed to it."""
+        return (f"{self._prefix}/*", f"{self._prefix}/*/{self.node_id}")
+
     # --- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -149,8 +154,8 @@ class Transport:
         self._session = await asyncio.to_thread(zenoh.open, zenoh_config(self.settings))
         s = self._session
         p = self._prefix
-        self._declared.append(s.declare_subscriber(f"{p}/*", self._on_sample))
-        self._declared.append(s.declare_subscriber(f"{p}/*/{self.node_id}", self._on_sample))
+        for key in self.subscriptions:
+            self._declared.append(s.declare_subscriber(key, self._on_sample))
         self._declared.append(
             s.liveliness().declare_subscriber(f"{p}/alive/*", self._on_liveliness, history=True)
         )

@@ -1,4 +1,4 @@
-"""An in-process ``NodeHandle`` over the real pure core, for the API's unit tests.
+"""An in-process ``NodePort`` over the real pure core, for the API's unit tests.
 
 What is real: the replicated ``State`` is built by the core's own ``apply``
 from real events; placements are the core's ``placement.place`` (so refusals
@@ -38,7 +38,8 @@ from skulk.core.events import (
 )
 from skulk.core.ids import CommandId, ModelId, NodeId, TaskId, derive_id
 from skulk.core.instances import RunnerReady, SpeculationConfig
-from skulk.core.nodes import Connection, Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
+from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
+from skulk.core.topology import Connection
 from skulk.core.session import Session
 from skulk.core.state import EMPTY_STATE, State, apply
 from skulk.core.tasks import GenerationStats, TokenChunk, Usage
@@ -126,7 +127,7 @@ class _Stream:
 
 @dataclass
 class ScriptedNode:
-    """A single-process NodeHandle; see the module docstring for what is real."""
+    """A single-process NodePort; see the module docstring for what is real."""
 
     node_id: NodeId = NodeId("node-a")
     friendly_name: str = "alpha"
@@ -218,7 +219,7 @@ class ScriptedNode:
         node.link("node-c", "node-a", "10.0.0.1", "wifi")
         return node
 
-    # --- NodeHandle ------------------------------------------------------------------------------
+    # --- NodePort ------------------------------------------------------------------------------
 
     @property
     def session(self) -> Session | None:

@@ -12,7 +12,7 @@ from skulk.api.config import ApiConfig
 from skulk.core.commands import DeleteInstance, PlaceInstance
 from skulk.core.events import NodeGatheredInfo
 from skulk.core.ids import NodeId
-from skulk.core.nodes import NodeIdentity
+from skulk.core.telemetry import NodeIdentity
 from tests.api.node_double import ScriptedNode
 
 MODEL = "skulk/tiny-qwen2"

@@ -28,7 +28,7 @@ from skulk.core.events import (
 )
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId, derive_id
 from skulk.core.instances import MlxRingInstance, PipelineShardMetadata, RunnerReady, ShardAssignments
-from skulk.core.nodes import Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
 from skulk.core.session import Session
 from skulk.core.state import EMPTY_STATE, State, apply
 from skulk.core.tasks import GenerationParams, Task

@@ -68,3 +68,4 @@ def test_the_sweep_catches_the_canary_and_the_trace_replays_it(tmp_path: Path) -
 def test_without_the_canary_the_same_seeds_pass(tmp_path: Path) -> None:
     proc = _chaos("sweep", "--scenario", "partition_heal", "--seeds", "2", "--artifacts", str(tmp_path), cwd=ROOT)
     assert proc.returncode == exitcodes.OK, proc.stdout + proc.stderr
+

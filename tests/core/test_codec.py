@@ -16,7 +16,7 @@ from skulk.core.instances import (
     ShardAssignments,
 )
 from skulk.core.messages import ElectionMessage, Message
-from skulk.core.nodes import Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
 
 
 def _instance() -> MlxRingInstance:

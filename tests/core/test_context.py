@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from skulk.core import memory
 from skulk.core.context import context_ceiling, explain_node_capacity, node_token_capacity
 from skulk.core.ids import NodeId
-from tests.core.test_placement import GB, make_card
+from tests.core.builders import GB, make_card
 
 MIB = 1024 * 1024
 

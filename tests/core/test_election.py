@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from sim.manual import ManualCluster
 from skulk.core.config import CoreConfig
+from skulk.core.effects import Send
+from skulk.core.election import Election, Standing
+from skulk.core.ids import NodeId
+from skulk.core.messages import Candidate, ElectionMessage, Vote
+from skulk.core.session import Session
 
 
 def _settled(n: int = 3, **kw) -> ManualCluster:
@@ -111,3 +116,125 @@ def test_clock_survives_a_restart() -> None:
     assert c.node("n1").election.clock >= clock
     c.settle(until=c.now + 10.0)
     assert len(c.masters()) == 1
+
+
+NOBODY = Standing()  # a node that is no sitting master: seniority 0, no log
+
+
+def _bare_election(name: str) -> Election:
+    node = NodeId(name)
+    return Election(node, CoreConfig(), clock=0)
+
+
+def test_commands_seen_during_a_campaign_do_not_split_the_vote() -> None:
+    """Regression: a node gossips the same vote it counts for itself.
+
+    Found by the simulator (``python -m chaos bench``, master_failover seed 559
+    with the master crashed): clients kept sending commands during the campaigns
+    that followed, so every node's ``commands_seen`` grew mid-campaign. A node
+    counted its own vote as it was when the campaign started but gossiped a
+    fresh one (more commands seen). Two close candidates each saw the other's
+    fresher, higher vote against their own older one and elected each other:
+    "n3 chose n4, n4 chose n3", a session disagreement, another campaign, for
+    thirty seconds. A node now gossips the vote it recorded for itself when the
+    campaign started, so every participant ranks the same votes.
+    """
+    a, b = _bare_election("n3"), _bare_election("n4")
+    a.on_peers_changed(0.0, frozenset({NodeId("n4")}), NOBODY)
+    b.on_peers_changed(0.0, frozenset({NodeId("n3")}), NOBODY)
+    queue: list[tuple[Election, NodeId, ElectionMessage]] = []
+
+    def post(sender: Election, effects: list) -> None:
+        other = b if sender is a else a
+        for e in effects:
+            if isinstance(e, Send) and isinstance(e.message, ElectionMessage):
+                queue.append((other, sender.node_id, e.message))
+
+    post(a, a.on_boot(0.0, NOBODY).effects)  # both start a slow campaign at clock 1
+    post(b, b.on_boot(0.0, NOBODY).effects)
+    for _ in range(3):  # commands keep arriving while the campaign runs
+        a.on_command_seen()
+        b.on_command_seen()
+    steps = 0
+    while queue:
+        steps += 1
+        assert steps < 100, "gossip did not settle"
+        to, sender, msg = queue.pop(0)
+        post(to, to.on_message(0.5, sender, msg, NOBODY).effects)
+    a.on_campaign_timeout(3.0, NOBODY)
+    b.on_campaign_timeout(3.0, NOBODY)
+    assert a.session is not None and a.session == b.session, f"split vote: {a.session} vs {b.session}"
+
+
+def _campaigning_election() -> Election:
+    e = Election(NodeId("n1"), CoreConfig(), clock=0)
+    e.on_peers_changed(0.0, frozenset({NodeId("n2"), NodeId("n3"), NodeId("n4")}), NOBODY)
+    e.on_settle(0.2, NOBODY)  # a fast campaign at clock 1; n4 never votes, so it stays open
+    assert e.campaigning and e.clock == 1
+    return e
+
+
+def _vote(node: str, session: Session | None, commands: int = 0) -> Vote:
+    return Vote(candidate=Candidate(clock=1, seniority=0, commands_seen=commands, node_id=NodeId(node)), session=session)
+
+
+def _gossip(sender_vote: Vote, *others: Vote) -> ElectionMessage:
+    return ElectionMessage(clock=1, campaigning=True, votes=(sender_vote, *others))
+
+
+def test_stale_gossip_of_an_equal_rank_vote_is_ignored_and_not_rebroadcast() -> None:
+    """Regression: stale vote gossip must not flip a newer vote back (election vote storm).
+
+    Found by the simulator (``python -m chaos run membership_churn --seed 2``): a
+    restarted node voted in a fast campaign with no session, then adopted the
+    cluster's session from a heartbeat and voted again with it, at the same rank.
+    Both versions of its vote were being gossiped. ``_record_votes`` accepted any
+    vote of equal rank as "newer", so every peer flipped the vote back and forth
+    on each copy it received and re-broadcast each flip: 200,000 election
+    messages within a millisecond of simulated time, while a paused peer kept the
+    fast campaign from concluding. A vote now supersedes another of the same node
+    only when it is strictly later in (rank, session).
+    """
+    e = _campaigning_election()
+    adopted = Session(clock=0, master=NodeId("n9"))
+    newer = e.on_message(0.3, NodeId("n3"), _gossip(_vote("n3", None), _vote("n2", adopted)), NOBODY).effects
+    assert any(isinstance(x, Send) for x in newer), "a newly learnt vote is gossiped on"
+    assert e._campaign is not None and e._campaign.votes[NodeId("n2")].session == adopted
+    # An older copy of n2's vote (before it adopted the session) arrives late.
+    stale = e.on_message(0.4, NodeId("n3"), _gossip(_vote("n3", None), _vote("n2", None)), NOBODY).effects
+    assert not any(isinstance(x, Send) for x in stale), "stale gossip must not be re-broadcast"
+    assert e._campaign.votes[NodeId("n2")].session == adopted, "the newer vote stays"
+
+
+def test_a_strictly_later_vote_still_supersedes() -> None:
+    """Regression: stale vote gossip must not flip a newer vote back (election vote storm).
+
+    Found by the simulator (``python -m chaos run membership_churn --seed 2``): a
+    restarted node voted in a fast campaign with no session, then adopted the
+    cluster's session from a heartbeat and voted again with it, at the same rank.
+    Both versions of its vote were being gossiped. ``_record_votes`` accepted any
+    vote of equal rank as "newer", so every peer flipped the vote back and forth
+    on each copy it received and re-broadcast each flip: 200,000 election
+    messages within a millisecond of simulated time, while a paused peer kept the
+    fast campaign from concluding. A vote now supersedes another of the same node
+    only when it is strictly later in (rank, session).
+    """
+    e = _campaigning_election()
+    e.on_message(0.3, NodeId("n2"), _gossip(_vote("n2", None)), NOBODY)
+    later = e.on_message(0.4, NodeId("n2"), _gossip(_vote("n2", None, commands=3)), NOBODY).effects
+    assert any(isinstance(x, Send) for x in later)
+    assert e._campaign is not None and e._campaign.votes[NodeId("n2")].candidate.commands_seen == 3
+    # A lower-ranked copy arriving afterwards changes nothing.
+    assert not any(isinstance(x, Send) for x in e.on_message(0.5, NodeId("n2"), _gossip(_vote("n2", None)), NOBODY).effects)
+    assert e._campaign.votes[NodeId("n2")].candidate.commands_seen == 3
+
+
+def test_the_election_holds_no_callbacks_and_returns_its_session_change() -> None:
+    """Issue 16: the election used to call back into the node (four callbacks, two set after construction)."""
+    e = Election(NodeId("n1"), CoreConfig(), clock=0)
+    assert not [name for name, value in vars(e).items() if callable(value)]
+    out = e.on_boot(0.0, NOBODY)
+    assert out.persist and out.session is None, "the clock moved: persisted before the vote goes out"
+    out = e.on_campaign_timeout(3.0, Standing(seniority=0))
+    assert out.session is not None and out.session.old is None and out.session.new.master == "n1"
+    assert out.session.announce and e.announce(out.session, NOBODY) == [], "alone: nobody to tell"

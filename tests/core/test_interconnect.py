@@ -11,7 +11,7 @@ from skulk.core import interconnect, placement
 from skulk.core.events import ConnectionLost
 from skulk.core.ids import InstanceId, NodeId
 from skulk.core.instances import RingHop
-from tests.core.test_placement import (
+from tests.core.builders import (
     CONFIG,
     GB,
     apply_events,

@@ -20,7 +20,7 @@ from skulk.core.instances import (
     RunnerRunning,
     TensorShardMetadata,
 )
-from tests.core.test_placement import CONFIG, GB, apply_events, build_state, cards_of, command, make_card, mem, placed
+from tests.core.builders import CONFIG, GB, apply_events, build_state, cards_of, command, make_card, mem, placed
 
 MIB = 1024 * 1024
 

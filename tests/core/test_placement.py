@@ -1,37 +1,34 @@
 """Placement: smallest fitting ring, proportional splits, refusals with arithmetic, previews.
 
-The builders at the top are shared with the property tests
-(``test_placement_properties.py``); states are always built through the real
-``apply`` so they are states the cluster can actually reach.
+States come from ``tests.core.builders`` (always through the real ``apply``).
+The Hypothesis properties at the end check the same rules over generated
+clusters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Sequence
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
-from skulk.core import placement
+from skulk.core import interconnect, placement
 from skulk.core.cards import ModelCard
 from skulk.core.commands import PlaceInstance
-from skulk.core.config import CoreConfig
 from skulk.core.context import context_ceiling
 from skulk.core.events import (
-    Carryover,
     ConnectionLost,
     ConnectionObserved,
-    Event,
-    IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
     NodeGatheredInfo,
     RunnerStatusUpdated,
-    SessionStarted,
 )
 from skulk.core.ids import CommandId, ModelId, NodeId, derive_id
 from skulk.core.instances import (
-    Instance,
     MlxJacclInstance,
     MlxRingInstance,
     PipelineShardMetadata,
@@ -39,102 +36,23 @@ from skulk.core.instances import (
     TensorShardMetadata,
 )
 from skulk.core.memory import node_budget, shard_footprint, shard_share, usable_bytes
-from skulk.core.nodes import Connection, Memory, MemoryInfo
-from skulk.core.session import Session
-from skulk.core.state import EMPTY_STATE, State, apply
-
-GB = 10**9
-CONFIG = CoreConfig()
-
-
-# --- builders (shared) ------------------------------------------------------------------
-
-
-def mem(total: int, available: int | None = None) -> MemoryInfo:
-    return MemoryInfo(ram_total=Memory(in_bytes=total), ram_available=Memory(in_bytes=total if available is None else available))
-
-
-def link(source: str, sink: str, address: str, kind: str = "ethernet") -> Connection:
-    return Connection(source=NodeId(source), sink=NodeId(sink), address=address, kind=kind)  # type: ignore[arg-type]
-
-
-def apply_events(state: State, events: Iterable[Event]) -> State:
-    for event in events:
-        state = apply(state, IndexedEvent(index=state.last_index + 1, event=event, at=float(state.last_index + 1)))
-    return state
-
-
-def build_state(
-    nodes: dict[str, MemoryInfo | None],
-    links: Sequence[Connection] = (),
-    *,
-    next_port_offset: int = 0,
-) -> State:
-    """A session with ``nodes`` (None: no memory telemetry yet) and observed ``links``."""
-    state = apply(
-        EMPTY_STATE,
-        IndexedEvent(
-            index=0,
-            event=SessionStarted(session=Session(clock=1, master=NodeId("m")), carryover=Carryover(next_port_offset=next_port_offset)),
-            at=0.0,
-        ),
-    )
-    events: list[Event] = [NodeGatheredInfo(node_id=NodeId(n), memory=m) for n, m in nodes.items()]
-    events += [ConnectionObserved(connection=c) for c in links]
-    return apply_events(state, events)
-
-
-def full_mesh(names: Sequence[str], kind: str = "ethernet", prefix: str = "10.0.0") -> list[Connection]:
-    """Links between every ordered pair; node i's address is prefix.(i+1)."""
-    addr = {n: f"{prefix}.{i + 1}" for i, n in enumerate(names)}
-    return [link(a, b, addr[b], kind) for a in names for b in names if a != b]
-
-
-def make_card(**over: object) -> ModelCard:
-    base: dict[str, object] = dict(
-        model_id="test/model",
-        family="llama",
-        weight_bytes=40 * GB,
-        n_layers=80,
-        hidden_size=8192,
-        num_kv_heads=8,
-        head_dim=128,
-        context_length=131_072,
-        supports_tensor=True,
-    )
-    base.update(over)
-    return ModelCard(**base)  # type: ignore[arg-type]
-
-
-def cards_of(*cards: ModelCard) -> dict[ModelId, ModelCard]:
-    return {c.model_id: c for c in cards}
-
-
-def command(model_id: str = "test/model", cid: str = "cmd-1", **over: object) -> PlaceInstance:
-    return PlaceInstance(command_id=CommandId(cid), model_id=ModelId(model_id), **over)  # type: ignore[arg-type]
-
-
-def placed(result: placement.Placed | placement.PlacementRefused) -> Instance:
-    assert isinstance(result, placement.Placed), result
-    return result.instance
-
-
-def layers_by_node(inst: Instance) -> dict[NodeId, int]:
-    sa = inst.shard_assignments
-    out = {}
-    for node, runner in sa.node_to_runner.items():
-        shard = sa.runner_to_shard[runner]
-        assert isinstance(shard, PipelineShardMetadata)
-        out[node] = shard.end_layer - shard.start_layer
-    return out
-
-
-def rank_order(inst: Instance) -> list[NodeId]:
-    sa = inst.shard_assignments
-    return sorted(sa.node_to_runner, key=lambda n: sa.runner_to_shard[sa.node_to_runner[n]].device_rank)
-
-
-# --- choosing nodes ---------------------------------------------------------------------
+from skulk.core.state import State
+from skulk.core.topology import Connection
+from tests.core.builders import (
+    CONFIG,
+    GB,
+    apply_events,
+    build_state,
+    cards_of,
+    command,
+    full_mesh,
+    layers_by_node,
+    link,
+    make_card,
+    mem,
+    placed,
+    rank_order,
+)
 
 
 def test_a_model_that_fits_one_node_is_placed_on_one_node_the_smallest_cycle():
@@ -226,9 +144,6 @@ def test_a_model_that_cannot_be_split_into_stages_is_refused_a_pipeline_with_the
     assert placement.static_refusal(make_card(), "Pipeline", 2) is None
 
 
-# --- refusals ----------------------------------------------------------------------------
-
-
 def test_the_refusal_names_the_node_and_the_arithmetic():
     # The issue's example: 11.2 GB of weights, 98,304 KV bytes per token (24 layers,
     # 8 KV heads, head dim 128), on a 16 GB node that can use 12.0 GB.
@@ -297,9 +212,6 @@ def test_min_nodes_beyond_the_cluster_and_all_excluded_are_invalid():
     assert isinstance(refused, placement.PlacementRefused) and refused.code == "invalid_request"
 
 
-# --- what the instance carries ----------------------------------------------------------------
-
-
 def test_ids_port_ceiling_and_memory_are_stamped_deterministically():
     state = build_state({"a": mem(64 * GB), "b": mem(32 * GB)}, full_mesh(["a", "b"]), next_port_offset=5_003)
     card = make_card()
@@ -338,9 +250,6 @@ def test_mlx_jaccl_needs_a_thunderbolt_mesh():
     inst = placed(placement.place(tb, command(instance_meta="MlxJaccl"), cards_of(make_card()), CONFIG))
     assert isinstance(inst, MlxJacclInstance)
     assert {h.kind for h in inst.ring} == {"thunderbolt"}
-
-
-# --- interconnect selection in rings ---------------------------------------------------------
 
 
 def _tb_eth_vpn_state(extra: Sequence[Connection] = ()) -> State:
@@ -389,9 +298,6 @@ def test_ring_order_avoids_a_vpn_hop_when_another_order_has_none():
     inst = placed(placement.place(state, command(min_nodes=3), cards_of(make_card(weight_bytes=20 * GB)), CONFIG))
     assert rank_order(inst) == ["a", "c", "b"]
     assert {h.kind for h in inst.ring} == {"ethernet"}
-
-
-# --- no double booking --------------------------------------------------------------------
 
 
 def test_an_instance_whose_runner_has_not_loaded_reserves_its_memory():
@@ -447,9 +353,6 @@ def test_sequential_placements_never_overcommit_a_node():
         assert budget is not None and budget.committed_bytes <= budget.capacity_bytes
 
 
-# --- re-placement and re-adoption ----------------------------------------------------------
-
-
 def test_replace_bumps_the_generation_takes_a_fresh_port_and_may_avoid_a_node():
     names = ["a", "b", "c"]
     state = build_state({n: mem(40 * GB) for n in names}, full_mesh(names))
@@ -502,9 +405,6 @@ def test_fits_accepts_a_re_reported_instance_unless_its_node_was_given_away():
     # can have been placed there since, so the instance is re-adopted, not lost.
     assert placement.fits(build_state({"a": None}), inst) is None
     assert placement.fits(build_state({"z": mem(GB)}), inst) is None
-
-
-# --- previews ----------------------------------------------------------------------------------
 
 
 def test_previews_list_every_combination_with_memory_or_a_reason():
@@ -564,14 +464,11 @@ def test_placed_and_refused_are_wire_records():
     assert msgspec.structs.asdict(refused)["pending"] is False
 
 
-# --- the worked example in docs/placement.md ------------------------------------------------
-
-
 def test_the_worked_example_in_the_docs_is_what_placement_computes():
     from pathlib import Path
 
+    from skulk.cards import builtin_cards
     from skulk.core import memory
-    from skulk.modelcards import builtin_cards
 
     docs = " ".join((Path(__file__).resolve().parents[2] / "docs" / "placement.md").read_text().split())
     cards = builtin_cards()
@@ -618,3 +515,196 @@ def test_speculation_follows_the_card_mtp_first_then_a_draft_model_and_respects_
     small_mtp = msgspec.structs.replace(mtp, weight_bytes=GB)
     inst = placed(placement.place(build_state({"a": mem(64 * GB)}, []), command(), cards_of(small_mtp), CONFIG))
     assert inst.speculation == SpeculationConfig(drafter="mtp", depth=2)
+
+
+KINDS = ("thunderbolt", "ethernet", "wifi", "unknown", "vpn")
+
+
+SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> State:
+    n = draw(st.sampled_from((1, 2, 3, 3, 4, 4, 5)))
+    names = [f"n{i}" for i in range(n)]
+    nodes = {}
+    for name in names:
+        if draw(st.integers(0, 9)) == 0:
+            nodes[name] = None  # no memory telemetry yet
+            continue
+        total = draw(st.integers(2, 192)) * GB
+        available = total * draw(st.integers(30, 100)) // 100
+        nodes[name] = mem(total, available)
+    links: list[Connection] = []
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            if a == b:
+                continue
+            # Mostly at least one link per direction, sometimes none (a ring must route around).
+            at_least = draw(st.sampled_from((0, 1, 1, 1, 1)))
+            for kind in draw(st.lists(st.sampled_from(KINDS), min_size=at_least, max_size=3, unique=True)):
+                if kind == "vpn":
+                    address, label = f"100.64.{j}.{i + 1}", draw(st.sampled_from(("unknown", "ethernet")))
+                else:
+                    address, label = f"10.{KINDS.index(kind)}.{j}.{i + 1}", kind
+                links.append(Connection(source=NodeId(a), sink=NodeId(b), address=address, kind=label))  # type: ignore[arg-type]
+    return build_state(nodes, links, next_port_offset=draw(st.integers(0, 20_000)))
+
+
+@st.composite
+def cards(draw: st.DrawFn, model_id: str = "prop/model", cluster: State | None = None) -> ModelCard:
+    kv_heads = draw(st.sampled_from((1, 2, 4, 8, 16)))
+    if cluster is not None and cluster.node_memory:
+        # Sized against the cluster, so that one node, several nodes and no node all happen.
+        room = sum(usable_bytes(m) for m in cluster.node_memory.values())
+        weight_bytes = max(50_000_000, room * draw(st.integers(2, 110)) // 140)
+    else:
+        weight_bytes = draw(st.integers(50_000_000, 250 * GB))
+    return ModelCard(
+        model_id=ModelId(model_id),
+        family="qwen3",
+        weight_bytes=weight_bytes,
+        n_layers=draw(st.integers(1, 100)),
+        hidden_size=kv_heads * 64 * draw(st.integers(1, 12)),
+        num_kv_heads=kv_heads,
+        head_dim=draw(st.sampled_from((64, 128))),
+        context_length=draw(st.integers(1_024, 262_144)),
+        supports_tensor=draw(st.booleans()),
+    )
+
+
+@st.composite
+def commands(draw: st.DrawFn, state: State, cid: str = "cmd") -> PlaceInstance:
+    nodes = list(state.topology.nodes)
+    return PlaceInstance(
+        command_id=CommandId(cid),
+        model_id=ModelId("prop/model"),
+        sharding=draw(st.sampled_from(("Pipeline", "Tensor"))),
+        instance_meta=draw(st.sampled_from(("MlxRing", "MlxRing", "MlxRing", "MlxJaccl"))),
+        min_nodes=draw(st.sampled_from((1, 1, 1, 2, 3))),
+        excluded_nodes=tuple(draw(st.lists(st.sampled_from(nodes), max_size=1))) if nodes else (),
+    )
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[State, ModelCard, PlaceInstance]:
+    state = draw(clusters())
+    # Instances already placed (runners not loaded yet): they must be reserved.
+    for i in range(draw(st.integers(0, 2))):
+        earlier = draw(cards(model_id="prop/earlier"))
+        out = placement.place(
+            state,
+            PlaceInstance(command_id=CommandId(f"pre{i}"), model_id=ModelId("prop/earlier")),
+            {earlier.model_id: earlier},
+            CONFIG,
+        )
+        if isinstance(out, placement.Placed):
+            state = apply_events(state, [InstanceCreated(instance=out.instance)])
+    card = draw(cards(cluster=state))
+    return state, card, draw(commands(state))
+
+
+def _check(state: State, card: ModelCard, cmd: PlaceInstance, out: placement.Placed | placement.PlacementRefused) -> None:
+    if isinstance(out, placement.PlacementRefused):
+        assert out.message and out.code
+        event(f"refused: {out.code}")
+        return
+    inst = out.instance
+    event(f"placed: {cmd.sharding} on {len(inst.shard_assignments.node_to_runner)} node(s)")
+    sa = inst.shard_assignments
+    hosting = sorted(sa.node_to_runner)
+    assert not set(hosting) & set(cmd.excluded_nodes)
+    assert len(hosting) >= cmd.min_nodes
+    # Memory: within free (hence usable) memory, and never double-booked.
+    for node in hosting:
+        budget = node_budget(state, node)
+        assert budget is not None
+        need = inst.memory_by_node[node]
+        assert need == shard_footprint(card, shard_share(sa.runner_to_shard[sa.node_to_runner[node]])).total_bytes
+        assert need <= budget.free_bytes <= usable_bytes(state.node_memory[node])
+        assert budget.committed_bytes + need <= budget.capacity_bytes
+    # Layers: each exactly once, in rank order; tensor ranks hold everything.
+    shards = sorted(sa.runner_to_shard.values(), key=lambda s: s.device_rank)
+    assert [s.device_rank for s in shards] == list(range(len(hosting)))
+    if cmd.sharding == "Pipeline":
+        assert all(isinstance(s, PipelineShardMetadata) for s in shards)
+        covered = [layer for s in shards for layer in range(s.start_layer, s.end_layer)]  # type: ignore[union-attr]
+        assert covered == list(range(card.n_layers))
+        assert all(s.end_layer > s.start_layer for s in shards)  # type: ignore[union-attr]
+    else:
+        assert all(isinstance(s, TensorShardMetadata) and s.world_size == len(hosting) for s in shards)
+        assert card.supports_tensor and card.hidden_size % len(hosting) == 0 and card.num_kv_heads % len(hosting) == 0
+    # Ring: each hop is the best observed link from its predecessor to the listener.
+    assert inst.ephemeral_port == placement.ring_port(state.next_port_offset, CONFIG)
+    if len(hosting) == 1:
+        assert inst.ring == ()
+    order = [sa.runner_to_shard[sa.node_to_runner[n]].device_rank for n in hosting]
+    by_rank = [hosting[order.index(r)] for r in range(len(hosting))]
+    for hop in inst.ring:
+        assert hop.node_id == by_rank[hop.rank]
+        best = interconnect.best_link(state, by_rank[hop.rank - 1], hop.node_id)
+        assert best is not None
+        assert hop.address == interconnect.format_address(best.address, inst.ephemeral_port + hop.rank)
+        assert hop.kind == interconnect.effective_kind(best)
+        if cmd.instance_meta == "MlxJaccl":
+            assert hop.kind == "thunderbolt"
+    assert min(card.context_length, 8_192) <= inst.context_ceiling <= card.context_length
+
+
+@SETTINGS
+@given(scenarios())
+def test_placement_respects_memory_layers_and_links(scenario: tuple[State, ModelCard, PlaceInstance]) -> None:
+    state, card, cmd = scenario
+    _check(state, card, cmd, placement.place(state, cmd, {card.model_id: card}, CONFIG))
+
+
+def _shuffled(state: State, rng: random.Random) -> State:
+    def reorder(d: dict) -> dict:
+        keys = list(d)
+        rng.shuffle(keys)
+        return {k: d[k] for k in keys}
+
+    conns = list(state.topology.connections)
+    rng.shuffle(conns)
+    nodes = list(state.topology.nodes)
+    rng.shuffle(nodes)
+    return msgspec.structs.replace(
+        state,
+        instances=reorder(state.instances),
+        runners=reorder(state.runners),
+        node_memory=reorder(state.node_memory),
+        last_seen=reorder(state.last_seen),
+        runner_instance=reorder(state.runner_instance),
+        topology=msgspec.structs.replace(state.topology, connections=tuple(conns), nodes=tuple(nodes)),
+    )
+
+
+@SETTINGS
+@given(scenarios(), st.randoms(use_true_random=False))
+def test_same_inputs_give_the_same_placement_whatever_the_order(
+    scenario: tuple[State, ModelCard, PlaceInstance], rng: random.Random
+) -> None:
+    state, card, cmd = scenario
+    decoy = ModelCard(**{**msgspec.structs.asdict(card), "model_id": ModelId("prop/decoy")})
+    first = placement.place(state, cmd, {card.model_id: card, decoy.model_id: decoy}, CONFIG)
+    again = placement.place(_shuffled(state, rng), cmd, {decoy.model_id: decoy, card.model_id: card}, CONFIG)
+    assert again == first
+    assert msgspec.json.encode(again) == msgspec.json.encode(first)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_placing_until_full_never_overcommits(data: st.DataObject) -> None:
+    state = data.draw(clusters())
+    card = data.draw(cards(cluster=state))
+    small = ModelCard(**{**msgspec.structs.asdict(card), "weight_bytes": max(50_000_000, card.weight_bytes // 4)})
+    for i in range(12):
+        cmd = PlaceInstance(command_id=CommandId(f"c{i}"), model_id=small.model_id)
+        out = placement.place(state, cmd, {small.model_id: small}, CONFIG)
+        _check(state, small, cmd, out)
+        if isinstance(out, placement.PlacementRefused):
+            break
+        state = apply_events(state, [InstanceCreated(instance=out.instance)])
+    for node in state.node_memory:
+        budget = node_budget(state, node)
+        assert budget is not None and budget.committed_bytes <= budget.capacity_bytes

@@ -35,7 +35,7 @@ from skulk.core.instances import (
 )
 from skulk.core.runner_policy import CrashBreaker, GiveUp, Restart, RunnerState
 from skulk.core.tasks import GenerationParams, Task
-from tests.core.test_placement import (
+from tests.core.builders import (
     CONFIG,
     GB,
     apply_events,

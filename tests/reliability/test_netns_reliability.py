@@ -17,7 +17,7 @@ import pytest
 from loadtests.failover import FailoverConfig, run_failover
 from loadtests.parity import real_verdict
 from loadtests.recorder import TraceRecorder
-from tests.reliability.netns_cluster import VPN_PREFIX, netns_available, netns_cluster
+from loadtests.netns import VPN_PREFIX, netns_available, netns_cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns, pytest.mark.reliability, pytest.mark.slow]
 

@@ -189,8 +189,12 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
                 intruder.send(GlobalEvent(session=Session(**before["session"]), indexed=IndexedEvent(
                     index=before["lastIndex"] + 1 + i, event=NodeGatheredInfo(node_id=NodeId("intruder")), at=0.0)),
                     None)
-                await asyncio.sleep(0.1)
-            await asyncio.sleep(2.0)
+                await asyncio.sleep(0.1)  # pacing: twenty rounds over two seconds, not a wait for anything
+
+            def all_dropped() -> bool:  # every node rejected the whole burst
+                return all((metric(cluster, n, "skulk_transport_dropped_bad_mac_total") or 0) >= 20 for n in nodes)
+
+            await asyncio.to_thread(wait_for, "the intruder's messages dropped", all_dropped, 20)
             members = len(intruder.members)
             await intruder.close()
             return members
@@ -208,27 +212,23 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
         # Without the key, the intruder records the cluster's own (authentic)
         # traffic for a while and puts every message back: each is dropped as
         # replayed, and nothing changes.
-        def replay() -> int:
-            spy = zenoh_spy([f"tcp/{p.api_host}:{p.zenoh_port}" for p in cluster.plans])
-            captured: list[tuple[str, bytes]] = []
-            sub = spy.declare_subscriber(f"skulk/{ns}/**", lambda smp: captured.append(
-                (str(smp.key_expr), smp.payload.to_bytes())))
-            try:
-                time.sleep(3.0)  # heartbeats, telemetry, events
-                recorded = [(k, raw) for k, raw in captured if "/alive/" not in k]
-                for k, raw in recorded:
-                    spy.put(k, raw)
-                time.sleep(1.0)
-                return len(recorded)
-            finally:
-                sub.undeclare()
-                spy.close()
-
         before_replay = {n: metric(cluster, n, "skulk_transport_dropped_replayed_total") or 0 for n in nodes}
-        replayed = replay()
-        assert replayed >= 5, f"the spy recorded only {replayed} message(s)"
-        wait_for("replays dropped", lambda: sum(metric(cluster, n, "skulk_transport_dropped_replayed_total")
-                                                 for n in nodes) - sum(before_replay.values()) >= replayed // 2, 10)
+        spy = zenoh_spy([f"tcp/{p.api_host}:{p.zenoh_port}" for p in cluster.plans])
+        captured: list[tuple[str, bytes]] = []
+        sub = spy.declare_subscriber(f"skulk/{ns}/**", lambda smp: captured.append(
+            (str(smp.key_expr), smp.payload.to_bytes())))
+        try:
+            # Record until the cluster's own traffic (heartbeats, telemetry, events) gave enough.
+            wait_for("traffic to record", lambda: sum("/alive/" not in k for k, _ in list(captured)) >= 10, 20)
+            recorded = [(k, raw) for k, raw in list(captured) if "/alive/" not in k]
+            for k, raw in recorded:
+                spy.put(k, raw)
+            replayed = len(recorded)
+            wait_for("replays dropped", lambda: sum(metric(cluster, n, "skulk_transport_dropped_replayed_total")
+                                                     for n in nodes) - sum(before_replay.values()) >= replayed // 2, 10)
+        finally:
+            sub.undeclare()
+            spy.close()
         for n in nodes:
             state = get(cluster, n, "/state")
             assert state["session"] == before["session"] and state["instances"] == {}

@@ -18,7 +18,7 @@ import pytest
 from skulk.core.events import Carryover, IndexedEvent, NodeGatheredInfo, SessionStarted
 from skulk.core.ids import NodeId
 from skulk.core.messages import Snapshot
-from skulk.core.nodes import Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
 from skulk.core.session import Session
 from skulk.core.state import EMPTY_STATE, State, apply, digest, encode_state
 from skulk.runtime.eventlog import (

@@ -24,7 +24,7 @@ from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime import auth
 from skulk.runtime.localcluster import LocalCluster, NodePlan
 from tests.support.cluster import FAST_ENV, wait_for, wait_stable
-from tests.support.netns import Netns, netns_available, ns_http
+from loadtests.netns import Netns, netns_available, ns_http
 
 pytestmark = [pytest.mark.cluster, pytest.mark.netns]
 

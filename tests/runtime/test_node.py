@@ -52,12 +52,12 @@ def test_a_single_node_elects_itself_places_the_default_model_and_serves(
     async def main() -> None:
         task = asyncio.create_task(runtime.run())
         try:
-            await _until(lambda: runtime.handle is not None and runtime.handle.is_master, 20, "mastership")
-            handle = runtime.handle
-            assert handle is not None
-            await _until(lambda: any(type(s).__name__ == "RunnerReady" for s in handle.state.runners.values()),
+            await _until(lambda: runtime.api_bridge is not None and runtime.api_bridge.is_master, 20, "mastership")
+            node = runtime.api_bridge
+            assert node is not None
+            await _until(lambda: any(type(s).__name__ == "RunnerReady" for s in node.state.runners.values()),
                          90, "the auto-placed model's runner to be ready")
-            (inst,) = handle.state.instances.values()
+            (inst,) = node.state.instances.values()
             assert inst.shard_assignments.model_id == DEFAULT_MODEL_ID
             body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}
             reply = await asyncio.to_thread(http_json, base + "/v1/chat/completions", method="POST", body=body,
@@ -69,7 +69,7 @@ def test_a_single_node_elects_itself_places_the_default_model_and_serves(
             used = reply["usage"]["completion_tokens"]
             assert used == 6 if finish == "length" else 1 <= used <= 6, reply
             assert await asyncio.to_thread(http_json, base + "/node_id") == cfg.node_id
-            metrics = handle.metrics()
+            metrics = node.metrics()
             assert metrics["skulk_eventlog_appended_total"] > 0 and metrics["skulk_eventlog_degraded"] == 0
             assert metrics["skulk_persist_failures_total"] >= 1
             assert metrics["skulk_master_session_started_unixtime"] > 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from skulk.core.inputs import InfoObserved, LinkProbed
-from skulk.core.nodes import NetworkInterface, NodeIdentity
+from skulk.core.telemetry import NetworkInterface, NodeIdentity
 from skulk.runtime import telemetry as t
 
 DATA = Path(__file__).parent / "data"

@@ -1,13 +1,17 @@
 """The zenoh transport: membership needs the key, drops are counted, never applied.
 
 Real zenoh sessions on loopback, in this process (each with its own endpoint,
-scouting off).
+scouting off). Tests wait for conditions (``_until``), never for a fixed time:
+"nothing arrived" is shown by a counter that proves the thing was handled
+(dropped), or by the key routing that makes it impossible.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+
+import zenoh
 
 from skulk.core.codec import encode_msgpack
 from skulk.core.commands import PlaceInstance
@@ -41,6 +45,12 @@ async def _until(pred, timeout_s: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+def _sees_alive(session: zenoh.Session, prefix: str, node: str) -> bool:
+    """The bare ``session`` sees ``node``'s liveliness token: zenoh has routes between them."""
+    replies = session.liveliness().get(f"{prefix}/alive/{node}", timeout=1.0)
+    return any(r.ok is not None for r in replies)
+
+
 def _ports(n: int) -> list[int]:
     base = free_port_block(n, ["127.0.0.1"])
     return [base + i for i in range(n)]
@@ -61,7 +71,12 @@ def test_keyed_peers_become_members_and_exchange_messages() -> None:
             b.transport.send(ElectionMessage(clock=7, campaigning=True, votes=()), None)
             b.transport.send(ElectionMessage(clock=8, campaigning=True, votes=()), NodeId("c"))
             await _until(lambda: len(c.messages) == 2 and len(a.messages) == 1)
-            await asyncio.sleep(0.2)
+            # A directed message goes on the destination's own key, which no other
+            # node subscribes to: it cannot reach a, however long one waits.
+            prefix = key_prefix("tns")
+            directed = zenoh.KeyExpr(f"{prefix}/election/c")
+            assert not any(zenoh.KeyExpr(k).intersects(directed) for k in a.transport.subscriptions)
+            assert any(zenoh.KeyExpr(k).intersects(directed) for k in c.transport.subscriptions)
             assert [m.clock for _, m in a.messages] == [7], "a directed message reaches its destination only"
             # zenoh orders samples per key only: a broadcast and a directed send
             # travel on different keys, so either may arrive first.
@@ -72,6 +87,7 @@ def test_keyed_peers_become_members_and_exchange_messages() -> None:
             await _until(lambda: len(c.messages) == 12)
             assert [m.clock for _, m in c.messages[2:]] == list(range(10, 20))
             assert b.messages == [], "a node's own broadcast is not delivered back"
+            assert [m.clock for _, m in a.messages] == [7], "still nothing meant for c at a"
             # A peer that leaves is no longer a member, within about a second.
             await c.transport.close()
             await _until(lambda: a.transport.members == {"b"}, timeout_s=3.0)
@@ -100,7 +116,9 @@ def test_a_peer_without_the_key_never_becomes_a_member_and_cannot_inject() -> No
                     NodeId("a"),
                 )
             await _until(lambda: a.transport.drops["bad_mac"] >= 10)
-            await asyncio.sleep(1.5)  # a few hello repeats
+            # The intruder repeats its hello every second (it sees a live peer that
+            # is not a member): wait until two more were rejected.
+            await _until(lambda: a.transport.drops["bad_mac"] >= 12, timeout_s=10.0)
             assert a.messages == [], "nothing from a keyless node is delivered"
             assert a.transport.members == frozenset() and a.peer_sets in ([], [frozenset()])
             assert "intruder" not in a.transport.peer_info
@@ -121,8 +139,8 @@ def test_foreign_namespace_and_garbage_are_dropped_and_counted() -> None:
         await a.transport.start()
         raw_session = zenoh_spy([f"tcp/127.0.0.1:{pa}"])
         try:
-            await asyncio.sleep(0.5)
             prefix = key_prefix("tns")
+            await _until(lambda: _sees_alive(raw_session, prefix, "a"))  # the route to a is up
             # Sealed for another namespace with the very same secret, put into ours.
             other = auth.Sealer(auth.derive_key(SECRET, "other"), "other", "x")
             raw_session.put(f"{prefix}/election", other.seal("election", None, b"\x80"))
@@ -162,7 +180,7 @@ def test_captured_messages_replayed_are_dropped_and_stale_ones_too() -> None:
                                                                                    smp.payload.to_bytes())))
         try:
             await _until(lambda: a.transport.members == {"b"} and b.transport.members == {"a"})
-            await asyncio.sleep(0.3)
+            await _until(lambda: _sees_alive(spy, prefix, "b"))  # the spy's routes are up
             for clock in range(1, 6):
                 b.transport.send(ElectionMessage(clock=clock, campaigning=False, votes=()), None)
             await _until(lambda: len(a.messages) == 5 and sum(k == f"{prefix}/election" for k, _ in captured) >= 5)
@@ -175,7 +193,9 @@ def test_captured_messages_replayed_are_dropped_and_stale_ones_too() -> None:
             spy.put(f"{prefix}/election", old.seal("election", None, encode_msgpack(
                 ElectionMessage(clock=99, campaigning=False, votes=()))))
             await _until(lambda: a.transport.drops["stale"] == 1)
-            await asyncio.sleep(0.2)
+            # Every replay was counted as dropped (each sample ends in exactly one
+            # counter or one delivery), so none was delivered.
+            assert a.transport.drops["replayed"] == len(replays)
             assert [m.clock for _, m in a.messages] == [1, 2, 3, 4, 5], "each message delivered once"
             assert a.transport.members == {"b"}
         finally:

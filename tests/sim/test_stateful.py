@@ -30,7 +30,7 @@ from skulk.core.ids import CommandId, ModelId
 from skulk.core.inputs import AbandonRequest, SubmitCommand
 from skulk.core.state import digest
 from skulk.core.tasks import ChatMessage, GenerationParams
-from skulk.modelcards import load_cards
+from skulk.cards import load_cards
 
 MODEL = ModelId("skulk/tiny-qwen2")
 EXAMPLES = int(os.environ.get("SKULK_SIM_EXAMPLES", "40"))

@@ -10,11 +10,11 @@ from collections.abc import Generator
 from typing import Any
 
 from chaos.checkers import SafetyChecker
-from chaos.context import Context
+from chaos.stage import Stage
 from chaos.harness import convergence
 from sim.options import SimOptions, apply_overrides, draw_options, render
 from sim.rng import derive
-from sim.runners import WEDGE_EXIT_CODE
+from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from sim.world import World
 from skulk.core.inputs import RunnerExited
 from skulk.core.instances import RunnerFailed, RunnerLoading, RunnerReady
@@ -160,11 +160,11 @@ def test_runners_load_serve_and_a_wedged_one_exits_with_86() -> None:
                 seen.append((host, inp))
 
     world.observers.append(Watch())
-    ctx = Context(world, checker, derive(1, "test"))
+    stage = Stage(world, checker, derive(1, "test"))
 
     def script() -> Generator[Any, Any, None]:
         yield world.env.timeout(10.0)
-        yield from ctx.place_and_wait("sim/qwen-7b")
+        yield from stage.place_and_wait("sim/qwen-7b")
 
     world.env.run(until=world.process(script()))
     statuses = [type(inp.status) for _, inp in seen if hasattr(inp, "status")]

@@ -1,14 +1,14 @@
-"""What a node tells the cluster about itself, and the links between nodes.
+"""Telemetry: what a node tells the cluster about its machine.
 
 Telemetry (identity, memory, network interfaces, system) is gathered by the
-driver, turned into local events by the core, and indexed by the master; link
-observations come from probing each address a peer advertises. Wire shapes
-follow Skulk's API: ``nodeMemory: {nodeId: {"ramTotal": {"inBytes": n}}}``.
+driver (``skulk.runtime.telemetry`` measures it, the simulator draws it), fed
+to the core as ``InfoObserved``, reported as ``NodeGatheredInfo`` local events
+(``skulk.core.reporter``) and indexed by the master. Wire shapes follow
+Skulk's API: ``nodeMemory: {nodeId: {"ramTotal": {"inBytes": n}}}``.
 """
 
 from __future__ import annotations
 
-from skulk.core.ids import NodeId
 from skulk.core.instances import LinkKind
 from skulk.core.records import Record
 
@@ -19,8 +19,6 @@ __all__ = [
     "NetworkInterface",
     "NetworkInfo",
     "SystemInfo",
-    "Connection",
-    "Topology",
 ]
 
 
@@ -55,19 +53,3 @@ class SystemInfo(Record, frozen=True, kw_only=True):
     chip: str = ""
     os_version: str = ""
     cpu_count: int = 0
-
-
-class Connection(Record, frozen=True, kw_only=True):
-    """``source`` reached ``sink`` at ``address`` (an IP) over a link of ``kind``."""
-
-    source: NodeId
-    sink: NodeId
-    address: str
-    kind: LinkKind
-
-
-class Topology(Record, frozen=True, kw_only=True):
-    """Nodes seen in this session and the links observed between them (sorted)."""
-
-    nodes: tuple[NodeId, ...] = ()
-    connections: tuple[Connection, ...] = ()

@@ -1,8 +1,8 @@
-"""What the HTTP API needs from the node it runs in.
+"""What the HTTP API needs from the node it runs in: its port onto the node.
 
 The API talks to the node only through commands and the replicated state
-(DESIGN.md section 1). ``NodeHandle`` is that surface; the production runtime
-(``skulk.runtime``) implements it on top of the asyncio driver. Keeping it a
+(DESIGN.md section 1). ``NodePort`` is that surface; the production runtime
+implements it on top of the asyncio driver (``skulk.runtime.api_bridge``). Keeping it a
 small Protocol lets the API stay a thin layer: validate, submit, stream,
 render.
 """
@@ -20,7 +20,7 @@ from skulk.core.session import Session
 from skulk.core.state import State
 from skulk.core.tasks import TokenChunk
 
-__all__ = ["NodeHandle", "RequestStream"]
+__all__ = ["NodePort", "RequestStream"]
 
 
 class RequestStream(Protocol):
@@ -31,7 +31,7 @@ class RequestStream(Protocol):
     def __aiter__(self) -> AsyncIterator[TokenChunk]: ...
 
 
-class NodeHandle(Protocol):
+class NodePort(Protocol):
     @property
     def node_id(self) -> NodeId: ...
 

@@ -1,11 +1,11 @@
-"""What a scenario script works with: the world, its rng, metrics and common steps.
+"""``Stage``: what a scenario script plays on: the world, its rng, metrics and common steps.
 
 Theory of operation
 -------------------
-``Context`` bundles the run's ``World``, the safety checker, the scenario's
+``Stage`` bundles the run's ``World``, the safety checker, the scenario's
 own random stream and a ``metrics`` dict that ends up in the run's result.
 Its methods are the steps most scenarios share, written as simpy generators
-(``yield from ctx.place_and_wait()``): place a model and wait until every
+(``yield from stage.place_and_wait()``): place a model and wait until every
 rank serves, start clients, wait for a condition. Failing to reach a state
 the scenario needs raises ``ScenarioStuck`` (a liveness failure) with the
 reason.
@@ -32,14 +32,14 @@ if TYPE_CHECKING:
     from sim.host import SimHost
     from sim.world import World
 
-__all__ = ["Context", "ScenarioStuck"]
+__all__ = ["Stage", "ScenarioStuck"]
 
 
 class ScenarioStuck(Exception):
     """The cluster never reached a state the scenario waits for (a liveness failure)."""
 
 
-class Context:
+class Stage:
     def __init__(self, world: World, checker: SafetyChecker, rng: random.Random) -> None:
         self.world = world
         self.env = world.env

@@ -1,4 +1,4 @@
-"""``NodeHandle`` over the driver: what the HTTP API sees of its node.
+"""``ApiBridge``: the HTTP API's ``NodePort`` over the driver, and the driver's ``ApiSink``.
 
 Theory of operation
 -------------------
@@ -33,7 +33,7 @@ from skulk.core.session import Session
 from skulk.core.state import State
 from skulk.core.tasks import TokenChunk
 
-__all__ = ["RuntimeHandle", "TaskStream"]
+__all__ = ["ApiBridge", "TaskStream"]
 
 # Beyond the core's own deadline: a last resort so an API request can never hang.
 _SAFETY_MARGIN_S = 10.0
@@ -70,8 +70,8 @@ class TaskStream:
             yield item
 
 
-class RuntimeHandle:
-    """Implements ``skulk.api.handle.NodeHandle`` and the driver's ``ApiSink``."""
+class ApiBridge:
+    """Implements ``skulk.api.port.NodePort`` (for the API) and ``ApiSink`` (for the driver)."""
 
     def __init__(
         self,
@@ -95,7 +95,7 @@ class RuntimeHandle:
         self.submitted = 0
         self.completed = 0
 
-    # --- NodeHandle: identity and state ---------------------------------------------------
+    # --- NodePort: identity and state ---------------------------------------------------
 
     @property
     def node_id(self) -> NodeId:
@@ -137,7 +137,7 @@ class RuntimeHandle:
     def new_command_id(self) -> CommandId:
         return CommandId(f"cmd-{secrets.token_hex(10)}")
 
-    # --- NodeHandle: commands -------------------------------------------------------------
+    # --- NodePort: commands -------------------------------------------------------------
 
     async def submit(self, command: Command) -> CommandResult:
         """Submit ``command``; the master's final answer (or "unavailable" at the deadline)."""
@@ -184,7 +184,7 @@ class RuntimeHandle:
         if stream is not None:
             stream.close()
 
-    # --- NodeHandle: observability ----------------------------------------------------------
+    # --- NodePort: observability ----------------------------------------------------------
 
     def metrics(self) -> Mapping[str, float]:
         out = dict(self._metrics())

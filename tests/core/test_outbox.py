@@ -1,14 +1,4 @@
-"""Regression: one lost local event no longer holds a node's later events (its telemetry) for tens of seconds.
-
-Found by issue 3's chaos scenarios at about 4 % message loss
-(``crash_loop --seed 186 --set loss_probability=0.0377357``,
-``context_admission --seed 195 --set loss_probability=0.0425003``,
-``interconnect_selection --seed 42``): the master handles each node's local
-events in order, so when one was lost, every later one, telemetry included,
-waited behind it until the outbox's retry (after 5, 10, 20 s) got through.
-Three losses in a row outlasted ``node_timeout_s`` (30 s) and the master
-pruned a live node for "no telemetry", with its instances. The master now
-reports the gap as soon as later events arrive, and the node resends at once.
+"""The outbox: a worker's local events to the master, numbered, retried, resent on a gap.
 """
 
 from __future__ import annotations
@@ -17,7 +7,7 @@ from sim.manual import GIB, ManualCluster
 from skulk.core.ids import NodeId
 from skulk.core.inputs import InfoObserved
 from skulk.core.messages import LocalEventAck, LocalEventMessage
-from skulk.core.nodes import Memory, MemoryInfo
+from skulk.core.telemetry import Memory, MemoryInfo
 
 
 def _telemetry(available_gib: int) -> InfoObserved:
@@ -29,6 +19,18 @@ def _local_events(c: ManualCluster, origin: str) -> list[int]:
 
 
 def test_a_gap_is_reported_and_filled_before_any_retry_timer() -> None:
+    """Regression: one lost local event no longer holds a node's later events (its telemetry) for tens of seconds.
+
+    Found by issue 3's chaos scenarios at about 4 % message loss
+    (``crash_loop --seed 186 --set loss_probability=0.0377357``,
+    ``context_admission --seed 195 --set loss_probability=0.0425003``,
+    ``interconnect_selection --seed 42``): the master handles each node's local
+    events in order, so when one was lost, every later one, telemetry included,
+    waited behind it until the outbox's retry (after 5, 10, 20 s) got through.
+    Three losses in a row outlasted ``node_timeout_s`` (30 s) and the master
+    pruned a live node for "no telemetry", with its instances. The master now
+    reports the gap as soon as later events arrive, and the node resends at once.
+    """
     c = ManualCluster(2)
     c.boot_all()
     c.settle(until=10.0)
@@ -59,6 +61,18 @@ def test_a_gap_is_reported_and_filled_before_any_retry_timer() -> None:
 
 
 def test_duplicates_of_held_events_do_not_repeat_the_report() -> None:
+    """Regression: one lost local event no longer holds a node's later events (its telemetry) for tens of seconds.
+
+    Found by issue 3's chaos scenarios at about 4 % message loss
+    (``crash_loop --seed 186 --set loss_probability=0.0377357``,
+    ``context_admission --seed 195 --set loss_probability=0.0425003``,
+    ``interconnect_selection --seed 42``): the master handles each node's local
+    events in order, so when one was lost, every later one, telemetry included,
+    waited behind it until the outbox's retry (after 5, 10, 20 s) got through.
+    Three losses in a row outlasted ``node_timeout_s`` (30 s) and the master
+    pruned a live node for "no telemetry", with its instances. The master now
+    reports the gap as soon as later events arrive, and the node resends at once.
+    """
     c = ManualCluster(2)
     c.boot_all()
     c.settle(until=10.0)

@@ -1,4 +1,8 @@
-"""What every handler reaches through ``request.app.state.skulk``: the node, the knobs, the counters."""
+"""``AppState``: what every handler reaches through ``request.app.state.skulk``.
+
+The node (through its ``NodePort``), the API's knobs and its counters, plus
+the bounded memory of command ids cancelled through ``/v1/cancel``.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,16 @@ from dataclasses import dataclass, field
 from starlette.requests import Request
 
 from skulk.api.config import ApiConfig
-from skulk.api.handle import NodeHandle
+from skulk.api.port import NodePort
 from skulk.api.metrics import ApiMetrics
 from skulk.core.ids import CommandId
 
-__all__ = ["ApiContext", "ctx"]
+__all__ = ["AppState", "app_state"]
 
 
 @dataclass
-class ApiContext:
-    handle: NodeHandle
+class AppState:
+    node: NodePort
     config: ApiConfig
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
     # Command ids cancelled through /v1/cancel, so their streams end as "cancelled"
@@ -36,11 +40,11 @@ class ApiContext:
     def abandon(self, command_id: CommandId) -> None:
         """Abandon through the node and count it."""
         self.metrics.abandoned_total += 1
-        self.handle.abandon(command_id)
+        self.node.abandon(command_id)
 
 
-def ctx(request: Request) -> ApiContext:
-    """The ``ApiContext`` of the app serving ``request``."""
-    context = request.app.state.skulk
-    assert isinstance(context, ApiContext)
-    return context
+def app_state(request: Request) -> AppState:
+    """The ``AppState`` of the app serving ``request``."""
+    state = request.app.state.skulk
+    assert isinstance(state, AppState)
+    return state
