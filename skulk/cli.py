@@ -269,7 +269,7 @@ def cmd_models_import(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     from skulk.core.cards import CardError
-    from skulk.modelcards import card_for_model_dir
+    from skulk.cards import card_for_model_dir
     from skulk.runtime.config import load_config
     from skulk.runtime.supervisor import find_local_models
 

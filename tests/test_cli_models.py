@@ -9,7 +9,7 @@ import pytest
 
 from skulk.cli import main
 from skulk.engine.archmodels import write_arch_model
-from skulk.modelcards import card_for_model_dir
+from skulk.cards import card_for_model_dir
 from tests.engine.gguf_files import write_gguf
 
 

@@ -81,7 +81,7 @@ def carded_families() -> dict[str, str]:
     not hide that.
     """
     from skulk.core.placement import static_refusal
-    from skulk.modelcards import builtin_cards
+    from skulk.cards import builtin_cards
 
     best: dict[str, tuple[int, str]] = {}
     for model_id, card in sorted(builtin_cards().items()):
@@ -258,7 +258,7 @@ def run_table(
     """Build (or reuse) each family's model under ``root``, run every placement, compare; one row per family."""
     from skulk.core.placement import static_refusal
     from skulk.engine.archmodels import write_arch_model
-    from skulk.modelcards import builtin_cards, card_for_model_dir
+    from skulk.cards import builtin_cards, card_for_model_dir
 
     cards = builtin_cards()
     carded = carded_families()

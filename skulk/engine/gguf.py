@@ -580,7 +580,7 @@ def import_gguf(
     imported exactly. Not atomic: ``ensure_imported`` is.
     """
     from skulk.core.cards import card_to_toml
-    from skulk.modelcards import CARD_FILENAME, derive_card
+    from skulk.cards import CARD_FILENAME, derive_card
 
     source, target = Path(src), Path(dest)
     if not source.is_file():
@@ -659,7 +659,7 @@ def ensure_imported(
     temporary sibling and renames it into place; the first rename wins and the
     others discard their identical copies.
     """
-    from skulk.modelcards import CARD_FILENAME
+    from skulk.cards import CARD_FILENAME
 
     final = Path(final)
     if (final / "config.json").is_file() and (final / CARD_FILENAME).is_file():

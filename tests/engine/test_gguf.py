@@ -167,7 +167,7 @@ def smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_default_model_imports_from_its_wheel(smollm: Path) -> None:
     from skulk.engine.models import DEFAULT_MODEL_ID
-    from skulk.modelcards import builtin_cards, card_for_model_dir
+    from skulk.cards import builtin_cards, card_for_model_dir
 
     config = json.loads((smollm / "config.json").read_text())
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
