@@ -31,6 +31,11 @@ Layout of a card (``[runtime]`` keys are optional)::
     draft_model = ""          # "" means none
     prompt_lookup_depth = 0   # optional: draft up to this many tokens by prompt lookup (0: off)
 
+    [chat]                    # optional; how the model writes tool calls and reasoning
+    tool_format = "hermes"    # hermes, smollm2, llama3_json, mistral, harmony ("" : detect)
+    reasoning_format = "think"  # think, harmony, none ("" : detect)
+    thinking_toggle = true    # the template honours enable_thinking
+
 Invariants kept: ``card_from_toml(card_to_toml(c)) == c`` for every valid card;
 a card that parses has positive figures and never names itself as its draft.
 Unknown keys are refused (a typo in an operator card must not silently fall
@@ -54,6 +59,8 @@ __all__ = [
     "TENSOR_SHARDING_FAMILIES",
     "PIPELINE_STAGE_FAMILIES",
     "MLA_LATENT_CACHE_FAMILIES",
+    "TOOL_FORMATS",
+    "REASONING_FORMATS",
     "card_from_toml",
     "card_to_toml",
     "card_from_mlx_config",
@@ -90,6 +97,10 @@ class ModelCard(Record, frozen=True, kw_only=True):
     prompt_lookup_depth: int = 0
     kv_bytes_per_token: int = 0
     pipeline_refusal: str = ""
+    # Chat formats (``[chat]``): "" means "detect from the chat template" (skulk.engine.chatformat).
+    tool_format: str = ""
+    reasoning_format: str = ""
+    thinking_toggle: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_id or self.model_id != self.model_id.strip():
@@ -104,6 +115,17 @@ class ModelCard(Record, frozen=True, kw_only=True):
                 raise CardError(f"{self.model_id}: {name} must be a non-negative integer, got {value!r}")
         if self.draft_model is not None and (not self.draft_model or self.draft_model == self.model_id):
             raise CardError(f"{self.model_id}: draft_model must name another model, got {self.draft_model!r}")
+        if self.tool_format not in TOOL_FORMATS:
+            raise CardError(f"{self.model_id}: tool_format must be one of {sorted(TOOL_FORMATS)}, got {self.tool_format!r}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise CardError(
+                f"{self.model_id}: reasoning_format must be one of {sorted(REASONING_FORMATS)}, got {self.reasoning_format!r}"
+            )
+
+
+# How a model writes tool calls ("" : detect from its chat template) and its reasoning.
+TOOL_FORMATS: frozenset[str] = frozenset({"", "hermes", "smollm2", "llama3_json", "mistral", "harmony"})
+REASONING_FORMATS: frozenset[str] = frozenset({"", "think", "harmony", "none"})
 
 
 # mlx-lm architectures whose Model implements ``shard`` (tensor parallel), as of
@@ -154,6 +176,11 @@ _RUNTIME_KEYS: dict[str, type] = {
     "prompt_lookup_depth": int,
 }
 _OPTIONAL_RUNTIME = ("prompt_lookup_depth",)  # written only when set
+_CHAT_KEYS: dict[str, type] = {
+    "tool_format": str,
+    "reasoning_format": str,
+    "thinking_toggle": bool,
+}
 
 
 def _checked(source: str, key: str, value: Any, expected: type) -> Any:
@@ -176,9 +203,13 @@ def card_from_toml(text: str, *, source: str = "<card>") -> ModelCard:
     runtime = data.pop("runtime", {})
     if not isinstance(runtime, dict):
         raise CardError(f"{source}: runtime must be a table")
+    chat = data.pop("chat", {})
+    if not isinstance(chat, dict):
+        raise CardError(f"{source}: chat must be a table")
     unknown = sorted(set(data) - set(_TOP_KEYS)) + [f"runtime.{k}" for k in sorted(set(runtime) - set(_RUNTIME_KEYS))]
+    unknown += [f"chat.{k}" for k in sorted(set(chat) - set(_CHAT_KEYS))]
     if unknown:
-        allowed = f"{sorted(_TOP_KEYS)} and runtime.{sorted(_RUNTIME_KEYS)}"
+        allowed = f"{sorted(_TOP_KEYS)}, runtime.{sorted(_RUNTIME_KEYS)} and chat.{sorted(_CHAT_KEYS)}"
         raise CardError(f"{source}: unknown keys {unknown}; allowed: {allowed}")
     missing = [k for k in _REQUIRED_TOP if k not in data]
     if missing:
@@ -186,6 +217,8 @@ def card_from_toml(text: str, *, source: str = "<card>") -> ModelCard:
     fields = {k: _checked(source, k, v, _TOP_KEYS[k]) for k, v in data.items()}
     for key, value in runtime.items():
         fields[key] = _checked(source, f"runtime.{key}", value, _RUNTIME_KEYS[key])
+    for key, value in chat.items():
+        fields[key] = _checked(source, f"chat.{key}", value, _CHAT_KEYS[key])
     if fields.get("draft_model") == "":
         fields["draft_model"] = None
     try:
@@ -226,6 +259,9 @@ def card_to_toml(card: ModelCard, *, comment: str = "") -> str:
         if key in _OPTIONAL_RUNTIME and not value:
             continue
         lines.append(f"{key} = {_toml_value('' if value is None else value)}")
+    chat = [(k, getattr(card, k)) for k in _CHAT_KEYS]
+    if any(chat_value for _, chat_value in chat):
+        lines += ["", "[chat]"] + [f"{k} = {_toml_value(v)}" for k, v in chat]
     text = "\n".join(lines) + "\n"
     assert card_from_toml(text) == card, "card_to_toml must round-trip"
     return text

@@ -31,6 +31,15 @@ every rank applies it to its own caches (``BatchState``), so all ranks keep
 identical batch layouts in lockstep. Followers run ``follow``. Distributed
 steps are evaluated eagerly (collectives must pair up in the same order).
 
+Chat replies go through the request's ``ReplyParser`` (``skulk.engine.chatformat``):
+each chunk carries content, reasoning and complete tool calls separately, so
+every dialect and every node sees one parse. Constrained rows (structured
+output, forced tool calls) sample under their grammar's token mask
+(``skulk.engine.grammar``); while the batch holds one, a pipelined step queues
+its forward, then reads the previous step's tokens back and advances the
+matchers while the forward runs, and samples last, so each mask follows every
+token that came before it.
+
 Invariants: every submitted task receives exactly one final chunk; chunk
 ``seq`` numbers are dense from 0; a task never holds a row after its final
 chunk; all ranks apply the same plans in the same order.
@@ -45,6 +54,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
@@ -56,9 +66,22 @@ from skulk.core.tasks import (
     Task,
     TokenChunk,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
+from skulk.engine.chatformat import (
+    ChatFormats,
+    ReplyParser,
+    call_id_maker,
+    detect_formats,
+    grammar_for,
+    prompt_opens_reasoning,
+    render_chat,
+    resolve_formats,
+)
+from skulk.engine.grammar import Constraint, GrammarError, GrammarTokenizer, batch_bitmask
+from skulk.engine.reasoning import Parts
 from skulk.engine.sampling import SampleOut, SampleRow, SamplingParams, resolve_sampling, sample_batch
 from skulk.engine.shard import Shard
 from skulk.engine.textstream import StopText
@@ -244,6 +267,13 @@ class _Request:
     prefill_started_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    # Chat replies: the parser splitting content, reasoning and tool calls; None for completions.
+    reply: ReplyParser | None = None
+    calls_sent: int = 0
+    # Constrained decoding: the grammar, and whether it is "live" (masking every token),
+    # "open" (a <think> block may still open first) or "deferred" (inside reasoning).
+    grammar: Constraint | None = None
+    grammar_state: str = "live"
 
     @property
     def task_id(self) -> TaskId:
@@ -292,6 +322,10 @@ class Engine:
         self.steps = 0
         self.step_started_at: float | None = None
         self.vocab_size = len(tokenizer)
+        self._formats: ChatFormats | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+        think = tokenizer.convert_tokens_to_ids("<think>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        self._think_id: int | None = think if isinstance(think, int) and 0 <= think < self.vocab_size else None
 
     # --- intake ------------------------------------------------------------
 
@@ -312,11 +346,15 @@ class Engine:
         now = time.monotonic()
         if task.task_id in self._by_id:
             return  # a duplicate delivery of a task already running
+        reply: ReplyParser | None = None
+        grammar: Constraint | None = None
+        grammar_state = "live"
         try:
             sampling = resolve_sampling(task.params, self.config.default_temperature)
-            prompt = self._tokenize(task)
+            prompt, reply, grammar, grammar_state = self._prepare(task)
         except (ValueError, TypeError, KeyError) as exc:
-            self._refuse(task, f"invalid request: {exc}", "invalid_request_error", "invalid_value", 0)
+            code = "invalid_grammar" if isinstance(exc, GrammarError) else "invalid_value"
+            self._refuse(task, f"invalid request: {exc}", "invalid_request_error", code, 0)
             return
         decision = admit(
             prompt_tokens=len(prompt),
@@ -335,6 +373,9 @@ class Engine:
             detok=self._new_detokenizer(),
             stop=StopText(task.params.stop),
             submitted_at=now,
+            reply=reply,
+            grammar=grammar,
+            grammar_state=grammar_state,
         )
         self._by_id[task.task_id] = request
         self.waiting.append(request)
@@ -349,25 +390,51 @@ class Engine:
             detok.text, detok.offset = " ", 1
         return detok
 
-    def _tokenize(self, task: Task) -> list[int]:
+    def formats(self) -> ChatFormats:
+        """The chat formats this model's template implies (detected once)."""
+        if self._formats is None:
+            self._formats = detect_formats(self.tokenizer)
+        return self._formats
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary in llguidance's form, built on the first constrained request."""
+        if self._grammar_tokenizer is None:
+            hf = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+            # Masks span the logits, which may be wider than the tokenizer (padded vocabularies).
+            args = getattr(getattr(self.shard, "model", None), "args", None)
+            n_vocab = max(self.vocab_size, int(getattr(args, "vocab_size", 0) or 0))
+            self._grammar_tokenizer = GrammarTokenizer(hf, n_vocab, sorted(self._eos))
+        return self._grammar_tokenizer
+
+    def _prepare(self, task: Task) -> tuple[list[int], ReplyParser | None, Constraint | None, str]:
+        """Prompt ids, reply parser, grammar and its starting state (raises ValueError when invalid)."""
         params = task.params
-        if task.kind == "chat" or params.messages is not None:
-            if not params.messages:
-                raise ValueError("a chat task needs at least one message")
-            messages = [{"role": m.role, "content": m.content} for m in params.messages]
-            if getattr(self.tokenizer, "has_chat_template", False):
-                try:
-                    ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-                except Exception as exc:  # a template that rejects these messages (jinja raise_exception)
-                    raise ValueError(f"the chat template rejected the messages: {exc}") from exc
-            else:
-                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-                ids = self.tokenizer.encode(text)
-        else:
-            if params.prompt is None:
-                raise ValueError("a completion task needs a prompt")
-            ids = self.tokenizer.encode(params.prompt)
-        ids = [int(t) for t in ids]
+        if not (task.kind == "chat" or params.messages is not None):
+            return self._tokenize(task), None, None, "live"  # a text completion: no chat parsing
+        if not params.messages:
+            raise ValueError("a chat task needs at least one message")
+        formats = resolve_formats(self.formats(), params)
+        text = render_chat(self.tokenizer, params, formats)
+        in_reasoning = prompt_opens_reasoning(text, formats)
+        reply = ReplyParser(formats, params, call_id_maker(task.task_id), in_reasoning=in_reasoning)
+        lark = grammar_for(params, formats)
+        grammar = None if lark is None else self.grammar_tokenizer().constraint(lark)
+        state = "live"
+        if grammar is not None and formats.reasoning == "think" and params.enable_thinking is not False:
+            # Reasoning stays free; the grammar takes over once the <think> block closes.
+            state = "deferred" if in_reasoning else ("open" if self._think_id is not None else "live")
+        # A rendered template already holds its special tokens (as apply_chat_template encodes it).
+        templated = getattr(self.tokenizer, "has_chat_template", False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if templated else self.tokenizer.encode(text)
+        return self._checked_ids([int(t) for t in ids]), reply, grammar, state
+
+    def _tokenize(self, task: Task) -> list[int]:
+        if task.params.prompt is None:
+            raise ValueError("a completion task needs a prompt")
+        ids = self.tokenizer.encode(task.params.prompt)
+        return self._checked_ids([int(t) for t in ids])
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
         if not ids:
             # An empty prompt conditions on end-of-text, as OpenAI does.
             if not self._eos:
@@ -499,8 +566,19 @@ class Engine:
         out = None
         if logits is not None:
             assert inputs is not None
+            bitmask = None
+            if any(r.grammar is not None for r in rows):
+                if self._pipelined and prev is not None:
+                    # A mask follows every earlier token: start this step's forward, then
+                    # read the previous step's tokens back and advance the matchers while
+                    # it runs; only the sampling waits for the masks.
+                    mx.async_eval(logits, pending)
+                    self._outstanding = None
+                    self._materialize(prev)
+                    prev = None
+                bitmask = self._bitmask(rows)
             sample_rows = [self._sample_row(r) for r in rows]
-            out = sample_batch(logits, sample_rows, inputs)
+            out = sample_batch(logits, sample_rows, inputs, bitmask)
             for r in rows:
                 r.scheduled += 1
         outputs = [] if out is None else [a for a in (out.tokens, out.chosen_logprobs, out.top_ids, out.top_logprobs) if a is not None]
@@ -513,6 +591,18 @@ class Engine:
             mx.eval(outputs, pending)
             if out is not None:
                 self._materialize(_Outstanding(list(rows), out))
+
+    def _bitmask(self, rows: list[_Request]) -> mx.array:
+        """The batch's token bitmask: each live grammar's mask, all-ones for free rows."""
+        words = self.grammar_tokenizer().words
+        live = [r.grammar if (r.grammar is not None and not r.done and r.grammar_state != "deferred") else None for r in rows]
+        mask = batch_bitmask(live, words)
+        if self._think_id is not None:
+            bits = mask.view(np.uint32)
+            for i, r in enumerate(rows):
+                if r.grammar_state == "open":  # a <think> block may open before the grammar starts
+                    bits[i, self._think_id // 32] |= np.uint32(1 << (self._think_id % 32))
+        return mx.array(mask)
 
     def _sample_row(self, r: _Request) -> SampleRow:
         preceding: tuple[int, ...] = ()
@@ -561,6 +651,17 @@ class Engine:
         if request.cancelled:
             self._finish(request, "cancelled", "", ())
             return
+        grammar_done = False
+        grammar = request.grammar
+        if grammar is not None and token not in self._eos:
+            if request.grammar_state == "open":
+                request.grammar_state = "deferred" if token == self._think_id else "live"
+            if request.grammar_state == "live":
+                if not grammar.consume(token):
+                    # The mask forbade this token, so this is a bug: end loudly, never emit invalid output.
+                    self._fail(request, f"constrained decoding failed: the grammar refused token {token} ({grammar.error})")
+                    return
+                grammar_done = grammar.stopped
         finish: FinishReason | None = None
         text = ""
         if token in self._eos:
@@ -573,35 +674,73 @@ class Engine:
             text, stopped = request.stop.push(request.detok.last_segment)
             if stopped:
                 finish = "stop"
-            elif len(request.generated) >= request.max_tokens:
-                finish = "length"
+            elif grammar_done or len(request.generated) >= request.max_tokens:
+                # A complete grammar admits nothing more: the reply is over.
+                finish = "stop" if grammar_done else "length"
                 request.detok.finalize()
                 shown, stopped = request.stop.push(request.detok.last_segment)
                 text += shown if stopped else shown + request.stop.flush()
                 if stopped:
                     finish = "stop"
+        reply = request.reply
+        parts = Parts(content=text) if reply is None else reply.push(text)
+        if reply is not None:
+            if finish is not None:
+                parts.add(reply.flush())
+                if finish == "stop" and reply.calls:
+                    finish = "tool_calls"
+            if request.grammar_state == "deferred" and reply.reasoning_done:
+                request.grammar_state = "live"  # the <think> block closed: the grammar takes over
         if finish is None:
-            self._chunk(request, text=text, token_ids=(token,), logprobs=logprobs)
+            self._chunk(request, text=parts, token_ids=(token,), logprobs=logprobs)
         else:
-            self._finish(request, finish, text, (token,), logprobs)
+            self._finish(request, finish, parts, (token,), logprobs)
+
+    def _fail(self, request: _Request, message: str) -> None:
+        """End ``request`` with a server error (its row leaves at the next step)."""
+        assert not request.done, request.task_id
+        request.done = True
+        n_prompt, n_gen = len(request.prompt), len(request.generated)
+        self._out.append(
+            TokenChunk(
+                command_id=request.task.command_id,
+                task_id=request.task_id,
+                seq=request.next_seq,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
+                error=ChunkError(message=message, type="server_error", code="internal_error"),
+            )
+        )
+        request.next_seq += 1
+        del self._by_id[request.task_id]
+
+    def _call_deltas(self, request: _Request, parts: Parts) -> tuple[ToolCallDelta, ...]:
+        deltas = []
+        for call in parts.calls:
+            deltas.append(ToolCallDelta(index=request.calls_sent, id=call.id, name=call.name, arguments=call.arguments))
+            request.calls_sent += 1
+        return tuple(deltas)
 
     def _chunk(
         self,
         request: _Request,
         *,
-        text: str,
+        text: str | Parts,
         token_ids: tuple[int, ...],
         logprobs: tuple[TokenLogprob, ...] | None = None,
         finish: FinishReason | None = None,
         usage: Usage | None = None,
         stats: GenerationStats | None = None,
     ) -> None:
+        parts = text if isinstance(text, Parts) else Parts(content=text)
         self._out.append(
             TokenChunk(
                 command_id=request.task.command_id,
                 task_id=request.task_id,
                 seq=request.next_seq,
-                text=text,
+                text=parts.content,
+                reasoning=parts.reasoning,
+                tool_calls=self._call_deltas(request, parts),
                 token_ids=token_ids,
                 logprobs=logprobs,
                 finish_reason=finish,
@@ -615,12 +754,16 @@ class Engine:
         self,
         request: _Request,
         reason: FinishReason,
-        text: str,
+        text: str | Parts,
         token_ids: tuple[int, ...],
         logprobs: tuple[TokenLogprob, ...] | None = None,
     ) -> None:
         assert not request.done, request.task_id
         request.done = True
+        if isinstance(text, str) and request.reply is not None and reason != "cancelled":
+            parts = request.reply.push(text).add(request.reply.flush())
+        else:
+            parts = text if isinstance(text, Parts) else Parts(content=text)
         n_prompt, n_gen = len(request.prompt), len(request.generated)
         prefill_s = (request.first_token_at or time.monotonic()) - (request.prefill_started_at or request.submitted_at)
         decode_s = request.last_token_at - request.first_token_at
@@ -631,7 +774,7 @@ class Engine:
             generation_tokens=n_gen,
         )
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
-        self._chunk(request, text=text, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)
+        self._chunk(request, text=parts, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)
         del self._by_id[request.task_id]
 
     def _flush(self) -> None:

@@ -188,6 +188,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_HOST", _str, "0.0.0.0", "Address the HTTP API binds to."),
     Setting("API_PORT", _port, DEFAULT_API_PORT, "HTTP API port (OpenAI-compatible endpoint and dashboard)."),
     Setting("API_MAX_BODY_BYTES", _positive_int, 8 * 1024 * 1024, "Largest request body the API accepts (413 above)."),
+    Setting("API_KEYS", _list, (),
+            "Comma-separated API keys; when any key is set, every endpoint but /healthz (and the dashboard's "
+            "page) needs one (docs/operations.md, API keys)."),
+    Setting("API_ADMIN_KEYS", _list, (),
+            "Comma-separated admin keys; when set, placement, deletion and the model store need one."),
+    Setting("API_KEYS_FILE", _str, "",
+            "File of API keys, one per line ('admin:' before an admin key, '#' comments); read at start."),
     # Models and runners.
     Setting("AUTO_PLACE", _optional_model, "HuggingFaceTB/SmolLM2-135M-Instruct",
             "Model the master places when it has no instance of it ('none' disables)."),
@@ -249,6 +256,9 @@ class RuntimeConfig:
     api_host: str
     api_port: int
     api_max_body_bytes: int
+    api_keys: tuple[str, ...]
+    api_admin_keys: tuple[str, ...]
+    api_keys_file: str
     auto_place: str | None
     max_output_tokens: int
     pipeline_eval_timeout_s: float
@@ -459,6 +469,9 @@ def load_config(
         api_host=values["API_HOST"],
         api_port=values["API_PORT"],
         api_max_body_bytes=values["API_MAX_BODY_BYTES"],
+        api_keys=tuple(values["API_KEYS"]),
+        api_admin_keys=tuple(values["API_ADMIN_KEYS"]),
+        api_keys_file=values["API_KEYS_FILE"],
         auto_place=values["AUTO_PLACE"],
         max_output_tokens=values["MAX_OUTPUT_TOKENS"],
         pipeline_eval_timeout_s=values["PIPELINE_EVAL_TIMEOUT_SECONDS"],

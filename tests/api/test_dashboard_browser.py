@@ -128,3 +128,61 @@ def test_chat_stop_abandons_the_request(dashboard: ServedApp) -> None:
     while node.abandoned != [cid]:
         assert time.monotonic() < deadline, f"abandon not called: {node.abandoned}"
         time.sleep(0.02)
+
+
+def test_chat_shows_reasoning_collapsed_and_tool_calls_as_tool_calls(dashboard: ServedApp) -> None:
+    from skulk.core.tasks import ToolCallDelta
+
+    node = dashboard.node
+    call = ToolCallDelta(index=0, id="call_abc123", name="get_weather", arguments='{"location": "Paris", "units": "celsius"}')
+    node.script = lambda cmd: [
+        tok(cmd, 0, "", reasoning="The user wants the weather; "), 0.05,
+        tok(cmd, 1, "", reasoning="call the tool."), 0.05,
+        tok(cmd, 2, "", tool_calls=(call,)),
+        final(cmd, 3, "tool_calls"),
+    ]
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/chat")
+        page.wait_for_selector("[data-testid=chat-model] option[value='skulk/tiny-qwen2']", state="attached")
+        page.click(".tools-panel summary")
+        page.fill("[data-testid=chat-tools]", '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]')
+        page.select_option("[data-testid=chat-tool-choice]", "required")
+        page.fill("[data-testid=chat-input]", "Weather in Paris?")
+        page.click("[data-testid=chat-send]")
+        page.wait_for_selector("[data-testid=msg-assistant] .text[data-finish='tool_calls']", state="attached")
+        box = page.locator("[data-testid=chat-reasoning]")
+        assert box.count() == 1 and box.get_attribute("open") is None, "reasoning is shown collapsed"
+        assert page.locator("[data-testid=chat-reasoning-text]").text_content() == "The user wants the weather; call the tool."
+        card = page.locator("[data-testid=chat-tool-call]")
+        assert card.count() == 1 and card.get_attribute("data-name") == "get_weather"
+        assert '"location": "Paris"' in card.inner_text() and "call_abc123" in card.inner_text()
+        assert page.locator("[data-testid=msg-assistant] .text").inner_text() == ""
+        page.click("[data-testid=chat-reasoning] summary")
+        assert box.get_attribute("open") is not None
+        screenshot(page, "chat-tools-reasoning")
+    (task,) = node.tasks_submitted()
+    assert [t.name for t in task.params.tools] == ["get_weather"] and task.params.tool_choice.mode == "required"
+
+
+def test_dashboard_asks_for_the_api_key_once_and_keeps_it() -> None:
+    from skulk.api.keys import ApiKeys
+
+    require_chromium()
+    key = "sk-dashboard-test-key-000000000"
+    node = ScriptedNode.three_nodes(script=slow_reply)
+    node.place("skulk/tiny-qwen2")
+    unauthorized = ("401 (Unauthorized)",)  # the browser logs the first, keyless answers itself
+    with ServedApp(node, ApiConfig(dashboard_poll_ms=300, keys=ApiKeys.of([key]))) as served, \
+            chromium_page(served.base_url, expected_errors=unauthorized) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=api-key-form]")
+        assert page.locator("[data-testid=node-card]").count() == 0, "no data without the key"
+        page.fill("[data-testid=api-key-input]", key)
+        page.click("[data-testid=api-key-save]")
+        page.wait_for_selector("[data-testid=node-card]")
+        assert page.locator("[data-testid=api-key-form]").count() == 0
+        screenshot(page, "api-key-accepted")
+        page.reload()
+        page.wait_for_selector("[data-testid=node-card]")
+        assert page.locator("[data-testid=api-key-form]").count() == 0, "the key is kept in the browser"
+        assert page.evaluate("localStorage.getItem('skulk.apiKey')") == key

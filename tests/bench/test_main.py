@@ -27,6 +27,7 @@ FLAGS = {
     "tune": ["--drafter", "--depths", "--tokens", "--repetitions", "--min-gain", "--write"],
     "lookup": ["--model", "--depths", "--tokens", "--repetitions", "--skip-control"],
     "ranks": ["--families", "--tokens", "--root", "--json"],
+    "constrained": ["--quick", "--rounds", "--max-tokens", "--model", "--tokenizer"],
 }  # fmt: skip
 
 

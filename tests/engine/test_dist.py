@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,29 @@ def test_idle_followers_sleep_instead_of_spinning(instance: list[RunnerProcess])
     # And they still answer promptly after the idle spell.
     chunks = instance[0].generate(make_task(prompt="Hello", max_tokens=4, temperature=0.0), timeout=60)
     assert check_stream(chunks).finish_reason in ("length", "stop")
+
+
+def test_constrained_rows_stay_in_step_and_match_one_process(
+    instance: list[RunnerProcess], single_runner: RunnerProcess
+) -> None:
+    # Only rank 0 samples, so only rank 0 holds grammars; the other ranks follow its plans.
+    # A forced call and a json_schema reply, batched with a free row, give the one-process
+    # tokens and valid output on every layout.
+    import json
+
+    import jsonschema
+
+    from tests.engine.test_constrained import SCHEMA, forced, shaped
+
+    def tasks() -> list[Any]:
+        return [forced(temperature=0.0), shaped(temperature=0.0), make_task(prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)]
+
+    expected = [tokens_of(single_runner.generate(t, timeout=120)) for t in tasks()]
+    batch = tasks()
+    for task in batch:
+        instance[0].submit(task)
+    done = instance[0].collect([t.task_id for t in batch], 120)
+    assert [tokens_of(done[t.task_id]) for t in batch] == expected
+    (call,) = [c for chunk in done[batch[0].task_id] for c in chunk.tool_calls]
+    jsonschema.validate(json.loads(call.arguments), SCHEMA)
+    jsonschema.validate(json.loads("".join(c.text for c in done[batch[1].task_id])), SCHEMA)

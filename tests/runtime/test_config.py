@@ -144,3 +144,16 @@ def test_operations_doc_lists_every_setting_with_its_default() -> None:
     for setting in SETTINGS:
         assert f"`{setting.env}`" in text, f"{setting.env} is not documented in docs/operations.md"
         assert f"`EXO_{setting.name}`" in text or "every `EXO_*`" in text
+
+
+def test_skulk_config_prints_every_setting_but_never_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from skulk.cli import main
+
+    secret = "sk-never-print-this-key-0123456789"
+    monkeypatch.setenv("SKULK_HOME", str(tmp_path))
+    monkeypatch.setenv("SKULK_API_KEYS", secret)
+    main(["config"])
+    out = capsys.readouterr().out
+    for setting in SETTINGS:
+        assert f"{setting.env} = " in out, setting.env
+    assert secret not in out and "SKULK_API_KEYS = (1 key)" in out

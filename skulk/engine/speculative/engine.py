@@ -15,7 +15,8 @@ on when one is left, and concurrent throughput is that of plain decoding.
 
 Requests asking for a repetition penalty or for logprobs decode plainly (the
 penalty would have to be re-applied per drafted position; logprobs are
-reported by the plain sampler).
+reported by the plain sampler), and so do grammar-constrained requests (each
+drafted token would need its own mask).
 
 Several ranks. Rank 0 decides everything and tells the others through the
 engine's ``PlanChannel`` (fixed-shape all-sums), in frames of its own::
@@ -323,7 +324,7 @@ class SpeculativeEngine(Engine):
         if len(self.rows) != 1 or self.waiting or self.prefilling is not None:
             return False
         sampling = self.rows[0].sampling
-        return sampling.repetition_penalty == 1.0 and not sampling.logprobs
+        return sampling.repetition_penalty == 1.0 and not sampling.logprobs and self.rows[0].grammar is None
 
     def _step(self) -> None:
         if self._wants_round():
