@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PROMPTS", "Row", "carded_families", "run_table", "format_table", "main"]
+__all__ = ["PROMPTS", "Greedy", "Row", "carded_families", "run_table", "run_ranks", "single_process", "compare",
+           "format_table", "main"]
 
 PROMPTS = [
     "The river runs north through the valley, past the old mill, under the stone bridge and into the lake.",
@@ -143,7 +144,8 @@ def _share_for(group: Any) -> Any:
     return share
 
 
-def _single(path: Path, n_tokens: int) -> Greedy:
+def single_process(path: Path, n_tokens: int) -> Greedy:
+    """Greedy tokens of ``PROMPTS`` from the whole model in this process (the reference)."""
     from skulk.engine.shard import load_shard
 
     loaded = load_shard(path, None, None)
@@ -161,18 +163,19 @@ def _worker(rank: int, hosts: list[str], jobs: list[dict[str, Any]], n_tokens: i
     from skulk.engine.shard import load_shard
 
     group = connect_group(hosts, rank, 120.0)
+    world = len(hosts)
     share = _share_for(group)
     results: dict[str, Any] = {}
     for job in jobs:
         key = f"{job['family']}:{job['sharding']}"
         n_layers = int(job["n_layers"])
         if job["sharding"] == "pipeline":
-            half = n_layers // 2
-            start, end = (0, half) if rank == 0 else (half, n_layers)
-            meta: Any = PipelineShardMetadata(model_id=ModelId(job["model_id"]), device_rank=rank, world_size=2,
-                                              start_layer=start, end_layer=end, n_layers=n_layers)  # fmt: skip
+            bounds = [n_layers * r // world for r in range(world + 1)]  # even split, in rank order
+            meta: Any = PipelineShardMetadata(model_id=ModelId(job["model_id"]), device_rank=rank, world_size=world,
+                                              start_layer=bounds[rank], end_layer=bounds[rank + 1],
+                                              n_layers=n_layers)  # fmt: skip
         else:
-            meta = TensorShardMetadata(model_id=ModelId(job["model_id"]), device_rank=rank, world_size=2,
+            meta = TensorShardMetadata(model_id=ModelId(job["model_id"]), device_rank=rank, world_size=world,
                                        n_layers=n_layers)  # fmt: skip
         error = ""
         try:
@@ -189,7 +192,13 @@ def _worker(rank: int, hosts: list[str], jobs: list[dict[str, Any]], n_tokens: i
         out.write_text(json.dumps(results))
 
 
-def _run_workers(jobs: list[dict[str, Any]], n_tokens: int, work: Path) -> dict[str, Any]:
+def run_ranks(jobs: list[dict[str, Any]], n_tokens: int, work: Path, world: int = 2) -> dict[str, Any]:
+    """Run ``jobs`` (family, sharding, path, model_id, n_layers) on ``world`` ranks; results by "family:sharding"."""
+    work.mkdir(parents=True, exist_ok=True)
+    return _run_workers(jobs, n_tokens, work, world)
+
+
+def _run_workers(jobs: list[dict[str, Any]], n_tokens: int, work: Path, world: int = 2) -> dict[str, Any]:
     from skulk.engine.accel import enable_fast_blas
     from skulk.runtime.localcluster import free_port_block
 
@@ -199,13 +208,13 @@ def _run_workers(jobs: list[dict[str, Any]], n_tokens: int, work: Path) -> dict[
     if not enable_fast_blas().active:
         env["SKULK_FAST_BLAS"] = "0"
 
-    port = free_port_block(2, ["127.0.0.1"], low=45_000, high=60_000)
-    hosts = [f"127.0.0.1:{port}", f"127.0.0.1:{port + 1}"]
+    port = free_port_block(world, ["127.0.0.1"], low=45_000, high=60_000)
+    hosts = [f"127.0.0.1:{port + r}" for r in range(world)]
     out = work / "ranks.json"
     jobs_file = work / "jobs.json"
     jobs_file.write_text(json.dumps(jobs))
     procs = []
-    for rank in (0, 1):
+    for rank in range(world):
         cmd = [sys.executable, "-m", "skulk.bench.ranks", "--worker", str(rank), "--hosts", ",".join(hosts),
                "--jobs", str(jobs_file), "--tokens", str(n_tokens), "--out", str(out)]  # fmt: skip
         log = open(work / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
@@ -222,8 +231,8 @@ def _run_workers(jobs: list[dict[str, Any]], n_tokens: int, work: Path) -> dict[
             proc.wait()
             log.close()
     codes = [proc.returncode for proc, _ in procs]
-    if codes != [0, 0] or not out.is_file():
-        tail = "\n".join((work / f"rank{r}.log").read_text().splitlines()[-15:] for r in (0, 1))
+    if codes != [0] * world or not out.is_file():
+        tail = "\n".join("\n".join((work / f"rank{r}.log").read_text().splitlines()[-15:]) for r in range(world))
         raise RuntimeError(f"rank workers exited with {codes}:\n{tail}")
     return json.loads(out.read_text())
 
@@ -231,7 +240,8 @@ def _run_workers(jobs: list[dict[str, Any]], n_tokens: int, work: Path) -> dict[
 # --- the table -----------------------------------------------------------------------------
 
 
-def _compare(single: Greedy, result: dict[str, Any]) -> tuple[str, float | None]:
+def compare(single: Greedy, result: dict[str, Any]) -> tuple[str, float | None]:
+    """(verdict, largest first-step logit difference) of a distributed run against one process."""
     if "error" in result:
         return f"error: {result['error']}", None
     got = Greedy(**result)
@@ -272,7 +282,7 @@ def run_table(
             write_arch_model(family, path)
         own = card_for_model_dir(path)
         card = cards[carded[family]] if family in carded else own
-        single = _single(path, n_tokens)
+        single = single_process(path, n_tokens)
         singles[family] = single
         row = Row(family=family, card=str(card.model_id), layers=own.n_layers,
                   single_batched_equal=single.batched == single.alone, pipeline="", tensor="")  # fmt: skip
@@ -293,7 +303,7 @@ def run_table(
         results = _run_workers(jobs, n_tokens, Path(tmp)) if jobs else {}
     for job in jobs:
         row = rows[job["family"]]
-        verdict, diff = _compare(singles[job["family"]], results[f"{job['family']}:{job['sharding']}"])
+        verdict, diff = compare(singles[job["family"]], results[f"{job['family']}:{job['sharding']}"])
         setattr(row, job["sharding"], verdict)
         setattr(row, f"{job['sharding']}_max_logit_diff", diff)
     return [rows[f] for f in chosen]
