@@ -297,6 +297,7 @@ def _setting_value(cfg: Any, name: str) -> object:
         "API_HOST": "api_host",
         "API_PORT": "api_port", "API_MAX_BODY_BYTES": "api_max_body_bytes", "API_KEYS_FILE": "api_keys_file",
         "AUTO_PLACE": "auto_place", "MAX_OUTPUT_TOKENS": "max_output_tokens",
+        "KV_QUEUE_WAIT_SECONDS": "kv_queue_wait_s", "PREFIX_CACHE_BYTES": "prefix_cache_bytes", "KV_BUDGET_BYTES": "kv_budget_bytes",
         "PIPELINE_EVAL_TIMEOUT_SECONDS": "pipeline_eval_timeout_s", "RUNNER_HEARTBEAT_SECONDS": "runner_heartbeat_s",
         "RUNNER_STOP_GRACE_SECONDS": "runner_stop_grace_s", "PROBE_INTERVAL_SECONDS": "probe_interval_s",
         "PROBE_TIMEOUT_SECONDS": "probe_timeout_s",

@@ -41,6 +41,7 @@ from skulk.api.schemas import (
     Delta,
     FunctionCallOut,
     GenerationStatsOut,
+    PromptTokensDetails,
     ToolCallChunkOut,
     ToolCallOut,
     TokenLogprobOut,
@@ -192,14 +193,20 @@ def stats_comment(stats: GenerationStats) -> bytes:
         generation_tokens=stats.generation_tokens,
         acceptance_rate=stats.acceptance_rate,
         draft_depth=stats.draft_depth,
+        cached_tokens=stats.cached_tokens,
     )
     return comment("generation_stats " + json_text(out))
 
 
 def _usage(chunk: TokenChunk) -> UsageOut | None:
+    cached = chunk.stats.cached_tokens if chunk.stats is not None else 0
+    details = PromptTokensDetails(cached_tokens=cached) if cached > 0 else None
     if chunk.usage is not None:
         u = chunk.usage
-        return UsageOut(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+        return UsageOut(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+            prompt_tokens_details=details,
+        )  # fmt: skip
     if chunk.stats is not None:
         s = chunk.stats
         return UsageOut(prompt_tokens=s.prompt_tokens, completion_tokens=s.generation_tokens, total_tokens=s.prompt_tokens + s.generation_tokens)
@@ -212,7 +219,8 @@ def chunk_error(chunk: TokenChunk) -> ApiError:
     if err is None:
         return ApiError(500, "the request ended with an error but no description", code="internal_error")
     default = 400 if err.type == "invalid_request_error" else 500
-    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type, headers=headers)
 
 
 @dataclass

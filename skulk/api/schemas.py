@@ -305,10 +305,18 @@ class ChatChoice(_Resp, frozen=True, kw_only=True):
     finish_reason: str | None = None
 
 
-class UsageOut(_Resp, frozen=True, kw_only=True):
+class PromptTokensDetails(_Resp, frozen=True, kw_only=True):
+    """OpenAI's breakdown of the prompt: tokens served from the prefix cache."""
+
+    cached_tokens: int
+
+
+class UsageOut(_Resp, frozen=True, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Present when part of the prompt came from the runner's prefix cache.
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(_Resp, frozen=True, kw_only=True):
@@ -395,6 +403,7 @@ class GenerationStatsOut(_Resp, frozen=True, kw_only=True, omit_defaults=True):
     generation_tokens: int
     acceptance_rate: float | None = None
     draft_depth: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 # --- Skulk control ------------------------------------------------------------------------

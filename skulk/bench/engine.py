@@ -15,8 +15,9 @@ the embedded presets one section after another:
   both under the same load (N streaming requests submitted at once, greedy,
   distinct prompts, same max_tokens), with the ratio (target >= 2x at 8). The
   server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
-  which isolates the serving stacks; tokens per CPU-second are printed too,
-
+  which isolates the serving stacks; tokens per CPU-second are printed too;
+- ``multi-turn`` and ``oversubscription`` (``skulk.bench.kvcache``): the
+  prefix cache and the KV budget;
 - ``real`` and ``profile`` (``skulk.bench.real``): the real default model,
   SmolLM2-135M-Instruct, against plain mlx-lm on the same directory and
   llama.cpp on the same GGUF file at 1 and 8 streams; and where its decode
@@ -539,7 +540,33 @@ def _concurrent(run: Run) -> None:
         f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
 
 
-# The real default model's sections (their own module), after the presets' ones.
+def _multi_turn_flags(group: Any) -> None:
+    from skulk.bench.kvcache import add_multi_turn_flags
+
+    add_multi_turn_flags(group)
+
+
+@section("multi-turn", "chat turns growing to ~2,000 tokens: time to first token with and without the prefix cache, and mlx_lm.server's", _multi_turn_flags)
+def _multi_turn(run: Run) -> None:
+    from skulk.bench.kvcache import multi_turn
+
+    multi_turn(run)
+
+
+def _oversubscription_flags(group: Any) -> None:
+    from skulk.bench.kvcache import add_oversubscription_flags
+
+    add_oversubscription_flags(group)
+
+
+@section("oversubscription", "8 streams needing twice the KV budget: crashes, completions, 503s, p95 time to first token", _oversubscription_flags)
+def _oversubscription(run: Run) -> None:
+    from skulk.bench.kvcache import oversubscription
+
+    oversubscription(run)
+
+
+# The real default model's sections (their own module), after the presets' and the KV ones.
 from skulk.bench import real as _real  # noqa: E402,F401
 
 

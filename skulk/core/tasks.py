@@ -200,6 +200,8 @@ class GenerationStats(Record, frozen=True, kw_only=True):
     # Speculative decoding: share of drafted tokens the target accepted (None: not speculating).
     acceptance_rate: float | None = None
     draft_depth: int | None = None
+    # Prompt tokens whose KV came from the runner's prefix cache (not prefilled again).
+    cached_tokens: int = 0
 
 
 class ToolCallDelta(Record, frozen=True, kw_only=True):
@@ -217,6 +219,8 @@ class ChunkError(Record, frozen=True, kw_only=True):
     message: str
     type: str = "server_error"
     code: str | None = None
+    # Seconds after which a retry may succeed (503 ``kv_budget_exhausted``); the API's Retry-After.
+    retry_after_s: int | None = None
 
 
 class TokenChunk(Record, frozen=True, kw_only=True):

@@ -58,6 +58,7 @@ import numpy as np
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
+from skulk.core.kv_budget import KV_BUDGET_EXHAUSTED, Refuse, RowSpan, Wait
 from skulk.core.ids import TaskId
 from skulk.core.tasks import (
     ChunkError,
@@ -70,6 +71,7 @@ from skulk.core.tasks import (
     TopLogprob,
     Usage,
 )
+from skulk.engine.prefix_cache import KvLedger, KvSnapshot, PrefixStore, kv_bytes_per_position, prefix_cache_support, row_caches
 from skulk.engine.chatformat import (
     ChatFormats,
     ReplyParser,
@@ -105,6 +107,12 @@ class EngineConfig:
     default_temperature: float = 1.0
     # Test knob: hang inside this step number (provokes the wedge exit).
     wedge_at_step: int = 0
+    # The KV budget (skulk.engine.prefix_cache): KV bytes placement reserved for this
+    # shard (0: unknown), how long a request may wait for KV before a 503, and the
+    # prefix cache's bound in bytes (None: what the budget leaves; 0: no prefix cache).
+    kv_reserved_bytes: int = 0
+    kv_queue_wait_s: float = 30.0
+    prefix_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         assert self.context_ceiling > 0, self.context_ceiling
@@ -114,6 +122,7 @@ class EngineConfig:
             self.prefill_chunk_tokens,
             self.prefill_step_tokens,
         )
+        assert self.kv_reserved_bytes >= 0 and self.kv_queue_wait_s >= 0, (self.kv_reserved_bytes, self.kv_queue_wait_s)
 
 
 # --- plans -------------------------------------------------------------------
@@ -129,6 +138,14 @@ class Plan:
     prefill_tokens: tuple[int, ...] = ()
     join: bool = False
     inputs: tuple[int, ...] = ()
+    # Prefix cache (skulk.engine.prefix_cache): keep leaving rows as entries
+    # (row, entry id, positions), seed the started prefill from an entry
+    # (-1: none), then evict entries. Applied in that order.
+    store: tuple[tuple[int, int, int], ...] = ()
+    drop_prefill: bool = False  # the prefilling request was cancelled: free its cache
+    seed_entry: int = -1
+    seed_positions: int = 0
+    evict: tuple[int, ...] = ()
 
     def encode(self) -> list[int]:
         out = [self.op]
@@ -138,6 +155,8 @@ class Plan:
             out += [1, len(self.keep), *self.keep]
         out += [int(self.prefill_start), len(self.prefill_tokens), *self.prefill_tokens]
         out += [int(self.join), len(self.inputs), *self.inputs]
+        out += [len(self.store), *(v for triple in self.store for v in triple)]
+        out += [int(self.drop_prefill), self.seed_entry, self.seed_positions, len(self.evict), *self.evict]
         return out
 
     @classmethod
@@ -155,8 +174,16 @@ class Plan:
         prefill_tokens = take(next(it))
         join = bool(next(it))
         inputs = take(next(it))
+        flat = take(3 * next(it))
+        store = tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
+        drop_prefill = bool(next(it))
+        seed_entry, seed_positions = next(it), next(it)
+        evict = take(next(it))
         assert next(it, None) is None, "trailing values in plan"
-        return cls(op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs)
+        return cls(
+            op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs,
+            store=store, drop_prefill=drop_prefill, seed_entry=seed_entry, seed_positions=seed_positions, evict=evict,
+        )  # fmt: skip
 
 
 class BatchState:
@@ -174,6 +201,15 @@ class BatchState:
         self.decode_cache: list[Any] | None = None
         self.batch = 0
         self.prefill_cache: list[Any] | None = None
+        self.prefix = PrefixStore()
+
+    def kv_bytes_per_position(self) -> int:
+        """This rank's bytes per KV position, measured on whatever cache holds some (0: none yet)."""
+        for cache in (self.decode_cache, self.prefill_cache, *self.prefix.entries.values()):
+            measured = kv_bytes_per_position(cache)
+            if measured:
+                return measured
+        return 0
 
     def apply(self, plan: Plan, inputs: mx.array | None) -> tuple[mx.array | None, list[Any]]:
         """Apply ``plan``; returns (logits (B, V) or None, arrays to evaluate).
@@ -182,6 +218,9 @@ class BatchState:
         array; other ranks pass None and ``plan.inputs`` is used).
         """
         pending: list[Any] = []
+        for row, entry_id, positions in plan.store:
+            assert self.decode_cache is not None
+            pending += self.prefix.store(entry_id, row_caches(self.decode_cache, self.batch, row), positions)
         if plan.keep is not None:
             keep = list(plan.keep)
             assert all(0 <= i < self.batch for i in keep) and keep == sorted(set(keep)), (keep, self.batch)
@@ -195,8 +234,15 @@ class BatchState:
                     for c in self.decode_cache:
                         c.filter(keep)
                 self.batch = len(keep)
+        if plan.drop_prefill:
+            self.prefill_cache = None
         if plan.prefill_start:
-            self.prefill_cache = self.shard.new_cache()
+            if plan.seed_entry >= 0:
+                self.prefill_cache = self.prefix.seed(plan.seed_entry, plan.seed_positions)
+            else:
+                self.prefill_cache = self.shard.new_cache()
+        for entry_id in plan.evict:
+            self.prefix.evict(entry_id)
         if plan.prefill_tokens:
             assert self.prefill_cache is not None, "prefill chunk without a started prefill"
             pending += self.shard.prefill(mx.array(plan.prefill_tokens, dtype=mx.uint32)[None], self.prefill_cache)
@@ -267,6 +313,7 @@ class _Request:
     prefill_started_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    cached_tokens: int = 0  # prompt positions seeded from the prefix cache
     # Chat replies: the parser splitting content, reasoning and tool calls; None for completions.
     reply: ReplyParser | None = None
     calls_sent: int = 0
@@ -278,6 +325,11 @@ class _Request:
     @property
     def task_id(self) -> TaskId:
         return self.task.task_id
+
+    @property
+    def reserve(self) -> int:
+        """KV positions this request may come to hold (prompt + max_tokens)."""
+        return len(self.prompt) + self.max_tokens
 
 
 @dataclass
@@ -322,6 +374,16 @@ class Engine:
         self.steps = 0
         self.step_started_at: float | None = None
         self.vocab_size = len(tokenizer)
+        self.kv = KvLedger(
+            context_ceiling=config.context_ceiling,
+            reserved_kv_bytes=config.kv_reserved_bytes,
+            queue_wait_s=config.kv_queue_wait_s,
+            cache_bytes=config.prefix_cache_bytes,
+            measure=self._state.kv_bytes_per_position,
+            cache_support=prefix_cache_support(shard.new_cache()),
+        )
+        self._step_s = 0.0  # recent seconds per step (for Retry-After estimates)
+        self._drop_prefill = False
         self._formats: ChatFormats | None = None
         self._grammar_tokenizer: GrammarTokenizer | None = None
         think = tokenizer.convert_tokens_to_ids("<think>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
@@ -469,6 +531,7 @@ class Engine:
             self._finish(request, "cancelled", "", ())
         elif request is self.prefilling:
             self.prefilling = None
+            self._drop_prefill = True  # its partial KV goes with the next plan (it no longer counts in the budget)
             self._finish(request, "cancelled", "", ())
         # A decoding row ends at the next step (its slot goes with the plan).
         self._flush()
@@ -494,6 +557,9 @@ class Engine:
         try:
             self._step()
         finally:
+            if self.rows:
+                took = time.monotonic() - self.step_started_at
+                self._step_s = took if self._step_s == 0.0 else 0.9 * self._step_s + 0.1 * took
             self.step_started_at = None
         if self.steps % _CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()  # as mlx-lm does: return freed buffers now and then
@@ -507,13 +573,21 @@ class Engine:
         keep_rows = [i for i, r in enumerate(self.rows) if not r.done and r.scheduled < r.max_tokens]
         keep = None if len(keep_rows) == len(self.rows) else tuple(keep_rows)
         rows = [self.rows[i] for i in keep_rows]
+        store, evict = self._kv_leave(keep_rows, rows)
 
-        # Prefill: start the next waiting request when a slot is free.
+        # Prefill: start the next waiting request when a slot is free and the KV budget allows.
         prefill_start = False
+        seed_entry, seed_positions = -1, 0
         if self.prefilling is None and self.waiting and len(rows) < self.config.max_concurrent:
-            self.prefilling = self.waiting.popleft()
-            self.prefilling.prefill_started_at = time.monotonic()
-            prefill_start = True
+            started = self._kv_admit(rows)
+            if started is not None:
+                self.prefilling, hit, admit_evict = started
+                evict += admit_evict
+                if hit is not None:
+                    seed_entry, seed_positions = hit.entry_id, hit.positions
+                    self.prefilling.prefill_pos = self.prefilling.cached_tokens = hit.positions
+                self.prefilling.prefill_started_at = time.monotonic()
+                prefill_start = True
         chunk: tuple[int, ...] = ()
         join = False
         joining = self.prefilling
@@ -552,6 +626,11 @@ class Engine:
             prefill_tokens=chunk,
             join=join,
             inputs=tuple(host_inputs) if lazy_inputs is None else (),
+            store=tuple(store),
+            drop_prefill=self._drop_prefill,
+            seed_entry=seed_entry,
+            seed_positions=seed_positions,
+            evict=tuple(evict),
         )
         if self._plans is not None:
             assert lazy_inputs is None
@@ -562,6 +641,7 @@ class Engine:
             inputs = lazy_inputs
         logits, pending = self._state.apply(plan, inputs if rows else None)
         self.rows = rows
+        self._drop_prefill = False
 
         out = None
         if logits is not None:
@@ -591,6 +671,106 @@ class Engine:
             mx.eval(outputs, pending)
             if out is not None:
                 self._materialize(_Outstanding(list(rows), out))
+
+    # --- the KV budget and the prefix cache (skulk.engine.prefix_cache) ---------------------
+
+    def _kv_leave(self, keep_rows: list[int], rows: list[_Request]) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Rows leaving this step: which stay behind as prefix-cache entries, which entries go."""
+        kept = set(keep_rows)
+        leaving = []
+        for i, r in enumerate(self.rows):
+            if i in kept:
+                continue
+            # The row's cache holds its prompt and every fed decode input: the
+            # first len(prompt) - 1 + scheduled tokens of its sequence.
+            tokens = r.prompt + r.generated
+            held = len(r.prompt) - 1 + r.scheduled
+            assert len(tokens) >= held, (len(tokens), held)
+            leaving.append((i, tokens[:held]))
+        if not leaving:
+            return [], []
+        staying = [self._span(r) for r in rows] + ([self._span(self.prefilling)] if self.prefilling is not None else [])
+        return self.kv.leave(leaving, staying)
+
+    def _span(self, r: _Request) -> RowSpan:
+        """What ``r`` may hold from now on, for the budget (``skulk.core.kv_budget.RowSpan``).
+
+        A decoding row holds its cache and grows a position per step until
+        its ``max_tokens``; a request not yet joined counts its whole prompt
+        now and ends after its prefill chunks (at the smaller chunk size), its
+        join and its ``max_tokens`` steps.
+        """
+        if r in self.rows or r.scheduled:
+            held = len(r.prompt) - 1 + r.scheduled
+            return RowSpan(held=min(held, r.reserve), final=r.reserve, steps=max(0, r.max_tokens - r.scheduled))
+        chunk = self.config.prefill_chunk_tokens
+        prefill_steps = -(-max(0, len(r.prompt) - 1 - r.prefill_pos) // chunk) + 1
+        return RowSpan(held=len(r.prompt), final=r.reserve, steps=prefill_steps + r.max_tokens)
+
+    def _kv_admit(self, rows: list[_Request]) -> tuple[_Request, Any, list[int]] | None:
+        """The next request to prefill under the KV budget: (request, cache hit, evictions), or None.
+
+        FIFO: only the head may start. A head that cannot fit waits; once it
+        has waited ``kv_queue_wait_s`` it is refused (503 with Retry-After)
+        and the next one is considered.
+        """
+        now = time.monotonic()
+        spans = [self._span(r) for r in rows]
+        while self.waiting:
+            head = self.waiting[0]
+            decision, hit = self.kv.admit(
+                now=now, rows=spans, request=self._span(head), prompt=head.prompt,
+                waiting_since=head.submitted_at, step_s=self._step_s,
+            )  # fmt: skip
+            if isinstance(decision, Wait):
+                return None
+            self.waiting.popleft()
+            if isinstance(decision, Refuse):
+                self._refuse_kv(head, decision)
+                continue
+            return head, hit, list(decision.evict)
+        return None
+
+    def _refuse_kv(self, request: _Request, decision: Refuse) -> None:
+        """End a queued request with 503 ``kv_budget_exhausted`` (the runner keeps serving)."""
+        assert not request.done and request.next_seq == 0, request.task_id
+        request.done = True
+        n_prompt = len(request.prompt)
+        error = ChunkError(
+            message=decision.message, type="service_unavailable", code=KV_BUDGET_EXHAUSTED, retry_after_s=decision.retry_after_s
+        )
+        self._out.append(
+            TokenChunk(
+                command_id=request.task.command_id,
+                task_id=request.task_id,
+                seq=0,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=n_prompt, completion_tokens=0, total_tokens=n_prompt),
+                error=error,
+            )
+        )
+        request.next_seq = 1
+        del self._by_id[request.task_id]
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """The KV ledger now: budget, rows' reservation, prefix cache and its counters."""
+        spans = [self._span(r) for r in self.rows if not r.done]
+        if self.prefilling is not None:
+            spans.append(self._span(self.prefilling))
+        return self.kv.snapshot(spans)
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry on every rank and zero the counters (idle only: after warmup)."""
+        assert not self.has_work(), "clear the prefix cache only while idle"
+        evict = tuple(self.kv.evict_all())
+        self.kv.reset_counters()
+        if evict:
+            plan = Plan(evict=evict)
+            if self._plans is not None:
+                self._plans(plan.encode())
+            logits, pending = self._state.apply(plan, None)
+            assert logits is None
+            mx.eval(pending)
 
     def _bitmask(self, rows: list[_Request]) -> mx.array:
         """The batch's token bitmask: each live grammar's mask, all-ones for free rows."""
@@ -772,6 +952,7 @@ class Engine:
             generation_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
             prompt_tokens=n_prompt,
             generation_tokens=n_gen,
+            cached_tokens=request.cached_tokens,
         )
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
         self._chunk(request, text=parts, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)

@@ -16,7 +16,8 @@ import pytest
 
 from skulk.api.config import ApiConfig
 from skulk.core.commands import SubmitTask
-from skulk.core.instances import SpeculationConfig
+from skulk.core.events import NodeGatheredInfo
+from skulk.core.instances import KvUse, SpeculationConfig
 from skulk.core.tasks import GenerationStats, TokenChunk
 from tests.api.browser import chromium_page, require_chromium, screenshot
 from tests.api.conftest import ServedApp
@@ -128,6 +129,25 @@ def test_chat_stop_abandons_the_request(dashboard: ServedApp) -> None:
     while node.abandoned != [cid]:
         assert time.monotonic() < deadline, f"abandon not called: {node.abandoned}"
         time.sleep(0.02)
+
+
+def test_instance_cards_show_kv_use(dashboard: ServedApp) -> None:
+    node = dashboard.node
+    (inst,) = node.state.instances.values()
+    rank0 = next(r for r, s in inst.shard_assignments.runner_to_shard.items() if s.device_rank == 0)
+    host = next(n for n, r in inst.shard_assignments.node_to_runner.items() if r == rank0)
+    kv = KvUse(budget_positions=8447, rows_positions=2110, cache_positions=1500, cache_entries=3, bytes_per_position=1024,
+               prefix_hits=9, prefix_misses=3, positions_reused=12000, refused=2)  # fmt: skip
+    node._apply(NodeGatheredInfo(node_id=host, runner_kv={rank0: kv}))
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=kv-use]")
+        text = page.locator("[data-testid=kv-use]").inner_text()
+        assert "KV 2,110 running + 1,500 cached of 8,447 positions" in text
+        assert "3 entries" in text and "9 hits of 12" in text and "12,000 tokens reused" in text and "2 refused (503)" in text
+        widths = page.locator("[data-testid=kv-use] .fill").evaluate_all("els => els.map(e => e.style.width)")
+        assert [round(float(w.rstrip("%"))) for w in widths] == [round(100 * 2110 / 8447), round(100 * 1500 / 8447)]
+        screenshot(page, "kv-use")
 
 
 def test_chat_shows_reasoning_collapsed_and_tool_calls_as_tool_calls(dashboard: ServedApp) -> None:
