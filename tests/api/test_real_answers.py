@@ -17,16 +17,20 @@ why before updating the transcript, and never loosen the semantic checks.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from skulk.cards import builtin_cards
+from skulk.core.ids import ModelId
 from skulk.engine.archmodels import write_arch_model
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
 from tests.engine.gguf_files import write_gguf
@@ -169,3 +173,39 @@ def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decod
     tok = load_tokenizer(path, eos_token_ids=config["eos_token_id"])
     prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
     assert text == generate(model, tok, prompt, max_tokens=64)
+
+
+WEATHER_TOOL: dict[str, Any] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+WEATHER = "What is the weather in Paris?"
+
+
+def test_a_forced_tool_call_from_the_real_model_comes_back_as_a_parsed_call(url: str) -> None:
+    """The card's ``smollm2`` tool format end to end: the grammar frames the call as SmolLM2 writes it
+    (``<tool_call>[{...}]</tool_call>``), the reply parser turns the real model's text into a call."""
+    card = builtin_cards()[ModelId(MODEL)]
+    assert card.tool_format == "smollm2" and card.reasoning_format == "none"
+    client = _client(url)
+    ask = [{"role": "user", "content": WEATHER}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=ask, tools=[WEATHER_TOOL], temperature=0, max_tokens=48,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}, call.function.arguments
+    assert not (choice.message.content or "").strip()
+    # Unforced, this small model answers in prose (checked in); whatever it writes, no call syntax
+    # may leak into the content unparsed.
+    free = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], temperature=0, max_tokens=24)
+    text = free.choices[0].message.content or ""
+    assert "<tool_call>" not in text and "</tool_call>" not in text, text
+    assert free.choices[0].message.tool_calls or text == "The weather in Paris is Paris, France."
