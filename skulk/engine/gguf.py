@@ -574,8 +574,8 @@ def import_gguf(
     Inputs: the file, the target directory, the id the model is served under
     (written into its card), whether types MLX cannot run quantized may be
     dequantized to float16 (else they are refused), an optional progress
-    callback, and runtime knobs to set on the card (``card_runtime``, for
-    example ``prompt_lookup_depth``). Output: an ``ImportReport``; its ``warnings`` are also logged.
+    callback, and card fields to set beyond the derived ones (``card_runtime``,
+    for example ``prompt_lookup_depth`` or ``tool_format``). Output: an ``ImportReport``; its ``warnings`` are also logged.
     Raises ``GGUFImportError`` with the reason when the file cannot be
     imported exactly. Not atomic: ``ensure_imported`` is.
     """

