@@ -32,9 +32,10 @@ import pytest
 from skulk.cards import builtin_cards
 from skulk.core.ids import ModelId
 from skulk.engine.archmodels import write_arch_model
-from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.models import DEFAULT_MODEL_ID
 from tests.engine.gguf_files import write_gguf
 from tests.support.cluster import start_cluster, wait_for
+from tests.support.models import link_default_model
 
 pytestmark = pytest.mark.cluster
 
@@ -65,10 +66,11 @@ def qwen3_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory, qwen3_source: Path) -> Iterator[str]:
+def url(tmp_path_factory: pytest.TempPathFactory, qwen3_source: Path, default_model: Path) -> Iterator[str]:
     base = tmp_path_factory.mktemp("real-answers")
     models = base / "models"
-    ensure_model(MODEL, root=models)  # the import the node would do on first start
+    # The import the node would do on first start (done once per session: tests/conftest.py).
+    link_default_model(default_model, models)
     gguf_file = write_gguf(qwen3_source, base / "tiny-qwen3.F32.gguf")
     done = subprocess.run([sys.executable, "-m", "skulk.cli", "models", "import", str(gguf_file), "--id", IMPORTED,
                            "--models-dir", str(models)], capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -146,7 +148,7 @@ def test_a_model_imported_with_skulk_models_import_is_served(url: str, qwen3_sou
     assert served.choices[0].text == expected
 
 
-def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decoding(url: str) -> None:
+def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decoding(url: str, default_model: Path) -> None:
     """The default model's card turns on prompt-lookup drafting; greedy answers must not change."""
     import json as _json
 
@@ -154,7 +156,6 @@ def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decod
     from mlx_lm.utils import load_model, load_tokenizer
 
     from skulk.bench.lookup import REWRITE_PARAGRAPHS
-    from skulk.engine.models import ensure_model as _ensure
     from skulk.engine.weights import prepare_weights
     from tests.api.sse_parse import parse_sse
 
@@ -167,7 +168,7 @@ def test_rewriting_speculates_by_prompt_lookup_and_answers_as_plain_greedy_decod
     stats = _json.loads(parsed.comment("generation_stats"))
     assert stats["draft_depth"] == 3 and stats["acceptance_rate"] > 0.5, stats
     # The oracle: plain greedy decoding in this process, on the same weights in the same format.
-    path = _ensure(MODEL)
+    path = default_model
     model, config = load_model(path)
     prepare_weights(model, "float32")
     tok = load_tokenizer(path, eos_token_ids=config["eos_token_id"])

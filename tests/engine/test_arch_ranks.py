@@ -77,19 +77,19 @@ def test_pipeline_and_tensor_ranks_decode_as_one_process(arch_root: Path) -> Non
 
 
 @pytest.mark.slow
-def test_the_default_model_quantized_and_tied_decodes_across_ranks_as_one_process(tmp_path: Path) -> None:
+def test_the_default_model_quantized_and_tied_decodes_across_ranks_as_one_process(tmp_path: Path, default_model: Path) -> None:
     """SmolLM2 as served: 4/8-bit weights dequantized per rank (pipeline stages, and tensor slices of
     quantized layers), the tied embedding as the head on rank 0. 2 tensor ranks are refused by placement
     (3 KV heads); 3 divide every width."""
     from skulk.bench.ranks import compare, run_ranks, single_process
     from skulk.cards import builtin_cards
     from skulk.core.placement import static_refusal
-    from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+    from skulk.engine.models import DEFAULT_MODEL_ID
 
     card = builtin_cards()[DEFAULT_MODEL_ID]
     assert "divide hidden size 576 and KV heads 3" in (static_refusal(card, "Tensor", 2) or "")
     assert static_refusal(card, "Tensor", 3) is None and static_refusal(card, "Pipeline", 2) is None
-    path = ensure_model(DEFAULT_MODEL_ID, root=tmp_path / "models")
+    path = default_model
     single = single_process(path, 8)
     job = {"family": "llama", "path": str(path), "model_id": DEFAULT_MODEL_ID, "n_layers": 30}
     piped = run_ranks([{**job, "sharding": "pipeline"}], 8, tmp_path / "p", world=2)

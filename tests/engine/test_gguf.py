@@ -159,10 +159,9 @@ def test_ensure_imported_is_idempotent(arch_dirs: dict[str, Path], tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def smollm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
-
-    return ensure_model(DEFAULT_MODEL_ID, root=tmp_path_factory.mktemp("smol-models"))
+def smollm(default_model: Path) -> Path:
+    # The session's one import of the default model from its wheel (tests/conftest.py: ensure_model).
+    return default_model
 
 
 def test_the_default_model_imports_from_its_wheel(smollm: Path) -> None:
