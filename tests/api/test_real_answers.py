@@ -209,4 +209,6 @@ def test_a_forced_tool_call_from_the_real_model_comes_back_as_a_parsed_call(url:
     free = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER_TOOL], temperature=0, max_tokens=24)
     text = free.choices[0].message.content or ""
     assert "<tool_call>" not in text and "</tool_call>" not in text, text
-    assert free.choices[0].message.tool_calls or text == "The weather in Paris is Paris, France."
+    assert free.choices[0].message.tool_calls or text == (
+        'The weather in Paris is described as "Paris is a city of light" by the French.'
+    ), text
