@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 
 from loadtests.cluster import RealCluster
 from loadtests.records import summarise
@@ -32,7 +32,7 @@ from loadtests.run import USER_CLASSES, LocustRun
 __all__ = ["prepare_serving", "run_capacity", "run_mixed"]
 
 
-def prepare_serving(cluster: RealCluster, model: str = DEFAULT_MODEL_ID) -> str:
+def prepare_serving(cluster: RealCluster, model: str = TINY_MODEL_ID) -> str:
     """Place ``model`` on a follower (off the master) and wait until it serves; the instance id."""
     master = cluster.wait_master()
     cluster.wait_memory_known()
@@ -43,7 +43,7 @@ def prepare_serving(cluster: RealCluster, model: str = DEFAULT_MODEL_ID) -> str:
 
 
 def run_capacity(cluster: RealCluster, out_dir: Path, *, levels: Sequence[int] = (1, 2, 4, 8, 16), level_s: float = 20.0,
-                 ttft_target_s: float = 1.0, max_tokens: int = 32, model: str = DEFAULT_MODEL_ID) -> dict[str, Any]:
+                 ttft_target_s: float = 1.0, max_tokens: int = 32, model: str = TINY_MODEL_ID) -> dict[str, Any]:
     """Step concurrent streams through ``levels``; per-level figures and the largest level that held."""
     assert levels and all(n >= 1 for n in levels) and level_s >= 5 and ttft_target_s > 0
     hosts = [cluster.url(n) for n in cluster.alive()]
@@ -81,7 +81,7 @@ def run_capacity(cluster: RealCluster, out_dir: Path, *, levels: Sequence[int] =
 
 
 def run_mixed(cluster: RealCluster, out_dir: Path, *, users: int, run_s: float, max_requests: int = 0,
-              model: str = DEFAULT_MODEL_ID, name: str = "mixed") -> dict[str, Any]:
+              model: str = TINY_MODEL_ID, name: str = "mixed") -> dict[str, Any]:
     """All four client kinds together (by their weights); Locust's CSV/HTML and the summary."""
     hosts = [cluster.url(n) for n in cluster.alive()]
     run = LocustRun(name, out_dir, hosts, users=max(users, len(USER_CLASSES)), spawn_rate=max(users, 4),

@@ -30,7 +30,7 @@ from typing import Any
 
 from skulk.core.events import IndexedEvent
 from skulk.core.session import Session
-from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.models import TINY_MODEL_ID, ensure_model
 from skulk.runtime.eventlog import Entry, iter_segments, read_segment
 from skulk.runtime.localcluster import (
     FAST_ENV,
@@ -56,7 +56,7 @@ __all__ = [
 def models_dir(root: Path) -> Path:
     """A models directory holding the embedded default model (generated once, about 2 s)."""
     models = root / "models"
-    ensure_model(DEFAULT_MODEL_ID, root=models)
+    ensure_model(TINY_MODEL_ID, root=models)
     return models
 
 

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 
 from loadtests.cluster import RealCluster, wait_for
 from loadtests.records import HUNG, failover_figures, summarise
@@ -48,7 +48,7 @@ class FailoverConfig:
     wait_s: float = 0.2          # mean think time between a client's requests
     max_tokens: int = 16
     max_requests: int = 0        # 0: bounded by time only
-    model: str = DEFAULT_MODEL_ID
+    model: str = TINY_MODEL_ID
 
     def __post_init__(self) -> None:
         assert self.users >= 1 and self.pre_s >= 2 and self.post_s >= 5 and self.max_tokens >= 1

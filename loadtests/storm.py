@@ -33,7 +33,7 @@ import httpx
 
 from skulk.core.events import SessionStarted, TaskCreated, TaskDeleted, TaskFailed, TaskStatusUpdated
 from skulk.core.ids import TaskId, derive_id
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 
 from loadtests.cluster import LoggedEvent, RealCluster, wait_for
 from loadtests.recorder import TraceRecorder
@@ -58,7 +58,7 @@ class StormConfig:
     max_run_s: float = 120.0       # Locust's run-time bound
     load_delay_s: float = 90.0     # how long the model stays loading (the nodes' knob)
     ready_timeout_s: float = 180.0
-    model: str = DEFAULT_MODEL_ID
+    model: str = TINY_MODEL_ID
 
     def __post_init__(self) -> None:
         assert self.requests >= 1 and self.users >= 1 and self.abandon_after_s > 0

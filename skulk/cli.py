@@ -8,6 +8,8 @@
     skulk models [--url URL] [--watch]       model files on every node: copies, transfers, disk
     skulk key                                print this node's cluster key (copy it to new nodes)
     skulk config                             print every resolved setting and where it came from
+    skulk models import FILE.gguf [--id ID]  turn a GGUF file (llama.cpp, Ollama) into a served model
+    skulk models list                        the models in this node's models directory
     skulk --version                          print the installed version
 
 Settings come from flags, ``SKULK_*``/``EXO_*`` variables, ``skulk.env`` and
@@ -225,6 +227,77 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _default_import_id(path: Path) -> str:
+    """``local/<file name without .gguf>``: a valid org/name id for any file name."""
+    stem = path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem).strip(".") or "model"
+    return f"local/{safe}"
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    """Import a GGUF file into the models directory, where nodes find and serve it."""
+    import shutil
+
+    from skulk.engine.gguf import GGUFImportError, ensure_imported
+    from skulk.runtime.config import load_config
+
+    src = Path(args.file).expanduser()
+    model_id = args.id or _default_import_id(src)
+    parts = model_id.split("/")
+    if model_id.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        print(f"skulk models import: --id {model_id!r} must be a relative org/name path", file=sys.stderr)
+        return 2
+    root = Path(args.models_dir).expanduser() if args.models_dir else load_config(create=False).models_dir
+    dest = root.joinpath(*parts)
+    if dest.exists():
+        if not args.replace:
+            print(f"skulk models import: {model_id} already exists at {dest} (choose another --id, or --replace)",
+                  file=sys.stderr)
+            return 1
+        shutil.rmtree(dest)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        print(f"[import] {stage} {done}/{total}", file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    try:
+        path, report = ensure_imported(src, dest, model_id=model_id, dequantize=not args.no_dequantize,
+                                       on_progress=progress)
+    except GGUFImportError as exc:
+        print(f"skulk models import: {exc}", file=sys.stderr)
+        return 1
+    assert report is not None, "the destination was checked to be free"
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    kept = ", ".join(f"{n} {k}" for k, n in {**report.kept_quantized, **report.kept_float}.items())
+    deq = ", ".join(f"{n} {k}" for k, n in report.dequantized.items())
+    print(f"imported {src.name} as {model_id} ({report.architecture}, {report.weight_bytes / 1e6:.1f} MB) "
+          f"in {time.monotonic() - started:.1f} s")
+    print(f"  tensors: {kept}" + (f"; dequantized to float16: {deq}" if deq else ""))
+    print(f"  directory: {path}")
+    print(f"  serve it: curl -s localhost:52415/place_instance -H 'content-type: application/json' "
+          f"-d '{{\"model_id\": \"{model_id}\"}}'   (a running node finds new models within a minute)")
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from skulk.core.cards import CardError
+    from skulk.cards import card_for_model_dir
+    from skulk.runtime.config import load_config
+    from skulk.runtime.supervisor import find_local_models
+
+    root = Path(args.models_dir).expanduser() if args.models_dir else load_config(create=False).models_dir
+    ids = find_local_models(root)
+    print(f"# {len(ids)} model(s) in {root}")
+    for model_id in ids:
+        try:
+            card = card_for_model_dir(root / model_id, model_id=model_id)
+            print(f"{model_id}  {card.family}  {card.n_layers} layers  {card.weight_bytes / 1e6:.1f} MB")
+        except CardError as exc:
+            print(f"{model_id}  (no usable card: {exc})")
+    return 0
+
+
 def _setting_value(cfg: Any, name: str) -> object:
     attr = {
         "NODE_ID": "node_id", "FRIENDLY_NAME": "friendly_name", "NAMESPACE": "namespace",
@@ -271,16 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="a node's API (default: this machine's configured port)")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(fn=cmd_status)
-    models = sub.add_parser("models", help="model files on every node: copies, transfers in flight, disk")
+    key = sub.add_parser("key", help="print the cluster key")
+    key.set_defaults(fn=cmd_key)
+    cfg = sub.add_parser("config", help="print every setting and its source")
+    cfg.set_defaults(fn=cmd_config)
+    # `skulk models` alone: the cluster's model files (copies, transfers, disk); `import` and
+    # `list` act on this machine's models directory.
+    models = sub.add_parser("models", help="model files on every node (copies, transfers, disk); import, list")
     models.add_argument("--url", help="a node's API (default: this machine's configured port)")
     models.add_argument("--timeout", type=float, default=5.0)
     models.add_argument("--watch", action="store_true", help="print again every --interval seconds")
     models.add_argument("--interval", type=float, default=2.0)
     models.set_defaults(fn=_models_status)
-    key = sub.add_parser("key", help="print the cluster key")
-    key.set_defaults(fn=cmd_key)
-    cfg = sub.add_parser("config", help="print every setting and its source")
-    cfg.set_defaults(fn=cmd_config)
+    msub = models.add_subparsers(dest="models_command", required=False)
+    imp = msub.add_parser("import", help="turn a GGUF file (llama, mistral, qwen2, qwen3) into a served model")
+    imp.add_argument("file", help="the .gguf file")
+    imp.add_argument("--id", help="model id to serve it under (default: local/<file name>)")
+    imp.add_argument("--models-dir", help="models directory (default: SKULK_MODELS_DIR or the data dir's models/)")
+    imp.add_argument("--no-dequantize", action="store_true",
+                     help="refuse tensor types MLX cannot run quantized instead of dequantizing them to float16")
+    imp.add_argument("--replace", action="store_true", help="replace a model already imported under this id")
+    imp.set_defaults(fn=cmd_models_import)
+    lst = msub.add_parser("list", help="the models in the models directory")
+    lst.add_argument("--models-dir", help="models directory (default: SKULK_MODELS_DIR or the data dir's models/)")
+    lst.set_defaults(fn=cmd_models_list)
     return parser
 
 

@@ -36,7 +36,9 @@ def _fake_model_dir(path: Path, config: dict, weights: dict[str, int], index: di
 def test_builtin_cards_are_consistent():
     cards = disk_cards.builtin_cards()
     assert len(cards) >= 14
-    assert {"skulk/tiny-qwen2", "skulk/small-qwen2-10m"} <= set(cards)
+    assert {"skulk/tiny-qwen2", "skulk/small-qwen2-10m", "HuggingFaceTB/SmolLM2-135M-Instruct"} <= set(cards)
+    # Every built-in card can be split into pipeline stages.
+    assert all(c.pipeline_refusal == "" for c in cards.values())
     for model_id, card in cards.items():
         assert model_id == card.model_id
         assert card.supports_tensor == (card.family in TENSOR_SHARDING_FAMILIES), model_id
@@ -62,12 +64,12 @@ def test_builtin_cards_match_the_generated_presets(tmp_path):
             preset.head_dim,
             preset.context_length,
         )
-    # The default model is small enough to generate here. Its weight bytes depend
+    # The tiny preset is small enough to generate here. Its weight bytes depend
     # on the tokenizer's trained vocabulary, so the built-in figure may lag the
     # generator by a little; a large gap means the built-in card needs updating.
-    path = models.ensure_model(models.DEFAULT_MODEL_ID, root=tmp_path)
+    path = models.ensure_model(models.TINY_MODEL_ID, root=tmp_path)
     written = disk_cards.card_for_model_dir(path)
-    expected = builtin[models.DEFAULT_MODEL_ID]
+    expected = builtin[models.TINY_MODEL_ID]
     assert msgspec.structs.replace(written, weight_bytes=expected.weight_bytes) == expected
     assert abs(written.weight_bytes - expected.weight_bytes) <= expected.weight_bytes // 10
     # Deriving from config.json and the weight files gives exactly the generator's own card.

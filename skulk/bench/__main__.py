@@ -18,6 +18,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "speculative": ("skulk.bench.speculative", "speculative decoding: costs, acceptance, speed-ups"),
     "tune": ("skulk.bench.tune", "the best speculation depth for a model, written to its card"),
     "transfer": ("skulk.bench.transfer", "node-to-node model copies over loopback vs a plain copy and sha256"),
+    "lookup": ("skulk.bench.lookup", "prompt-lookup drafting on the real model: rewriting a paragraph vs plain decoding"),
+    "ranks": ("skulk.bench.ranks", "every carded architecture: 2-rank pipeline and tensor greedy tokens vs one process"),
     "constrained": ("skulk.bench.constrained", "8 json_schema-constrained streams vs 8 plain, and grammar mask cost"),
 }
 """Tool name -> (module with a ``main(argv)``, one line for the usage text)."""

@@ -15,10 +15,13 @@ the embedded presets one section after another:
   both under the same load (N streaming requests submitted at once, greedy,
   distinct prompts, same max_tokens), with the ratio (target >= 2x at 8). The
   server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
-  which isolates the serving stacks; tokens per CPU-second are printed too,
-
-``multi-turn`` and ``oversubscription`` (``skulk.bench.kvcache``) measure the
-prefix cache and the KV budget;
+  which isolates the serving stacks; tokens per CPU-second are printed too;
+- ``multi-turn`` and ``oversubscription`` (``skulk.bench.kvcache``): the
+  prefix cache and the KV budget;
+- ``real`` and ``profile`` (``skulk.bench.real``): the real default model,
+  SmolLM2-135M-Instruct, against plain mlx-lm on the same directory and
+  llama.cpp on the same GGUF file at 1 and 8 streams; and where its decode
+  step's time goes, per layer and per op, in each serving format,
 
 and closes with the peak memory of every process the sections measured: the
 runner's and the server's resident high-water mark and MLX's peak allocation
@@ -79,7 +82,7 @@ from mlx_lm import stream_generate  # noqa: E402
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId  # noqa: E402
 from skulk.core.instances import PipelineShardMetadata, RunnerReady, RunnerSpec  # noqa: E402
 from skulk.core.tasks import GenerationParams, Task  # noqa: E402
-from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
+from skulk.engine.models import TINY_MODEL_ID, PRESETS, SMALL_MODEL_ID, ensure_model  # noqa: E402
 from skulk.engine.client import RunnerProcess  # noqa: E402
 
 _FILLER = (
@@ -446,7 +449,7 @@ def section(
 
 
 def _single_flags(group: Any) -> None:
-    group.add_argument("--models", default=f"{DEFAULT_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
+    group.add_argument("--models", default=f"{TINY_MODEL_ID},{SMALL_MODEL_ID}", help="comma-separated preset ids")
 
 
 @section("single", "single-stream prefill and decode, runner vs in-process mlx-lm", _single_flags)
@@ -496,7 +499,7 @@ def _reference_blas(run: Run) -> None:
 
 
 def _concurrent_flags(group: Any) -> None:
-    group.add_argument("--concurrency-model", default=DEFAULT_MODEL_ID, help="preset for the concurrency comparison")
+    group.add_argument("--concurrency-model", default=TINY_MODEL_ID, help="preset for the concurrency comparison")
     group.add_argument("--streams", default="1,4,8", help="concurrent stream counts")
     group.add_argument(
         "--server-blas", choices=("both", "same", "wheel"), default="both",
@@ -561,6 +564,10 @@ def _oversubscription(run: Run) -> None:
     from skulk.bench.kvcache import oversubscription
 
     oversubscription(run)
+
+
+# The real default model's sections (their own module), after the presets' and the KV ones.
+from skulk.bench import real as _real  # noqa: E402,F401
 
 
 def _print_memory(run: Run) -> None:

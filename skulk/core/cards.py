@@ -22,11 +22,14 @@ Layout of a card (``[runtime]`` keys are optional)::
     supports_tensor = true
     # optional: KV bytes per token when the cache is not 2 x layers x kv_heads x head_dim x 2
     kv_bytes_per_token = 0
+    # optional: why the model cannot be split into pipeline stages ("" or absent: it can)
+    pipeline_refusal = ""
 
     [runtime]
     mtp_max_depth = 0
     speculative_multi_node = true
     draft_model = ""          # "" means none
+    prompt_lookup_depth = 0   # optional: draft up to this many tokens by prompt lookup (0: off)
 
     [chat]                    # optional; how the model writes tool calls and reasoning
     tool_format = "hermes"    # hermes, smollm2, llama3_json, mistral, harmony ("" : detect)
@@ -54,6 +57,7 @@ __all__ = [
     "CardError",
     "ModelCard",
     "TENSOR_SHARDING_FAMILIES",
+    "PIPELINE_STAGE_FAMILIES",
     "MLA_LATENT_CACHE_FAMILIES",
     "TOOL_FORMATS",
     "REASONING_FORMATS",
@@ -73,6 +77,9 @@ class ModelCard(Record, frozen=True, kw_only=True):
     ``kv_bytes_per_token`` is 0 unless the model's KV cache is not described by
     its head figures (multi-head latent attention caches a compressed latent);
     ``skulk.core.memory.kv_bytes_per_token`` is the one place that reads it.
+    ``pipeline_refusal`` is empty when the model can be split into pipeline
+    stages, else the reason it cannot (placement refuses pipelines over more
+    than one node with it).
     """
 
     model_id: ModelId
@@ -87,7 +94,9 @@ class ModelCard(Record, frozen=True, kw_only=True):
     mtp_max_depth: int = 0
     speculative_multi_node: bool = True
     draft_model: ModelId | None = None
+    prompt_lookup_depth: int = 0
     kv_bytes_per_token: int = 0
+    pipeline_refusal: str = ""
     # Chat formats (``[chat]``): "" means "detect from the chat template" (skulk.engine.chatformat).
     tool_format: str = ""
     reasoning_format: str = ""
@@ -100,7 +109,7 @@ class ModelCard(Record, frozen=True, kw_only=True):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise CardError(f"{self.model_id}: {name} must be a positive integer, got {value!r}")
-        for name in ("mtp_max_depth", "kv_bytes_per_token"):
+        for name in ("mtp_max_depth", "kv_bytes_per_token", "prompt_lookup_depth"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise CardError(f"{self.model_id}: {name} must be a non-negative integer, got {value!r}")
@@ -131,6 +140,13 @@ TENSOR_SHARDING_FAMILIES: frozenset[str] = frozenset(
     }
 )  # fmt: skip
 
+# Architectures whose pipeline stages Skulk's runner builds and has verified across ranks
+# (skulk.engine.stages; `python -m skulk.bench ranks`), plus mlx-lm's aliases of them.
+PIPELINE_STAGE_FAMILIES: frozenset[str] = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3", "gemma3_text", "gemma4", "gemma4_text",
+     "gpt_oss", "deepseek_v3"}
+)  # fmt: skip
+
 # mlx-lm architectures with multi-head latent attention whose cache holds the
 # latent (kv_lora_rank) plus the rope key (qk_rope_head_dim) per layer, not
 # per-head keys and values.
@@ -149,13 +165,17 @@ _TOP_KEYS: dict[str, type] = {
     "context_length": int,
     "supports_tensor": bool,
     "kv_bytes_per_token": int,
+    "pipeline_refusal": str,
 }
-_REQUIRED_TOP = tuple(k for k in _TOP_KEYS if k != "kv_bytes_per_token")
+_OPTIONAL_TOP = ("kv_bytes_per_token", "pipeline_refusal")
+_REQUIRED_TOP = tuple(k for k in _TOP_KEYS if k not in _OPTIONAL_TOP)
 _RUNTIME_KEYS: dict[str, type] = {
     "mtp_max_depth": int,
     "speculative_multi_node": bool,
     "draft_model": str,
+    "prompt_lookup_depth": int,
 }
+_OPTIONAL_RUNTIME = ("prompt_lookup_depth",)  # written only when set
 _CHAT_KEYS: dict[str, type] = {
     "tool_format": str,
     "reasoning_format": str,
@@ -224,18 +244,20 @@ def _toml_value(value: object) -> str:
 def card_to_toml(card: ModelCard, *, comment: str = "") -> str:
     """Write ``card`` in the canonical layout (optionally under a ``#`` comment block).
 
-    ``kv_bytes_per_token`` is written only when set; ``draft_model`` None is
-    written as ``""``. Round-trips through ``card_from_toml``.
+    ``kv_bytes_per_token`` and ``pipeline_refusal`` are written only when set;
+    ``draft_model`` None is written as ``""``. Round-trips through ``card_from_toml``.
     """
     lines = [f"# {line}".rstrip() for line in comment.splitlines()] if comment else []
     for key in _TOP_KEYS:
         value = getattr(card, key)
-        if key == "kv_bytes_per_token" and value == 0:
+        if key in _OPTIONAL_TOP and not value:
             continue
         lines.append(f"{key} = {_toml_value(value)}")
     lines += ["", "[runtime]"]
     for key in _RUNTIME_KEYS:
         value = getattr(card, key)
+        if key in _OPTIONAL_RUNTIME and not value:
+            continue
         lines.append(f"{key} = {_toml_value('' if value is None else value)}")
     chat = [(k, getattr(card, k)) for k in _CHAT_KEYS]
     if any(chat_value for _, chat_value in chat):
@@ -253,6 +275,17 @@ def _first_int(cfg: Mapping[str, Any], keys: tuple[str, ...], what: str, model_i
                 raise CardError(f"{model_id}: config {key} must be an integer, got {value!r}")
             return value
     raise CardError(f"{model_id}: config.json has no {what} (looked for {list(keys)}); write a card by hand")
+
+
+def _pipeline_refusal(family: str, text_family: str, cfg: Mapping[str, Any]) -> str:
+    """Why a model of this config cannot be split into pipeline stages ("" when it can)."""
+    if family not in PIPELINE_STAGE_FAMILIES and text_family not in PIPELINE_STAGE_FAMILIES:
+        return f"Skulk has no verified pipeline stage for the {family} architecture"
+    if cfg.get("num_kv_shared_layers"):
+        return f"its last {cfg['num_kv_shared_layers']} layers reuse earlier layers' keys and values across the depth"
+    if cfg.get("hidden_size_per_layer_input"):
+        return "every layer takes per-layer input embeddings of the tokens"
+    return ""
 
 
 def card_from_mlx_config(model_id: str, config: Mapping[str, Any], weight_bytes: int) -> ModelCard:
@@ -292,6 +325,7 @@ def card_from_mlx_config(model_id: str, config: Mapping[str, Any], weight_bytes:
         head_dim = cfg.get("v_head_dim") or head_dim
     mtp = cfg.get("num_nextn_predict_layers") or 0
     return ModelCard(
+        pipeline_refusal=_pipeline_refusal(family, text_family, cfg),
         model_id=ModelId(model_id),
         family=family,
         weight_bytes=weight_bytes,

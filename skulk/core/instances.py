@@ -93,7 +93,7 @@ class RingHop(Record, frozen=True, kw_only=True):
 class SpeculationConfig(Record, frozen=True, kw_only=True):
     """Speculative decoding for an instance (see docs/speculative-decoding.md)."""
 
-    drafter: Literal["none", "draft_model", "mtp"] = "none"
+    drafter: Literal["none", "draft_model", "mtp", "prompt_lookup"] = "none"
     depth: int = 0
     draft_model_id: ModelId | None = None
 

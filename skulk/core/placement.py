@@ -93,6 +93,7 @@ __all__ = [
     "replace",
     "fits",
     "layer_split",
+    "static_refusal",
 ]
 
 MAX_SUBSETS_PER_SIZE = 2_000
@@ -240,13 +241,20 @@ def _try_subset(
     return _Fit(nodes=tuple(sorted(shares)), shares=shares, footprints=footprints, min_slack=slack), []
 
 
-def _static_reason(card: ModelCard, sharding: Sharding, k: int) -> str | None:
+def static_refusal(card: ModelCard, sharding: Sharding, k: int) -> str | None:
+    """Why ``card``'s model can never be placed with ``sharding`` over ``k`` nodes, or None.
+
+    Depends on the card alone (no node, no memory): the architecture's
+    capabilities and the divisibility of its figures.
+    """
     if sharding == "Pipeline":
         if k > card.n_layers:
             return f"pipeline sharding over {k} nodes needs at least {k} layers; {card.model_id} has {card.n_layers}"
+        if k > 1 and card.pipeline_refusal:
+            return f"{card.model_id} ({card.family}) cannot be split into pipeline stages: {card.pipeline_refusal}"
         return None
     if not card.supports_tensor:
-        return f"{card.model_id} ({card.family}) does not support tensor sharding"
+        return f"{card.model_id} ({card.family}) does not support tensor sharding: mlx-lm has no tensor split for {card.family}"
     if card.hidden_size % k or card.num_kv_heads % k:
         return (
             f"tensor sharding over {k} nodes needs the node count to divide hidden size "
@@ -354,7 +362,7 @@ def _search(state: State, card: ModelCard, ask: _Ask, port: int, margin: int = 0
     for k in ask.node_counts:
         if k > len(nodes):
             break
-        reason = _static_reason(card, ask.sharding, k)
+        reason = static_refusal(card, ask.sharding, k)
         if reason is not None:
             notes.static_reasons.append(reason)
             continue
@@ -470,9 +478,11 @@ def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
     """The speculative decoding an instance of ``card`` over ``world_size`` ranks runs.
 
     MTP heads in the checkpoint (``mtp_max_depth > 0``, the depth measured by
-    ``python -m skulk.bench tune``) win over a separate draft model; a card
-    that opts out of multi-node speculation gets none on several ranks. The
-    runner may still decline (it reports why), and then no rank speculates.
+    ``python -m skulk.bench tune``) win over a separate draft model, which
+    wins over prompt lookup (``prompt_lookup_depth > 0``: drafts copied from
+    the request itself, no model needed); a card that opts out of multi-node
+    speculation gets none on several ranks. The runner may still decline (it
+    reports why), and then no rank speculates.
     """
     assert world_size >= 1
     if world_size > 1 and not card.speculative_multi_node:
@@ -483,6 +493,8 @@ def speculation_for(card: ModelCard, world_size: int) -> SpeculationConfig:
         return SpeculationConfig(
             drafter="draft_model", depth=DRAFT_MODEL_DEFAULT_DEPTH, draft_model_id=ModelId(card.draft_model)
         )
+    if card.prompt_lookup_depth > 0:
+        return SpeculationConfig(drafter="prompt_lookup", depth=card.prompt_lookup_depth)
     return SpeculationConfig()
 
 

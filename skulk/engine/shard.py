@@ -20,9 +20,13 @@ runs. Three kinds share one small interface (``new_cache``, ``prefill``,
   the final norm and the output head (the embedding matrix when tied) and
   samples. Only ring neighbours ever talk (0 -> 1 -> ... -> N-1 -> 0).
 
-Pipeline stages need the llama-style layout mlx-lm uses for qwen2, qwen3,
-llama and mistral (``model.model.embed_tokens``, ``.layers``, ``.norm`` and a
-tied embedding or ``lm_head``); ``load_shard`` refuses other layouts clearly.
+Every shard uses the model's own per-layer caches (``make_layer_caches``:
+``model.make_cache()``, so sliding-window layers get rotating caches) and the
+model's own masks: local and tensor shards call the model itself; pipeline
+stages rebuild each layer's mask from its cache as the model does, through the
+per-architecture adapter of ``skulk.engine.stages`` (embedding scale, layer
+call, head). ``load_shard`` refuses, with the reason, a model that cannot be
+split (placement refuses it earlier, from its card).
 """
 
 from __future__ import annotations
@@ -35,11 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.base import create_attention_mask
-from mlx_lm.models.cache import KVCache
 from mlx_lm.utils import load_model, load_tokenizer
 
 from skulk.core.instances import PipelineShardMetadata, ShardMetadata, TensorShardMetadata
+from skulk.engine.stages import PipelineUnsupported, StageModel, fresh_cache, make_layer_caches, stage_model
+from skulk.engine.weights import prepare_weights
 
 __all__ = ["Shard", "LocalShard", "TensorShard", "PipelineShard", "LoadedShard", "load_shard", "partial_weights"]
 
@@ -83,9 +87,7 @@ class LocalShard(Shard):
         self.n_layers = len(model.layers)
 
     def new_cache(self) -> list[Any]:
-        if hasattr(self.model, "make_cache"):
-            return self.model.make_cache()
-        return [KVCache() for _ in range(self.n_layers)]
+        return make_layer_caches(self.model)
 
     def prefill(self, tokens: mx.array, cache: list[Any]) -> list[Any]:
         self.model(tokens, cache=cache)
@@ -120,43 +122,54 @@ class TensorShard(LocalShard):
 
 
 class PipelineShard(Shard):
-    """Layers ``[start, end)`` of a pipeline chained over the ring in rank order."""
+    """Layers ``[start, end)`` of a pipeline chained over the ring in rank order.
+
+    Architecture details (embedding scale, per-layer masks, layer calls, the
+    head) come from ``skulk.engine.stages``; caches are fresh copies of the
+    model's own per-layer caches for this range (``cache_templates``).
+    """
 
     eager = True
 
-    def __init__(self, model: Any, group: Any, start: int, end: int) -> None:
-        inner = model.model
-        self.model = model
+    def __init__(self, stage: StageModel, group: Any, start: int, end: int, cache_templates: list[Any]) -> None:
+        self.stage = stage
+        self.model = stage.model
         self.group = group
         self.rank = group.rank()
         self.world_size = group.size()
         self.start, self.end = start, end
-        self.layers = list(inner.layers[start:end])
-        self.embed_tokens = inner.embed_tokens
-        self.norm = inner.norm
-        tied = getattr(getattr(model, "args", None), "tie_word_embeddings", not hasattr(model, "lm_head"))
-        self.head: Callable[[mx.array], mx.array] = (
-            inner.embed_tokens.as_linear if tied or not hasattr(model, "lm_head") else model.lm_head
-        )
-        # Not from the embedding weight: quantized embeddings pack it as uint32.
-        self.hidden_size = int(getattr(model, "args", inner).hidden_size)
-        self.dtype = inner.norm.weight.dtype
+        self.layers = list(stage.inner.layers)
+        assert len(self.layers) == end - start == len(cache_templates), (len(self.layers), start, end)
+        self.cache_templates = cache_templates
+        self.hidden_size = stage.hidden_size
+        self.dtype = stage.inner.norm.weight.dtype
         assert 0 <= start < end, (start, end)
 
+    # The parts rank 0 uses around the stages (the speculative target view calls them too).
+    @property
+    def embed_tokens(self) -> Any:
+        return self.stage.inner.embed_tokens
+
+    @property
+    def norm(self) -> Any:
+        return self.stage.inner.norm
+
+    def head(self, normed: mx.array) -> mx.array:
+        return self.stage.project(normed)
+
     def new_cache(self) -> list[Any]:
-        return [KVCache() for _ in self.layers]
+        return [fresh_cache(t) for t in self.cache_templates]
 
     def _stage(self, tokens: mx.array | None, shape: tuple[int, int], cache: list[Any], back: bool) -> mx.array | None:
         batch, length = shape
         last = self.rank == self.world_size - 1
         if self.rank == 0:
             assert tokens is not None
-            h = self.embed_tokens(tokens)
+            h = self.stage.embed(tokens)
         else:
             h = mx.distributed.recv((batch, length, self.hidden_size), self.dtype, self.rank - 1, group=self.group)
-        mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+            h = self.stage.run_layer(layer, h, self.stage.layer_mask(h, c), c)
         if not last or back:
             sent = mx.distributed.send(h, (self.rank + 1) % self.world_size, group=self.group)
             mx.eval(sent, [c.state for c in cache])
@@ -179,7 +192,7 @@ class PipelineShard(Shard):
         if self.rank != 0:
             return None
         assert final is not None
-        return self.head(self.norm(final))[:, -1, :]
+        return self.stage.head(final)[:, -1, :]
 
 
 @dataclass
@@ -269,6 +282,7 @@ def load_shard(
             raise ValueError(f"shard expects world size {world} but the group has {None if group is None else group.size()}")
     if world == 1:
         _eval_with_progress([layer.parameters() for layer in model.layers], [model.parameters()], on_progress)
+        prepare_weights(model)
         return LoadedShard(LocalShard(model), tokenizer, config, n_layers)
     assert group is not None
     if isinstance(shard_meta, TensorShardMetadata):
@@ -276,23 +290,32 @@ def load_shard(
             raise ValueError(f"model type {config.get('model_type')!r} does not support tensor sharding in mlx-lm")
         model.shard(group)
         _eval_with_progress([layer.parameters() for layer in model.layers], [model.parameters()], on_progress)
+        prepare_weights(model)
         return LoadedShard(TensorShard(model, group), tokenizer, config, n_layers)
     assert isinstance(shard_meta, PipelineShardMetadata), shard_meta
-    inner = getattr(model, "model", None)
-    if inner is None or not all(hasattr(inner, a) for a in ("embed_tokens", "layers", "norm")):
-        raise ValueError(
-            f"model type {config.get('model_type')!r} lacks the llama-style layout pipeline stages need"
-        )
+    try:
+        stage = stage_model(model, config)
+    except PipelineUnsupported as exc:
+        raise ValueError(f"{path}: cannot run as a pipeline stage: {exc}") from None
     start, end = shard_meta.start_layer, shard_meta.end_layer
     if not (0 <= start < end <= n_layers):
         raise ValueError(f"bad layer range [{start}, {end}) for a {n_layers}-layer model")
-    shard = PipelineShard(model, group, start, end)
+    templates = make_layer_caches(model)
+    if len(templates) != n_layers:
+        raise ValueError(f"{path}: the model makes {len(templates)} caches for {n_layers} layers; cannot split it")
+    inner = stage.inner
+    rank = group.rank()
     head_params: list[Any] = []
-    if shard.rank == 0:
+    if rank == 0:
         head_params = [inner.embed_tokens.parameters(), inner.norm.parameters()]
-        if hasattr(model, "lm_head"):
-            head_params.append(model.lm_head.parameters())
+        if getattr(stage.text, "lm_head", None) is not None:
+            head_params.append(stage.text.lm_head.parameters())
     # Drop references to other ranks' layers so their lazy weights are never read.
-    inner.layers = list(shard.layers)
-    _eval_with_progress([layer.parameters() for layer in shard.layers], head_params, on_progress)
+    inner.layers = list(inner.layers[start:end])
+    _eval_with_progress([layer.parameters() for layer in inner.layers], head_params, on_progress)
+    # Rank 0 converts its layers and the head; the others only their layers and the norm (whose dtype
+    # is the dtype of the hidden states the stages exchange).
+    layers_path = "language_model.model." if stage.text is not model else "model."
+    prepare_weights(model, only=None if rank == 0 else (lambda p: p.startswith((layers_path + "layers.", layers_path + "norm"))))
+    shard = PipelineShard(stage, group, start, end, templates[start:end])
     return LoadedShard(shard, tokenizer, config, n_layers)

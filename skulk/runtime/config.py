@@ -203,7 +203,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_KEYS_FILE", _str, "",
             "File of API keys, one per line ('admin:' before an admin key, '#' comments); read at start."),
     # Models and runners.
-    Setting("AUTO_PLACE", _optional_model, "skulk/tiny-qwen2",
+    Setting("AUTO_PLACE", _optional_model, "HuggingFaceTB/SmolLM2-135M-Instruct",
             "Model the master places when it has no instance of it ('none' disables)."),
     Setting("MAX_CONCURRENT_REQUESTS", _positive_int, 8, "Concurrent requests per runner.",
             core_field="max_concurrent_requests"),

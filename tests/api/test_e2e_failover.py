@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime.localcluster import LocalCluster
 from tests.support.cluster import (
     get,
@@ -35,7 +35,7 @@ from tests.support.cluster import (
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-MODEL = DEFAULT_MODEL_ID
+MODEL = TINY_MODEL_ID
 STREAM_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 4000, "stream": True}
 
 

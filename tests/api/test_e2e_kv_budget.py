@@ -8,7 +8,7 @@ there is room; the runner
 never crashes; ``/metrics`` and ``/state`` (``nodeKv``, from the node's
 telemetry) show the ledger.
 
-The runner's KV budget here: the default model's context ceiling (8,192) plus
+The runner's KV budget here: the test model's (skulk/tiny-qwen2) context ceiling (8,192) plus
 allocation slack, since its float32 caches cost more than the card's fp16
 reservation covers. Two requests asking for 4,000 tokens each cannot run
 together (2 x (4,000 + prompt + 255) positions > 8,447).

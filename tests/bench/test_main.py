@@ -19,11 +19,14 @@ from skulk.bench.__main__ import TOOLS, main
 ROOT = Path(__file__).resolve().parents[2]
 # Every flag each tool had before it moved to skulk.bench, so none is lost.
 FLAGS = {
-    "engine": ["--quick", "--models", "--concurrency-model", "--streams", "--skip-reference-blas", "--rounds", "--server-blas"],
+    "engine": ["--quick", "--models", "--concurrency-model", "--streams", "--skip-reference-blas", "--rounds", "--server-blas",
+               "--real-model", "--real-streams", "--real-prompt-tokens", "--real-tokens"],
     "blas": ["--sizes", "--prompt-tokens", "--runs", "--decode-steps", "--rounds"],
     "speculative": ["--root", "--preset", "--tokens", "--repetitions", "--stream-repetitions", "--depths", "--drafters",
                     "--streams", "--stream-tokens", "--sampled", "--json"],
     "tune": ["--drafter", "--depths", "--tokens", "--repetitions", "--min-gain", "--write"],
+    "lookup": ["--model", "--depths", "--tokens", "--repetitions", "--skip-control"],
+    "ranks": ["--families", "--tokens", "--root", "--json"],
     "constrained": ["--quick", "--rounds", "--max-tokens", "--model", "--tokenizer"],
     "transfer": ["--model", "--rounds"],
 }  # fmt: skip

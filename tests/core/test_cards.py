@@ -51,11 +51,14 @@ def test_cards_round_trip_through_toml_with_every_optional_field():
         speculative_multi_node=False,
         draft_model="org/small-4bit",
         kv_bytes_per_token=70_272,
+        pipeline_refusal="a reason",
+        prompt_lookup_depth=5,
     )
     text = card_to_toml(card, comment="line one\nline two")
     assert text.startswith("# line one\n# line two\n")
     assert card_from_toml(text) == card
     assert 'draft_model = "org/small-4bit"' in text and "kv_bytes_per_token = 70272" in text
+    assert 'pipeline_refusal = "a reason"' in text and "prompt_lookup_depth = 5" in text
 
 
 @pytest.mark.parametrize(
@@ -152,3 +155,16 @@ def test_cards_travel_on_the_wire():
     card = card_from_toml(GENERATOR_CARD)
     assert decode_json(ModelCard, encode_json(card)) == card
     assert msgspec.json.decode(encode_json(card))["weightBytes"] == 4608145
+
+
+def test_derived_cards_say_when_a_model_cannot_be_split_into_pipeline_stages():
+    base = {"num_hidden_layers": 30, "hidden_size": 512, "num_attention_heads": 8, "max_position_embeddings": 4096}
+    assert card_from_mlx_config("a/llama", {**base, "model_type": "llama"}, 10).pipeline_refusal == ""
+    e4b = {"model_type": "gemma4", "text_config": {**base, "model_type": "gemma4_text", "num_kv_shared_layers": 18}}
+    card = card_from_mlx_config("google/gemma-4-e4b", e4b, 10)
+    assert "18 layers reuse earlier layers' keys and values" in card.pipeline_refusal
+    assert card_from_toml(card_to_toml(card)) == card
+    per_layer = {"model_type": "gemma4", "text_config": {**base, "hidden_size_per_layer_input": 256}}
+    assert "per-layer input embeddings" in card_from_mlx_config("g/x", per_layer, 10).pipeline_refusal
+    odd = card_from_mlx_config("x/mamba", {**base, "model_type": "mamba2"}, 10)
+    assert odd.pipeline_refusal == "Skulk has no verified pipeline stage for the mamba2 architecture"

@@ -128,6 +128,22 @@ def test_tensor_sharding_needs_divisible_dimensions_and_card_support():
     assert "does not support tensor sharding" in refused.message
 
 
+def test_a_model_that_cannot_be_split_into_stages_is_refused_a_pipeline_with_the_reason():
+    """What cannot run across ranks is refused at placement, never at load (issue 12)."""
+    state = build_state({n: mem(64 * GB) for n in "ab"}, full_mesh(list("ab")))
+    shared = make_card(family="gemma4", supports_tensor=False, weight_bytes=10 * GB,
+                       pipeline_refusal="its last 20 layers reuse earlier layers' keys and values across the depth")
+    refused = placement.place(state, command(sharding="Pipeline", min_nodes=2), cards_of(shared), CONFIG)
+    assert isinstance(refused, placement.PlacementRefused) and not refused.pending
+    assert refused.code == "invalid_request"
+    assert "cannot be split into pipeline stages: its last 20 layers reuse" in refused.message
+    # One node holds the whole model: nothing is split, so nothing is refused.
+    inst = placed(placement.place(state, command(sharding="Pipeline"), cards_of(shared), CONFIG))
+    assert len(inst.shard_assignments.runner_to_shard) == 1
+    assert placement.static_refusal(shared, "Pipeline", 1) is None
+    assert placement.static_refusal(make_card(), "Pipeline", 2) is None
+
+
 def test_the_refusal_names_the_node_and_the_arithmetic():
     # The issue's example: 11.2 GB of weights, 98,304 KV bytes per token (24 layers,
     # 8 KV heads, head dim 128), on a 16 GB node that can use 12.0 GB.

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from skulk.engine.client import RunnerProcess
-from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.models import TINY_MODEL_ID, ensure_model
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +26,7 @@ def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(models_root: Path) -> Path:
-    return ensure_model(DEFAULT_MODEL_ID, root=models_root)
+    return ensure_model(TINY_MODEL_ID, root=models_root)
 
 
 @pytest.fixture(scope="session")

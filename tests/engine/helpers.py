@@ -11,9 +11,9 @@ import pytest
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import PipelineShardMetadata, RunnerSpec, ShardMetadata, TensorShardMetadata
 from skulk.core.tasks import GenerationParams, Task, TokenChunk
-from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS
+from skulk.engine.models import TINY_MODEL_ID, PRESETS
 
-TINY = PRESETS[DEFAULT_MODEL_ID]
+TINY = PRESETS[TINY_MODEL_ID]
 
 _counter = iter(range(1_000_000))
 
@@ -27,7 +27,7 @@ def make_task(kind: str = "completion", task_id: str | None = None, **params: An
         command_id=CommandId(f"cmd-{tid}"),
         origin=NodeId("node-test"),
         instance_id=InstanceId("inst-test"),
-        model_id=ModelId(DEFAULT_MODEL_ID),
+        model_id=ModelId(TINY_MODEL_ID),
         kind=kind,  # type: ignore[arg-type]
         params=GenerationParams(**params),
     )
@@ -47,7 +47,7 @@ def make_spec(
         instance_id=InstanceId(instance),
         runner_id=RunnerId(f"runner-{instance}-{shard.device_rank}"),
         node_id=NodeId(f"node-{shard.device_rank}"),
-        model_id=ModelId(DEFAULT_MODEL_ID),
+        model_id=ModelId(TINY_MODEL_ID),
         shard=shard,
         hosts=hosts,
         context_ceiling=context_ceiling,
@@ -58,7 +58,7 @@ def make_spec(
 
 def pipeline_shard(rank: int, world: int, start: int, end: int) -> PipelineShardMetadata:
     return PipelineShardMetadata(
-        model_id=ModelId(DEFAULT_MODEL_ID),
+        model_id=ModelId(TINY_MODEL_ID),
         device_rank=rank,
         world_size=world,
         start_layer=start,
@@ -69,7 +69,7 @@ def pipeline_shard(rank: int, world: int, start: int, end: int) -> PipelineShard
 
 def tensor_shard(rank: int, world: int) -> TensorShardMetadata:
     return TensorShardMetadata(
-        model_id=ModelId(DEFAULT_MODEL_ID), device_rank=rank, world_size=world, n_layers=TINY.num_hidden_layers
+        model_id=ModelId(TINY_MODEL_ID), device_rank=rank, world_size=world, n_layers=TINY.num_hidden_layers
     )
 
 

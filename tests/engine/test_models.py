@@ -13,7 +13,7 @@ from skulk.core.cards import card_from_toml
 from skulk.engine.models import (
     CARD_FILENAME,
     CHATML_TEMPLATE,
-    DEFAULT_MODEL_ID,
+    TINY_MODEL_ID,
     PRESETS,
     SMALL_MODEL_ID,
     ensure_model,
@@ -43,7 +43,7 @@ def test_default_model_is_complete_mlx_lm_directory(tiny_path: Path) -> None:
     tok_config = json.loads((tiny_path / "tokenizer_config.json").read_text())
     assert tok_config["chat_template"] == CHATML_TEMPLATE
     card = card_from_toml((tiny_path / CARD_FILENAME).read_text())
-    assert card.model_id == DEFAULT_MODEL_ID and card.n_layers == config["num_hidden_layers"]
+    assert card.model_id == TINY_MODEL_ID and card.n_layers == config["num_hidden_layers"]
     assert card.weight_bytes == (tiny_path / "model.safetensors").stat().st_size
     assert card.supports_tensor and card.num_kv_heads == config["num_key_value_heads"]
     assert card.head_dim == config["hidden_size"] // config["num_attention_heads"]
@@ -63,7 +63,7 @@ def test_default_model_loads_with_mlx_lm_and_chats(tiny_path: Path, loaded: obje
 
 
 def test_generation_is_deterministic(tmp_path: Path, tiny_path: Path) -> None:
-    again = ensure_model(DEFAULT_MODEL_ID, root=tmp_path)
+    again = ensure_model(TINY_MODEL_ID, root=tmp_path)
     assert again != tiny_path
     assert model_fingerprint(again) == model_fingerprint(tiny_path)
 
@@ -84,7 +84,7 @@ def test_concurrent_creation_is_atomic(tmp_path: Path, tiny_path: Path) -> None:
         "p = ensure_model(sys.argv[1], root=Path(sys.argv[2])); print(model_fingerprint(p))"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, DEFAULT_MODEL_ID, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-c", code, TINY_MODEL_ID, str(tmp_path)], stdout=subprocess.PIPE, text=True)
         for _ in range(3)
     ]
     outs = [p.communicate(timeout=120)[0].strip() for p in procs]
@@ -96,7 +96,7 @@ def test_concurrent_creation_is_atomic(tmp_path: Path, tiny_path: Path) -> None:
 
 def test_resolve_model_path(tmp_path: Path, tiny_path: Path, models_root: Path) -> None:
     assert resolve_model_path(str(tiny_path)) == tiny_path  # any mlx-lm directory, by path
-    assert resolve_model_path(DEFAULT_MODEL_ID, root=models_root) == tiny_path  # a preset id
+    assert resolve_model_path(TINY_MODEL_ID, root=models_root) == tiny_path  # a preset id
     with pytest.raises(FileNotFoundError, match="presets"):
         resolve_model_path("someone/unknown-model", root=tmp_path)
     with pytest.raises(FileNotFoundError):

@@ -20,7 +20,7 @@ import pytest
 
 from loadtests.cluster import loopback_cluster
 from loadtests.fuzz import fuzz_openapi, hostile_cases, still_serving
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 
 pytestmark = [pytest.mark.cluster, pytest.mark.reliability]
 
@@ -35,13 +35,13 @@ def test_fuzzing_and_hostile_clients_never_break_a_real_node(models: Path, tmp_p
         master = cluster.wait_master()
         cluster.wait_memory_known()
         (node,) = [n for n in cluster.nodes if n != master]
-        iid = cluster.place(DEFAULT_MODEL_ID, via=node, excluded=[master])
+        iid = cluster.place(TINY_MODEL_ID, via=node, excluded=[master])
         cluster.wait_ready(iid, via=node)
         url = cluster.url(node)
-        hostile = hostile_cases(url, model=DEFAULT_MODEL_ID, body_limit=BODY_LIMIT, slow_clients=20, slow_hold_s=3.0,
+        hostile = hostile_cases(url, model=TINY_MODEL_ID, body_limit=BODY_LIMIT, slow_clients=20, slow_hold_s=3.0,
                                 disconnects=20)
-        fuzz = fuzz_openapi(url, examples=6, model=DEFAULT_MODEL_ID)
-        health = still_serving(url, DEFAULT_MODEL_ID, node)
+        fuzz = fuzz_openapi(url, examples=6, model=TINY_MODEL_ID)
+        health = still_serving(url, TINY_MODEL_ID, node)
         replicated_at = cluster.wait_replicated()  # no bad input stalled replication
         alive = cluster.alive()
         degraded = [cluster.metric(n, "skulk_eventlog_degraded") for n in cluster.nodes]

@@ -21,7 +21,7 @@ import pytest
 
 from skulk.core.codec import from_wire
 from skulk.core.state import State, digest
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime.localcluster import LocalCluster
 from tests.support.cluster import (
     get,
@@ -87,7 +87,7 @@ def test_three_nodes_elect_agree_place_and_survive_a_master_kill(models_dir: Pat
         followers = [n for n in nodes if n != master]
         t_place = time.monotonic()
         placed = post(cluster, followers[0], "/place_instance",
-                      {"model_id": DEFAULT_MODEL_ID, "min_nodes": 2, "excluded_nodes": [master]})
+                      {"model_id": TINY_MODEL_ID, "min_nodes": 2, "excluded_nodes": [master]})
         assert "instance_id" in placed, placed
         iid = placed["instance_id"]
         n2r = wait_for("runners ready", lambda: _ready_runners(cluster, followers[0], iid), 120, 0.1)
@@ -98,7 +98,7 @@ def test_three_nodes_elect_agree_place_and_survive_a_master_kill(models_dir: Pat
         assert all(pids[n].get(n2r[n]) for n in followers), pids
         for n in nodes:
             assert _ready_runners(cluster, n, iid) == n2r, "every node sees the same ready instance"
-        chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
         reply = post(cluster, master, "/v1/chat/completions", chat, timeout_s=60)
         assert reply["usage"]["completion_tokens"] == 4, reply
 
@@ -135,7 +135,7 @@ def test_three_nodes_elect_agree_place_and_survive_a_master_kill(models_dir: Pat
                                 capture_output=True, text=True, timeout=30)
         assert status.returncode == 0, status.stderr
         assert f"master: {new_master}" in status.stdout and "nodes (3)" in status.stdout
-        assert f"{iid}: {DEFAULT_MODEL_ID}" in status.stdout and "RunnerReady" in status.stdout
+        assert f"{iid}: {TINY_MODEL_ID}" in status.stdout and "RunnerReady" in status.stdout
     codes = cluster.exit_codes  # type: ignore[attr-defined]
     assert all(codes[n] == 0 for n in nodes), codes
 
@@ -182,7 +182,7 @@ def test_a_process_without_the_cluster_key_cannot_join_or_inject(tmp_path: Path)
                 intruder.send(ElectionMessage(clock=10**6, campaigning=False, votes=(Vote(candidate=vote.candidate,
                               session=fake),), log_next=5), None)
                 intruder.send(CommandMessage(origin=NodeId("intruder"), command=PlaceInstance(
-                    command_id=CommandId(f"evil-{i}"), model_id=ModelId(DEFAULT_MODEL_ID))), NodeId(master))
+                    command_id=CommandId(f"evil-{i}"), model_id=ModelId(TINY_MODEL_ID))), NodeId(master))
                 intruder.send(LocalEventMessage(origin=NodeId("intruder"), session=Session(**before["session"]),
                               origin_idx=i, event=NodeGatheredInfo(node_id=NodeId("intruder")),
                               incarnation=Incarnation(number=1, boot_at=0.0)), NodeId(master))
@@ -252,7 +252,7 @@ def test_a_full_disk_on_the_master_does_not_stop_the_cluster(models_dir: Path, t
             master = wait_stable("one settled master", lambda: _one_master(cluster, nodes), 30)
             assert master == nodes[0]
             follower = nodes[1]
-            placed = post(cluster, follower, "/place_instance", {"model_id": DEFAULT_MODEL_ID, "min_nodes": 1,
+            placed = post(cluster, follower, "/place_instance", {"model_id": TINY_MODEL_ID, "min_nodes": 1,
                                                                  "excluded_nodes": [master]})
             iid = placed["instance_id"]
             wait_for("runner ready", lambda: _ready_runners(cluster, follower, iid), 120)
@@ -260,7 +260,7 @@ def test_a_full_disk_on_the_master_does_not_stop_the_cluster(models_dir: Path, t
             # Fill the master's disk to the last byte.
             subprocess.run(["dd", "if=/dev/zero", f"of={tiny}/filler", "bs=64k"], capture_output=True)
             before = get(cluster, follower, "/state")["lastIndex"]
-            chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+            chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
             for _ in range(3):
                 reply = post(cluster, master, "/v1/chat/completions", chat, timeout_s=60)
                 assert reply["usage"]["completion_tokens"] == 3, reply

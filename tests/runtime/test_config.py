@@ -28,7 +28,7 @@ def test_defaults_are_the_published_ones(tmp_path: Path) -> None:
     assert cfg.pipeline_eval_timeout_s == 60.0
     assert cfg.probe_interval_s == 10.0 and cfg.probe_timeout_s == 5.0
     assert cfg.eventlog_min_free_bytes == 2 * 1024**3
-    assert cfg.auto_place == "skulk/tiny-qwen2"
+    assert cfg.auto_place == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert cfg.models_dir == tmp_path / "models"
     assert all(src == "default" for name, src in cfg.sources.items() if name not in ("CLUSTER_KEY",))
 

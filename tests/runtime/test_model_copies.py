@@ -63,6 +63,10 @@ def test_three_nodes_copy_a_model_only_the_store_holds_then_serve_it(tmp_path: P
     with start_cluster(tmp_path / "c", 3, per_node_env=per_node, extra_env=extra) as cluster:
         wait_for("the store's copy verified", lambda: _copies(cluster, "n-1").get("n-1", {}).get(SPLIT, {})
                  .get("status") == "verified" or None, 60)
+        # The master places only on nodes whose memory and disk it has heard of.
+        wait_for("every node's memory and disk at the master", lambda: (
+            (s := get(cluster, "n-1", "/state")) and all(len(s.get(k, {})) == 3 for k in ("nodeMemory", "nodeDisk"))
+        ) or None, 60)
         seen: list[tuple[float, str, dict[str, Any]]] = []
         stop = threading.Event()
 

@@ -20,7 +20,7 @@ import pytest
 
 from skulk.core.codec import from_wire
 from skulk.core.state import State, digest
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime import auth
 from skulk.runtime.localcluster import LocalCluster, NodePlan
 from tests.support.cluster import FAST_ENV, wait_for, wait_stable
@@ -105,7 +105,7 @@ def test_three_namespaces_ring_avoids_the_vpn_link_and_survive_a_master_kill(mod
 
             t0 = time.monotonic()
             placed = call("m-1", "/place_instance", method="POST",
-                          body={"model_id": DEFAULT_MODEL_ID, "min_nodes": 2, "excluded_nodes": ["m-3"]}, timeout_s=30)
+                          body={"model_id": TINY_MODEL_ID, "min_nodes": 2, "excluded_nodes": ["m-3"]}, timeout_s=30)
             iid = placed["instance_id"]  # type: ignore[index]
 
             def ready(node: str) -> dict | None:
@@ -127,7 +127,7 @@ def test_three_namespaces_ring_avoids_the_vpn_link_and_survive_a_master_kill(mod
                 assert str(ip) in ("10.77.1.1", "10.77.1.2") and hop["kind"] == "ethernet"
             # Greedy, so the reply is a function of the model: sampled at the default
             # temperature, random weights sometimes drew the end token after 2 tokens.
-            chat = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            chat = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
                     "temperature": 0}
             reply = call("m-3", "/v1/chat/completions", method="POST", body=chat, timeout_s=60)
             first = reply["choices"][0]["message"]["content"]  # type: ignore[index]

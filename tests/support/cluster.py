@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from skulk.engine.models import DEFAULT_MODEL_ID, ensure_model
+from skulk.engine.models import TINY_MODEL_ID, ensure_model
 from skulk.runtime.localcluster import (
     FAST_ENV,
     LocalCluster,
@@ -43,7 +43,7 @@ __all__ = [
 def shared_models_dir(root: Path) -> Path:
     """A models directory holding the default model (generated once per test session)."""
     models = root / "models"
-    ensure_model(DEFAULT_MODEL_ID, root=models)
+    ensure_model(TINY_MODEL_ID, root=models)
     return models
 
 

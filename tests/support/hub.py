@@ -487,14 +487,14 @@ def build_hub(root: Path, models_dir: Path, *, sharded: int = 3, small: bool = T
     ``huggingface_hub``'s 10 MiB write chunk, so an interrupted transfer
     leaves bytes to resume from). Returns ``root``.
     """
-    from skulk.engine.models import CARD_FILENAME, DEFAULT_MODEL_ID, SMALL_MODEL_ID, ensure_model
+    from skulk.engine.models import CARD_FILENAME, SMALL_MODEL_ID, TINY_MODEL_ID, ensure_model
 
     # A hub repository has no Skulk card: a node derives one from config.json.
     no_card = shutil.ignore_patterns(CARD_FILENAME)
-    for model_id in (DEFAULT_MODEL_ID, SMALL_MODEL_ID) if small else (DEFAULT_MODEL_ID,):
+    for model_id in (TINY_MODEL_ID, SMALL_MODEL_ID) if small else (TINY_MODEL_ID,):
         if not (root / model_id).exists():
             shutil.copytree(ensure_model(model_id, root=models_dir), root / model_id, ignore=no_card)
-    split = root / (DEFAULT_MODEL_ID + "-sharded")
+    split = root / (TINY_MODEL_ID + "-sharded")
     if not split.exists():
-        shard_repo(root / DEFAULT_MODEL_ID, split, sharded)
+        shard_repo(root / TINY_MODEL_ID, split, sharded)
     return root

@@ -147,7 +147,7 @@ export function kvPanel(kv) {
 
 export function speculationBadge(spec) {
   if (!spec || spec.drafter === "none" || !spec.depth) return null;
-  const what = spec.drafter === "mtp" ? "MTP" : `draft ${spec.draftModelId || "model"}`;
+  const what = spec.drafter === "mtp" ? "MTP" : spec.drafter === "prompt_lookup" ? "prompt lookup" : `draft ${spec.draftModelId || "model"}`;
   return h("span", { class: "badge spec", "data-testid": "spec-badge", title: `speculative decoding: ${what}, ${spec.depth} draft tokens per step` },
     `⚡ speculative · depth ${spec.depth}`);
 }

@@ -95,14 +95,14 @@ class Speculator:
     ``agree`` is set on tensor placements (symmetric drafting).
     """
 
-    kind: str  # "draft_model" | "mtp"
+    kind: str  # "draft_model" | "mtp" | "prompt_lookup"
     depth: int
     target: TargetView
     make_drafter: Callable[[], Drafter] | None
     agree: TokenAgreement | None = None
 
     def __post_init__(self) -> None:
-        assert self.kind in ("draft_model", "mtp"), self.kind
+        assert self.kind in ("draft_model", "mtp", "prompt_lookup"), self.kind
         assert 1 <= self.depth <= MAX_DEPTH, self.depth
         assert (self.make_drafter is not None) or (self.target.kind == "pipeline" and self.target.rank != 0)
 
@@ -205,6 +205,11 @@ def build_speculator(
                 raise ValueError(f"draft {draft_id} has {view.vocab_size} tokens, the target {target.vocab_size}")
             new_cache = _new_cache_for(view)
             make = lambda: DraftModelDrafter(view, new_cache)  # noqa: E731
+        elif drafts_here and cfg.drafter == "prompt_lookup":
+            from skulk.engine.speculative.prompt_lookup import PromptLookupDrafter
+
+            vocab = target.vocab_size
+            make = lambda: PromptLookupDrafter(vocab)  # noqa: E731
         elif drafts_here and cfg.drafter == "mtp":
             from skulk.engine.speculative.mtp import load_mtp, shard_mtp
 
