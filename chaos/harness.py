@@ -27,6 +27,7 @@ nothing here reads the wall clock except to report wall time.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Generator, Mapping
@@ -39,12 +40,13 @@ import simpy
 from skulk.core.state import digest as core_digest
 
 from chaos import exitcodes
+from chaos.budget import DEFAULT_BUDGET, Budget, BudgetExceeded, guarding, trace_tail
 from chaos.checkers import SafetyChecker, SafetyViolation
 from chaos.stage import Stage, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
 from sim.rng import derive
-from sim.world import CoreAssertion, Livelock, World
+from sim.world import CoreFailure, Livelock, World
 
 __all__ = ["RunResult", "LivenessFailure", "build_options", "run_scenario", "convergence", "replay_command"]
 
@@ -70,6 +72,8 @@ class RunResult:
     checks: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     replay: str = ""
+    # What caught a failure: "invariant 3", "core assertion", "budget (rate)", "expectation", ...
+    caught_by: str = ""
 
     @property
     def ok(self) -> bool:
@@ -190,8 +194,13 @@ def run_scenario(
     print_options: bool = True,
     hashes_out: Path | None = None,
     write_trace: bool = False,
+    budget: Budget | None = DEFAULT_BUDGET,
 ) -> RunResult:
-    """Run scenario ``name`` with ``seed``; report what happened (never raises for a failed run)."""
+    """Run scenario ``name`` with ``seed``; report what happened (never raises for a failed run).
+
+    ``budget`` bounds the run in core steps and in time (``chaos.budget``;
+    None: unbounded, for benchmarks that must not be cut short).
+    """
     scenario = get(name)
     over = dict(overrides or {})
     opts = build_options(scenario, seed, over, canary=canary)
@@ -206,18 +215,19 @@ def run_scenario(
     checker.master_reachable = lambda h, s: _master_reachable(world, h, s)
     stage = Stage(world, checker, derive(seed, "scenario:" + name))
     started = time.perf_counter()
-    status, code, message = "ok", exitcodes.OK, ""
+    status, code, message, caught_by = "ok", exitcodes.OK, "", ""
     proc = world.process(_main(world, scenario, stage, checker))
     try:
-        world.env.run(until=proc)
-    except SafetyViolation as exc:
-        status, code, message = "safety", exitcodes.SAFETY, str(exc)
-    except CoreAssertion as exc:
-        status, code, message = "safety", exitcodes.SAFETY, f"{exc}\n{_short_tb(exc.error)}"
-    except (LivenessFailure, ScenarioStuck, Livelock) as exc:
-        status, code, message = "liveness", exitcodes.LIVENESS, str(exc)
-    except Exception as exc:  # a harness bug: report it as such, with the traceback
-        status, code, message = "error", exitcodes.ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        if budget is None:
+            world.env.run(until=proc)
+        else:
+            with guarding(world, budget):
+                world.env.run(until=proc)
+    except BudgetExceeded as exc:
+        status, code, caught_by = "liveness", exitcodes.LIVENESS, f"budget ({exc.kind})"
+        message = f"{exc}\n{trace_tail(world)}"
+    except Exception as exc:
+        status, code, message, caught_by = _classify(exc)
     wall = time.perf_counter() - started
     tracer = world.tracer
     result = RunResult(
@@ -235,6 +245,7 @@ def run_scenario(
         metrics=dict(stage.metrics),
         checks=checker.summary(),
         replay=replay_command(name, seed, over, canary),
+        caught_by=caught_by,
     )
     result.metrics.update(_world_figures(world))
     if hashes_out is not None and tracer is not None:
@@ -258,6 +269,43 @@ def _master_reachable(world: World, host_id: str, session: Any) -> bool:
     if not (mnode.is_master and mnode.master is not None and mnode.master.session == session):
         return False
     return host_id == session.master or world.network.hears(host_id, session.master)
+
+
+def _classify(exc: Exception) -> tuple[str, int, str, str]:
+    """(status, exit code, message, caught by) of the exception that ended a run."""
+    if isinstance(exc, SafetyViolation):
+        return "safety", exitcodes.SAFETY, str(exc), f"invariant {exc.invariant}"
+    if isinstance(exc, CoreFailure):
+        what = "core assertion" if isinstance(exc.error, AssertionError) else f"core {type(exc.error).__name__}"
+        return "safety", exitcodes.SAFETY, f"{exc}\n{_short_tb(exc.error)}", what
+    for kind, what in ((LivenessFailure, "liveness"), (ScenarioStuck, "stuck"), (Livelock, "livelock")):
+        if isinstance(exc, kind):
+            caught = "expectation" if str(exc).startswith("expected") else what
+            return "liveness", exitcodes.LIVENESS, str(exc), caught
+    origin = _raised_in_core(exc)
+    if origin is not None:
+        # Raised by core code the simulator called directly (a runner's admission,
+        # a checker's apply): a failure of the code under test, never the harness's.
+        what = "core assertion" if isinstance(origin, AssertionError) else f"core {type(origin).__name__}"
+        return "safety", exitcodes.SAFETY, f"{what} outside a step: {origin}\n{_short_tb(origin)}", what
+    # A harness bug: report it as such, with the traceback.
+    return "error", exitcodes.ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", "harness error"
+
+
+_CORE_DIR = f"{os.sep}skulk{os.sep}core{os.sep}"
+
+
+def _raised_in_core(exc: BaseException) -> BaseException | None:
+    """The exception (``exc`` or a cause: simpy re-raises copies) whose innermost frame is in ``skulk/core``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and _CORE_DIR in frames[-1].filename:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _short_tb(error: BaseException) -> str:

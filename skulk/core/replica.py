@@ -38,6 +38,11 @@ from skulk.core.timers import NackTimer, cancel_timer, set_timer
 
 __all__ = ["Replica"]
 
+# 2^60 x any sane base is far past any cap, and far from a float overflow.
+_BACKOFF_EXPONENT_MAX = 60
+# Attempts counted at most (beyond it the delay is the cap anyway).
+_ATTEMPTS_COUNTED_MAX = 1_000
+
 
 class Replica:
     def __init__(self, node_id: NodeId, config: CoreConfig, last_state: State) -> None:
@@ -200,14 +205,24 @@ class Replica:
         if self._is_caught_up() or self._nack_armed:
             return []
         # Give in-flight messages a moment before asking: wait the backoff first.
-        delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
+        delay = self._backoff_s()
         self._nack_armed = True
         return [set_timer(NackTimer(), now + delay)]
 
+    def _backoff_s(self) -> float:
+        """``nack_base_s x 2^attempt``, capped at ``nack_cap_s``.
+
+        The exponent is capped before the power is taken: a follower cut off
+        from its master for hours makes thousands of attempts, and 2^1024
+        times a float overflows (``OverflowError``) long before the cap applies.
+        """
+        exponent = min(self._nack_attempt, _BACKOFF_EXPONENT_MAX)
+        return min(self.config.nack_base_s * (2**exponent), self.config.nack_cap_s)
+
     def _request(self, now: float, start: int, end: int | None) -> list[Effect]:
         assert self.session is not None
-        self._nack_attempt += 1
-        delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
+        self._nack_attempt = min(self._nack_attempt + 1, _ATTEMPTS_COUNTED_MAX)
+        delay = self._backoff_s()
         self._nack_armed = True
         req = SyncRequest(session=self.session, requester=self.node_id, from_index=start, to_index=end)
         return [Send(message=req, to=self.session.master), set_timer(NackTimer(), now + delay)]

@@ -171,3 +171,34 @@ def test_a_follower_applies_everything_once_the_range_arrives() -> None:
     for i in (2, 3, 4, 5, 6, 7, 8, 9):  # the master's answer re-sends buffered events too
         r.on_global_event(0.2, MASTER, _event(i))
     assert r.next_index == 10 and r.state.last_index == 9
+
+
+def test_a_follower_cut_off_from_its_master_for_days_keeps_asking_at_the_cap() -> None:
+    """Three days of unanswered NACKs (about 26,000): the backoff stays at its cap, nothing overflows.
+
+    Regression: the delay was ``min(base x 2^attempt, cap)``, and 2^1024 x a
+    float raises ``OverflowError``: after about 1,024 unanswered NACKs (some
+    three hours at the 10 s cap) the follower's node crashed.
+    """
+    c = _settled(2, telemetry_interval_s=1e9, heartbeat_interval_s=3_600.0, node_timeout_s=1e9)
+    master_id = c.masters()[0]
+    follower = next(n for n in c.alive() if n != master_id)
+    # The master indexes an event the follower never gets; its heartbeat then says so.
+    effects = c.node(master_id)._raise(c.now, [NodeGatheredInfo(node_id=master_id)])
+    c._carry_out(master_id, effects)
+    c.inflight = [m for m in c.inflight if not (m.to == follower and isinstance(m.message, GlobalEvent))]
+    end = c.now + 3 * 24 * 3_600.0
+    asked_at: list[float] = []
+    while c.now < end:
+        for m in [m for m in c.inflight if isinstance(m.message, SyncRequest) and m.sender == follower]:
+            asked_at.append(c.now)
+            c.inflight.remove(m)  # the way to the master is cut: it never hears the follower
+        if c.inflight:
+            c.deliver(0)
+        elif not c.fire_next_timer():
+            break
+    cap = CoreConfig().nack_cap_s
+    assert len(asked_at) > 25_000, len(asked_at)  # one every 10 s from the first heartbeat (1 h) on
+    gaps = [b - a for a, b in zip(asked_at[-1_000:], asked_at[-999:])]
+    assert min(gaps) >= cap - 1e-6 and max(gaps) <= cap + 1e-6, (min(gaps), max(gaps))
+    assert c.node(follower).replica.session == c.node(master_id).replica.session
