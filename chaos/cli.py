@@ -7,6 +7,8 @@
     python -m chaos bench [--sim-seconds S] [--failover-seeds N] [--jobs J]
     python -m chaos digests --seeds N [--scenario S ...] [--jobs J] --out FILE
     python -m chaos digests --compare FILE [--jobs J] [--out FILE]
+    python -m chaos mutate [--mutant M ...] [--time-cap S] [--jobs J] [--harness-from REV] [--out FILE]
+    python -m chaos mutate --mutant M --scenario S --seed N   # replay one run of a planted mutant
     python -m chaos ci [--jobs J]          # the CI sample the test command runs
     python -m chaos nightly [--jobs J]     # every scenario x 200 seeds, determinism on a sample
 
@@ -206,6 +208,45 @@ def _cmd_digests(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_mutate(args: argparse.Namespace) -> int:
+    """Plant each mutant in a scratch copy and hunt it with the sweep (``chaos.mutate``)."""
+    from chaos import mutate
+    from chaos.mutants import StaleMutant
+
+    if args.list:
+        for m in mutate.mutants_named(args.mutant):
+            print(f"{m.name:<42} {m.area:<16} {m.path}: {m.why}")
+        return exitcodes.OK
+    try:
+        mutants = mutate.mutants_named(args.mutant)
+        for m in mutants:  # fail loudly, naming the mutant, before anything runs
+            m.apply((mutate.ROOT / m.path).read_text(encoding="utf-8"))
+    except StaleMutant as exc:
+        print(f"STALE: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+    if args.seed is not None:
+        if len(mutants) != 1 or not args.scenario or len(args.scenario) != 1:
+            print("mutate --seed replays one run: give exactly one --mutant and one --scenario", file=sys.stderr)
+            return exitcodes.USAGE
+        print(f"# {mutants[0].name} planted: {mutants[0].why}", flush=True)
+        return mutate.replay_seed(mutants[0], args.scenario[0], args.seed, harness_from=args.harness_from)
+    names = _scenarios(args.scenario) if args.scenario else None
+    where = f"harness from {args.harness_from}" if args.harness_from else "this tree's harness"
+    print(f"# mutate: {len(mutants)} mutant(s), {where}, time cap {args.time_cap:g} s each, {args.jobs} job(s)",
+          flush=True)
+    print(mutate._HEADER, flush=True)
+    results = mutate.mutate_all(
+        mutants, echo=lambda line: print(line, flush=True), time_cap_s=args.time_cap, jobs=args.jobs,
+        scenarios=names, seeds=args.seeds, harness_from=args.harness_from,
+    )
+    print(mutate.table(results, time_cap_s=args.time_cap))
+    if args.out:
+        mutate.save(Path(args.out), results)
+        print(f"# wrote {args.out}")
+    missed = [r for r in results if r.verdict not in ("caught", "benign")]
+    return exitcodes.OK if not missed else exitcodes.ERROR
+
+
 def _cmd_ci(args: argparse.Namespace) -> int:
     """The CI sample: every scenario x a few seeds, a determinism sample, the canary proof."""
     from chaos.determinism import check_determinism
@@ -317,6 +358,18 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--out", help="write the digests here (JSON: {scenario:seed: [digest, status]})")
     dg.add_argument("--compare", help="re-run the runs of this recording; exit 5 on any difference")
     dg.set_defaults(fn=_cmd_digests)
+
+    mu = sub.add_parser("mutate", help="plant each mutant of the catalogue in a scratch copy; does the sweep catch it?")
+    mu.add_argument("--mutant", action="append", help="mutant name (repeatable; default: the whole catalogue)")
+    mu.add_argument("--time-cap", type=float, default=60.0, help="seconds of hunting per mutant")
+    mu.add_argument("--jobs", type=int, default=2)
+    mu.add_argument("--scenario", action="append", help="hunt with these scenarios only (default: all)")
+    mu.add_argument("--seeds", type=int, default=1_000, help="seeds per scenario at most")
+    mu.add_argument("--seed", type=int, help="replay one run: this seed of the one --scenario, with the mutant planted")
+    mu.add_argument("--harness-from", help="take sim/ and chaos/ from this git revision (the checkers before a change)")
+    mu.add_argument("--out", help="write the results as JSON")
+    mu.add_argument("--list", action="store_true", help="list the catalogue")
+    mu.set_defaults(fn=_cmd_mutate)
 
     ci = sub.add_parser("ci", help="the CI sample (about 5 minutes on 2 cores)")
     ci.add_argument("--seeds", type=int, default=10, help="seeds per scenario")

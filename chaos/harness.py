@@ -42,6 +42,7 @@ from skulk.core.state import digest as core_digest
 from chaos import exitcodes
 from chaos.budget import DEFAULT_BUDGET, Budget, BudgetExceeded, guarding, trace_tail
 from chaos.checkers import SafetyChecker, SafetyViolation
+from chaos.efficiency import EfficiencyBounds, EfficiencyChecker, EfficiencyViolation
 from chaos.stage import Stage, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
@@ -195,6 +196,7 @@ def run_scenario(
     hashes_out: Path | None = None,
     write_trace: bool = False,
     budget: Budget | None = DEFAULT_BUDGET,
+    efficiency: EfficiencyBounds | None = EfficiencyBounds(),
 ) -> RunResult:
     """Run scenario ``name`` with ``seed``; report what happened (never raises for a failed run).
 
@@ -213,6 +215,9 @@ def run_scenario(
     checker.ram_total_bytes = {h: world.hosts[h].ram_total_bytes for h in world.host_ids}
     checker.host_paused = lambda h: world.hosts[h].paused  # type: ignore[index]
     checker.master_reachable = lambda h, s: _master_reachable(world, h, s)
+    efficient = EfficiencyChecker(world, checker, efficiency) if efficiency is not None else None
+    if efficient is not None:
+        world.observers.append(efficient)
     stage = Stage(world, checker, derive(seed, "scenario:" + name))
     started = time.perf_counter()
     status, code, message, caught_by = "ok", exitcodes.OK, "", ""
@@ -243,7 +248,7 @@ def run_scenario(
         canary=canary,
         overrides=over,
         metrics=dict(stage.metrics),
-        checks=checker.summary(),
+        checks={**checker.summary(), **(efficient.summary() if efficient is not None else {})},
         replay=replay_command(name, seed, over, canary),
         caught_by=caught_by,
     )
@@ -275,6 +280,8 @@ def _classify(exc: Exception) -> tuple[str, int, str, str]:
     """(status, exit code, message, caught by) of the exception that ended a run."""
     if isinstance(exc, SafetyViolation):
         return "safety", exitcodes.SAFETY, str(exc), f"invariant {exc.invariant}"
+    if isinstance(exc, EfficiencyViolation):
+        return "liveness", exitcodes.LIVENESS, str(exc), f"efficiency {exc.invariant}"
     if isinstance(exc, CoreFailure):
         what = "core assertion" if isinstance(exc.error, AssertionError) else f"core {type(exc.error).__name__}"
         return "safety", exitcodes.SAFETY, f"{exc}\n{_short_tb(exc.error)}", what

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from skulk.core.ids import NodeId
@@ -133,6 +134,11 @@ class Network:
         # Data plane: ring addresses ("ip:port") whose connections fail, reference counted.
         self.ring_blocked: dict[str, int] = {}
         self.changed = self.env.event()
+        # An observer of messages that did not arrive, or arrived later than ``late_s``
+        # (lost, cut, clogged, overflowed, late): the efficiency invariants excuse
+        # the retransmissions those cause (``chaos.efficiency``). Off by default.
+        self.disturbed: Callable[[NodeId, NodeId, Message, str], None] | None = None
+        self.late_s = math.inf
 
     # --- construction ------------------------------------------------------------
 
@@ -164,15 +170,18 @@ class Network:
         key = (src, dst)
         if key in self.cut:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "cut")
             return
         link = self.route(src, dst)
         if link is None:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "no route")
             return
         rng = self.rng
         loss = self.opts.loss_probability + (0.2 if self.burst else 0.0)
         if loss and rng.random() < loss:
             self.lost += 1
+            self._disturb(src, dst, message, "lost")
             return
         copies = 1
         dup = self.opts.duplicate_probability + (0.1 if self.burst else 0.0)
@@ -183,9 +192,12 @@ class Network:
             count = self.inflight.get(key, 0)
             if count >= self.opts.link_capacity_messages:
                 self.overflowed += 1
+                self._disturb(src, dst, message, "overflow")
                 return
             self.inflight[key] = count + 1
             delay = self._latency_s(link)
+            if delay > self.late_s:
+                self._disturb(src, dst, message, "late")
             self.world.call_later(delay, self._arrive, src, dst, message, target.incarnation)
 
     def _latency_s(self, link: Link) -> float:
@@ -202,6 +214,7 @@ class Network:
         if key in self.clogged:
             # Held at the clog; released in order when it unclogs.
             self.held.setdefault(key, []).append((incarnation, message))
+            self._disturb(src, dst, message, "clogged")
             return
         self.inflight[key] -= 1
         self._hand_over(src, dst, message, incarnation)
@@ -213,9 +226,14 @@ class Network:
             return
         if (src, dst) in self.cut:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "cut")
             return
         self.delivered += 1
         host.feed(Received(sender=src, message=message))
+
+    def _disturb(self, src: NodeId, dst: NodeId, message: Message, why: str) -> None:
+        if self.disturbed is not None:
+            self.disturbed(src, dst, message, why)
 
     # --- faults ---------------------------------------------------------------------------
 
