@@ -43,6 +43,7 @@ from chaos import exitcodes
 from chaos.budget import DEFAULT_BUDGET, Budget, BudgetExceeded, guarding, trace_tail
 from chaos.checkers import SafetyChecker, SafetyViolation
 from chaos.efficiency import EfficiencyBounds, EfficiencyChecker, EfficiencyViolation
+from chaos.oracles import OracleChecker, OracleViolation
 from chaos.stage import Stage, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
@@ -215,6 +216,8 @@ def run_scenario(
     checker.ram_total_bytes = {h: world.hosts[h].ram_total_bytes for h in world.host_ids}
     checker.host_paused = lambda h: world.hosts[h].paused  # type: ignore[index]
     checker.master_reachable = lambda h, s: _master_reachable(world, h, s)
+    oracles = OracleChecker(world, checker)
+    world.observers.append(oracles)
     efficient = EfficiencyChecker(world, checker, efficiency) if efficiency is not None else None
     if efficient is not None:
         world.observers.append(efficient)
@@ -248,7 +251,7 @@ def run_scenario(
         canary=canary,
         overrides=over,
         metrics=dict(stage.metrics),
-        checks={**checker.summary(), **(efficient.summary() if efficient is not None else {})},
+        checks={**checker.summary(), **oracles.summary(), **(efficient.summary() if efficient is not None else {})},
         replay=replay_command(name, seed, over, canary),
         caught_by=caught_by,
     )
@@ -280,6 +283,8 @@ def _classify(exc: Exception) -> tuple[str, int, str, str]:
     """(status, exit code, message, caught by) of the exception that ended a run."""
     if isinstance(exc, SafetyViolation):
         return "safety", exitcodes.SAFETY, str(exc), f"invariant {exc.invariant}"
+    if isinstance(exc, OracleViolation):
+        return "safety", exitcodes.SAFETY, str(exc), f"oracle {exc.oracle}"
     if isinstance(exc, EfficiencyViolation):
         return "liveness", exitcodes.LIVENESS, str(exc), f"efficiency {exc.invariant}"
     if isinstance(exc, CoreFailure):

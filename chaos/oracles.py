@@ -1,0 +1,278 @@
+"""Independent oracles: the figures a scenario checks, derived without the code under test.
+
+Theory of operation
+-------------------
+A scenario that compares the core's answer with the core's own function
+(``context_ceiling(...) == instance.context_ceiling``) checks consistency,
+not correctness: drop the 1.30 weight overhead from the core and both sides
+move together. The functions here recompute what the documentation says
+(``docs/placement.md``, ``shared/REFERENCE.md``) from the raw inputs: the
+card's figures, each node's total RAM, the shard's layers. They use the
+documented constants as literals and share no code with ``skulk.core``
+(``tests/chaos/test_oracles.py`` checks them against the worked example in
+``docs/placement.md``, so the documentation and the oracle cannot drift).
+
+``OracleChecker`` applies them to every run, after every step:
+
+O1. **Footprint.** Every new instance's ``memory_by_node`` is, node by node,
+    the documented footprint of its shard: weights x share x 1.30 + KV bytes
+    for 8,192 tokens x share + 256 MiB, each term rounded up once.
+O2. **Context ceiling.** Every new instance's ``context_ceiling`` is the
+    documented one: the smallest per-node capacity ``floor((floor(0.75 x
+    RAM) - ceil(weights x share x 1.30) - 256 MiB) / (KV bytes per token x
+    share))``, capped by the card's context length.
+O3. **Memory.** After every new instance, the documented footprints placed
+    on each node add up to at most 75 % of its RAM, and the new one fits what
+    the node reported as available.
+O4. **Exactly once.** A command takes effect once: within a session, one
+    ``InstanceCreated`` per command id (retries and duplicated deliveries
+    included).
+O5. **Streams in order, once.** What a node hands its API for one request
+    arrives in strictly increasing chunk order and ends once: no duplicate,
+    no chunk after the last.
+O6. **A master follows its session.** A node acting as master of a session
+    follows that very session (DESIGN.md: a node that loses mastership stops
+    acting as master at once; invariant 1).
+
+A broken oracle raises ``OracleViolation`` (a safety failure, exit code 3):
+the arithmetic or the bookkeeping the cluster relies on is wrong.
+
+Also here, for scenarios: ``layer_split`` (largest remainder, documented
+ties) and ``breaker`` (the crash breaker's documented numbers).
+
+Invariants kept: imports nothing from ``skulk.core`` but record types and
+the effects it observes; exact integer and fraction arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+from skulk.core.cards import ModelCard
+from skulk.core.effects import AppendLog, DeliverChunk
+from skulk.core.events import InstanceCreated
+from skulk.core.instances import Instance, PipelineShardMetadata, TensorShardMetadata
+
+if TYPE_CHECKING:
+    from chaos.checkers import SafetyChecker
+    from sim.world import World
+
+__all__ = [
+    "OracleViolation",
+    "OracleChecker",
+    "ORACLES",
+    "USABLE",
+    "OVERHEAD",
+    "REFERENCE_TOKENS",
+    "FLOOR_BYTES",
+    "kv_bytes_per_token",
+    "footprint_bytes",
+    "node_tokens",
+    "ceiling",
+    "layer_split",
+    "share_of",
+    "BREAKER",
+]
+
+ORACLES: dict[str, str] = {
+    "O1": "a new instance's footprint per node is the documented one",
+    "O2": "a new instance's context ceiling is the documented one",
+    "O3": "the documented footprints on a node fit 75 % of its RAM, and a new one fits what it reported",
+    "O4": "a command takes effect once",
+    "O5": "a request's chunks reach its API in order, once",
+    "O6": "a node acting as master follows the session it leads",
+}
+
+# The documented numbers (docs/placement.md, shared/REFERENCE.md), written out here on purpose.
+USABLE = Fraction(3, 4)  # never plan on more than 75 % of RAM
+OVERHEAD = Fraction(13, 10)  # weights x 1.30
+REFERENCE_TOKENS = 8_192  # KV cache reserved at placement
+FLOOR_BYTES = 256 * 1024 * 1024  # the runner process: 256 MiB
+# The crash breaker: 3 failures within 60 s trip it (edge-triggered), it re-arms after 60 s quiet,
+# restarts back off 1 s, 2 s, ... at most 8 s; exit code 86 is a wedge, never retried.
+BREAKER = {"failures_to_trip": 3, "window_s": 60.0, "rearm_quiet_s": 60.0, "backoff_first_s": 1.0,
+           "backoff_max_s": 8.0, "wedge_exit_code": 86}
+
+
+class OracleViolation(Exception):
+    """An independent oracle disagrees with what the core did (``oracle`` is O1..O6)."""
+
+    def __init__(self, oracle: str, message: str, t: float, host: str | None) -> None:
+        super().__init__(oracle, message, t, host)  # simpy rebuilds exceptions from their args
+        self.oracle = oracle
+        self.detail = message
+        self.t = t
+        self.host = host
+
+    def __str__(self) -> str:
+        where = f" on {self.host}" if self.host else ""
+        return f"oracle {self.oracle} ({ORACLES[self.oracle]}) violated at t={self.t:.6f}{where}: {self.detail}"
+
+
+# --- the documented arithmetic ---------------------------------------------------------------------
+
+
+def kv_bytes_per_token(card: ModelCard) -> int:
+    """2 (K and V) x layers x KV heads x head dim x 2 bytes, unless the card states its own."""
+    return card.kv_bytes_per_token or 2 * card.n_layers * card.num_kv_heads * card.head_dim * 2
+
+
+def share_of(shard: Any) -> Fraction:
+    """Pipeline: the shard's layers over all layers; tensor: one over the world size."""
+    if isinstance(shard, PipelineShardMetadata):
+        return Fraction(shard.end_layer - shard.start_layer, shard.n_layers)
+    assert isinstance(shard, TensorShardMetadata), shard
+    return Fraction(1, shard.world_size)
+
+
+def _ceil(x: Fraction) -> int:
+    return -((-x.numerator) // x.denominator)
+
+
+def footprint_bytes(card: ModelCard, share: Fraction) -> int:
+    """weights x share x 1.30 + KV for 8,192 tokens x share + 256 MiB, each term rounded up once."""
+    weights = _ceil(card.weight_bytes * share * OVERHEAD)
+    kv = _ceil(kv_bytes_per_token(card) * REFERENCE_TOKENS * share)
+    return weights + kv + FLOOR_BYTES
+
+
+def node_tokens(card: ModelCard, share: Fraction, ram_total_bytes: int) -> int:
+    """floor((floor(0.75 x RAM) - ceil(weights x share x 1.30) - 256 MiB) / (KV bytes per token x share))."""
+    capacity = math.floor(ram_total_bytes * USABLE)
+    room = capacity - _ceil(card.weight_bytes * share * OVERHEAD) - FLOOR_BYTES
+    return math.floor(Fraction(room) / (kv_bytes_per_token(card) * share))
+
+
+def ceiling(card: ModelCard, shares: Mapping[str, Fraction], ram_total: Mapping[str, int]) -> int:
+    """The instance's ceiling: the smallest node capacity, capped by the card's context length (at least 0)."""
+    return max(0, min([card.context_length] + [node_tokens(card, shares[n], ram_total[n]) for n in shares]))
+
+
+def layer_split(n_layers: int, weights: Mapping[str, int]) -> dict[str, int]:
+    """One layer per node, the rest by largest remainder of rest x weight / total (ties: more weight, then id)."""
+    nodes = sorted(weights)
+    total = sum(weights.values())
+    rest = n_layers - len(nodes)
+    share = {n: Fraction(rest * (weights[n] if total else 1), total if total else len(nodes)) for n in nodes}
+    counts = {n: 1 + math.floor(share[n]) for n in nodes}
+    leftover = n_layers - sum(counts.values())
+    for n in sorted(nodes, key=lambda n: (-(share[n] - math.floor(share[n])), -weights[n], n))[:leftover]:
+        counts[n] += 1
+    return counts
+
+
+# --- the checker --------------------------------------------------------------------------------------
+
+
+class OracleChecker:
+    """Checks O1-O6 on every step of a simulated run (see the module docstring)."""
+
+    def __init__(self, world: World, safety: SafetyChecker) -> None:
+        self.world = world
+        self.safety = safety
+        self.cards = world.cards
+        self.ram_total = {h: world.hosts[h].ram_total_bytes for h in world.host_ids}
+        self._seen_instances: set[str] = set()
+        self._command_effects: dict[tuple[Any, str], int] = {}
+        self._streams: dict[tuple[str, str], tuple[int, bool]] = {}
+        self.instances_checked = 0
+        self.chunks_checked = 0
+
+    def _fail(self, oracle: str, message: str, host: str | None) -> None:
+        raise OracleViolation(oracle, message, self.world.env.now, host)
+
+    def after_step(self, host: str, node: Any, inp: Any, effects: list[Any]) -> None:
+        for effect in effects:
+            kind = type(effect)
+            if kind is AppendLog:
+                event = effect.indexed.event
+                if type(event) is InstanceCreated:
+                    self._created(host, effect, event)
+            elif kind is DeliverChunk:
+                self._chunk(host, effect.chunk)
+        master = node.master
+        if master is not None and master.active and master.session != node.election.session:
+            self._fail("O6", f"{host} acts as master of session {master.session} but follows "
+                             f"{node.election.session}", host)
+
+    # --- O1-O4 ------------------------------------------------------------------------------------
+
+    def _created(self, host: str, effect: AppendLog, event: InstanceCreated) -> None:
+        inst = event.instance
+        if event.command_id is not None:
+            key = (effect.session, event.command_id)
+            count = self._command_effects.get(key, 0) + 1
+            self._command_effects[key] = count
+            if count > 1:
+                self._fail("O4", f"command {event.command_id} created {count} instances in session "
+                                 f"{effect.session} (the latest {inst.instance_id})", host)
+        if inst.instance_id in self._seen_instances:
+            return  # re-adopted after a failover: checked when it was created
+        self._seen_instances.add(inst.instance_id)
+        self.instances_checked += 1
+        card = self.cards.get(inst.shard_assignments.model_id)
+        if card is None:
+            return
+        sa = inst.shard_assignments
+        shares = {node: share_of(sa.runner_to_shard[runner]) for node, runner in sa.node_to_runner.items()}
+        for node in sorted(shares):
+            want = footprint_bytes(card, shares[node])
+            got = inst.memory_by_node.get(node)
+            if got != want:
+                self._fail("O1", f"instance {inst.instance_id} books {got} bytes on {node} for a {shares[node]} share "
+                                 f"of {card.model_id}; the documented footprint is {want}", host)
+        totals = {node: self.ram_total[node] for node in shares if node in self.ram_total}
+        if len(totals) == len(shares):
+            want_ceiling = ceiling(card, shares, totals)
+            if inst.context_ceiling != want_ceiling:
+                self._fail("O2", f"instance {inst.instance_id} of {card.model_id} over {sorted(shares)} has a context "
+                                 f"ceiling of {inst.context_ceiling} tokens; the documented arithmetic gives "
+                                 f"{want_ceiling}", host)
+        self._check_memory(host, effect, inst, shares)
+
+    def _check_memory(self, host: str, effect: AppendLog, inst: Instance, shares: Mapping[str, Fraction]) -> None:
+        log = self.safety.logs.get(effect.session)
+        if log is None or effect.indexed.index >= len(log.events):
+            return
+        index = effect.indexed.index
+        before, after = log.state_at(index - 1), log.state_at(index)
+        for node in sorted(shares):
+            total = self.ram_total.get(node)
+            if total is None:
+                continue
+            capacity = math.floor(total * USABLE)
+            placed = 0
+            for other in after.instances.values():
+                runner = other.shard_assignments.node_to_runner.get(node)
+                card = self.cards.get(other.shard_assignments.model_id)
+                if runner is not None and card is not None:
+                    placed += footprint_bytes(card, share_of(other.shard_assignments.runner_to_shard[runner]))
+            if placed > capacity:
+                self._fail("O3", f"after {inst.instance_id}, the instances on {node} need {placed} bytes, beyond "
+                                 f"75 % of its {total} bytes of RAM ({capacity})", host)
+            reported = before.node_memory.get(node)
+            card = self.cards[inst.shard_assignments.model_id]
+            need = footprint_bytes(card, shares[node])
+            if reported is not None and need > min(reported.ram_available.in_bytes, capacity):
+                self._fail("O3", f"{inst.instance_id} needs {need} bytes on {node}, which reported only "
+                                 f"{reported.ram_available.in_bytes} available (75 % of RAM: {capacity})", host)
+
+    # --- O5 ---------------------------------------------------------------------------------------
+
+    def _chunk(self, host: str, chunk: Any) -> None:
+        self.chunks_checked += 1
+        key = (host, chunk.command_id)
+        last = self._streams.get(key)
+        if last is not None:
+            seq, ended = last
+            if ended:
+                self._fail("O5", f"{host} handed its API chunk {chunk.seq} of {chunk.command_id} after the last one", host)
+            if chunk.seq <= seq:
+                self._fail("O5", f"{host} handed its API chunk {chunk.seq} of {chunk.command_id} after chunk {seq}", host)
+        self._streams[key] = (chunk.seq, chunk.finish_reason is not None)
+
+    def summary(self) -> dict[str, Any]:
+        return {"instances_checked_by_oracles": self.instances_checked, "chunks_checked": self.chunks_checked}
