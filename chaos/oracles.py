@@ -26,7 +26,9 @@ O3. **Memory.** After every new instance, the documented footprints placed
     the node reported as available.
 O4. **Exactly once.** A command takes effect once: within a session, one
     ``InstanceCreated`` per command id (retries and duplicated deliveries
-    included).
+    included); and a request cancelled before its submission reached the
+    master is never created (a cancel that overtakes its submit still
+    cancels it: the master remembers the last ``command_dedupe_max``).
 O5. **Streams in order, once.** What a node hands its API for one request
     arrives in strictly increasing chunk order and ends once: no duplicate,
     no chunk after the last.
@@ -52,8 +54,11 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from skulk.core.cards import ModelCard
+from skulk.core.commands import CancelTask, SubmitTask
 from skulk.core.effects import AppendLog, DeliverChunk
-from skulk.core.events import InstanceCreated
+from skulk.core.events import InstanceCreated, TaskCreated
+from skulk.core.inputs import Received
+from skulk.core.messages import CommandMessage
 from skulk.core.instances import Instance, PipelineShardMetadata, TensorShardMetadata
 
 if TYPE_CHECKING:
@@ -178,6 +183,12 @@ class OracleChecker:
         self._seen_instances: set[str] = set()
         self._command_effects: dict[tuple[Any, str], int] = {}
         self._streams: dict[tuple[str, str], tuple[int, bool]] = {}
+        # Per session: requests the master saw cancelled (with how many cancels it had seen
+        # then), and submissions it received after their cancel (those must never be created).
+        self._cancelled: dict[Any, dict[str, int]] = {}
+        self._cancels_seen: dict[Any, int] = {}
+        self._must_not_create: dict[Any, set[str]] = {}
+        self._remembered = world.core_config.command_dedupe_max
         self.instances_checked = 0
         self.chunks_checked = 0
 
@@ -185,12 +196,16 @@ class OracleChecker:
         raise OracleViolation(oracle, message, self.world.env.now, host)
 
     def after_step(self, host: str, node: Any, inp: Any, effects: list[Any]) -> None:
+        if type(inp) is Received and type(inp.message) is CommandMessage and node.is_master:
+            self._command_at_master(node.master.session, inp.message.command)
         for effect in effects:
             kind = type(effect)
             if kind is AppendLog:
                 event = effect.indexed.event
                 if type(event) is InstanceCreated:
                     self._created(host, effect, event)
+                elif type(event) is TaskCreated:
+                    self._task_created(host, effect, event)
             elif kind is DeliverChunk:
                 self._chunk(host, effect.chunk)
         master = node.master
@@ -259,6 +274,22 @@ class OracleChecker:
             if reported is not None and need > min(reported.ram_available.in_bytes, capacity):
                 self._fail("O3", f"{inst.instance_id} needs {need} bytes on {node}, which reported only "
                                  f"{reported.ram_available.in_bytes} available (75 % of RAM: {capacity})", host)
+
+    def _command_at_master(self, session: Any, command: Any) -> None:
+        if type(command) is CancelTask:
+            seen = self._cancels_seen.get(session, 0) + 1
+            self._cancels_seen[session] = seen
+            self._cancelled.setdefault(session, {})[command.target] = seen
+        elif type(command) is SubmitTask:
+            at = self._cancelled.get(session, {}).get(command.command_id)
+            if at is not None and self._cancels_seen.get(session, 0) - at < self._remembered:
+                self._must_not_create.setdefault(session, set()).add(command.command_id)
+
+    def _task_created(self, host: str, effect: AppendLog, event: TaskCreated) -> None:
+        cid = event.task.command_id
+        if cid in self._must_not_create.get(effect.session, ()):
+            self._fail("O4", f"request {cid} was created in session {effect.session} although its cancel reached the "
+                             "master before it did", host)
 
     # --- O5 ---------------------------------------------------------------------------------------
 
