@@ -35,6 +35,13 @@ O5. **Streams in order, once.** What a node hands its API for one request
 O6. **A master follows its session.** A node acting as master of a session
     follows that very session (DESIGN.md: a node that loses mastership stops
     acting as master at once; invariant 1).
+O7. **Placement is as small and as well linked as possible.** For every
+    instance placed for a command, a brute-force search from the documented
+    rules (``chaos.placement_oracle``) finds no set of fewer nodes that fits
+    with a ring, and no better ring over as many nodes.
+O8. **An impossible placement is impossible.** For every
+    ``insufficient_memory`` refusal, the same search finds no set of nodes
+    that fits with a ring.
 
 A broken oracle raises ``OracleViolation`` (a safety failure, exit code 3):
 the arithmetic or the bookkeeping the cluster relies on is wrong.
@@ -54,11 +61,11 @@ from fractions import Fraction
 from typing import TYPE_CHECKING, Any
 
 from skulk.core.cards import ModelCard
-from skulk.core.commands import CancelTask, SubmitTask
-from skulk.core.effects import AppendLog, DeliverChunk
+from skulk.core.commands import CancelTask, PlaceInstance, SubmitTask
+from skulk.core.effects import AppendLog, DeliverChunk, Send
 from skulk.core.events import InstanceCreated, TaskCreated
-from skulk.core.inputs import Received
-from skulk.core.messages import CommandMessage
+from skulk.core.inputs import Received, SubmitCommand
+from skulk.core.messages import CommandMessage, CommandResultMessage
 from skulk.core.instances import Instance, PipelineShardMetadata, TensorShardMetadata
 
 if TYPE_CHECKING:
@@ -89,6 +96,8 @@ ORACLES: dict[str, str] = {
     "O4": "a command takes effect once",
     "O5": "a request's chunks reach its API in order, once",
     "O6": "a node acting as master follows the session it leads",
+    "O7": "a placement uses the fewest nodes and the best ring the documented rules allow",
+    "O8": "a placement refused for memory fits nowhere",
 }
 
 # The documented numbers (docs/placement.md, shared/REFERENCE.md), written out here on purpose.
@@ -189,6 +198,8 @@ class OracleChecker:
         self._cancels_seen: dict[Any, int] = {}
         self._must_not_create: dict[Any, set[str]] = {}
         self._remembered = world.core_config.command_dedupe_max
+        self._placements: dict[str, PlaceInstance] = {}  # every PlaceInstance any API took, by command id
+        self.placements_searched = 0
         self.instances_checked = 0
         self.chunks_checked = 0
 
@@ -196,8 +207,18 @@ class OracleChecker:
         raise OracleViolation(oracle, message, self.world.env.now, host)
 
     def after_step(self, host: str, node: Any, inp: Any, effects: list[Any]) -> None:
-        if type(inp) is Received and type(inp.message) is CommandMessage and node.is_master:
+        kind_in = type(inp)
+        if kind_in is SubmitCommand and type(inp.command) is PlaceInstance:
+            self._placements[inp.command.command_id] = inp.command
+        elif kind_in is Received and type(inp.message) is CommandMessage and node.is_master:
             self._command_at_master(node.master.session, inp.message.command)
+        first_append: AppendLog | None = None
+        for effect in effects:
+            if type(effect) is AppendLog and first_append is None:
+                first_append = effect
+            elif (type(effect) is Send and type(effect.message) is CommandResultMessage
+                  and effect.message.result.code == "insufficient_memory"):
+                self._refused(host, node, effect.message, first_append)
         for effect in effects:
             kind = type(effect)
             if kind is AppendLog:
@@ -247,6 +268,61 @@ class OracleChecker:
                                  f"ceiling of {inst.context_ceiling} tokens; the documented arithmetic gives "
                                  f"{want_ceiling}", host)
         self._check_memory(host, effect, inst, shares)
+        command = self._placements.get(event.command_id) if event.command_id is not None else None
+        if command is not None and inst.generation == 0:
+            self._check_placement(host, effect, inst, card, command)
+
+    # --- O7 and O8 --------------------------------------------------------------------------------
+
+    def _state_before(self, session: Any, index: int) -> Any:
+        log = self.safety.logs.get(session)
+        if log is None or index < 1 or index - 1 >= len(log.events):
+            return None
+        return log.state_at(index - 1)
+
+    def _check_placement(self, host: str, effect: AppendLog, inst: Instance, card: ModelCard, command: Any) -> None:
+        from chaos.placement_oracle import Reference, chosen_quality, names
+
+        state = self._state_before(effect.session, effect.indexed.index)
+        if state is None:
+            return
+        self.placements_searched += 1
+        ref = Reference(state, self.cards, command)
+        k = len(inst.shard_assignments.node_to_runner)
+        smaller = ref.smallest(below=k)
+        if smaller is not None:
+            n, (quality, subset) = smaller
+            self._fail("O7", f"{inst.instance_id} takes {k} nodes, but {n} would do: {names(subset)} fit "
+                             f"{card.model_id} with a ring (hop ranks {quality}); free memory {ref.free}", host)
+        best = ref.best(k)
+        chosen = chosen_quality(state, inst)
+        if best is None or chosen is None:
+            self._fail("O7", f"{inst.instance_id} over {names(inst.shard_assignments.node_to_runner)}: by the "
+                             f"documented rules no {k}-node set fits with a ring of observed links "
+                             f"(its ring: {[(h.node_id, h.address) for h in inst.ring]}; free memory {ref.free})", host)
+            return
+        if chosen > best[0]:
+            self._fail("O7", f"{inst.instance_id}'s ring has hop ranks {chosen} (worst first; 0 thunderbolt .. "
+                             f"4 VPN), but {names(best[1])} allow {best[0]}", host)
+
+    def _refused(self, host: str, node: Any, msg: Any, first_append: AppendLog | None) -> None:
+        from chaos.placement_oracle import Reference, names
+
+        command = self._placements.get(msg.result.command_id)
+        if command is None or not node.is_master:
+            return
+        if first_append is not None:
+            state = self._state_before(first_append.session, first_append.indexed.index)
+        else:
+            state = node.replica.current
+        if state is None or command.model_id not in self.cards:
+            return
+        self.placements_searched += 1
+        found = Reference(state, self.cards, command).smallest()
+        if found is not None:
+            n, (quality, subset) = found
+            self._fail("O8", f"{command.command_id} ({command.model_id}) was refused for memory, but {names(subset)} "
+                             f"fit it with a ring (hop ranks {quality})", host)
 
     def _check_memory(self, host: str, effect: AppendLog, inst: Instance, shares: Mapping[str, Fraction]) -> None:
         log = self.safety.logs.get(effect.session)
@@ -306,4 +382,5 @@ class OracleChecker:
         self._streams[key] = (chunk.seq, chunk.finish_reason is not None)
 
     def summary(self) -> dict[str, Any]:
-        return {"instances_checked_by_oracles": self.instances_checked, "chunks_checked": self.chunks_checked}
+        return {"instances_checked_by_oracles": self.instances_checked, "chunks_checked": self.chunks_checked,
+                "placements_searched": self.placements_searched}

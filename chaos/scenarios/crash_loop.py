@@ -5,7 +5,7 @@ model, node B a 1.5B model that clients stream from throughout.
 
 1. Node A's runners crash while loading (``runner_crash_loop``: the live one
    exits with code 1, every new one crashes during its load). The worker's
-   crash breaker restarts it twice (after 1 s, then 2 s) and the third
+   crash breaker restarts it twice (after 1 s, then 2 s: checked) and the third
    failure within 60 s trips it: exactly one "instance ... failed: crash
    loop" error, exactly one permanent failure indexed, and no runner of that
    instance is started again (checked 70 s later, past the breaker's window
@@ -47,6 +47,8 @@ STEADY = "sim/qwen-1.5b"
 FAILURES_TO_TRIP = int(oracles.BREAKER["failures_to_trip"])
 WINDOW_S = float(oracles.BREAKER["window_s"])
 WEDGE_EXIT_CODE = int(oracles.BREAKER["wedge_exit_code"])
+BACKOFF_FIRST_S = float(oracles.BREAKER["backoff_first_s"])
+BACKOFF_MAX_S = float(oracles.BREAKER["backoff_max_s"])
 # After a trip or a wedge, watch this long for a restart that must not come.
 QUIET_S = WINDOW_S + 10.0
 
@@ -110,6 +112,12 @@ def _crash_loop(stage: Stage, ledger: Ledger, iid: InstanceId, host: NodeId, loo
            f"loop {loop}: {n} crashes of {runner_id}, got exit codes {[e.exit_code for e in exits]}")
     expect(len(restarts) == n - 1, f"loop {loop}: {n - 1} restarts before the trip, got {len(restarts)}")
     expect(all(s.t <= tripped for s in restarts), f"loop {loop}: no restart after the trip at {tripped:.3f}")
+    # Restarts back off as documented: 1 s after the first failure, doubled after each (at most 8 s).
+    # The worker's timers run on its host's clock (drift up to clock_drift_ppm_max): a few ms of slack.
+    delays = [round(s.t - e.t, 3) for e, s in zip(exits, restarts)]
+    want = [min(BACKOFF_FIRST_S * 2**i, BACKOFF_MAX_S) for i in range(len(delays))]
+    expect(all(abs(d - w) <= 0.01 for d, w in zip(delays, want)),
+           f"loop {loop}: restarts {want} s after each crash (documented backoff), got {delays}")
     gaps = [round(b.t - a.t, 3) for a, b in itertools.pairwise(exits)]
     expect(all(g < WINDOW_S for g in gaps), f"loop {loop}: the crashes within one window, gaps {gaps}")
     expect(len(trips) == 1, f"loop {loop}: the breaker to trip exactly once, got {len(trips)}: {trips}")
