@@ -27,6 +27,15 @@ E3. **Applied within a bound.** An event the master indexes while quiet is
     message between the two was disturbed from ``excuse_before_s`` before
     the event until the bound (a NACK-and-resend costs at least the 0.5 s
     NACK backoff, far past the bound).
+E5. **A worker's lost local event is resent at once.** The master handles
+    each node's local events in order; when it holds later ones and lacks
+    one, it reports the gap and the node resends it. While quiet, a fresh
+    gap (one opening while the master held nothing else of that node) is
+    filled within ``gap_fill_s``, unless a message between the two was lost
+    afterwards or the missing one was merely late (then it fills when it
+    arrives). A second hole left once the first fills is not timed: the
+    master reports gaps only as later events arrive, so that one waits for
+    the node's own retry (5 s), a known weakness this invariant found.
 E4. **No empty events.** No indexed event leaves the state as it was (but
     for its index): the ingest cap exists to drop facts already held.
     Telemetry (``NodeGatheredInfo``) is exempt: it refreshes ``last_seen``
@@ -57,7 +66,8 @@ import msgspec
 from skulk.core.effects import AppendLog, Send, SessionChanged
 from skulk.core.events import NodeGatheredInfo
 from skulk.core.ids import NodeId
-from skulk.core.messages import ElectionMessage, Message, SyncRequest
+from skulk.core.inputs import Received
+from skulk.core.messages import ElectionMessage, LocalEventMessage, Message, SyncRequest
 from skulk.core.session import Session
 
 if TYPE_CHECKING:
@@ -71,6 +81,7 @@ EFFICIENCY_INVARIANTS: dict[str, str] = {
     "E2": "a follower's NACKs are explained by lost or late messages",
     "E3": "an indexed event reaches every connected, up-to-date follower within a bound",
     "E4": "no indexed event leaves the state unchanged",
+    "E5": "a gap in a node's local events at the master is filled at once",
 }
 
 _CONTROL = (ElectionMessage, SyncRequest)
@@ -88,6 +99,8 @@ class EfficiencyBounds:
     excuse_before_s: float = 1.0  # E3: s before an event from which disturbances count against it
     recover_disturbed_max: int = 4  # E3: beyond this many disturbed messages an event is not timed
     late_s: float = 0.2  # s: a message slower than this counts as disturbed
+    gap_fill_s: float = 0.5  # E5: s from a gap in an origin's local events at the master to its filling
+    late_max_s: float = 2.5  # E5: a late message may arrive this long after it was sent (the latency tail)
 
 
 class EfficiencyViolation(Exception):
@@ -133,6 +146,9 @@ class EfficiencyChecker:
         self._follow: dict[tuple[str, Session], _Follow] = {}
         self._pair_count: dict[frozenset[str], int] = {}
         self._pair_times: dict[frozenset[str], deque[float]] = {}
+        self._pair_late: dict[frozenset[str], deque[float]] = {}  # late or clogged messages (they still arrive)
+        self._origins: dict[tuple[Any, ...], list[Any]] = {}  # (origin, session, incarnation) -> [next, received, gap since]
+        self.gaps_filled = 0
         self._applied: dict[tuple[str, Session], int] = {}
         self._deadlines: list[tuple[float, int, str, Session, int, float]] = []
         self._seq = 0
@@ -178,6 +194,11 @@ class EfficiencyChecker:
         if times is None:
             times = self._pair_times[pair] = deque(maxlen=64)
         times.append(self.world.env.now)
+        if why in ("late", "clogged"):
+            late = self._pair_late.get(pair)
+            if late is None:
+                late = self._pair_late[pair] = deque(maxlen=64)
+            late.append(self.world.env.now)
 
     def _disturbances(self, a: str, b: str, since: float, until: float) -> int:
         times = self._pair_times.get(frozenset((a, b)))
@@ -191,6 +212,8 @@ class EfficiencyChecker:
         if self._deadlines and self._deadlines[0][0] < now - 1e-9:
             self._expire(now)
         quiet = self.quiet()
+        if type(inp) is Received and type(inp.message) is LocalEventMessage and node.is_master:
+            self._local_event(host, node, inp.message, quiet, now)
         for effect in effects:
             kind = type(effect)
             if kind is Send:
@@ -254,6 +277,50 @@ class EfficiencyChecker:
                 "E2", f"{host} sent {entry.nacks} NACKs in session {message.session} while the cluster was quiet, "
                       f"with {disturbed} lost or late messages to or from its master to explain them "
                       f"(bound {allowed}); the last asked for index {message.from_index}", now, host)
+
+    # --- E5 ---------------------------------------------------------------------------------------
+
+    def _local_event(self, master: str, node: Any, msg: LocalEventMessage, quiet: bool, now: float) -> None:
+        if node.master.session != msg.session:
+            return
+        key = (msg.origin, msg.session, msg.incarnation)
+        entry = self._origins.get(key)
+        if entry is None:
+            entry = self._origins[key] = [0, set(), None]
+        received: set[int] = entry[1]
+        if msg.origin_idx < entry[0]:
+            return
+        fresh = not received  # nothing held before this message: a gap opening now is a fresh one
+        received.add(msg.origin_idx)
+        before = entry[0]
+        while entry[0] in received:
+            received.discard(entry[0])
+            entry[0] += 1
+        gap_since = entry[2]
+        if gap_since is not None and entry[0] > before:
+            entry[2] = None
+            self._gap_filled(master, msg.origin, gap_since, now)
+        if received and entry[2] is None and fresh:
+            # Only a fresh gap is timed: the master reports a gap when a later event
+            # arrives (at 1, 2, 4, 8... held), so a second hole left once the first
+            # fills waits for the node's own retry (found by this invariant; see
+            # docs/simulator.md).
+            entry[2] = now if quiet else None
+
+    def _gap_filled(self, master: str, origin: str, since: float, now: float) -> None:
+        b = self.bounds
+        self.gaps_filled += 1
+        if now - since <= b.gap_fill_s + 1e-9 or self.last_upset_at > since or self.active_faults:
+            return
+        pair = frozenset((master, origin))
+        if self._disturbances(master, origin, since, now):
+            return  # the resend (or the report of the gap) was lost too
+        late = self._pair_late.get(pair)
+        if late is not None and any(since - b.late_max_s <= t <= now for t in late):
+            return  # the missing event was late, not lost: it filled the gap when it arrived
+        raise EfficiencyViolation(
+            "E5", f"{master} held later local events of {origin} for {now - since:.3f} s before the missing one "
+                  f"arrived (bound {b.gap_fill_s:g} s), though nothing was lost after the gap opened", now, master)
 
     # --- E3 and E4 --------------------------------------------------------------------------------
 
@@ -348,6 +415,7 @@ class EfficiencyChecker:
             "peak_control_msgs_per_node_s": self.peak_control_msgs,
             "peak_control_msgs_per_node_s_any": self.peak_control_msgs_any,
             "events_recovered": self.events_recovered,
+            "local_gaps_filled": self.gaps_filled,
             "quiet_nacks": self.quiet_nacks,
             "events_timed": self.events_timed,
             "messages_disturbed": self.disturbances,

@@ -198,7 +198,10 @@ CATALOGUE: tuple[Mutant, ...] = (
     _m("runner.restarted_worker_reruns_orphans", "runner policy", "worker.py",
        "if task.status != \"running\" or task_id in self.dispatched or task_id in self._settled:",
        "if True:",
-       "a restarted worker does not fail the tasks it was running before the crash"),
+       "a restarted worker does not fail the tasks it was running before the crash",
+       benign="the origin already ends a stream whose chunks come from a new incarnation of its runner node once "
+              "it has a chunk (runner_restarted), and streams the rerun when it had none: the client sees an error "
+              "in the first case either way and is served in the second; the rerun costs one generation"),
     # --- admission: ceiling terms ------------------------------------------------------------------
     _m("admission.ceiling_without_overhead", "admission", "context.py",
        "weights = math.ceil(card.weight_bytes * frac * WEIGHT_OVERHEAD_FACTOR)",
