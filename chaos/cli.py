@@ -5,6 +5,7 @@
     python -m chaos sweep [--scenario S ...] --seeds N [--start K] [--jobs J] [--canary] [--check-determinism]
     python -m chaos replay artifacts/chaos/<run>/trace.jsonl
     python -m chaos bench [--sim-seconds S] [--failover-seeds N] [--jobs J]
+    python -m chaos speed --against REV [--seeds N] [--repeat R]   # seeds per minute, before and after
     python -m chaos digests --seeds N [--scenario S ...] [--jobs J] --out FILE
     python -m chaos digests --compare FILE [--jobs J] [--out FILE]
     python -m chaos mutate [--mutant M ...] [--time-cap S] [--jobs J] [--harness-from REV] [--out FILE]
@@ -166,6 +167,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         result = bench_failover(args.failover_seeds, jobs=args.jobs, echo=lambda l: print(l, flush=True))
         if result["failures"]:
             return exitcodes.LIVENESS
+    return exitcodes.OK
+
+
+def _cmd_speed(args: argparse.Namespace) -> int:
+    """Seeds per minute of this tree against a git revision, side by side (``chaos.speed``)."""
+    from chaos.speed import compare
+
+    print(f"# speed: this tree against {args.against}, seeds {args.start}..{args.start + args.seeds - 1} of each "
+          f"scenario, best of {args.repeat}", flush=True)
+    compare(args.against, seeds=args.seeds, start=args.start, repeat=args.repeat,
+            scenarios=_scenarios(args.scenario) if args.scenario else None, echo=lambda l: print(l, flush=True))
     return exitcodes.OK
 
 
@@ -349,6 +361,14 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--failover-seeds", type=int, default=1_000)
     be.add_argument("--jobs", type=int, default=2)
     be.set_defaults(fn=_cmd_bench)
+
+    sp = sub.add_parser("speed", help="seeds per minute of this tree against a git revision, side by side")
+    sp.add_argument("--against", required=True, help="git revision to compare with (e.g. main)")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds per scenario")
+    sp.add_argument("--start", type=int, default=1)
+    sp.add_argument("--repeat", type=int, default=2, help="alternate the trees this many times; the best counts")
+    sp.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")
+    sp.set_defaults(fn=_cmd_speed)
 
     dg = sub.add_parser("digests", help="record the trace digests of many runs, or compare with a recording")
     dg.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")

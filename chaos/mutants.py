@@ -128,10 +128,18 @@ CATALOGUE: tuple[Mutant, ...] = (
        "events = tuple(self._log[start - self._log_base : end - self._log_base]) if end > start else ()",
        "events = tuple(self._log[start:end]) if end > start else ()",
        "after compaction the master serves a NACK from its retained log without the snapshot's offset"),
+    _m("log.ingest_cap_removed", "log", "ingest.py",
+       "    if task is None:\n        master.dropped_by_ingest_cap += 1\n        return [], True",
+       "    if False:\n        master.dropped_by_ingest_cap += 1\n        return [], True",
+       "the ingest cap is gone: task events for tasks the master no longer knows (a cancelled request's) are "
+       "indexed"),
     _m("log.ingest_cap_repeats_task_status", "log", "ingest.py",
        "if isinstance(event, TaskStatusUpdated) and task.status == event.status:",
        "if False:",
-       "the ingest cap indexes a task status the state already holds"),
+       "the ingest cap indexes a task status the state already holds",
+       benign="no input reaches it: a worker reports a task running once (it never dispatches a task twice, and a "
+              "restarted worker fails what it ran before), and a resent local event is dropped by its origin "
+              "index before any ingest rule sees it; the guard is defence in depth"),
     _m("log.ingest_repeats_runner_status", "log", "ingest.py",
        "if state.runners.get(event.runner_id) == event.status:",
        "if False:",
