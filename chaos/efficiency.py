@@ -150,6 +150,7 @@ class EfficiencyChecker:
         self._origins: dict[tuple[Any, ...], list[Any]] = {}  # (origin, session, incarnation) -> [next, received, gap since]
         self.gaps_filled = 0
         self._applied: dict[tuple[str, Session], int] = {}
+        self._seen_state: dict[str, Any] = {}  # the state object last looked at per host
         self._deadlines: list[tuple[float, int, str, Session, int, float]] = []
         self._seq = 0
         self._burst: tuple[Session | None, float, int] = (None, -1.0, 0)  # (session, t, first index at t)
@@ -211,7 +212,7 @@ class EfficiencyChecker:
         # Bounds that passed before this step, judged on what was applied before it.
         if self._deadlines and self._deadlines[0][0] < now - 1e-9:
             self._expire(now)
-        quiet = self.quiet()
+        quiet = self.active_faults == 0 and now - self.last_upset_at >= self.bounds.quiet_after_s
         if type(inp) is Received and type(inp.message) is LocalEventMessage and node.is_master:
             self._local_event(host, node, inp.message, quiet, now)
         for effect in effects:
@@ -228,7 +229,8 @@ class EfficiencyChecker:
                 master = effect.session.master
                 self._follow[(host, effect.session)] = _Follow(master, self._pair_count.get(frozenset((host, master)), 0))
         current = node.replica.current
-        if current is not None and current.session is not None:
+        if current is not None and current is not self._seen_state.get(host) and current.session is not None:
+            self._seen_state[host] = current
             self._applied[(host, current.session)] = current.last_index
 
     # --- E1 ---------------------------------------------------------------------------------------
