@@ -18,7 +18,9 @@ E1. **Control messages per node per simulated second.** Election messages
 E2. **NACKs per disturbance.** Within a session, a follower's NACKs sent
     while quiet (its bootstrap request from index 0 aside) are explained by
     messages between it and its master that were lost, cut, clogged,
-    overflowed or late (the network reports each: ``Network.disturbed``):
+    overflowed, late or held back so later ones overtook them (the network
+    reports each: ``Network.disturbed``; in a storm a NACK timer may fire
+    while a reordered event is still on its way):
     at most ``nacks_slack + nacks_per_disturbance x disturbances``. When no
     message is lost, a follower does not NACK.
 E3. **Applied within a bound.** An event the master indexes while quiet is
@@ -29,13 +31,12 @@ E3. **Applied within a bound.** An event the master indexes while quiet is
     NACK backoff, far past the bound).
 E5. **A worker's lost local event is resent at once.** The master handles
     each node's local events in order; when it holds later ones and lacks
-    one, it reports the gap and the node resends it. While quiet, a fresh
-    gap (one opening while the master held nothing else of that node) is
-    filled within ``gap_fill_s``, unless a message between the two was lost
-    afterwards or the missing one was merely late (then it fills when it
-    arrives). A second hole left once the first fills is not timed: the
-    master reports gaps only as later events arrive, so that one waits for
-    the node's own retry (5 s), a known weakness this invariant found.
+    one, it reports the gap and the node resends it. While quiet, a gap is
+    filled within ``gap_fill_s`` of its opening, unless a message between
+    the two was lost afterwards or the missing one was merely late (then it
+    fills when it arrives). (It found that a second hole, left once the
+    first filled, waited for the node's own 5 s retry: the master now
+    reports it at once.)
 E4. **No empty events.** No indexed event leaves the state as it was (but
     for its index): the ingest cap exists to drop facts already held.
     Telemetry (``NodeGatheredInfo``) is exempt: it refreshes ``last_seen``
@@ -195,7 +196,7 @@ class EfficiencyChecker:
         if times is None:
             times = self._pair_times[pair] = deque(maxlen=64)
         times.append(self.world.env.now)
-        if why in ("late", "clogged"):
+        if why in ("late", "clogged", "reordered"):
             late = self._pair_late.get(pair)
             if late is None:
                 late = self._pair_late[pair] = deque(maxlen=64)
@@ -292,7 +293,6 @@ class EfficiencyChecker:
         received: set[int] = entry[1]
         if msg.origin_idx < entry[0]:
             return
-        fresh = not received  # nothing held before this message: a gap opening now is a fresh one
         received.add(msg.origin_idx)
         before = entry[0]
         while entry[0] in received:
@@ -302,11 +302,7 @@ class EfficiencyChecker:
         if gap_since is not None and entry[0] > before:
             entry[2] = None
             self._gap_filled(master, msg.origin, gap_since, now)
-        if received and entry[2] is None and fresh:
-            # Only a fresh gap is timed: the master reports a gap when a later event
-            # arrives (at 1, 2, 4, 8... held), so a second hole left once the first
-            # fills waits for the node's own retry (found by this invariant; see
-            # docs/simulator.md).
+        if received and entry[2] is None:
             entry[2] = now if quiet else None
 
     def _gap_filled(self, master: str, origin: str, since: float, now: float) -> None:

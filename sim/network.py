@@ -134,11 +134,13 @@ class Network:
         # Data plane: ring addresses ("ip:port") whose connections fail, reference counted.
         self.ring_blocked: dict[str, int] = {}
         self.changed = self.env.event()
-        # An observer of messages that did not arrive, or arrived later than ``late_s``
-        # (lost, cut, clogged, overflowed, late): the efficiency invariants excuse
+        # An observer of messages that did not arrive, or arrived later than ``late_s``,
+        # or were held back so later ones overtook them (lost, cut, clogged, overflowed,
+        # late, reordered): the efficiency invariants excuse
         # the retransmissions those cause (``chaos.efficiency``). Off by default.
         self.disturbed: Callable[[NodeId, NodeId, Message, str], None] | None = None
         self.late_s = math.inf
+        self._held_back = False  # the last latency drawn includes a reordering hold-back
 
     # --- construction ------------------------------------------------------------
 
@@ -198,6 +200,9 @@ class Network:
             delay = self._latency_s(link)
             if delay > self.late_s:
                 self._disturb(src, dst, message, "late")
+            elif self._held_back:
+                self._disturb(src, dst, message, "reordered")
+            self._held_back = False
             self.world.call_later(delay, self._arrive, src, dst, message, target.incarnation)
 
     def _latency_s(self, link: Link) -> float:
@@ -207,6 +212,7 @@ class Network:
             ms += min(self.opts.latency_tail_ms_max, 10.0 * rng.paretovariate(self.opts.latency_tail_alpha))
         if self._reorder_p and rng.random() < self._reorder_p:
             ms += rng.uniform(0.0, self.opts.reorder_delay_ms_max)
+            self._held_back = True
         return ms / 1000.0
 
     def _arrive(self, src: NodeId, dst: NodeId, message: Message, incarnation: int) -> None:

@@ -180,7 +180,12 @@ class Replica:
             self._apply(self._buffer.pop(self.next_index))
             progressed = True
         if progressed:
+            # Progress resets the backoff, and so the NACK already armed: left as it
+            # was, a timer armed after several unanswered NACKs (4 s, 8 s...) would
+            # make the next gap wait for it instead of nack_base_s (found by the
+            # simulator's efficiency invariant E3, master_failover --seed 53).
             self._nack_attempt = 0
+            self._nack_armed = False
         return self._maybe_nack(now)
 
     def _is_caught_up(self) -> bool:
