@@ -22,7 +22,10 @@ runs (not crashed, not paused) and some link carries ``b``'s keepalives to
 ``a`` (not cut, not clogged). A change is felt after a delay: a newly
 reachable peer appears after ``discovery_s``; a crashed one disappears after
 ``crash_detect_s`` (its TCP connections close); a paused or cut-off one after
-``lease_s``. A change that reverts before its delay passes is never seen.
+``lease_s`` (each plus up to ``crash_detect_spread_s`` / ``lease_spread_s``,
+drawn per peer from the ``membership`` stream when set: real leases expire at
+different moments on different peers). A change that reverts before its
+delay passes is never seen.
 A paused host's own view is frozen until it resumes.
 
 Fault state is reference counted per direction or link, so overlapping faults
@@ -141,6 +144,7 @@ class Network:
         self.disturbed: Callable[[NodeId, NodeId, Message, str], None] | None = None
         self.late_s = math.inf
         self._held_back = False  # the last latency drawn includes a reordering hold-back
+        self._spread_rng: random.Random | None = None
 
     # --- construction ------------------------------------------------------------
 
@@ -324,9 +328,19 @@ class Network:
                     delay = self.opts.discovery_s
                 elif hosts[b].node is None:
                     delay = self.opts.crash_detect_s
+                    if self.opts.crash_detect_spread_s:
+                        delay += self._membership_rng().uniform(0.0, self.opts.crash_detect_spread_s)
                 else:
                     delay = self.opts.lease_s
+                    if self.opts.lease_spread_s:
+                        delay += self._membership_rng().uniform(0.0, self.opts.lease_spread_s)
                 self.world.call_later(delay, self._membership_change, a, b, gen)
+
+    def _membership_rng(self) -> random.Random:
+        """The draws of detection spreads: their own stream, so runs without a spread draw nothing."""
+        if self._spread_rng is None:
+            self._spread_rng = self.world.rngs("membership")
+        return self._spread_rng
 
     def forget(self, a: NodeId) -> None:
         """``a`` crashed: its view and its side of the truth start from nothing."""
