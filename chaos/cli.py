@@ -11,7 +11,7 @@
     python -m chaos mutate [--mutant M ...] [--time-cap S] [--jobs J] [--harness-from REV] [--out FILE]
     python -m chaos mutate --mutant M --scenario S --seed N   # replay one run of a planted mutant
     python -m chaos ci [--jobs J]          # the CI sample the test command runs
-    python -m chaos nightly [--jobs J]     # every scenario x 200 seeds, determinism on a sample
+    python -m chaos nightly [--jobs J]     # 10,000 seeds over every scenario, determinism, mutation testing
 
 Exit codes (chaos.exitcodes): 0 ok, 1 harness error, 2 usage, 3 safety
 violation, 4 liveness failure, 5 nondeterminism.
@@ -267,12 +267,12 @@ def _cmd_ci(args: argparse.Namespace) -> int:
     names = _scenarios(None)
     artifacts = Path(args.artifacts)
     echo = lambda line: print(line, flush=True)  # noqa: E731
-    print(f"# ci 1/3: {len(names)} scenarios x seeds 1..{args.seeds}, {args.jobs} job(s)", flush=True)
+    print(f"# ci 1/4: {len(names)} scenarios x seeds 1..{args.seeds}, {args.jobs} job(s)", flush=True)
     summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=artifacts, echo=echo)
     print(summary.table(), flush=True)
     codes = [summary.exit_code]
     det_seeds = range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds)
-    print(f"# ci 2/3: determinism, seeds {det_seeds.start}..{det_seeds.stop - 1} of every scenario, "
+    print(f"# ci 2/4: determinism, seeds {det_seeds.start}..{det_seeds.stop - 1} of every scenario, "
           "rerun in a fresh process", flush=True)
     for name in names:
         for seed in det_seeds:
@@ -284,7 +284,7 @@ def _cmd_ci(args: argparse.Namespace) -> int:
                 print(det.run.line(), flush=True)
                 print(f"  replay: {det.run.replay}", flush=True)
                 codes.append(det.run.exit_code)
-    print("# ci 3/3: the canary (a deposed master also acts as master) must be caught", flush=True)
+    print("# ci 3/4: the canary (a deposed master also acts as master) must be caught", flush=True)
     canary = sweep(["partition_heal", "master_failover"], range(1, 3), jobs=args.jobs, canary=True, echo=echo,
                    overrides={"master_loss_mode": "isolate"})
     caught = [r for r in canary.results if r.status == "safety"]
@@ -292,22 +292,55 @@ def _cmd_ci(args: argparse.Namespace) -> int:
     if canary.exit_code != exitcodes.SAFETY or not any(r.scenario == "partition_heal" for r in caught):
         print("CANARY NOT CAUGHT: the checkers would miss a double master", flush=True)
         codes.append(exitcodes.ERROR)
+    codes.append(_ci_mutant(args))
     code = worst_exit_code(codes)
     print(f"# ci done in {time.perf_counter() - started:.0f} s wall: exit code {code} ({exitcodes.NAMES[code]})")
     return code
 
 
+def _ci_mutant(args: argparse.Namespace) -> int:
+    """CI step 4: one fast mutant of the catalogue, planted in a scratch copy, must be caught."""
+    from chaos import mutate
+    from chaos.mutants import FAST, StaleMutant, by_name
+
+    mutant = by_name(FAST)
+    print(f"# ci 4/4: the mutant {mutant.name} ({mutant.why}) must be caught within {args.mutant_cap:g} s", flush=True)
+    try:
+        result = mutate.run_mutant(mutant, time_cap_s=args.mutant_cap, jobs=args.jobs)
+    except StaleMutant as exc:
+        print(f"STALE MUTANT: {exc}", flush=True)
+        return exitcodes.ERROR
+    print(mutate.row(result), flush=True)
+    if result.verdict != "caught":
+        print(f"MUTANT NOT CAUGHT: {result.name} ({result.verdict}); replay with {result.replay}", flush=True)
+        return exitcodes.ERROR
+    return exitcodes.OK
+
+
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    """Every scenario x ``--seeds`` seeds (default 200), then a determinism sample."""
+    """``--total`` seeds (default 10,000) spread evenly over every scenario, a determinism sample, then mutation testing."""
     names = _scenarios(None)
-    summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=Path(args.artifacts),
+    per = args.seeds if args.seeds else -(-args.total // len(names))
+    print(f"# nightly: {len(names)} scenarios x seeds 1..{per} ({len(names) * per} runs), {args.jobs} job(s)", flush=True)
+    summary = sweep(names, range(1, per + 1), jobs=args.jobs, artifacts_dir=Path(args.artifacts),
                     echo=lambda line: print(line, flush=True))
     print(summary.table())
-    det_summary = sweep(names, range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds), jobs=args.jobs,
+    det_summary = sweep(names, range(per + 1, per + 1 + args.determinism_seeds), jobs=args.jobs,
                         artifacts_dir=Path(args.artifacts), check_determinism=True,
                         echo=lambda line: print(line, flush=True))
     print(det_summary.table())
-    code = worst_exit_code([summary.exit_code, det_summary.exit_code])
+    codes = [summary.exit_code, det_summary.exit_code]
+    if not args.no_mutate:
+        from chaos import mutate
+
+        print(f"# nightly: mutation testing, the whole catalogue, {args.mutant_cap:g} s each", flush=True)
+        print(mutate._HEADER, flush=True)
+        results = mutate.mutate_all(echo=lambda line: print(line, flush=True), time_cap_s=args.mutant_cap, jobs=args.jobs)
+        print(mutate.table(results, time_cap_s=args.mutant_cap))
+        mutate.save(Path(args.artifacts) / "mutate.json", results)
+        if any(r.verdict not in ("caught", "benign") for r in results):
+            codes.append(exitcodes.ERROR)
+    code = worst_exit_code(codes)
     print(f"# nightly exit code {code} ({exitcodes.NAMES[code]})")
     return code
 
@@ -396,13 +429,17 @@ def _parser() -> argparse.ArgumentParser:
     ci.add_argument("--determinism-seeds", type=int, default=2, help="seeds per scenario rerun in a fresh process")
     ci.add_argument("--jobs", type=int, default=2)
     ci.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ci.add_argument("--mutant-cap", type=float, default=120.0, help="seconds the CI mutant may take to be caught")
     ci.set_defaults(fn=_cmd_ci)
 
-    ni = sub.add_parser("nightly", help="the full sweep: every scenario x 200 seeds plus a determinism sample")
-    ni.add_argument("--seeds", type=int, default=200)
+    ni = sub.add_parser("nightly", help="10,000 seeds over every scenario, a determinism sample, the mutant catalogue")
+    ni.add_argument("--total", type=int, default=10_000, help="seeds in all, spread evenly over the scenarios")
+    ni.add_argument("--seeds", type=int, default=0, help="seeds per scenario instead of --total")
     ni.add_argument("--determinism-seeds", type=int, default=10)
     ni.add_argument("--jobs", type=int, default=2)
     ni.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ni.add_argument("--mutant-cap", type=float, default=60.0, help="seconds of hunting per mutant")
+    ni.add_argument("--no-mutate", action="store_true", help="skip the mutation testing")
     ni.set_defaults(fn=_cmd_nightly)
     return p
 

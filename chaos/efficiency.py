@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 __all__ = ["EfficiencyBounds", "EfficiencyChecker", "EfficiencyViolation", "EFFICIENCY_INVARIANTS"]
 
 EFFICIENCY_INVARIANTS: dict[str, str] = {
-    "E1": "control messages per node per simulated second are bounded while the cluster is quiet",
+    "E1": "control messages per node per simulated second are bounded (tightly while the cluster is quiet)",
     "E2": "a follower's NACKs are explained by lost or late messages",
     "E3": "an indexed event reaches every connected, up-to-date follower within a bound",
     "E4": "no indexed event leaves the state unchanged",
