@@ -42,6 +42,11 @@ O7. **Placement is as small and as well linked as possible.** For every
 O8. **An impossible placement is impossible.** For every
     ``insufficient_memory`` refusal, the same search finds no set of nodes
     that fits with a ring.
+O9. **Only the master a command was sent to answers it.** An origin takes a
+    command's answer (hands its API the acceptance) only from the master of
+    the session it last sent the command in; a deposed master that has not
+    heard of it (a zombie) still answers, in its dead session, and that
+    answer must not count.
 
 A broken oracle raises ``OracleViolation`` (a safety failure, exit code 3):
 the arithmetic or the bookkeeping the cluster relies on is wrong.
@@ -62,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from skulk.core.cards import ModelCard
 from skulk.core.commands import CancelTask, PlaceInstance, SubmitTask
-from skulk.core.effects import AppendLog, DeliverChunk, Send
+from skulk.core.effects import AppendLog, CommandCompleted, DeliverChunk, Send
 from skulk.core.events import InstanceCreated, TaskCreated
 from skulk.core.inputs import Received, SubmitCommand
 from skulk.core.messages import CommandMessage, CommandResultMessage
@@ -98,6 +103,7 @@ ORACLES: dict[str, str] = {
     "O6": "a node acting as master follows the session it leads",
     "O7": "a placement uses the fewest nodes and the best ring the documented rules allow",
     "O8": "a placement refused for memory fits nowhere",
+    "O9": "a command's answer counts only from the master of the session it was sent in",
 }
 
 # The documented numbers (docs/placement.md, shared/REFERENCE.md), written out here on purpose.
@@ -199,6 +205,7 @@ class OracleChecker:
         self._must_not_create: dict[Any, set[str]] = {}
         self._remembered = world.core_config.command_dedupe_max
         self._placements: dict[str, PlaceInstance] = {}  # every PlaceInstance any API took, by command id
+        self._sent_in: dict[tuple[str, str], Any] = {}  # (origin, command id) -> the session it was last sent in
         self.placements_searched = 0
         self.instances_checked = 0
         self.chunks_checked = 0
@@ -212,8 +219,12 @@ class OracleChecker:
             self._placements[inp.command.command_id] = inp.command
         elif kind_in is Received and type(inp.message) is CommandMessage and node.is_master:
             self._command_at_master(node.master.session, inp.message.command)
+        if kind_in is Received and type(inp.message) is CommandResultMessage:
+            self._answered(host, inp.message, effects)
         first_append: AppendLog | None = None
         for effect in effects:
+            if type(effect) is Send and type(effect.message) is CommandMessage and effect.message.origin == host:
+                self._sent_in[(host, effect.message.command.command_id)] = node.session
             if type(effect) is AppendLog and first_append is None:
                 first_append = effect
             elif (type(effect) is Send and type(effect.message) is CommandResultMessage
@@ -271,6 +282,17 @@ class OracleChecker:
         command = self._placements.get(event.command_id) if event.command_id is not None else None
         if command is not None and inst.generation == 0:
             self._check_placement(host, effect, inst, card, command)
+
+    # --- O9 -----------------------------------------------------------------------------------
+
+    def _answered(self, host: str, msg: Any, effects: list[Any]) -> None:
+        cid = msg.result.command_id
+        for effect in effects:
+            if type(effect) is CommandCompleted and effect.command_id == cid and effect.result.status != "rejected":
+                sent = self._sent_in.get((host, cid))
+                if sent is not None and msg.session != sent:
+                    self._fail("O9", f"{host} took the answer to {cid} ({effect.result.status}) from session "
+                                     f"{msg.session}, but sent it in {sent}", host)
 
     # --- O7 and O8 --------------------------------------------------------------------------------
 

@@ -304,13 +304,18 @@ def _lognormal_sigma(values: list[float]) -> float:
 
 def calibrate(trials: int, *, work: Path, netns: bool = True, echo: Any = print) -> dict[str, Any]:
     """Run the trials (see the module docstring) and return the profile."""
+    work = work.resolve()  # the nodes run elsewhere: every path they get must be absolute
     work.mkdir(parents=True, exist_ok=True)
     models = models_dir(work)
     kinds = ["process"] + (["host"] if netns else [])
     done: dict[str, list[Trial]] = {k: [] for k in kinds}
     for kind in kinds:
         for i in range(trials):
-            trial = run_trial(kind, work / f"{kind}-{i}", models, users=2, pre_s=6.0, post_s=6.0, think_s=0.2)
+            try:
+                trial = run_trial(kind, work / f"{kind}-{i}", models, users=2, pre_s=6.0, post_s=6.0, think_s=0.2)
+            except (AssertionError, OSError, RuntimeError, TimeoutError) as exc:
+                echo(f"  {kind} trial {i + 1}: FAILED ({type(exc).__name__}: {str(exc)[:200]}); not counted")
+                continue
             done[kind].append(trial)
             echo(f"  {kind} trial {i + 1}: detect {[round(d, 4) for d in trial.detect_s]} s, campaign "
                  f"{[round(c, 4) for c in trial.campaign_s]} s, first token {trial.first_token_s}")

@@ -55,7 +55,11 @@ TARGET = 0.30
 def real_failovers(kind: str, trials: int, work: Path, models: Path, echo: Any = print) -> list[float | None]:
     out: list[float | None] = []
     for i in range(trials):
-        trial = run_trial(kind, work / f"{kind}-{i}", models, users=6, pre_s=8.0, post_s=14.0, think_s=0.2)
+        try:
+            trial = run_trial(kind, work / f"{kind}-{i}", models, users=6, pre_s=8.0, post_s=14.0, think_s=0.2)
+        except (AssertionError, OSError, RuntimeError, TimeoutError) as exc:
+            echo(f"  real {kind} {i + 1}/{trials}: FAILED to set up ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
         out.append(trial.first_token_s)
         echo(f"  real {kind} {i + 1}/{trials}: first token {trial.first_token_s} s after the loss "
              f"(detected after {[round(d, 3) for d in trial.detect_s]} s)")
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs section")
     args = p.parse_args(argv)
     profile = json.loads(PROFILE_PATH.read_text(encoding="utf-8"))
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the nodes run elsewhere: every path they get must be absolute
     work.mkdir(parents=True, exist_ok=True)
     models = models_dir(work)
     kinds = [k for k in KINDS if not (k == "host" and args.no_netns)]
