@@ -42,6 +42,8 @@ __all__ = ["Replica"]
 _BACKOFF_EXPONENT_MAX = 60
 # Attempts counted at most (beyond it the delay is the cap anyway).
 _ATTEMPTS_COUNTED_MAX = 1_000
+# What take_applied returns when nothing was applied (most inputs apply nothing).
+_NOTHING_APPLIED: tuple[list[IndexedEvent], bool] = ([], False)  # never mutated: the callers only read it
 
 
 class Replica:
@@ -75,6 +77,8 @@ class Replica:
 
     def take_applied(self) -> tuple[list[IndexedEvent], bool]:
         """Events applied (and whether a snapshot was installed) since the last call."""
+        if not self._applied and not self.installed_snapshot:
+            return _NOTHING_APPLIED
         applied, self._applied = self._applied, []
         jumped, self.installed_snapshot = self.installed_snapshot, False
         return applied, jumped
