@@ -215,35 +215,43 @@ class OracleChecker:
 
     def after_step(self, host: str, node: Any, inp: Any, effects: list[Any]) -> None:
         kind_in = type(inp)
-        if kind_in is SubmitCommand and type(inp.command) is PlaceInstance:
+        if kind_in is Received:
+            kind_msg = type(inp.message)
+            if kind_msg is CommandMessage:
+                if node.is_master:
+                    self._command_at_master(node.master.session, inp.message.command)
+            elif kind_msg is CommandResultMessage:
+                self._answered(host, inp.message, effects)
+        elif kind_in is SubmitCommand and type(inp.command) is PlaceInstance:
             self._placements[inp.command.command_id] = inp.command
-        elif kind_in is Received and type(inp.message) is CommandMessage and node.is_master:
-            self._command_at_master(node.master.session, inp.message.command)
-        if kind_in is Received and type(inp.message) is CommandResultMessage:
-            self._answered(host, inp.message, effects)
-        first_append: AppendLog | None = None
-        for effect in effects:
-            if type(effect) is Send and type(effect.message) is CommandMessage and effect.message.origin == host:
-                self._sent_in[(host, effect.message.command.command_id)] = node.session
-            if type(effect) is AppendLog and first_append is None:
-                first_append = effect
-            elif (type(effect) is Send and type(effect.message) is CommandResultMessage
-                  and effect.message.result.code == "insufficient_memory"):
-                self._refused(host, node, effect.message, first_append)
+        refused = None
         for effect in effects:
             kind = type(effect)
-            if kind is AppendLog:
+            if kind is Send:
+                message = effect.message
+                kind_msg = type(message)
+                if kind_msg is CommandMessage:
+                    if message.origin == host:
+                        self._sent_in[(host, message.command.command_id)] = node.session
+                elif kind_msg is CommandResultMessage and message.result.code == "insufficient_memory":
+                    refused = message
+            elif kind is AppendLog:
                 event = effect.indexed.event
-                if type(event) is InstanceCreated:
+                kind_event = type(event)
+                if kind_event is InstanceCreated:
                     self._created(host, effect, event)
-                elif type(event) is TaskCreated:
+                elif kind_event is TaskCreated:
                     self._task_created(host, effect, event)
             elif kind is DeliverChunk:
                 self._chunk(host, effect.chunk)
+        if refused is not None:
+            first_append = next((e for e in effects if type(e) is AppendLog), None)
+            self._refused(host, node, refused, first_append)
         master = node.master
-        if master is not None and master.active and master.session != node.election.session:
-            self._fail("O6", f"{host} acts as master of session {master.session} but follows "
-                             f"{node.election.session}", host)
+        if master is not None and master.active:
+            following = node.election.session
+            if master.session is not following and master.session != following:
+                self._fail("O6", f"{host} acts as master of session {master.session} but follows {following}", host)
 
     # --- O1-O4 ------------------------------------------------------------------------------------
 
