@@ -5,7 +5,8 @@ Theory of operation
 ``fuzz_openapi`` loads the node's own ``/openapi.json`` with schemathesis and
 drives every operation with generated requests, valid (positive) and invalid
 (negative), over real HTTP. No answer may be a 5xx or take longer than the
-client's bound, and every 4xx must be the OpenAI error envelope. Every other
+client's bound, and every 4xx must be the error envelope of the endpoint's
+dialect (OpenAI's; Anthropic's on ``/v1/messages``; Ollama's on ``/api/``). Every other
 valid generation names the placed model, so generated sampling parameters
 reach a real runner. Two edits keep a run bounded and the cluster intact,
 and nothing else is constrained: a ``DELETE`` targets an instance id that
@@ -116,7 +117,7 @@ def fuzz_openapi(url: str, *, examples: int = 10, negative: bool = True, model: 
                     if resp.status_code >= 500:
                         server_errors.append({"operation": label, "status": resp.status_code, "body": resp.text[:300],
                                               "request": _body_text(case), "curl": case.as_curl_command()})
-                    elif resp.status_code >= 400 and not _enveloped(resp):
+                    elif resp.status_code >= 400 and not _enveloped(resp, case.path):
                         not_enveloped.append({"operation": label, "status": resp.status_code, "body": resp.text[:300]})
 
                 try:
@@ -159,11 +160,17 @@ def _httpx_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _enveloped(resp: httpx.Response) -> bool:
+def _enveloped(resp: httpx.Response, path: str = "") -> bool:
+    """Is ``resp`` an error in the error shape of ``path``'s dialect?"""
     try:
-        err = resp.json()["error"]
+        body = resp.json()
+        if path.startswith("/api/"):  # Ollama: {"error": "..."}
+            return set(body) == {"error"} and isinstance(body["error"], str) and bool(body["error"])
+        err = body["error"]
+        if path.startswith("/v1/messages"):  # Anthropic: {"type": "error", "error": {"type", "message"}}
+            return body.get("type") == "error" and isinstance(err, dict) and bool(err.get("message")) and bool(err.get("type"))
         return isinstance(err, dict) and bool(err.get("message")) and "type" in err and "code" in err
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return False
 
 

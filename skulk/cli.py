@@ -206,6 +206,10 @@ def cmd_config(args: argparse.Namespace) -> int:
     for s in SETTINGS:
         if s.name == "CLUSTER_KEY":
             shown: object = "(set)" if cfg.sources[s.name] != "default" else f"(file {cfg.cluster_key_source})"
+        elif s.name in ("API_KEYS", "API_ADMIN_KEYS"):
+            # Secrets: say how many, never print them.
+            count = len(cfg.api_keys if s.name == "API_KEYS" else cfg.api_admin_keys)
+            shown = f"({count} key{'s' if count != 1 else ''})" if count else "(none)"
         else:
             shown = _setting_value(cfg, s.name)
         print(f"{s.env} = {shown}   [{cfg.sources[s.name]}]")
@@ -216,9 +220,11 @@ def _setting_value(cfg: Any, name: str) -> object:
     attr = {
         "NODE_ID": "node_id", "FRIENDLY_NAME": "friendly_name", "NAMESPACE": "namespace",
         "FORCE_MASTER": "force_master", "BOOTSTRAP_PEERS": "bootstrap_peers", "LISTEN": "listen",
-        "MULTICAST": "multicast", "LEASE_MS": "lease_ms", "ADVERTISE": "advertise", "API_HOST": "api_host",
-        "API_PORT": "api_port", "API_MAX_BODY_BYTES": "api_max_body_bytes",
+        "MULTICAST": "multicast", "LEASE_MS": "lease_ms", "REPLAY_WINDOW_S": "replay_window_s", "ADVERTISE": "advertise",
+        "API_HOST": "api_host",
+        "API_PORT": "api_port", "API_MAX_BODY_BYTES": "api_max_body_bytes", "API_KEYS_FILE": "api_keys_file",
         "AUTO_PLACE": "auto_place", "MAX_OUTPUT_TOKENS": "max_output_tokens",
+        "KV_QUEUE_WAIT_SECONDS": "kv_queue_wait_s", "PREFIX_CACHE_BYTES": "prefix_cache_bytes", "KV_BUDGET_BYTES": "kv_budget_bytes",
         "PIPELINE_EVAL_TIMEOUT_SECONDS": "pipeline_eval_timeout_s", "RUNNER_HEARTBEAT_SECONDS": "runner_heartbeat_s",
         "RUNNER_STOP_GRACE_SECONDS": "runner_stop_grace_s", "PROBE_INTERVAL_SECONDS": "probe_interval_s",
         "PROBE_TIMEOUT_SECONDS": "probe_timeout_s",

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from skulk.api.config import ApiConfig
 from skulk.api.appstate import AppState
 from skulk.api.errors import ApiError, error_response
+from skulk.api.keys import ApiKeyGuard
 from skulk.api.port import NodePort
 from skulk.api.metrics import ApiMetrics
 from skulk.api.openapi import build_openapi
@@ -158,5 +159,14 @@ def create_app(node: NodePort, *, config: ApiConfig | None = None) -> Starlette:
         },
     )
     app.state.skulk = api
+    # Added first, so it runs inside the counter: refused requests are counted too.
+    api_routes = [r for r in served if isinstance(r, Route) and r.path not in ("/",)]
+    app.add_middleware(
+        ApiKeyGuard,
+        keys=config.keys,
+        api_routes=api_routes,
+        failures_max=config.auth_failures_max,
+        window_s=config.auth_window_s,
+    )
     app.add_middleware(_RequestCounter, metrics=api.metrics, routes=routes)
     return app

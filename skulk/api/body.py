@@ -116,4 +116,6 @@ def decode_body(raw: bytes, tp: type[T]) -> T:
         where = f" at `{param}`" if param else ""
         raise ApiError(400, f"invalid request{where}: {text}", code=code, param=param) from None
     except msgspec.DecodeError as exc:
+        if "UTF-8" in str(exc):  # msgspec reports bad UTF-8 inside a string as a decode error
+            raise ApiError(400, f"the request body is not valid UTF-8: {exc}", code="invalid_encoding") from None
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None

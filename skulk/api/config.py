@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from skulk.api.keys import ApiKeys, load_api_keys
 
 __all__ = ["ApiConfig", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_OUTPUT_TOKENS"]
 
@@ -28,6 +30,11 @@ class ApiConfig:
     cancelled_memory_max: int = 4_096
     # Dashboard: how often the page polls /state.
     dashboard_poll_ms: int = 1_000
+    # API keys (none: the API is open); see skulk.api.keys.
+    keys: ApiKeys = field(default_factory=ApiKeys)
+    # Failed key attempts per client allowed within the window before 429.
+    auth_failures_max: int = 10
+    auth_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
@@ -36,17 +43,29 @@ class ApiConfig:
             raise ValueError(f"max_output_tokens must be at least 1, got {self.max_output_tokens}")
         if self.cancelled_memory_max < 1:
             raise ValueError(f"cancelled_memory_max must be at least 1, got {self.cancelled_memory_max}")
+        if self.auth_failures_max < 1 or self.auth_window_s <= 0:
+            raise ValueError("auth_failures_max must be >= 1 and auth_window_s > 0")
         if not 100 <= self.dashboard_poll_ms <= 60_000:
             raise ValueError(f"dashboard_poll_ms must be within 100..60000, got {self.dashboard_poll_ms}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ApiConfig:
-        """Read ``SKULK_API_MAX_BODY_BYTES`` and ``SKULK_MAX_OUTPUT_TOKENS`` (or ``EXO_*``).
+        """Read ``SKULK_API_MAX_BODY_BYTES``, ``SKULK_MAX_OUTPUT_TOKENS`` and the API keys (or ``EXO_*``).
 
-        Raises ``ValueError`` naming the variable when a value is not an integer.
+        Keys: ``SKULK_API_KEYS`` and ``SKULK_API_ADMIN_KEYS`` (comma-separated) and
+        ``SKULK_API_KEYS_FILE``. Raises ``ValueError`` naming the variable when a
+        value is not an integer, or when the keys file cannot be read.
         """
         env = os.environ if env is None else env
         values: dict[str, int] = {}
+
+        def text(suffix: str) -> str:
+            return (env.get("SKULK_" + suffix) or env.get("EXO_" + suffix) or "").strip()
+
+        def listed(suffix: str) -> list[str]:
+            return [k.strip() for k in text(suffix).replace("\n", ",").split(",") if k.strip()]
+
+        keys = load_api_keys(listed("API_KEYS"), listed("API_ADMIN_KEYS"), text("API_KEYS_FILE") or None)
         for field_name, suffix in (("max_body_bytes", "API_MAX_BODY_BYTES"), ("max_output_tokens", "MAX_OUTPUT_TOKENS")):
             for prefix in ("SKULK_", "EXO_"):
                 raw = env.get(prefix + suffix)
@@ -57,4 +76,4 @@ class ApiConfig:
                 except ValueError:
                     raise ValueError(f"{prefix}{suffix} must be an integer, got {raw!r}") from None
                 break
-        return cls(**values)
+        return cls(**values, keys=keys)

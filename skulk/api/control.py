@@ -21,6 +21,7 @@ from skulk.api.metrics import CONTENT_TYPE, render_metrics
 from skulk.api.schemas import (
     CancelResponse,
     DeleteInstanceResponse,
+    HealthResponse,
     NodeDiagnostics,
     PlaceInstanceRequest,
     PlaceInstanceResponse,
@@ -44,6 +45,11 @@ __all__ = [
     "node_diagnostics",
     "metrics",
 ]
+
+
+async def healthz(request: Request) -> Response:
+    """``GET /healthz``: liveness; the one endpoint that never needs an API key."""
+    return json_response(HealthResponse(status="ok", node_id=str(app_state(request).node.node_id)))
 
 
 async def node_id(request: Request) -> Response:

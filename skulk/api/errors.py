@@ -76,6 +76,8 @@ CODE_STATUS: Mapping[str, int] = {
     "no_nodes": 503,
     "pending_telemetry": 503,
     "no_ring": 503,
+    # a runner's KV budget is full: the client should retry after Retry-After
+    "kv_budget_exhausted": 503,
     # the node lost a stream it had accepted
     "stream_lost": 502,
     "task_failed": 500,

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``prepare_chat`` / ``prepare_completion`` validate what the typed decode
+``prepare_completion`` (and, for chats of every dialect, ``skulk.api.agent``) validate what the typed decode
 cannot (roles, empty content, conflicting fields), find the instances that
 could serve the model in the node's replicated state, run context admission
 against their ceiling (DESIGN.md section 2: an explicit ``max_tokens`` that
@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from skulk.api.errors import ApiError, error_body, status_for_code
 from skulk.api.port import NodePort, RequestStream
@@ -31,8 +32,6 @@ from skulk.api.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatMessageIn,
     ChoiceLogprobs,
     ChunkChoice,
     Completion,
@@ -40,7 +39,11 @@ from skulk.api.schemas import (
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    FunctionCallOut,
     GenerationStatsOut,
+    PromptTokensDetails,
+    ToolCallChunkOut,
+    ToolCallOut,
     TokenLogprobOut,
     TopLogprobOut,
     UsageOut,
@@ -50,11 +53,12 @@ from skulk.core.admission import Refused, admit
 from skulk.core.commands import CommandResult, SubmitTask
 from skulk.core.ids import CommandId, ModelId
 from skulk.core.instances import Instance
-from skulk.core.tasks import ChatMessage, GenerationParams, GenerationStats, TaskKind, TokenChunk, TokenLogprob
+from skulk.core.tasks import GenerationParams, GenerationStats, TaskKind, TokenChunk, TokenLogprob
 
 __all__ = [
     "Prepared",
-    "prepare_chat",
+    "check_model",
+    "admit_request",
     "prepare_completion",
     "instances_for",
     "raise_for_result",
@@ -84,7 +88,7 @@ def instances_for(node: NodePort, model: str) -> list[Instance]:
     return [state.instances[i] for i in sorted(state.instances) if state.instances[i].shard_assignments.model_id == model]
 
 
-def _check_model(node: NodePort, model: str) -> list[Instance]:
+def check_model(node: NodePort, model: str) -> list[Instance]:
     if not model.strip():
         raise ApiError(400, "model must name a model (GET /v1/models lists them)", code="invalid_value", param="model")
     found = instances_for(node, model)
@@ -106,7 +110,7 @@ def _stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return (stop,) if isinstance(stop, str) else tuple(stop)
 
 
-def _admit(instances: list[Instance], max_tokens: int | None, param: str, default_max_tokens: int) -> None:
+def admit_request(instances: list[Instance], max_tokens: int | None, param: str, default_max_tokens: int) -> None:
     """Refuse an explicit ``max_tokens`` that no instance of the model can hold (400)."""
     ceilings = [inst.context_ceiling for inst in instances if inst.context_ceiling > 0]
     if max_tokens is None or not ceilings:
@@ -120,63 +124,14 @@ def _admit(instances: list[Instance], max_tokens: int | None, param: str, defaul
         raise ApiError(400, message, code=decision.code, param=param, type=decision.type)
 
 
-def _message(message: ChatMessageIn) -> ChatMessage:
-    # The schema guarantees a known role and non-empty text or text parts.
-    content = message.content
-    text = content if isinstance(content, str) else "\n".join(part.text for part in content)
-    return ChatMessage(role=message.role, content=text)
-
-
-def prepare_chat(node: NodePort, body: ChatCompletionRequest, default_max_tokens: int) -> Prepared:
-    """Validate a chat request and build its ``SubmitTask``; raises ``ApiError`` when invalid."""
-    messages = tuple(_message(m) for m in body.messages)
-    assert messages, "the schema requires at least one message"
-    if body.top_logprobs and not body.logprobs:
-        raise ApiError(400, "top_logprobs requires logprobs: true", code="invalid_value", param="top_logprobs")
-    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    if body.max_tokens is not None and body.max_completion_tokens is not None and body.max_tokens != body.max_completion_tokens:
-        raise ApiError(
-            400,
-            f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) disagree; send one",
-            code="invalid_value",
-            param="max_completion_tokens",
-        )
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    stop = _stop(body.stop)
-    instances = _check_model(node, body.model)
-    _admit(instances, max_tokens, max_param, default_max_tokens)
-    params = GenerationParams(
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        top_k=body.top_k or 0,
-        min_p=body.min_p or 0.0,
-        seed=body.seed,
-        stop=stop,
-        repetition_penalty=body.repetition_penalty,
-        logprobs=bool(body.logprobs),
-        top_logprobs=body.top_logprobs or 0,
-    )
-    command = SubmitTask(command_id=node.new_command_id(), model_id=ModelId(body.model), kind="chat", params=params)
-    return Prepared(
-        command=command,
-        model=body.model,
-        kind="chat",
-        stream=body.stream,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        want_logprobs=bool(body.logprobs),
-    )
-
-
 def prepare_completion(node: NodePort, body: CompletionRequest, default_max_tokens: int) -> Prepared:
     """Validate a text-completion request and build its ``SubmitTask``."""
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
     if body.echo:
         raise ApiError(400, "echo is not supported", code="unsupported_value", param="echo")
     stop = _stop(body.stop)
-    instances = _check_model(node, body.model)
-    _admit(instances, body.max_tokens, "max_tokens", default_max_tokens)
+    instances = check_model(node, body.model)
+    admit_request(instances, body.max_tokens, "max_tokens", default_max_tokens)
     params = GenerationParams(
         prompt=prompt,
         max_tokens=body.max_tokens,
@@ -238,14 +193,20 @@ def stats_comment(stats: GenerationStats) -> bytes:
         generation_tokens=stats.generation_tokens,
         acceptance_rate=stats.acceptance_rate,
         draft_depth=stats.draft_depth,
+        cached_tokens=stats.cached_tokens,
     )
     return comment("generation_stats " + json_text(out))
 
 
 def _usage(chunk: TokenChunk) -> UsageOut | None:
+    cached = chunk.stats.cached_tokens if chunk.stats is not None else 0
+    details = PromptTokensDetails(cached_tokens=cached) if cached > 0 else None
     if chunk.usage is not None:
         u = chunk.usage
-        return UsageOut(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens)
+        return UsageOut(
+            prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, total_tokens=u.total_tokens,
+            prompt_tokens_details=details,
+        )  # fmt: skip
     if chunk.stats is not None:
         s = chunk.stats
         return UsageOut(prompt_tokens=s.prompt_tokens, completion_tokens=s.generation_tokens, total_tokens=s.prompt_tokens + s.generation_tokens)
@@ -258,7 +219,8 @@ def chunk_error(chunk: TokenChunk) -> ApiError:
     if err is None:
         return ApiError(500, "the request ended with an error but no description", code="internal_error")
     default = 400 if err.type == "invalid_request_error" else 500
-    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type)
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return ApiError(status_for_code(err.code, default), err.message, code=err.code, type=err.type, headers=headers)
 
 
 @dataclass
@@ -268,6 +230,8 @@ class Renderer:
     prepared: Prepared
     created: int = field(default_factory=lambda: int(time.time()))
     text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    calls: list[ToolCallOut] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     text_offset: int = 0
 
@@ -318,10 +282,19 @@ class Renderer:
             return [data_event(error_body(err.message, type=err.type, code=err.code))]
         items = chunk.logprobs if (self.prepared.want_logprobs and chunk.logprobs) else None
         events: list[bytes] = []
-        if chunk.text or items:
+        if chunk.text or chunk.reasoning or chunk.tool_calls or items:
             if self.prepared.kind == "chat":
                 lp = ChoiceLogprobs(content=_chat_logprobs(items)) if items else None
-                events.append(data_event(self._chat_chunk(Delta(content=chunk.text), logprobs=lp)))
+                calls = [
+                    ToolCallChunkOut(index=c.index, id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+                    for c in chunk.tool_calls
+                ]
+                delta = Delta(
+                    content=chunk.text if (chunk.text or items) else None,
+                    reasoning_content=chunk.reasoning or None,
+                    tool_calls=calls or None,
+                )
+                events.append(data_event(self._chat_chunk(delta, logprobs=lp)))
             else:
                 lp2 = self._completion_logprobs(items) if items else None
                 events.append(data_event(self._completion_chunk(chunk.text, logprobs=lp2)))
@@ -346,8 +319,27 @@ class Renderer:
             return [data_event(self._chat_chunk(Delta(), finish="cancelled"))]
         return [data_event(self._completion_chunk("", finish="cancelled"))]
 
+    def lost(self) -> list[bytes]:
+        """Closing events for a stream the node lost (no final chunk, not cancelled)."""
+        return [
+            data_event(
+                error_body(
+                    "the node closed this request's stream without a final chunk; retry the request",
+                    type="server_error",
+                    code="stream_lost",
+                )
+            )
+        ]
+
+    def closing(self) -> list[bytes]:
+        """The stream's last events."""
+        return [DONE]
+
     def accumulate(self, chunk: TokenChunk) -> None:
         self.text.append(chunk.text)
+        self.reasoning.append(chunk.reasoning)
+        for c in chunk.tool_calls:
+            self.calls.append(ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)))
         if chunk.logprobs:
             self.logprobs.extend(chunk.logprobs)
 
@@ -357,11 +349,19 @@ class Renderer:
         usage = _usage(last) if last is not None else None
         if self.prepared.kind == "chat":
             lp = ChoiceLogprobs(content=_chat_logprobs(tuple(self.logprobs))) if self.prepared.want_logprobs else None
+            reasoning = "".join(self.reasoning)
+            message = AssistantMessage(
+                role="assistant",
+                # OpenAI: content is null when the reply is only tool calls.
+                content=None if (self.calls and not text) else text,
+                reasoning_content=reasoning or None,
+                tool_calls=list(self.calls) or None,
+            )
             return ChatCompletion(
                 id=self.response_id,
                 created=self.created,
                 model=self.prepared.model,
-                choices=[ChatChoice(message=AssistantMessage(content=text), logprobs=lp, finish_reason=finish)],
+                choices=[ChatChoice(message=message, logprobs=lp, finish_reason=finish)],
                 usage=usage,
             )
         clp = self._completion_logprobs(tuple(self.logprobs)) if self.prepared.want_logprobs else None
@@ -375,16 +375,18 @@ class Renderer:
 
 
 async def stream_events(
-    renderer: Renderer,
+    renderer: Any,
     stream: RequestStream,
     *,
     abandon: Callable[[CommandId], None],
     was_cancelled: Callable[[CommandId], bool],
     on_text: Callable[[int], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """The SSE events of one accepted request; abandons it if the consumer stops early.
+    """The events of one accepted request; abandons it if the consumer stops early.
 
-    Invariants: the last event is ``data: [DONE]`` whenever the generator runs to
+    ``renderer`` is any dialect's renderer: ``opening()``, ``render(chunk)``,
+    ``cancelled()``, ``lost()`` and ``closing()`` each return framed events.
+    Invariants: the last events are ``renderer.closing()`` whenever the generator runs to
     its end; if it is closed or cancelled before the node's final chunk,
     ``abandon(command_id)`` is called exactly once.
     """
@@ -394,7 +396,7 @@ async def stream_events(
         for event in renderer.opening():
             yield event
         async for chunk in stream:
-            if on_text is not None and chunk.text:
+            if on_text is not None and (chunk.text or chunk.reasoning or chunk.tool_calls):
                 on_text(len(chunk.token_ids))
             events = renderer.render(chunk)
             if chunk.finish_reason is not None or chunk.error is not None:
@@ -405,18 +407,10 @@ async def stream_events(
                 break
         if not ended:
             ended = True  # the node closed the stream: nothing left to abandon
-            if was_cancelled(command_id):
-                for event in renderer.cancelled():
-                    yield event
-            else:
-                yield data_event(
-                    error_body(
-                        "the node closed this request's stream without a final chunk; retry the request",
-                        type="server_error",
-                        code="stream_lost",
-                    )
-                )
-        yield DONE
+            for event in renderer.cancelled() if was_cancelled(command_id) else renderer.lost():
+                yield event
+        for event in renderer.closing():
+            yield event
     finally:
         if not ended:
             abandon(command_id)
@@ -429,12 +423,12 @@ async def stream_events(
 
 
 async def collect(
-    renderer: Renderer,
+    renderer: Any,
     stream: RequestStream,
     *,
     abandon: Callable[[CommandId], None],
     was_cancelled: Callable[[CommandId], bool],
-) -> ChatCompletion | Completion:
+) -> Any:
     """Run one accepted request to its end and build the non-streamed response.
 
     Raises ``ApiError`` when the request ended with an error. If cancelled

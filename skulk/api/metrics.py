@@ -9,7 +9,10 @@ Three sources, one Prometheus text exposition (version 0.0.4):
 - gauges derived from the replicated state (nodes, instances, tasks, runners
   by status, whether this node is master);
 - ``NodePort.metrics()``: whatever the runtime counts (names ending in
-  ``_total`` are exposed as counters, others as gauges).
+  ``_total`` are exposed as counters, others as gauges);
+- the KV budget and prefix cache of each rank-0 runner on this node (from
+  ``NodePort.runner_diagnostics()``, as its heartbeats report them),
+  labelled by instance, runner and rank.
 
 Label values are escaped per the exposition format; metric names are checked,
 so a bad name from the runtime is dropped with a comment rather than breaking
@@ -78,6 +81,36 @@ def _family(lines: list[str], name: str, kind: str, help_text: str, samples: lis
         lines.append(f"{name}{{{label_text}}} {_number(value)}" if label_text else f"{name} {_number(value)}")
 
 
+# (metric, kind, help, KvUse wire field, scaled to bytes by bytesPerPosition)
+_KV_FAMILIES: tuple[tuple[str, str, str, str, bool], ...] = (
+    ("skulk_runner_kv_budget_positions", "gauge", "KV positions this runner may hold (rows and prefix cache).", "budgetPositions", False),
+    ("skulk_runner_kv_budget_bytes", "gauge", "The KV budget in bytes on rank 0.", "budgetPositions", True),
+    ("skulk_runner_kv_rows_positions", "gauge", "KV positions the requests decoding or prefilling may hold (their peak).", "rowsPositions", False),
+    ("skulk_runner_kv_rows_bytes", "gauge", "KV bytes the requests decoding or prefilling may hold, on rank 0.", "rowsPositions", True),
+    ("skulk_runner_kv_cache_positions", "gauge", "KV positions held by prefix-cache entries.", "cachePositions", False),
+    ("skulk_runner_kv_cache_bytes", "gauge", "KV bytes held by prefix-cache entries, on rank 0.", "cachePositions", True),
+    ("skulk_runner_kv_cache_entries", "gauge", "Prefix-cache entries.", "cacheEntries", False),
+    ("skulk_runner_prefix_hits_total", "counter", "Requests that started from a prefix-cache entry.", "prefixHits", False),
+    ("skulk_runner_prefix_misses_total", "counter", "Requests that found no reusable prefix.", "prefixMisses", False),
+    ("skulk_runner_prefix_tokens_reused_total", "counter", "Prompt tokens served from the prefix cache instead of prefilled.", "positionsReused", False),
+    ("skulk_runner_kv_refused_total", "counter", "Requests refused with 503 kv_budget_exhausted.", "refused", False),
+)
+
+
+def _runner_kv(lines: list[str], rows: list[dict[str, object]]) -> None:
+    samples: list[tuple[dict[str, str], dict[str, int]]] = []
+    for row in rows:
+        kv = row.get("kv")
+        if isinstance(kv, dict):
+            labels = {"instance": str(row.get("instanceId", "")), "runner": str(row.get("runnerId", "")), "rank": str(row.get("rank", 0))}
+            samples.append((labels, {k: int(v) for k, v in kv.items() if isinstance(v, (int, float))}))
+    if not samples:
+        return
+    for name, kind, help_text, key, as_bytes in _KV_FAMILIES:
+        values = [(labels, kv.get(key, 0) * (kv.get("bytesPerPosition", 0) if as_bytes else 1)) for labels, kv in samples]
+        _family(lines, name, kind, help_text, values)
+
+
 def render_metrics(node: NodePort, api: ApiMetrics) -> str:
     """The whole exposition text, ending with a newline."""
     lines: list[str] = []
@@ -115,6 +148,8 @@ def render_metrics(node: NodePort, api: ApiMetrics) -> str:
     )
     _family(lines, "skulk_node_is_master", "gauge", "1 when this node is the session's master.", [({}, 1 if node.is_master else 0)])
     _family(lines, "skulk_state_last_index", "gauge", "Index of the last applied event in this session.", [({}, state.last_index)])
+
+    _runner_kv(lines, node.runner_diagnostics())
 
     for name, value in sorted(node.metrics().items()):
         if not _NAME.match(name) or name.startswith("skulk_api_"):

@@ -38,7 +38,7 @@ _STATUS_TEXT = {
 def _types() -> list[Any]:
     seen: list[Any] = [ErrorEnvelope]
     for ep in ENDPOINTS:
-        for tp in (ep.request, ep.response, ep.stream_item):
+        for tp in (ep.request, ep.response, ep.stream_item, ep.error_type):
             if tp is not None and tp is not str and tp not in seen:
                 seen.append(tp)
     return seen
@@ -91,7 +91,7 @@ def _operation(ep: Endpoint, refs: dict[Any, dict[str, Any]]) -> dict[str, Any]:
     for status in sorted(set(ep.errors)):
         responses[str(status)] = {
             "description": _STATUS_TEXT.get(status, "Error"),
-            "content": _json_content(refs[ErrorEnvelope]),
+            "content": _json_content(refs[ep.error_type or ErrorEnvelope]),
         }
     op["responses"] = responses
     return op

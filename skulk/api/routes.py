@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from skulk.api import control, openai_routes
+from skulk.api.dialects import anthropic, ollama, responses
 from skulk.api.schemas import (
     CancelResponse,
     ChatCompletion,
@@ -25,6 +26,7 @@ from skulk.api.schemas import (
     Completion,
     CompletionRequest,
     DeleteInstanceResponse,
+    HealthResponse,
     InstanceResponse,
     ModelList,
     ModelObject,
@@ -70,6 +72,8 @@ class Endpoint:
     stream_item: Any = None
     query: tuple[QueryParam, ...] = ()
     errors: tuple[int, ...] = ()
+    # The shape of those errors: OpenAI's envelope unless the dialect has its own.
+    error_type: Any = None
 
 
 _GEN_ERRORS = (400, 404, 409, 413, 500, 502, 503)
@@ -87,7 +91,25 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              response=ModelObject, errors=(404,)),
     Endpoint("POST", "/v1/cancel/{command_id}", control.cancel, "Cancel a generation by its command id", "OpenAI",
              response=CancelResponse, errors=(400, 503)),
+    # --- OpenAI Responses, Anthropic Messages, Ollama: thin adapters onto the same generation path ---
+    Endpoint("POST", "/v1/responses", responses.responses, "Create a response (OpenAI Responses; streamed or not)",
+             "Responses", request=responses.ResponsesRequest, errors=_GEN_ERRORS),
+    Endpoint("POST", "/v1/messages", anthropic.messages, "Create a message (Anthropic Messages; SSE or JSON)",
+             "Anthropic", request=anthropic.AnthropicMessagesRequest, errors=_GEN_ERRORS,
+             error_type=anthropic.AnthropicErrorEnvelope),
+    Endpoint("POST", "/v1/messages/count_tokens", anthropic.count_tokens, "Count a message's prompt tokens (Anthropic)",
+             "Anthropic", request=anthropic.AnthropicMessagesRequest, errors=_GEN_ERRORS,
+             error_type=anthropic.AnthropicErrorEnvelope),
+    Endpoint("POST", "/api/chat", ollama.chat, "Chat (Ollama; NDJSON stream unless stream is false)", "Ollama",
+             request=ollama.OllamaChatRequest, errors=_GEN_ERRORS, error_type=ollama.OllamaError),
+    Endpoint("POST", "/api/generate", ollama.generate, "Generate (Ollama; NDJSON stream unless stream is false)", "Ollama",
+             request=ollama.OllamaGenerateRequest, errors=_GEN_ERRORS, error_type=ollama.OllamaError),
+    Endpoint("GET", "/api/tags", ollama.tags, "Placed models (Ollama)", "Ollama"),
+    Endpoint("POST", "/api/show", ollama.show, "A model's details and capabilities (Ollama)", "Ollama",
+             request=ollama.OllamaShowRequest, errors=(400, 404), error_type=ollama.OllamaError),
+    Endpoint("GET", "/api/version", ollama.version, "The Ollama API version served", "Ollama"),
     # --- Skulk control ---
+    Endpoint("GET", "/healthz", control.healthz, "Liveness (never needs an API key)", "Cluster", response=HealthResponse),
     Endpoint("GET", "/node_id", control.node_id, "This node's id (a bare JSON string)", "Cluster", response=str),
     Endpoint("GET", "/state", control.state, "The replicated cluster state", "Cluster", response=StateResponse),
     Endpoint("GET", "/models", control.models, "Model cards known to this node", "Cluster", response=ModelsResponse),

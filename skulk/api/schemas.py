@@ -29,7 +29,18 @@ from skulk.core.state import State
 
 __all__ = [
     "ContentPart",
+    "FunctionCallIn",
+    "ToolCallIn",
+    "FunctionDef",
+    "ToolIn",
+    "NamedFunction",
+    "NamedToolChoice",
+    "JsonSchemaFormat",
+    "ResponseFormatIn",
     "ChatMessageIn",
+    "FunctionCallOut",
+    "ToolCallOut",
+    "ToolCallChunkOut",
     "StreamOptions",
     "ChatCompletionRequest",
     "CompletionRequest",
@@ -53,6 +64,7 @@ __all__ = [
     "PlaceInstanceResponse",
     "DeleteInstanceResponse",
     "CancelResponse",
+    "HealthResponse",
     "Preview",
     "PreviewsResponse",
     "ModelsResponse",
@@ -90,11 +102,68 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 NonEmptyText = Annotated[str, Meta(min_length=1)]
 
 
+class FunctionCallIn(_Req, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    # JSON text of an object, as OpenAI sends it.
+    arguments: str = "{}"
+
+
+class ToolCallIn(_Req, frozen=True, kw_only=True):
+    """An earlier call in an assistant turn of the history."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+ToolName = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_.:-]{1,64}$", description="letters, digits, _ . : -; 1 to 64")]
+
+
+class FunctionDef(_Req, frozen=True, kw_only=True):
+    name: ToolName
+    description: str | None = None
+    # A JSON Schema (object) for the arguments; omitted: no arguments.
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(_Req, frozen=True, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Req, frozen=True, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(_Req, frozen=True, kw_only=True):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Req, frozen=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | None = None
+    # "schema" on the wire; ``schema`` would shadow a msgspec attribute name in some tools.
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormatIn(_Req, frozen=True, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatMessageIn(_Req, frozen=True, kw_only=True):
     role: Role
-    # Text, or text parts (joined with newlines); never empty.
-    content: NonEmptyText | Annotated[list[ContentPart], Meta(min_length=1)]
+    # Text, or text parts (joined with newlines); never empty, except that an assistant
+    # turn with tool_calls may have null or empty content.
+    content: str | Annotated[list[ContentPart], Meta(min_length=1)] | None = None
     name: str | None = None
+    tool_calls: Annotated[list[ToolCallIn], Meta(max_length=128)] | None = None
+    tool_call_id: str | None = None
+    # An assistant turn's earlier reasoning (rendered by templates that know it).
+    reasoning_content: str | None = None
 
 
 class StreamOptions(_Req, frozen=True, kw_only=True):
@@ -136,6 +205,28 @@ class ChatCompletionRequest(_Req, frozen=True, kw_only=True):
     repetition_penalty: Penalty | None = None
     n: Annotated[int, Meta(ge=1, le=1, description="only 1 is served")] | None = None
     user: str | None = None
+    tools: Annotated[list[ToolIn], Meta(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormatIn | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # vLLM's convention: keyword arguments for the chat template; only enable_thinking is read.
+    chat_template_kwargs: dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    # Defined by OpenAI, not served: refused when set to anything but their neutral value
+    # (see docs/api.md, "Fields Skulk does not serve").
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
 
 
 class CompletionRequest(_Req, frozen=True, kw_only=True):
@@ -179,9 +270,32 @@ class ChoiceLogprobs(_Resp, frozen=True, kw_only=True):
     content: list[TokenLogprobOut] | None = None
 
 
-class AssistantMessage(_Resp, frozen=True, kw_only=True):
-    role: str = "assistant"
-    content: str = ""
+class FunctionCallOut(_Resp, frozen=True, kw_only=True):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Resp, frozen=True, kw_only=True):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class ToolCallChunkOut(_Resp, frozen=True, kw_only=True):
+    """A streamed tool call: Skulk sends each call whole, in one delta."""
+
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
+class AssistantMessage(_Resp, frozen=True, kw_only=True, omit_defaults=True):
+    # No defaults on role and content: they are always on the wire (content null with calls).
+    role: Literal["assistant"]
+    content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(_Resp, frozen=True, kw_only=True):
@@ -191,10 +305,18 @@ class ChatChoice(_Resp, frozen=True, kw_only=True):
     finish_reason: str | None = None
 
 
-class UsageOut(_Resp, frozen=True, kw_only=True):
+class PromptTokensDetails(_Resp, frozen=True, kw_only=True):
+    """OpenAI's breakdown of the prompt: tokens served from the prefix cache."""
+
+    cached_tokens: int
+
+
+class UsageOut(_Resp, frozen=True, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # Present when part of the prompt came from the runner's prefix cache.
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ChatCompletion(_Resp, frozen=True, kw_only=True):
@@ -210,6 +332,8 @@ class ChatCompletion(_Resp, frozen=True, kw_only=True):
 class Delta(_Resp, frozen=True, kw_only=True, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunkOut] | None = None
 
 
 class ChunkChoice(_Resp, frozen=True, kw_only=True):
@@ -279,6 +403,7 @@ class GenerationStatsOut(_Resp, frozen=True, kw_only=True, omit_defaults=True):
     generation_tokens: int
     acceptance_rate: float | None = None
     draft_depth: int | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 # --- Skulk control ------------------------------------------------------------------------
@@ -305,6 +430,11 @@ class DeleteInstanceResponse(_Resp, frozen=True, kw_only=True):
     message: str
     command_id: str
     instance_id: str
+
+
+class HealthResponse(_Resp, frozen=True, kw_only=True):
+    status: Literal["ok"]
+    node_id: str
 
 
 class CancelResponse(_Resp, frozen=True, kw_only=True):

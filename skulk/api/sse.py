@@ -92,13 +92,21 @@ async def until_disconnect(receive: Receive, work: Awaitable[T]) -> T:
 class EventStreamResponse:
     """An ASGI response streaming ``events`` as ``text/event-stream``; see the module docstring."""
 
-    def __init__(self, events: AsyncIterator[bytes], *, status_code: int = 200, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        *,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str = "text/event-stream",
+    ) -> None:
         self.events = events
+        self.media_type = media_type
         self.status_code = status_code
         self.headers = {**SSE_HEADERS, **(headers or {})}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+        raw_headers = [(b"content-type", f"{self.media_type}; charset=utf-8".encode("latin-1"))]
         raw_headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
         pump = asyncio.ensure_future(self._pump(send, raw_headers))
         gone = asyncio.ensure_future(_wait_disconnect(receive))

@@ -17,6 +17,9 @@ the embedded presets one section after another:
   server runs as shipped (the mlx wheel's BLAS) and on the runner's BLAS,
   which isolates the serving stacks; tokens per CPU-second are printed too,
 
+``multi-turn`` and ``oversubscription`` (``skulk.bench.kvcache``) measure the
+prefix cache and the KV budget;
+
 and closes with the peak memory of every process the sections measured: the
 runner's and the server's resident high-water mark and MLX's peak allocation
 for the in-process baseline.
@@ -532,6 +535,32 @@ def _concurrent(run: Run) -> None:
     print()
     run.memory.append(f"  concurrency run: runner RSS high-water {_mib(conc['runner_peak_rss'])}; " + "; ".join(
         f"{label[k]} {_mib(v)}" for k, v in conc["server_peak_rss"].items()))  # fmt: skip
+
+
+def _multi_turn_flags(group: Any) -> None:
+    from skulk.bench.kvcache import add_multi_turn_flags
+
+    add_multi_turn_flags(group)
+
+
+@section("multi-turn", "chat turns growing to ~2,000 tokens: time to first token with and without the prefix cache, and mlx_lm.server's", _multi_turn_flags)
+def _multi_turn(run: Run) -> None:
+    from skulk.bench.kvcache import multi_turn
+
+    multi_turn(run)
+
+
+def _oversubscription_flags(group: Any) -> None:
+    from skulk.bench.kvcache import add_oversubscription_flags
+
+    add_oversubscription_flags(group)
+
+
+@section("oversubscription", "8 streams needing twice the KV budget: crashes, completions, 503s, p95 time to first token", _oversubscription_flags)
+def _oversubscription(run: Run) -> None:
+    from skulk.bench.kvcache import oversubscription
+
+    oversubscription(run)
 
 
 def _print_memory(run: Run) -> None:

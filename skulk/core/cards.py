@@ -28,6 +28,11 @@ Layout of a card (``[runtime]`` keys are optional)::
     speculative_multi_node = true
     draft_model = ""          # "" means none
 
+    [chat]                    # optional; how the model writes tool calls and reasoning
+    tool_format = "hermes"    # hermes, smollm2, llama3_json, mistral, harmony ("" : detect)
+    reasoning_format = "think"  # think, harmony, none ("" : detect)
+    thinking_toggle = true    # the template honours enable_thinking
+
 Invariants kept: ``card_from_toml(card_to_toml(c)) == c`` for every valid card;
 a card that parses has positive figures and never names itself as its draft.
 Unknown keys are refused (a typo in an operator card must not silently fall
@@ -50,6 +55,8 @@ __all__ = [
     "ModelCard",
     "TENSOR_SHARDING_FAMILIES",
     "MLA_LATENT_CACHE_FAMILIES",
+    "TOOL_FORMATS",
+    "REASONING_FORMATS",
     "card_from_toml",
     "card_to_toml",
     "card_from_mlx_config",
@@ -81,6 +88,10 @@ class ModelCard(Record, frozen=True, kw_only=True):
     speculative_multi_node: bool = True
     draft_model: ModelId | None = None
     kv_bytes_per_token: int = 0
+    # Chat formats (``[chat]``): "" means "detect from the chat template" (skulk.engine.chatformat).
+    tool_format: str = ""
+    reasoning_format: str = ""
+    thinking_toggle: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_id or self.model_id != self.model_id.strip():
@@ -95,6 +106,17 @@ class ModelCard(Record, frozen=True, kw_only=True):
                 raise CardError(f"{self.model_id}: {name} must be a non-negative integer, got {value!r}")
         if self.draft_model is not None and (not self.draft_model or self.draft_model == self.model_id):
             raise CardError(f"{self.model_id}: draft_model must name another model, got {self.draft_model!r}")
+        if self.tool_format not in TOOL_FORMATS:
+            raise CardError(f"{self.model_id}: tool_format must be one of {sorted(TOOL_FORMATS)}, got {self.tool_format!r}")
+        if self.reasoning_format not in REASONING_FORMATS:
+            raise CardError(
+                f"{self.model_id}: reasoning_format must be one of {sorted(REASONING_FORMATS)}, got {self.reasoning_format!r}"
+            )
+
+
+# How a model writes tool calls ("" : detect from its chat template) and its reasoning.
+TOOL_FORMATS: frozenset[str] = frozenset({"", "hermes", "smollm2", "llama3_json", "mistral", "harmony"})
+REASONING_FORMATS: frozenset[str] = frozenset({"", "think", "harmony", "none"})
 
 
 # mlx-lm architectures whose Model implements ``shard`` (tensor parallel), as of
@@ -134,6 +156,11 @@ _RUNTIME_KEYS: dict[str, type] = {
     "speculative_multi_node": bool,
     "draft_model": str,
 }
+_CHAT_KEYS: dict[str, type] = {
+    "tool_format": str,
+    "reasoning_format": str,
+    "thinking_toggle": bool,
+}
 
 
 def _checked(source: str, key: str, value: Any, expected: type) -> Any:
@@ -156,9 +183,13 @@ def card_from_toml(text: str, *, source: str = "<card>") -> ModelCard:
     runtime = data.pop("runtime", {})
     if not isinstance(runtime, dict):
         raise CardError(f"{source}: runtime must be a table")
+    chat = data.pop("chat", {})
+    if not isinstance(chat, dict):
+        raise CardError(f"{source}: chat must be a table")
     unknown = sorted(set(data) - set(_TOP_KEYS)) + [f"runtime.{k}" for k in sorted(set(runtime) - set(_RUNTIME_KEYS))]
+    unknown += [f"chat.{k}" for k in sorted(set(chat) - set(_CHAT_KEYS))]
     if unknown:
-        allowed = f"{sorted(_TOP_KEYS)} and runtime.{sorted(_RUNTIME_KEYS)}"
+        allowed = f"{sorted(_TOP_KEYS)}, runtime.{sorted(_RUNTIME_KEYS)} and chat.{sorted(_CHAT_KEYS)}"
         raise CardError(f"{source}: unknown keys {unknown}; allowed: {allowed}")
     missing = [k for k in _REQUIRED_TOP if k not in data]
     if missing:
@@ -166,6 +197,8 @@ def card_from_toml(text: str, *, source: str = "<card>") -> ModelCard:
     fields = {k: _checked(source, k, v, _TOP_KEYS[k]) for k, v in data.items()}
     for key, value in runtime.items():
         fields[key] = _checked(source, f"runtime.{key}", value, _RUNTIME_KEYS[key])
+    for key, value in chat.items():
+        fields[key] = _checked(source, f"chat.{key}", value, _CHAT_KEYS[key])
     if fields.get("draft_model") == "":
         fields["draft_model"] = None
     try:
@@ -204,6 +237,9 @@ def card_to_toml(card: ModelCard, *, comment: str = "") -> str:
     for key in _RUNTIME_KEYS:
         value = getattr(card, key)
         lines.append(f"{key} = {_toml_value('' if value is None else value)}")
+    chat = [(k, getattr(card, k)) for k in _CHAT_KEYS]
+    if any(chat_value for _, chat_value in chat):
+        lines += ["", "[chat]"] + [f"{k} = {_toml_value(v)}" for k, v in chat]
     text = "\n".join(lines) + "\n"
     assert card_from_toml(text) == card, "card_to_toml must round-trip"
     return text

@@ -12,7 +12,7 @@ last replicated instances, downloads and connectivity (failover carryover).
 from __future__ import annotations
 
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
-from skulk.core.instances import Instance, RunnerStatus
+from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.topology import Connection
 from skulk.core.records import Record, TaggedRecord
@@ -62,6 +62,8 @@ class NodeGatheredInfo(TaggedRecord, frozen=True, kw_only=True):
     memory: MemoryInfo | None = None
     network: NetworkInfo | None = None
     system: SystemInfo | None = None
+    # The KV ledgers of the node's rank-0 runners (replaces the node's previous map).
+    runner_kv: dict[RunnerId, KvUse] | None = None
 
 
 class NodeTimedOut(TaggedRecord, frozen=True, kw_only=True):
@@ -133,6 +135,8 @@ class TaskFailed(TaggedRecord, frozen=True, kw_only=True):
     # its instance went), answered as "task_failed", a server error.
     code: str | None = None
     error_type: str | None = None
+    # With code "kv_budget_exhausted": seconds after which a retry may succeed.
+    retry_after_s: int | None = None
 
 
 class TaskDeleted(TaggedRecord, frozen=True, kw_only=True):

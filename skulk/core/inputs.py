@@ -8,7 +8,7 @@ from __future__ import annotations
 from skulk.core.cards import ModelCard
 from skulk.core.commands import Command
 from skulk.core.ids import CommandId, NodeId, RunnerId
-from skulk.core.instances import LinkKind, RunnerStatus
+from skulk.core.instances import KvUse, LinkKind, RunnerStatus
 from skulk.core.messages import Message
 from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.records import TaggedRecord
@@ -65,6 +65,8 @@ class InfoObserved(TaggedRecord, frozen=True, kw_only=True):
     memory: MemoryInfo | None = None
     network: NetworkInfo | None = None
     system: SystemInfo | None = None
+    # The KV ledger of every rank-0 runner on this node (all of them: a runner left out is gone).
+    runner_kv: dict[RunnerId, KvUse] | None = None
 
 
 class LinkProbed(TaggedRecord, frozen=True, kw_only=True):

@@ -27,6 +27,7 @@ __all__ = [
     "Instance",
     "SpeculationConfig",
     "RunnerSpec",
+    "KvUse",
     "RunnerIdle",
     "RunnerConnecting",
     "RunnerConnected",
@@ -108,6 +109,8 @@ class _InstanceBody(TaggedRecord, frozen=True, kw_only=True):
     context_ceiling: int = 0
     # Bytes each hosting node is expected to use for this instance.
     memory_by_node: dict[NodeId, int] = {}
+    # Of those, the KV-cache bytes (the runner's KV budget: skulk.core.kv_budget).
+    kv_bytes_by_node: dict[NodeId, int] = {}
     speculation: SpeculationConfig = SpeculationConfig()
     # Incremented on each re-placement of the same request (fresh port, fresh ring).
     generation: int = 0
@@ -142,6 +145,27 @@ class RunnerSpec(Record, frozen=True, kw_only=True):
     group_connect_deadline_s: float = 120.0
     warmup_deadline_s: float = 300.0
     speculation: SpeculationConfig = SpeculationConfig()
+    # KV bytes placement reserved for this shard (0: unknown; the context ceiling decides).
+    kv_reserved_bytes: int = 0
+
+
+class KvUse(Record, frozen=True, kw_only=True):
+    """A runner's KV budget and what holds it, as its rank 0 counts (``skulk.core.kv_budget``).
+
+    Positions are the same on every rank of an instance; ``bytes_per_position``
+    is rank 0's (its own layers; 0 until measured). The counters run from the
+    runner's start.
+    """
+
+    budget_positions: int
+    rows_positions: int  # reserved by the requests decoding or prefilling
+    cache_positions: int  # held by prefix-cache entries
+    cache_entries: int
+    bytes_per_position: int
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    positions_reused: int = 0
+    refused: int = 0  # requests refused with kv_budget_exhausted
 
 
 # --- runner statuses (tagged: {"RunnerReady": {}}) ---------------------------

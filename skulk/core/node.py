@@ -338,7 +338,7 @@ class CoreNode:
     def _on_telemetry_timer(self, now: float, timer: TelemetryTimer) -> list[Effect]:
         effects: list[Effect] = [set_timer(TelemetryTimer(), now + self.config.telemetry_interval_s)]
         if self._session_applied:
-            effects += self._raise(now, [self.reporter.info_event()])
+            effects += self._raise(now, [self.reporter.info_event(periodic=True)])
         return effects
 
     def _on_master_lost_timer(self, now: float, timer: MasterLostTimer) -> list[Effect]:

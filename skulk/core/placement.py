@@ -382,6 +382,7 @@ def _build(
         ephemeral_port=port,
         context_ceiling=ceiling,
         memory_by_node={n: choice.fit.footprints[n].total_bytes for n in order},
+        kv_bytes_by_node={n: choice.fit.footprints[n].kv_bytes for n in order},
         speculation=speculation_for(card, world),
         generation=generation,
     )

@@ -14,7 +14,11 @@ re-reports everything the new master's state lacks.
 Telemetry is reported as a delta against what was last reported in this
 session: a field goes out when it changed; available memory only when it
 moved by more than 2 % of total (at least 64 MiB), so a noisy reading does not
-become an event every few seconds. A new session forgets what was reported.
+become an event every few seconds. The KV ledgers of the node's runners
+(``runner_kv``) change with every request, so they ride only on the periodic
+report (``periodic``), which goes out every telemetry interval anyway: at most
+one update per interval, never an event of their own. A new session forgets
+what was reported.
 
 Invariants kept: events are pure functions of the observations and the
 state; order never depends on set or dict iteration (links and models are
@@ -41,7 +45,7 @@ MEMORY_REPORT_FRACTION = 0.02
 # ...and by at least this much.
 MEMORY_REPORT_MIN_BYTES = 64 * 1024 * 1024
 
-_INFO_FIELDS = ("identity", "memory", "network", "system")
+_INFO_FIELDS = ("identity", "memory", "network", "system", "runner_kv")
 
 
 class Reporter:
@@ -109,21 +113,29 @@ class Reporter:
                 events.append(DownloadCompleted(node_id=self.node_id, model_id=model))
         return events
 
-    def info_event(self, *, full: bool = False) -> NodeGatheredInfo:
-        """Telemetry that changed since it was last reported in this session (all of it when ``full``)."""
+    def info_event(self, *, full: bool = False, periodic: bool = False) -> NodeGatheredInfo:
+        """Telemetry that changed since it was last reported in this session (all of it when ``full``).
+
+        Runners' KV ledgers go out only with the periodic report (or ``full``).
+        """
         info, rep = self._info, self._reported
         identity = info.identity if (full or info.identity != rep.identity) else None
         network = info.network if (full or info.network != rep.network) else None
         system = info.system if (full or info.system != rep.system) else None
         memory = info.memory if (full or _memory_moved(rep.memory, info.memory)) else None
+        runner_kv = info.runner_kv if (full or periodic) and info.runner_kv != rep.runner_kv else None
         changes = {
             k: v
-            for k, v in (("identity", identity), ("network", network), ("system", system), ("memory", memory))
+            for k, v in (
+                ("identity", identity), ("network", network), ("system", system), ("memory", memory), ("runner_kv", runner_kv),
+            )
             if v is not None
-        }
+        }  # fmt: skip
         if changes:
             self._reported = msgspec.structs.replace(self._reported, **changes)
-        return NodeGatheredInfo(node_id=self.node_id, identity=identity, memory=memory, network=network, system=system)
+        return NodeGatheredInfo(
+            node_id=self.node_id, identity=identity, memory=memory, network=network, system=system, runner_kv=runner_kv
+        )
 
 
 def _memory_moved(old: MemoryInfo | None, new: MemoryInfo | None) -> bool:

@@ -173,8 +173,9 @@ class Requests:
             # The runner's own code and type when it gave them (a refusal is the
             # client's error, not the server's), however the race with its chunk went.
             return Output(self._error(
-                cid, entry, event.error_message, event.code or "task_failed", error_type=event.error_type or "server_error"
-            ))
+                cid, entry, event.error_message, event.code or "task_failed", error_type=event.error_type or "server_error",
+                retry_after_s=event.retry_after_s,
+            ))  # fmt: skip
         if event.outcome == "completed":
             # The last chunk travels separately and may still be on its way.
             entry.linger = True
@@ -284,14 +285,15 @@ class Requests:
         return effects
 
     def _error(
-        self, cid: CommandId, entry: _Open, message: str, code: str, *, error_type: str = "server_error"
+        self, cid: CommandId, entry: _Open, message: str, code: str, *, error_type: str = "server_error",
+        retry_after_s: int | None = None,
     ) -> list[Effect]:
         chunk = TokenChunk(
             command_id=cid,
             task_id=TaskId(derive_id("task", cid)),
             seq=entry.next_seq,
             finish_reason="error",
-            error=ChunkError(message=message, type=error_type, code=code),
+            error=ChunkError(message=message, type=error_type, code=code, retry_after_s=retry_after_s),
         )
         effects = self._close(cid)
         if not entry.accepted:

@@ -47,7 +47,7 @@ from skulk.core.events import (
     TaskStatusUpdated,
 )
 from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
-from skulk.core.instances import Instance, RunnerStatus
+from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
 from skulk.core.topology import Connection, Topology
 from skulk.core.records import Record
@@ -80,6 +80,8 @@ class State(Record, frozen=True, kw_only=True):
     node_memory: dict[NodeId, MemoryInfo] = {}
     node_network: dict[NodeId, NetworkInfo] = {}
     node_system: dict[NodeId, SystemInfo] = {}
+    # Each node's rank-0 runners' KV budget and prefix cache, as of its last telemetry.
+    node_kv: dict[NodeId, dict[RunnerId, KvUse]] = {}
     # Which instance each runner belongs to (runner statuses are keyed by runner).
     runner_instance: dict[RunnerId, InstanceId] = {}
     # Fresh-port counter: each created instance takes the next offset.
@@ -207,6 +209,9 @@ def _node_info(state: State, event: NodeGatheredInfo, at: float) -> State:
         changes["node_network"] = _with(state.node_network, node, event.network)
     if event.system is not None:
         changes["node_system"] = _with(state.node_system, node, event.system)
+    if event.runner_kv is not None:
+        kv = event.runner_kv
+        changes["node_kv"] = _with(state.node_kv, node, kv) if kv else _without(state.node_kv, node)
     return _replace(state, **changes)
 
 
@@ -228,6 +233,7 @@ def _node_timed_out(state: State, event: NodeTimedOut, at: float) -> State:
         node_memory=_without(state.node_memory, node),
         node_network=_without(state.node_network, node),
         node_system=_without(state.node_system, node),
+        node_kv=_without(state.node_kv, node),
         downloads=_without(state.downloads, node),
     )
 

@@ -15,8 +15,13 @@ from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from skulk.core.records import Record
 
 __all__ = [
+    "ToolCall",
+    "ToolSpec",
     "ChatMessage",
+    "ResponseFormat",
+    "ToolChoice",
     "GenerationParams",
+    "ToolCallDelta",
     "TopLogprob",
     "TokenLogprob",
     "Usage",
@@ -28,13 +33,64 @@ __all__ = [
     "Task",
 ]
 
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "cancelled", "error", "tool_calls"]
 TaskKind = Literal["chat", "completion"]
+# How a reply is shaped: "text" (free), "json_object" (any JSON object), "json_schema" (``schema``).
+ResponseFormatType = Literal["text", "json_object", "json_schema"]
+# tool_choice: "none", "auto", "required", or "function" (``ToolChoice.name`` names it).
+ToolChoiceMode = Literal["none", "auto", "required", "function"]
+
+
+class ToolCall(Record, frozen=True, kw_only=True):
+    """A function call: in a conversation's history, or parsed from generated text.
+
+    ``arguments`` is JSON text (an object), as every dialect carries it.
+    """
+
+    id: str
+    name: str
+    arguments: str = "{}"
+
+
+class ToolSpec(Record, frozen=True, kw_only=True):
+    """A function the model may call; ``parameters`` is a JSON Schema as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = '{"type": "object", "properties": {}}'
+    # Strict (OpenAI ``strict: true``): forced calls follow the schema exactly; always true here,
+    # since a forced call is grammar-constrained; kept so a dialect can round-trip it.
+    strict: bool = False
 
 
 class ChatMessage(Record, frozen=True, kw_only=True):
+    """One turn of a conversation, in the OpenAI shape every dialect is translated to.
+
+    ``tool_calls`` are an assistant turn's calls; ``tool_call_id`` (and ``name``)
+    tie a ``tool`` turn's result to its call; ``reasoning`` is an assistant
+    turn's earlier reasoning text, for templates that render it.
+    """
+
     role: str
     content: str
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+    reasoning: str | None = None
+
+
+class ResponseFormat(Record, frozen=True, kw_only=True):
+    """Structured output: ``schema`` (JSON text) is set exactly for ``json_schema``."""
+
+    type: ResponseFormatType = "text"
+    schema: str | None = None
+    name: str | None = None
+    strict: bool = False
+
+
+class ToolChoice(Record, frozen=True, kw_only=True):
+    mode: ToolChoiceMode = "auto"
+    name: str | None = None
 
 
 class GenerationParams(Record, frozen=True, kw_only=True):
@@ -57,6 +113,17 @@ class GenerationParams(Record, frozen=True, kw_only=True):
     repetition_penalty: float | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # Agents: tools the model may call, how it must (``tool_choice``), structured output,
+    # and the reasoning knobs a chat template may honour (None: the template's default).
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat = ResponseFormat()
+    enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
+    # The model's chat formats (from its card; "" lets the runner detect them from the template).
+    tool_format: str = ""
+    reasoning_format: str = ""
 
     def problem(self) -> str | None:
         """Why these parameters cannot be run (None when they can).
@@ -89,6 +156,18 @@ class GenerationParams(Record, frozen=True, kw_only=True):
             return "repetition_penalty must be a finite number > 0"
         if len(self.stop) > MAX_STOP_SEQUENCES:
             return f"at most {MAX_STOP_SEQUENCES} stop sequences"
+        names = [t.name for t in self.tools]
+        if len(set(names)) != len(names):
+            return "tool names must be unique"
+        choice = self.tool_choice
+        if (choice.mode == "function") != (choice.name is not None):
+            return "tool_choice names a function exactly when its mode is 'function'"
+        if choice.mode == "function" and choice.name not in names:
+            return f"tool_choice names {choice.name!r}, which is not among the tools"
+        if choice.mode == "required" and not self.tools:
+            return "tool_choice 'required' needs at least one tool"
+        if (self.response_format.type == "json_schema") != (self.response_format.schema is not None):
+            return "response_format carries a schema exactly when its type is json_schema"
         return None
 
 
@@ -121,6 +200,17 @@ class GenerationStats(Record, frozen=True, kw_only=True):
     # Speculative decoding: share of drafted tokens the target accepted (None: not speculating).
     acceptance_rate: float | None = None
     draft_depth: int | None = None
+    # Prompt tokens whose KV came from the runner's prefix cache (not prefilled again).
+    cached_tokens: int = 0
+
+
+class ToolCallDelta(Record, frozen=True, kw_only=True):
+    """A tool call the runner parsed out of the generated text (sent whole, once)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
 
 
 class ChunkError(Record, frozen=True, kw_only=True):
@@ -129,6 +219,8 @@ class ChunkError(Record, frozen=True, kw_only=True):
     message: str
     type: str = "server_error"
     code: str | None = None
+    # Seconds after which a retry may succeed (503 ``kv_budget_exhausted``); the API's Retry-After.
+    retry_after_s: int | None = None
 
 
 class TokenChunk(Record, frozen=True, kw_only=True):
@@ -137,13 +229,18 @@ class TokenChunk(Record, frozen=True, kw_only=True):
     ``seq`` counts chunks of the request from 0 so a receiver can drop
     duplicates and notice gaps. The last chunk of a request has a
     ``finish_reason``; it may carry ``usage`` and ``stats`` and, on failure,
-    ``error``.
+    ``error``. The runner has already split the text: ``text`` is the reply's
+    content, ``reasoning`` its reasoning (``<think>``, harmony analysis), and
+    ``tool_calls`` the calls parsed out of it; ``finish_reason`` is
+    ``"tool_calls"`` when the reply ended by calling tools.
     """
 
     command_id: CommandId
     task_id: TaskId
     seq: int
     text: str = ""
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     finish_reason: FinishReason | None = None

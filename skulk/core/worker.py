@@ -148,6 +148,7 @@ class Worker:
             group_connect_deadline_s=self.config.group_connect_deadline_s,
             warmup_deadline_s=self.config.warmup_deadline_s,
             speculation=inst.speculation,
+            kv_reserved_bytes=inst.kv_bytes_by_node.get(self.node_id, 0),
         )
         entry = _Runner(spec, inst, now)
         self.runners[runner_id] = entry
@@ -332,7 +333,10 @@ class Worker:
         self._settled.add(chunk.task_id)
         if chunk.error is not None:
             err = chunk.error
-            failed = TaskFailed(task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type)
+            failed = TaskFailed(
+                task_id=chunk.task_id, error_message=err.message, code=err.code, error_type=err.type,
+                retry_after_s=err.retry_after_s,
+            )  # fmt: skip
             return Output(events=[failed])
         outcome = "cancelled" if chunk.finish_reason == "cancelled" else "completed"
         return Output(events=[TaskDeleted(task_id=chunk.task_id, outcome=outcome)])

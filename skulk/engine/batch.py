@@ -31,6 +31,15 @@ every rank applies it to its own caches (``BatchState``), so all ranks keep
 identical batch layouts in lockstep. Followers run ``follow``. Distributed
 steps are evaluated eagerly (collectives must pair up in the same order).
 
+Chat replies go through the request's ``ReplyParser`` (``skulk.engine.chatformat``):
+each chunk carries content, reasoning and complete tool calls separately, so
+every dialect and every node sees one parse. Constrained rows (structured
+output, forced tool calls) sample under their grammar's token mask
+(``skulk.engine.grammar``); while the batch holds one, a pipelined step queues
+its forward, then reads the previous step's tokens back and advances the
+matchers while the forward runs, and samples last, so each mask follows every
+token that came before it.
+
 Invariants: every submitted task receives exactly one final chunk; chunk
 ``seq`` numbers are dense from 0; a task never holds a row after its final
 chunk; all ranks apply the same plans in the same order.
@@ -45,9 +54,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
 from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
+from skulk.core.kv_budget import KV_BUDGET_EXHAUSTED, Refuse, RowSpan, Wait
 from skulk.core.ids import TaskId
 from skulk.core.tasks import (
     ChunkError,
@@ -56,9 +67,23 @@ from skulk.core.tasks import (
     Task,
     TokenChunk,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
+from skulk.engine.prefix_cache import KvLedger, KvSnapshot, PrefixStore, kv_bytes_per_position, prefix_cache_support, row_caches
+from skulk.engine.chatformat import (
+    ChatFormats,
+    ReplyParser,
+    call_id_maker,
+    detect_formats,
+    grammar_for,
+    prompt_opens_reasoning,
+    render_chat,
+    resolve_formats,
+)
+from skulk.engine.grammar import Constraint, GrammarError, GrammarTokenizer, batch_bitmask
+from skulk.engine.reasoning import Parts
 from skulk.engine.sampling import SampleOut, SampleRow, SamplingParams, resolve_sampling, sample_batch
 from skulk.engine.shard import Shard
 from skulk.engine.textstream import StopText
@@ -82,6 +107,12 @@ class EngineConfig:
     default_temperature: float = 1.0
     # Test knob: hang inside this step number (provokes the wedge exit).
     wedge_at_step: int = 0
+    # The KV budget (skulk.engine.prefix_cache): KV bytes placement reserved for this
+    # shard (0: unknown), how long a request may wait for KV before a 503, and the
+    # prefix cache's bound in bytes (None: what the budget leaves; 0: no prefix cache).
+    kv_reserved_bytes: int = 0
+    kv_queue_wait_s: float = 30.0
+    prefix_cache_bytes: int | None = None
 
     def __post_init__(self) -> None:
         assert self.context_ceiling > 0, self.context_ceiling
@@ -91,6 +122,7 @@ class EngineConfig:
             self.prefill_chunk_tokens,
             self.prefill_step_tokens,
         )
+        assert self.kv_reserved_bytes >= 0 and self.kv_queue_wait_s >= 0, (self.kv_reserved_bytes, self.kv_queue_wait_s)
 
 
 # --- plans -------------------------------------------------------------------
@@ -106,6 +138,14 @@ class Plan:
     prefill_tokens: tuple[int, ...] = ()
     join: bool = False
     inputs: tuple[int, ...] = ()
+    # Prefix cache (skulk.engine.prefix_cache): keep leaving rows as entries
+    # (row, entry id, positions), seed the started prefill from an entry
+    # (-1: none), then evict entries. Applied in that order.
+    store: tuple[tuple[int, int, int], ...] = ()
+    drop_prefill: bool = False  # the prefilling request was cancelled: free its cache
+    seed_entry: int = -1
+    seed_positions: int = 0
+    evict: tuple[int, ...] = ()
 
     def encode(self) -> list[int]:
         out = [self.op]
@@ -115,6 +155,8 @@ class Plan:
             out += [1, len(self.keep), *self.keep]
         out += [int(self.prefill_start), len(self.prefill_tokens), *self.prefill_tokens]
         out += [int(self.join), len(self.inputs), *self.inputs]
+        out += [len(self.store), *(v for triple in self.store for v in triple)]
+        out += [int(self.drop_prefill), self.seed_entry, self.seed_positions, len(self.evict), *self.evict]
         return out
 
     @classmethod
@@ -132,8 +174,16 @@ class Plan:
         prefill_tokens = take(next(it))
         join = bool(next(it))
         inputs = take(next(it))
+        flat = take(3 * next(it))
+        store = tuple((flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3))
+        drop_prefill = bool(next(it))
+        seed_entry, seed_positions = next(it), next(it)
+        evict = take(next(it))
         assert next(it, None) is None, "trailing values in plan"
-        return cls(op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs)
+        return cls(
+            op=op, keep=keep, prefill_start=prefill_start, prefill_tokens=prefill_tokens, join=join, inputs=inputs,
+            store=store, drop_prefill=drop_prefill, seed_entry=seed_entry, seed_positions=seed_positions, evict=evict,
+        )  # fmt: skip
 
 
 class BatchState:
@@ -151,6 +201,15 @@ class BatchState:
         self.decode_cache: list[Any] | None = None
         self.batch = 0
         self.prefill_cache: list[Any] | None = None
+        self.prefix = PrefixStore()
+
+    def kv_bytes_per_position(self) -> int:
+        """This rank's bytes per KV position, measured on whatever cache holds some (0: none yet)."""
+        for cache in (self.decode_cache, self.prefill_cache, *self.prefix.entries.values()):
+            measured = kv_bytes_per_position(cache)
+            if measured:
+                return measured
+        return 0
 
     def apply(self, plan: Plan, inputs: mx.array | None) -> tuple[mx.array | None, list[Any]]:
         """Apply ``plan``; returns (logits (B, V) or None, arrays to evaluate).
@@ -159,6 +218,9 @@ class BatchState:
         array; other ranks pass None and ``plan.inputs`` is used).
         """
         pending: list[Any] = []
+        for row, entry_id, positions in plan.store:
+            assert self.decode_cache is not None
+            pending += self.prefix.store(entry_id, row_caches(self.decode_cache, self.batch, row), positions)
         if plan.keep is not None:
             keep = list(plan.keep)
             assert all(0 <= i < self.batch for i in keep) and keep == sorted(set(keep)), (keep, self.batch)
@@ -172,8 +234,15 @@ class BatchState:
                     for c in self.decode_cache:
                         c.filter(keep)
                 self.batch = len(keep)
+        if plan.drop_prefill:
+            self.prefill_cache = None
         if plan.prefill_start:
-            self.prefill_cache = self.shard.new_cache()
+            if plan.seed_entry >= 0:
+                self.prefill_cache = self.prefix.seed(plan.seed_entry, plan.seed_positions)
+            else:
+                self.prefill_cache = self.shard.new_cache()
+        for entry_id in plan.evict:
+            self.prefix.evict(entry_id)
         if plan.prefill_tokens:
             assert self.prefill_cache is not None, "prefill chunk without a started prefill"
             pending += self.shard.prefill(mx.array(plan.prefill_tokens, dtype=mx.uint32)[None], self.prefill_cache)
@@ -244,10 +313,23 @@ class _Request:
     prefill_started_at: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
+    cached_tokens: int = 0  # prompt positions seeded from the prefix cache
+    # Chat replies: the parser splitting content, reasoning and tool calls; None for completions.
+    reply: ReplyParser | None = None
+    calls_sent: int = 0
+    # Constrained decoding: the grammar, and whether it is "live" (masking every token),
+    # "open" (a <think> block may still open first) or "deferred" (inside reasoning).
+    grammar: Constraint | None = None
+    grammar_state: str = "live"
 
     @property
     def task_id(self) -> TaskId:
         return self.task.task_id
+
+    @property
+    def reserve(self) -> int:
+        """KV positions this request may come to hold (prompt + max_tokens)."""
+        return len(self.prompt) + self.max_tokens
 
 
 @dataclass
@@ -292,6 +374,20 @@ class Engine:
         self.steps = 0
         self.step_started_at: float | None = None
         self.vocab_size = len(tokenizer)
+        self.kv = KvLedger(
+            context_ceiling=config.context_ceiling,
+            reserved_kv_bytes=config.kv_reserved_bytes,
+            queue_wait_s=config.kv_queue_wait_s,
+            cache_bytes=config.prefix_cache_bytes,
+            measure=self._state.kv_bytes_per_position,
+            cache_support=prefix_cache_support(shard.new_cache()),
+        )
+        self._step_s = 0.0  # recent seconds per step (for Retry-After estimates)
+        self._drop_prefill = False
+        self._formats: ChatFormats | None = None
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+        think = tokenizer.convert_tokens_to_ids("<think>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        self._think_id: int | None = think if isinstance(think, int) and 0 <= think < self.vocab_size else None
 
     # --- intake ------------------------------------------------------------
 
@@ -312,11 +408,15 @@ class Engine:
         now = time.monotonic()
         if task.task_id in self._by_id:
             return  # a duplicate delivery of a task already running
+        reply: ReplyParser | None = None
+        grammar: Constraint | None = None
+        grammar_state = "live"
         try:
             sampling = resolve_sampling(task.params, self.config.default_temperature)
-            prompt = self._tokenize(task)
+            prompt, reply, grammar, grammar_state = self._prepare(task)
         except (ValueError, TypeError, KeyError) as exc:
-            self._refuse(task, f"invalid request: {exc}", "invalid_request_error", "invalid_value", 0)
+            code = "invalid_grammar" if isinstance(exc, GrammarError) else "invalid_value"
+            self._refuse(task, f"invalid request: {exc}", "invalid_request_error", code, 0)
             return
         decision = admit(
             prompt_tokens=len(prompt),
@@ -335,6 +435,9 @@ class Engine:
             detok=self._new_detokenizer(),
             stop=StopText(task.params.stop),
             submitted_at=now,
+            reply=reply,
+            grammar=grammar,
+            grammar_state=grammar_state,
         )
         self._by_id[task.task_id] = request
         self.waiting.append(request)
@@ -349,25 +452,51 @@ class Engine:
             detok.text, detok.offset = " ", 1
         return detok
 
-    def _tokenize(self, task: Task) -> list[int]:
+    def formats(self) -> ChatFormats:
+        """The chat formats this model's template implies (detected once)."""
+        if self._formats is None:
+            self._formats = detect_formats(self.tokenizer)
+        return self._formats
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary in llguidance's form, built on the first constrained request."""
+        if self._grammar_tokenizer is None:
+            hf = getattr(self.tokenizer, "_tokenizer", self.tokenizer)
+            # Masks span the logits, which may be wider than the tokenizer (padded vocabularies).
+            args = getattr(getattr(self.shard, "model", None), "args", None)
+            n_vocab = max(self.vocab_size, int(getattr(args, "vocab_size", 0) or 0))
+            self._grammar_tokenizer = GrammarTokenizer(hf, n_vocab, sorted(self._eos))
+        return self._grammar_tokenizer
+
+    def _prepare(self, task: Task) -> tuple[list[int], ReplyParser | None, Constraint | None, str]:
+        """Prompt ids, reply parser, grammar and its starting state (raises ValueError when invalid)."""
         params = task.params
-        if task.kind == "chat" or params.messages is not None:
-            if not params.messages:
-                raise ValueError("a chat task needs at least one message")
-            messages = [{"role": m.role, "content": m.content} for m in params.messages]
-            if getattr(self.tokenizer, "has_chat_template", False):
-                try:
-                    ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-                except Exception as exc:  # a template that rejects these messages (jinja raise_exception)
-                    raise ValueError(f"the chat template rejected the messages: {exc}") from exc
-            else:
-                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-                ids = self.tokenizer.encode(text)
-        else:
-            if params.prompt is None:
-                raise ValueError("a completion task needs a prompt")
-            ids = self.tokenizer.encode(params.prompt)
-        ids = [int(t) for t in ids]
+        if not (task.kind == "chat" or params.messages is not None):
+            return self._tokenize(task), None, None, "live"  # a text completion: no chat parsing
+        if not params.messages:
+            raise ValueError("a chat task needs at least one message")
+        formats = resolve_formats(self.formats(), params)
+        text = render_chat(self.tokenizer, params, formats)
+        in_reasoning = prompt_opens_reasoning(text, formats)
+        reply = ReplyParser(formats, params, call_id_maker(task.task_id), in_reasoning=in_reasoning)
+        lark = grammar_for(params, formats)
+        grammar = None if lark is None else self.grammar_tokenizer().constraint(lark)
+        state = "live"
+        if grammar is not None and formats.reasoning == "think" and params.enable_thinking is not False:
+            # Reasoning stays free; the grammar takes over once the <think> block closes.
+            state = "deferred" if in_reasoning else ("open" if self._think_id is not None else "live")
+        # A rendered template already holds its special tokens (as apply_chat_template encodes it).
+        templated = getattr(self.tokenizer, "has_chat_template", False)
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if templated else self.tokenizer.encode(text)
+        return self._checked_ids([int(t) for t in ids]), reply, grammar, state
+
+    def _tokenize(self, task: Task) -> list[int]:
+        if task.params.prompt is None:
+            raise ValueError("a completion task needs a prompt")
+        ids = self.tokenizer.encode(task.params.prompt)
+        return self._checked_ids([int(t) for t in ids])
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
         if not ids:
             # An empty prompt conditions on end-of-text, as OpenAI does.
             if not self._eos:
@@ -402,6 +531,7 @@ class Engine:
             self._finish(request, "cancelled", "", ())
         elif request is self.prefilling:
             self.prefilling = None
+            self._drop_prefill = True  # its partial KV goes with the next plan (it no longer counts in the budget)
             self._finish(request, "cancelled", "", ())
         # A decoding row ends at the next step (its slot goes with the plan).
         self._flush()
@@ -427,6 +557,9 @@ class Engine:
         try:
             self._step()
         finally:
+            if self.rows:
+                took = time.monotonic() - self.step_started_at
+                self._step_s = took if self._step_s == 0.0 else 0.9 * self._step_s + 0.1 * took
             self.step_started_at = None
         if self.steps % _CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()  # as mlx-lm does: return freed buffers now and then
@@ -440,13 +573,21 @@ class Engine:
         keep_rows = [i for i, r in enumerate(self.rows) if not r.done and r.scheduled < r.max_tokens]
         keep = None if len(keep_rows) == len(self.rows) else tuple(keep_rows)
         rows = [self.rows[i] for i in keep_rows]
+        store, evict = self._kv_leave(keep_rows, rows)
 
-        # Prefill: start the next waiting request when a slot is free.
+        # Prefill: start the next waiting request when a slot is free and the KV budget allows.
         prefill_start = False
+        seed_entry, seed_positions = -1, 0
         if self.prefilling is None and self.waiting and len(rows) < self.config.max_concurrent:
-            self.prefilling = self.waiting.popleft()
-            self.prefilling.prefill_started_at = time.monotonic()
-            prefill_start = True
+            started = self._kv_admit(rows)
+            if started is not None:
+                self.prefilling, hit, admit_evict = started
+                evict += admit_evict
+                if hit is not None:
+                    seed_entry, seed_positions = hit.entry_id, hit.positions
+                    self.prefilling.prefill_pos = self.prefilling.cached_tokens = hit.positions
+                self.prefilling.prefill_started_at = time.monotonic()
+                prefill_start = True
         chunk: tuple[int, ...] = ()
         join = False
         joining = self.prefilling
@@ -485,6 +626,11 @@ class Engine:
             prefill_tokens=chunk,
             join=join,
             inputs=tuple(host_inputs) if lazy_inputs is None else (),
+            store=tuple(store),
+            drop_prefill=self._drop_prefill,
+            seed_entry=seed_entry,
+            seed_positions=seed_positions,
+            evict=tuple(evict),
         )
         if self._plans is not None:
             assert lazy_inputs is None
@@ -495,12 +641,24 @@ class Engine:
             inputs = lazy_inputs
         logits, pending = self._state.apply(plan, inputs if rows else None)
         self.rows = rows
+        self._drop_prefill = False
 
         out = None
         if logits is not None:
             assert inputs is not None
+            bitmask = None
+            if any(r.grammar is not None for r in rows):
+                if self._pipelined and prev is not None:
+                    # A mask follows every earlier token: start this step's forward, then
+                    # read the previous step's tokens back and advance the matchers while
+                    # it runs; only the sampling waits for the masks.
+                    mx.async_eval(logits, pending)
+                    self._outstanding = None
+                    self._materialize(prev)
+                    prev = None
+                bitmask = self._bitmask(rows)
             sample_rows = [self._sample_row(r) for r in rows]
-            out = sample_batch(logits, sample_rows, inputs)
+            out = sample_batch(logits, sample_rows, inputs, bitmask)
             for r in rows:
                 r.scheduled += 1
         outputs = [] if out is None else [a for a in (out.tokens, out.chosen_logprobs, out.top_ids, out.top_logprobs) if a is not None]
@@ -513,6 +671,118 @@ class Engine:
             mx.eval(outputs, pending)
             if out is not None:
                 self._materialize(_Outstanding(list(rows), out))
+
+    # --- the KV budget and the prefix cache (skulk.engine.prefix_cache) ---------------------
+
+    def _kv_leave(self, keep_rows: list[int], rows: list[_Request]) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Rows leaving this step: which stay behind as prefix-cache entries, which entries go."""
+        kept = set(keep_rows)
+        leaving = []
+        for i, r in enumerate(self.rows):
+            if i in kept:
+                continue
+            # The row's cache holds its prompt and every fed decode input: the
+            # first len(prompt) - 1 + scheduled tokens of its sequence.
+            tokens = r.prompt + r.generated
+            held = len(r.prompt) - 1 + r.scheduled
+            assert len(tokens) >= held, (len(tokens), held)
+            leaving.append((i, tokens[:held]))
+        if not leaving:
+            return [], []
+        staying = [self._span(r) for r in rows] + ([self._span(self.prefilling)] if self.prefilling is not None else [])
+        return self.kv.leave(leaving, staying)
+
+    def _span(self, r: _Request) -> RowSpan:
+        """What ``r`` may hold from now on, for the budget (``skulk.core.kv_budget.RowSpan``).
+
+        A decoding row holds its cache and grows a position per step until
+        its ``max_tokens``; a request not yet joined counts its whole prompt
+        now and ends after its prefill chunks (at the smaller chunk size), its
+        join and its ``max_tokens`` steps.
+        """
+        if r in self.rows or r.scheduled:
+            held = len(r.prompt) - 1 + r.scheduled
+            return RowSpan(held=min(held, r.reserve), final=r.reserve, steps=max(0, r.max_tokens - r.scheduled))
+        chunk = self.config.prefill_chunk_tokens
+        prefill_steps = -(-max(0, len(r.prompt) - 1 - r.prefill_pos) // chunk) + 1
+        return RowSpan(held=len(r.prompt), final=r.reserve, steps=prefill_steps + r.max_tokens)
+
+    def _kv_admit(self, rows: list[_Request]) -> tuple[_Request, Any, list[int]] | None:
+        """The next request to prefill under the KV budget: (request, cache hit, evictions), or None.
+
+        FIFO: only the head may start. A head that cannot fit waits; once it
+        has waited ``kv_queue_wait_s`` it is refused (503 with Retry-After)
+        and the next one is considered.
+        """
+        now = time.monotonic()
+        spans = [self._span(r) for r in rows]
+        while self.waiting:
+            head = self.waiting[0]
+            decision, hit = self.kv.admit(
+                now=now, rows=spans, request=self._span(head), prompt=head.prompt,
+                waiting_since=head.submitted_at, step_s=self._step_s,
+            )  # fmt: skip
+            if isinstance(decision, Wait):
+                return None
+            self.waiting.popleft()
+            if isinstance(decision, Refuse):
+                self._refuse_kv(head, decision)
+                continue
+            return head, hit, list(decision.evict)
+        return None
+
+    def _refuse_kv(self, request: _Request, decision: Refuse) -> None:
+        """End a queued request with 503 ``kv_budget_exhausted`` (the runner keeps serving)."""
+        assert not request.done and request.next_seq == 0, request.task_id
+        request.done = True
+        n_prompt = len(request.prompt)
+        error = ChunkError(
+            message=decision.message, type="service_unavailable", code=KV_BUDGET_EXHAUSTED, retry_after_s=decision.retry_after_s
+        )
+        self._out.append(
+            TokenChunk(
+                command_id=request.task.command_id,
+                task_id=request.task_id,
+                seq=0,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=n_prompt, completion_tokens=0, total_tokens=n_prompt),
+                error=error,
+            )
+        )
+        request.next_seq = 1
+        del self._by_id[request.task_id]
+
+    def kv_snapshot(self) -> KvSnapshot:
+        """The KV ledger now: budget, rows' reservation, prefix cache and its counters."""
+        spans = [self._span(r) for r in self.rows if not r.done]
+        if self.prefilling is not None:
+            spans.append(self._span(self.prefilling))
+        return self.kv.snapshot(spans)
+
+    def clear_prefix_cache(self) -> None:
+        """Drop every prefix-cache entry on every rank and zero the counters (idle only: after warmup)."""
+        assert not self.has_work(), "clear the prefix cache only while idle"
+        evict = tuple(self.kv.evict_all())
+        self.kv.reset_counters()
+        if evict:
+            plan = Plan(evict=evict)
+            if self._plans is not None:
+                self._plans(plan.encode())
+            logits, pending = self._state.apply(plan, None)
+            assert logits is None
+            mx.eval(pending)
+
+    def _bitmask(self, rows: list[_Request]) -> mx.array:
+        """The batch's token bitmask: each live grammar's mask, all-ones for free rows."""
+        words = self.grammar_tokenizer().words
+        live = [r.grammar if (r.grammar is not None and not r.done and r.grammar_state != "deferred") else None for r in rows]
+        mask = batch_bitmask(live, words)
+        if self._think_id is not None:
+            bits = mask.view(np.uint32)
+            for i, r in enumerate(rows):
+                if r.grammar_state == "open":  # a <think> block may open before the grammar starts
+                    bits[i, self._think_id // 32] |= np.uint32(1 << (self._think_id % 32))
+        return mx.array(mask)
 
     def _sample_row(self, r: _Request) -> SampleRow:
         preceding: tuple[int, ...] = ()
@@ -561,6 +831,17 @@ class Engine:
         if request.cancelled:
             self._finish(request, "cancelled", "", ())
             return
+        grammar_done = False
+        grammar = request.grammar
+        if grammar is not None and token not in self._eos:
+            if request.grammar_state == "open":
+                request.grammar_state = "deferred" if token == self._think_id else "live"
+            if request.grammar_state == "live":
+                if not grammar.consume(token):
+                    # The mask forbade this token, so this is a bug: end loudly, never emit invalid output.
+                    self._fail(request, f"constrained decoding failed: the grammar refused token {token} ({grammar.error})")
+                    return
+                grammar_done = grammar.stopped
         finish: FinishReason | None = None
         text = ""
         if token in self._eos:
@@ -573,35 +854,73 @@ class Engine:
             text, stopped = request.stop.push(request.detok.last_segment)
             if stopped:
                 finish = "stop"
-            elif len(request.generated) >= request.max_tokens:
-                finish = "length"
+            elif grammar_done or len(request.generated) >= request.max_tokens:
+                # A complete grammar admits nothing more: the reply is over.
+                finish = "stop" if grammar_done else "length"
                 request.detok.finalize()
                 shown, stopped = request.stop.push(request.detok.last_segment)
                 text += shown if stopped else shown + request.stop.flush()
                 if stopped:
                     finish = "stop"
+        reply = request.reply
+        parts = Parts(content=text) if reply is None else reply.push(text)
+        if reply is not None:
+            if finish is not None:
+                parts.add(reply.flush())
+                if finish == "stop" and reply.calls:
+                    finish = "tool_calls"
+            if request.grammar_state == "deferred" and reply.reasoning_done:
+                request.grammar_state = "live"  # the <think> block closed: the grammar takes over
         if finish is None:
-            self._chunk(request, text=text, token_ids=(token,), logprobs=logprobs)
+            self._chunk(request, text=parts, token_ids=(token,), logprobs=logprobs)
         else:
-            self._finish(request, finish, text, (token,), logprobs)
+            self._finish(request, finish, parts, (token,), logprobs)
+
+    def _fail(self, request: _Request, message: str) -> None:
+        """End ``request`` with a server error (its row leaves at the next step)."""
+        assert not request.done, request.task_id
+        request.done = True
+        n_prompt, n_gen = len(request.prompt), len(request.generated)
+        self._out.append(
+            TokenChunk(
+                command_id=request.task.command_id,
+                task_id=request.task_id,
+                seq=request.next_seq,
+                finish_reason="error",
+                usage=Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen),
+                error=ChunkError(message=message, type="server_error", code="internal_error"),
+            )
+        )
+        request.next_seq += 1
+        del self._by_id[request.task_id]
+
+    def _call_deltas(self, request: _Request, parts: Parts) -> tuple[ToolCallDelta, ...]:
+        deltas = []
+        for call in parts.calls:
+            deltas.append(ToolCallDelta(index=request.calls_sent, id=call.id, name=call.name, arguments=call.arguments))
+            request.calls_sent += 1
+        return tuple(deltas)
 
     def _chunk(
         self,
         request: _Request,
         *,
-        text: str,
+        text: str | Parts,
         token_ids: tuple[int, ...],
         logprobs: tuple[TokenLogprob, ...] | None = None,
         finish: FinishReason | None = None,
         usage: Usage | None = None,
         stats: GenerationStats | None = None,
     ) -> None:
+        parts = text if isinstance(text, Parts) else Parts(content=text)
         self._out.append(
             TokenChunk(
                 command_id=request.task.command_id,
                 task_id=request.task_id,
                 seq=request.next_seq,
-                text=text,
+                text=parts.content,
+                reasoning=parts.reasoning,
+                tool_calls=self._call_deltas(request, parts),
                 token_ids=token_ids,
                 logprobs=logprobs,
                 finish_reason=finish,
@@ -615,12 +934,16 @@ class Engine:
         self,
         request: _Request,
         reason: FinishReason,
-        text: str,
+        text: str | Parts,
         token_ids: tuple[int, ...],
         logprobs: tuple[TokenLogprob, ...] | None = None,
     ) -> None:
         assert not request.done, request.task_id
         request.done = True
+        if isinstance(text, str) and request.reply is not None and reason != "cancelled":
+            parts = request.reply.push(text).add(request.reply.flush())
+        else:
+            parts = text if isinstance(text, Parts) else Parts(content=text)
         n_prompt, n_gen = len(request.prompt), len(request.generated)
         prefill_s = (request.first_token_at or time.monotonic()) - (request.prefill_started_at or request.submitted_at)
         decode_s = request.last_token_at - request.first_token_at
@@ -629,9 +952,10 @@ class Engine:
             generation_tps=(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0,
             prompt_tokens=n_prompt,
             generation_tokens=n_gen,
+            cached_tokens=request.cached_tokens,
         )
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen)
-        self._chunk(request, text=text, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)
+        self._chunk(request, text=parts, token_ids=token_ids, logprobs=logprobs, finish=reason, usage=usage, stats=stats)
         del self._by_id[request.task_id]
 
     def _flush(self) -> None:

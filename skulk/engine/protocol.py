@@ -72,7 +72,7 @@ import msgspec
 
 from skulk.core.codec import WireError, decode_msgpack, encode_json, encode_msgpack, from_wire
 from skulk.core.ids import TaskId
-from skulk.core.instances import RunnerSpec, RunnerStatus
+from skulk.core.instances import KvUse, RunnerSpec, RunnerStatus
 from skulk.core.records import TaggedRecord
 from skulk.core.runner_policy import WEDGE_EXIT_CODE
 from skulk.core.tasks import Task, TokenChunk
@@ -154,6 +154,8 @@ class Heartbeat(TaggedRecord, frozen=True, kw_only=True):
     queued_tasks: int
     steps: int
     uptime_s: float
+    # Rank 0's KV budget, prefix cache and their counters (None on other ranks and before serving).
+    kv: KvUse | None = None
 
 
 RunnerMessage = StatusChanged | Chunk | Heartbeat

@@ -41,6 +41,7 @@ from skulk.core.codec import decode_json
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, TaskId
 from skulk.core.instances import (
     GROUP_CONNECT_TIMEOUT,
+    KvUse,
     PipelineShardMetadata,
     RunnerConnected,
     RunnerConnecting,
@@ -106,6 +107,15 @@ class RunnerSettings:
         self.wedge_at_step = int(env_value("TEST_WEDGE_AT_STEP", "0"))
         # Test knob: stay in RunnerLoading this long before loading (a slow load, for event-storm tests).
         self.load_delay_s = float(env_value("TEST_LOAD_DELAY_SECONDS", "0"))
+        # The KV budget (docs/engine.md): how long a request may wait for KV before a 503,
+        # the prefix cache's bound ("auto": what the budget leaves; 0: off), and an
+        # operator's override of the KV bytes placement reserved (0: placement's figure).
+        self.kv_queue_wait_s = float(env_value("KV_QUEUE_WAIT_SECONDS", "30"))
+        cache = env_value("PREFIX_CACHE_BYTES", "auto")
+        self.prefix_cache_bytes: int | None = None if cache.lower() == "auto" else int(cache)
+        self.kv_budget_bytes = int(env_value("KV_BUDGET_BYTES", "0"))
+        assert self.kv_queue_wait_s >= 0 and self.kv_budget_bytes >= 0
+        assert self.prefix_cache_bytes is None or self.prefix_cache_bytes >= 0
         assert self.eval_timeout_s > 0 and self.heartbeat_s > 0
         assert 0 < self.idle_tick_min_s <= self.idle_tick_max_s, (self.idle_tick_min_s, self.idle_tick_max_s)
         assert self.default_max_tokens > 0 and self.prefill_chunk_tokens > 0
@@ -170,6 +180,8 @@ class _Runner:
         self.phase_deadline: tuple[float, str] | None = None
         self.shutdown_requested = threading.Event()
         self.stopping = False
+        self.prefix_cache_ok = True  # every rank can hold prefix-cache entries (agreed after loading)
+        self.kv_use: KvUse | None = None  # rank 0's KV ledger, refreshed by the main thread each loop
 
     # --- threads -------------------------------------------------------------
 
@@ -247,6 +259,7 @@ class _Runner:
                         queued_tasks=0 if engine is None else engine.queued_tasks,
                         steps=self.follower_steps if engine is None else engine.steps,
                         uptime_s=round(now - self.started, 3),
+                        kv=self.kv_use,
                     )
                 )
 
@@ -330,8 +343,16 @@ class _Runner:
         shard = self.spec.shard
         start, end = (shard.start_layer, shard.end_layer) if isinstance(shard, PipelineShardMetadata) else (0, 0)
         kind = 1 if isinstance(shard, PipelineShardMetadata) else 2
+        from skulk.engine.prefix_cache import prefix_cache_support
+
+        why_not = prefix_cache_support(loaded.shard.new_cache())
         facts = [self.rank, self.world, kind, loaded.n_layers, int(loaded.config.get("vocab_size", 0)), ceiling, start, end]
+        facts.append(int(why_not is None))
         rows = check_agreement(group, facts)
+        # Entries live on every rank: all must be able to hold them (rank 0 decides for all).
+        self.prefix_cache_ok = all(row[8] for row in rows)
+        if why_not is not None:
+            _log(self.rank, f"no prefix cache: {why_not}")
         problems = []
         for r, row in enumerate(rows):
             if row[0] != r or row[1:6] != rows[0][1:6]:
@@ -385,6 +406,9 @@ class _Runner:
             prefill_step_tokens=max(self.settings.prefill_step_tokens, self.settings.prefill_chunk_tokens),
             prefill_chunk_tokens=self.settings.prefill_chunk_tokens,
             default_temperature=self.settings.default_temperature,
+            kv_reserved_bytes=self.settings.kv_budget_bytes or self.spec.kv_reserved_bytes,
+            kv_queue_wait_s=self.settings.kv_queue_wait_s,
+            prefix_cache_bytes=self.settings.prefix_cache_bytes if self.prefix_cache_ok else 0,
         )
         warming = True
 
@@ -402,6 +426,9 @@ class _Runner:
         engine = engine_cls(loaded.shard, loaded.tokenizer, config, emit, None if channel is None else channel.send, **extra)
         self.engine = engine
         self._warmup(engine)
+        engine.clear_prefix_cache()  # warmup leaves nothing behind
+        self.kv_use = _kv_use(engine)
+        _log(self.rank, _describe_kv(engine))
         warming = False
         # The wedge knob applies to served steps, not to warmup.
         if self.settings.wedge_at_step:
@@ -437,6 +464,7 @@ class _Runner:
                 if engine.has_work():
                     idle_wait_s = None
                     engine.step()
+                    self.kv_use = _kv_use(engine)
                 active = engine.active_tasks
                 if active != reported:
                     reported = active
@@ -508,6 +536,32 @@ class _Runner:
             _log(self.rank, f"could not tell the other ranks to stop: {exc}")
         self.events.status(RunnerShutdown())
         os._exit(EXIT_OK)
+
+
+def _kv_use(engine: Any) -> KvUse:
+    snap = engine.kv_snapshot()
+    return KvUse(
+        budget_positions=snap.budget_positions,
+        rows_positions=snap.rows_positions,
+        cache_positions=snap.cache_positions,
+        cache_entries=snap.cache_entries,
+        bytes_per_position=snap.bytes_per_position,
+        prefix_hits=snap.hits,
+        prefix_misses=snap.misses,
+        positions_reused=snap.positions_reused,
+        refused=snap.refused,
+    )
+
+
+def _describe_kv(engine: Any) -> str:
+    snap, kv = engine.kv_snapshot(), engine.kv
+    per = snap.bytes_per_position
+    cache = "on" if kv.cache_enabled else f"off ({kv.cache_off_reason})"
+    return (
+        f"KV budget {snap.budget_positions} positions ({snap.budget_positions * per / 2**20:.1f} MiB at {per} bytes each; "
+        f"placement reserved {kv.reserved_kv_bytes / 2**20:.1f} MiB); prefix cache {cache}; "
+        f"requests wait up to {kv.queue_wait_s:g}s for KV"
+    )
 
 
 def default_blas_threads() -> None:

@@ -8,6 +8,8 @@ materialised here, so the engine can overlap the next step with this one):
 
 1. repetition penalty over the last ``REPETITION_CONTEXT`` tokens (sign-aware,
    as in mlx-lm: negative logits are multiplied, positive ones divided);
+   then, for constrained rows, the grammar's token bitmask (``skulk.engine.grammar``):
+   forbidden tokens get -inf, so neither sampling nor greedy can pick them;
 2. log-probabilities ``logits - logsumexp(logits)`` (what ``logprobs`` report);
 3. greedy rows take the argmax (exactly mlx-lm's greedy sampler);
 4. sampled rows apply top-p, then min-p, then top-k masks (mlx-lm's order),
@@ -38,6 +40,7 @@ __all__ = [
     "SampleOut",
     "resolve_sampling",
     "sample_batch",
+    "apply_bitmask",
 ]
 
 REPETITION_CONTEXT = 20
@@ -146,16 +149,31 @@ def _apply_repetition_penalty(logits: mx.array, rows: list[SampleRow], inputs: m
     return mx.put_along_axis(logits, idx, selected, axis=1)
 
 
-def sample_batch(logits: mx.array, rows: list[SampleRow], inputs: mx.array) -> SampleOut:
+def apply_bitmask(logits: mx.array, bitmask: mx.array) -> mx.array:
+    """``logits`` (B, V) with -inf wherever bit ``v`` of row ``b`` of ``bitmask`` (B, W int32) is clear."""
+    vocab = logits.shape[1]
+    assert bitmask.ndim == 2 and bitmask.shape[0] == logits.shape[0], (bitmask.shape, logits.shape)
+    assert bitmask.shape[1] * 32 >= vocab, (bitmask.shape, vocab)
+    idx = mx.arange(vocab, dtype=mx.int32)
+    words = mx.take(bitmask, idx // 32, axis=1)
+    allowed = mx.bitwise_and(mx.right_shift(words, idx % 32), 1) == 1
+    return mx.where(allowed, logits, mx.array(-math.inf, dtype=logits.dtype))
+
+
+def sample_batch(logits: mx.array, rows: list[SampleRow], inputs: mx.array, bitmask: mx.array | None = None) -> SampleOut:
     """Draw one token per row of ``logits`` (B, V) following each row's settings.
 
     ``inputs`` (B,) are the tokens that produced these logits (the current
-    inputs, needed by the repetition penalty). Returns lazy arrays.
+    inputs, needed by the repetition penalty). ``bitmask`` (B, ceil(V/32)
+    int32), when given, forbids every token whose bit is clear in its row.
+    Returns lazy arrays.
     """
     assert logits.ndim == 2 and logits.shape[0] == len(rows), (logits.shape, len(rows))
     vocab = logits.shape[1]
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         logits = _apply_repetition_penalty(logits, rows, inputs)
+    if bitmask is not None:
+        logits = apply_bitmask(logits, bitmask)
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     greedy_tokens = mx.argmax(logprobs, axis=-1)
     sampled_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

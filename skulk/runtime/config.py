@@ -128,6 +128,13 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _auto_or_bytes(text: str) -> str:
+    value = text.strip().lower()
+    if value != "auto" and not (value.isdigit() and int(value) >= 0):
+        raise ValueError(f"expected 'auto' or a byte count, got {text!r}")
+    return value
+
+
 def _optional_model(text: str) -> str | None:
     text = text.strip()
     return None if text.lower() in ("", "0", "none", "off", "false") else text
@@ -188,12 +195,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("API_HOST", _str, "0.0.0.0", "Address the HTTP API binds to."),
     Setting("API_PORT", _port, DEFAULT_API_PORT, "HTTP API port (OpenAI-compatible endpoint and dashboard)."),
     Setting("API_MAX_BODY_BYTES", _positive_int, 8 * 1024 * 1024, "Largest request body the API accepts (413 above)."),
+    Setting("API_KEYS", _list, (),
+            "Comma-separated API keys; when any key is set, every endpoint but /healthz (and the dashboard's "
+            "page) needs one (docs/operations.md, API keys)."),
+    Setting("API_ADMIN_KEYS", _list, (),
+            "Comma-separated admin keys; when set, placement, deletion and the model store need one."),
+    Setting("API_KEYS_FILE", _str, "",
+            "File of API keys, one per line ('admin:' before an admin key, '#' comments); read at start."),
     # Models and runners.
     Setting("AUTO_PLACE", _optional_model, "skulk/tiny-qwen2",
             "Model the master places when it has no instance of it ('none' disables)."),
     Setting("MAX_CONCURRENT_REQUESTS", _positive_int, 8, "Concurrent requests per runner.",
             core_field="max_concurrent_requests"),
     Setting("MAX_OUTPUT_TOKENS", _positive_int, DEFAULT_MAX_OUTPUT_TOKENS, "Default cap on generated tokens per request."),
+    Setting("KV_QUEUE_WAIT_SECONDS", _nonnegative_float, 30.0,
+            "Longest a request waits for room in its runner's KV budget before a 503 kv_budget_exhausted."),
+    Setting("PREFIX_CACHE_BYTES", _auto_or_bytes, "auto",
+            "Bound on each runner's prefix cache ('auto': whatever the KV budget leaves free; 0: no prefix cache)."),
+    Setting("KV_BUDGET_BYTES", _nonnegative_int, 0,
+            "Override the KV bytes placement reserved for a runner (0: placement's figure). Above it risks out-of-memory."),
     Setting("GROUP_CONNECT_DEADLINE_SECONDS", _positive_float, 120.0, "Deadline for a multi-node group to connect.",
             core_field="group_connect_deadline_s"),
     Setting("WARMUP_DEADLINE_SECONDS", _positive_float, 300.0, "Deadline for a runner to load and warm up.",
@@ -249,8 +269,14 @@ class RuntimeConfig:
     api_host: str
     api_port: int
     api_max_body_bytes: int
+    api_keys: tuple[str, ...]
+    api_admin_keys: tuple[str, ...]
+    api_keys_file: str
     auto_place: str | None
     max_output_tokens: int
+    kv_queue_wait_s: float
+    prefix_cache_bytes: str
+    kv_budget_bytes: int
     pipeline_eval_timeout_s: float
     runner_heartbeat_s: float
     runner_stop_grace_s: float
@@ -268,6 +294,9 @@ class RuntimeConfig:
             "SKULK_PIPELINE_EVAL_TIMEOUT_SECONDS": repr(self.pipeline_eval_timeout_s),
             "SKULK_RUNNER_HEARTBEAT_SECONDS": repr(self.runner_heartbeat_s),
             "SKULK_MAX_OUTPUT_TOKENS": str(self.max_output_tokens),
+            "SKULK_KV_QUEUE_WAIT_SECONDS": repr(self.kv_queue_wait_s),
+            "SKULK_PREFIX_CACHE_BYTES": self.prefix_cache_bytes,
+            "SKULK_KV_BUDGET_BYTES": str(self.kv_budget_bytes),
             "SKULK_MODELS_DIR": str(self.models_dir),
             "SKULK_HOME": str(self.data_dir),
         }
@@ -459,8 +488,14 @@ def load_config(
         api_host=values["API_HOST"],
         api_port=values["API_PORT"],
         api_max_body_bytes=values["API_MAX_BODY_BYTES"],
+        api_keys=tuple(values["API_KEYS"]),
+        api_admin_keys=tuple(values["API_ADMIN_KEYS"]),
+        api_keys_file=values["API_KEYS_FILE"],
         auto_place=values["AUTO_PLACE"],
         max_output_tokens=values["MAX_OUTPUT_TOKENS"],
+        kv_queue_wait_s=values["KV_QUEUE_WAIT_SECONDS"],
+        prefix_cache_bytes=values["PREFIX_CACHE_BYTES"],
+        kv_budget_bytes=values["KV_BUDGET_BYTES"],
         pipeline_eval_timeout_s=values["PIPELINE_EVAL_TIMEOUT_SECONDS"],
         runner_heartbeat_s=values["RUNNER_HEARTBEAT_SECONDS"],
         runner_stop_grace_s=values["RUNNER_STOP_GRACE_SECONDS"],

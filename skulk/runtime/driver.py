@@ -33,6 +33,14 @@ SessionChanged      to the listeners (the API bridge, auto-placement)
 Log                 the ``skulk.core`` logger
 ==================  ====================================================
 
+Write-ahead: an indexed event is handed to the OS (the event log's
+``flush``) before anything leaves the process after it: a ``Send`` to a peer
+or a ``CommandCompleted`` to the API. Otherwise a master killed between the
+two (kill -9, an OOM kill) leaves followers applying an event its own log
+never held, and a recorded trace shows a follower ahead of its master
+(invariant 2; seen in the failover-under-load test). Power loss still needs
+the fsync that archiving does; a process crash no longer loses a sent event.
+
 If the core raises, that is a broken invariant: the driver logs it as
 critical and stops the node (``fatal``) rather than serve on from a state it
 can no longer trust; the service manager restarts it.
@@ -164,6 +172,11 @@ class Driver(EffectCarrier):
         self._queue: deque[Input] = deque()
         self._draining = False
         self._timers: dict[str, TimerHandle] = {}
+        # Appends buffered since the event log was last handed to the OS. Nothing
+        # leaves the process (a message to a peer, an answer to the API) while an
+        # indexed event is only in this process's buffer: a kill -9 between the two
+        # would leave followers with an event their master's log never held.
+        self._log_unflushed = False
         self._carry = self.effect_table()
         self.failed: BaseException | None = None
         # Metrics.
@@ -225,11 +238,16 @@ class Driver(EffectCarrier):
                         log.exception("could not carry out %s", type(effect).__name__)
                     except Exception:  # one effect failing must not lose the others
                         log.exception("could not carry out %s", type(effect).__name__)
-            flush = getattr(self.eventlog, "flush", None)
-            if flush is not None:
-                flush()
+            self._flush_log()
         finally:
             self._draining = False
+
+    def _flush_log(self) -> None:
+        """Hand the event log's buffered appends to the OS (write-ahead of anything sent)."""
+        self._log_unflushed = False
+        flush = getattr(self.eventlog, "flush", None)
+        if flush is not None:
+            flush()
 
     def feed_threadsafe(self, inp: Input) -> None:
         """``feed`` from any thread."""
@@ -238,6 +256,8 @@ class Driver(EffectCarrier):
     # --- effects (one method per effect type; see skulk.core.effects.EffectCarrier) ----
 
     def carry_send(self, effect: Send) -> None:
+        if self._log_unflushed:
+            self._flush_log()
         self.transport.send(effect.message, effect.to)
 
     def carry_set_timer(self, effect: SetTimer) -> None:
@@ -259,6 +279,7 @@ class Driver(EffectCarrier):
         if effect.indexed.index == 0:
             self.master_session_started_at = effect.indexed.at
         self.eventlog.append(effect.session, effect.indexed)  # type: ignore[attr-defined]
+        self._log_unflushed = True
 
     def carry_write_snapshot(self, effect: WriteSnapshot) -> None:
         self.eventlog.write_snapshot(effect.snapshot)  # type: ignore[attr-defined]
@@ -280,6 +301,8 @@ class Driver(EffectCarrier):
             self.api.deliver_chunk(effect.chunk)
 
     def carry_command_completed(self, effect: CommandCompleted) -> None:
+        if self._log_unflushed:
+            self._flush_log()
         if self.api is not None:
             self.api.command_completed(effect.command_id, effect.result)
 

@@ -228,7 +228,7 @@ class LocalCluster:
         return f"; the end of {path}:\n" + "\n".join(f"  | {line}" for line in tail)
 
     def wait_ready(self, timeout_s: float = 60.0, nodes: list[str] | None = None) -> None:
-        """Wait until every (given) node answers ``GET /node_id`` with its own id."""
+        """Wait until every (given) node answers ``GET /healthz`` with its own id (no API key needed)."""
         deadline = time.monotonic() + timeout_s
         pending = list(nodes or self.alive())
         while pending:
@@ -238,7 +238,8 @@ class LocalCluster:
                     raise RuntimeError(f"node {node} exited with code {proc.returncode} while starting"
                                        f"{self._log_tail(node)}")
                 try:
-                    if self.fetch(self.plan(node), "/node_id") == node:
+                    health = self.fetch(self.plan(node), "/healthz")
+                    if isinstance(health, dict) and health.get("node_id") == node:
                         pending.remove(node)
                 except (OSError, http.client.HTTPException, ValueError, subprocess.SubprocessError):
                     pass

@@ -231,7 +231,17 @@ class NodeRuntime:
             raise SystemExit(f"cannot serve the API on {cfg.api_host}:{cfg.api_port}: {exc} (set SKULK_API_PORT)") from None
         sock.listen(1024)
         sock.setblocking(False)
-        app = create_app(self.api_bridge, config=ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes))
+        from skulk.api.keys import exposure_warning, load_api_keys
+
+        try:
+            keys = load_api_keys(cfg.api_keys, cfg.api_admin_keys, cfg.api_keys_file or None)
+        except ValueError as exc:
+            raise SystemExit(f"cannot start the API: {exc}") from None
+        warning = exposure_warning(cfg.api_host, cfg.api_port, keys)
+        if warning is not None:
+            log.warning("%s", warning)
+        api_config = ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes, keys=keys)
+        app = create_app(self.api_bridge, config=api_config)
         server = _Server(
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         )
@@ -360,3 +370,4 @@ class NodeRuntime:
 
 
 _STARTED_AT = time.time()
+

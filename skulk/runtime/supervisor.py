@@ -39,8 +39,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from skulk.core.codec import to_wire
 from skulk.core.ids import RunnerId, TaskId
-from skulk.core.inputs import Input, ModelAvailable, RunnerExited, RunnerOutput, RunnerStatusObserved
+from skulk.core.inputs import InfoObserved, Input, ModelAvailable, RunnerExited, RunnerOutput, RunnerStatusObserved
 from skulk.core.instances import RunnerFailed, RunnerSpec, RunnerStatus
 from skulk.core.tasks import Task
 from skulk.engine import protocol
@@ -195,6 +196,8 @@ class Supervisor:
                     "activeTasks": e.heartbeat.active_tasks if e.heartbeat else 0,
                     "queuedTasks": e.heartbeat.queued_tasks if e.heartbeat else 0,
                     "lastHeartbeatAgoSeconds": round(now - e.heartbeat_at, 3) if e.heartbeat_at else None,
+                    # Rank 0's KV budget and prefix cache (skulk.core.instances.KvUse), when it reported one.
+                    "kv": to_wire(e.heartbeat.kv) if e.heartbeat is not None and e.heartbeat.kv is not None else None,
                 }
             )
         return rows
@@ -247,6 +250,8 @@ class Supervisor:
         entry.exit_code = code
         self.exits.append((spec.runner_id, code))
         log.info("runner %s exited with code %d", spec.runner_id, code)
+        if entry.heartbeat is not None and entry.heartbeat.kv is not None:
+            self._feed_kv()  # its ledger is gone with it (before the exit: nothing about it follows that)
         self.feed(RunnerExited(runner_id=spec.runner_id, exit_code=code))
 
     async def _spawn_and_watch(self, entry: _Runner) -> int:
@@ -363,6 +368,13 @@ class Supervisor:
         elif isinstance(msg, Heartbeat):
             entry.heartbeat = msg
             entry.heartbeat_at = time.time()
+            if msg.kv is not None:
+                self._feed_kv()
+
+    def _feed_kv(self) -> None:
+        """Every live rank-0 runner's KV ledger, for the node's telemetry (see ``InfoObserved``)."""
+        kv = {rid: e.heartbeat.kv for rid, e in sorted(self.runners.items()) if e.heartbeat is not None and e.heartbeat.kv is not None}
+        self.feed(InfoObserved(runner_kv=kv))
 
 
 class _EventProtocol(asyncio.Protocol):

@@ -77,3 +77,6 @@ class ServedApp:
 def served(node: ScriptedNode, api_config: ApiConfig) -> Iterator[ServedApp]:
     with ServedApp(node, api_config) as s:
         yield s
+
+
+from tests.api.agent_node import agent_node  # noqa: E402,F401 - the shared real node of the agent-API tests

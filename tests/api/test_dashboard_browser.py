@@ -16,7 +16,8 @@ import pytest
 
 from skulk.api.config import ApiConfig
 from skulk.core.commands import SubmitTask
-from skulk.core.instances import SpeculationConfig
+from skulk.core.events import NodeGatheredInfo
+from skulk.core.instances import KvUse, SpeculationConfig
 from skulk.core.tasks import GenerationStats, TokenChunk
 from tests.api.browser import chromium_page, require_chromium, screenshot
 from tests.api.conftest import ServedApp
@@ -128,3 +129,80 @@ def test_chat_stop_abandons_the_request(dashboard: ServedApp) -> None:
     while node.abandoned != [cid]:
         assert time.monotonic() < deadline, f"abandon not called: {node.abandoned}"
         time.sleep(0.02)
+
+
+def test_instance_cards_show_kv_use(dashboard: ServedApp) -> None:
+    node = dashboard.node
+    (inst,) = node.state.instances.values()
+    rank0 = next(r for r, s in inst.shard_assignments.runner_to_shard.items() if s.device_rank == 0)
+    host = next(n for n, r in inst.shard_assignments.node_to_runner.items() if r == rank0)
+    kv = KvUse(budget_positions=8447, rows_positions=2110, cache_positions=1500, cache_entries=3, bytes_per_position=1024,
+               prefix_hits=9, prefix_misses=3, positions_reused=12000, refused=2)  # fmt: skip
+    node._apply(NodeGatheredInfo(node_id=host, runner_kv={rank0: kv}))
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=kv-use]")
+        text = page.locator("[data-testid=kv-use]").inner_text()
+        assert "KV 2,110 running + 1,500 cached of 8,447 positions" in text
+        assert "3 entries" in text and "9 hits of 12" in text and "12,000 tokens reused" in text and "2 refused (503)" in text
+        widths = page.locator("[data-testid=kv-use] .fill").evaluate_all("els => els.map(e => e.style.width)")
+        assert [round(float(w.rstrip("%"))) for w in widths] == [round(100 * 2110 / 8447), round(100 * 1500 / 8447)]
+        screenshot(page, "kv-use")
+
+
+def test_chat_shows_reasoning_collapsed_and_tool_calls_as_tool_calls(dashboard: ServedApp) -> None:
+    from skulk.core.tasks import ToolCallDelta
+
+    node = dashboard.node
+    call = ToolCallDelta(index=0, id="call_abc123", name="get_weather", arguments='{"location": "Paris", "units": "celsius"}')
+    node.script = lambda cmd: [
+        tok(cmd, 0, "", reasoning="The user wants the weather; "), 0.05,
+        tok(cmd, 1, "", reasoning="call the tool."), 0.05,
+        tok(cmd, 2, "", tool_calls=(call,)),
+        final(cmd, 3, "tool_calls"),
+    ]
+    with chromium_page(dashboard.base_url) as page:
+        page.goto("/chat")
+        page.wait_for_selector("[data-testid=chat-model] option[value='skulk/tiny-qwen2']", state="attached")
+        page.click(".tools-panel summary")
+        page.fill("[data-testid=chat-tools]", '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]')
+        page.select_option("[data-testid=chat-tool-choice]", "required")
+        page.fill("[data-testid=chat-input]", "Weather in Paris?")
+        page.click("[data-testid=chat-send]")
+        page.wait_for_selector("[data-testid=msg-assistant] .text[data-finish='tool_calls']", state="attached")
+        box = page.locator("[data-testid=chat-reasoning]")
+        assert box.count() == 1 and box.get_attribute("open") is None, "reasoning is shown collapsed"
+        assert page.locator("[data-testid=chat-reasoning-text]").text_content() == "The user wants the weather; call the tool."
+        card = page.locator("[data-testid=chat-tool-call]")
+        assert card.count() == 1 and card.get_attribute("data-name") == "get_weather"
+        assert '"location": "Paris"' in card.inner_text() and "call_abc123" in card.inner_text()
+        assert page.locator("[data-testid=msg-assistant] .text").inner_text() == ""
+        page.click("[data-testid=chat-reasoning] summary")
+        assert box.get_attribute("open") is not None
+        screenshot(page, "chat-tools-reasoning")
+    (task,) = node.tasks_submitted()
+    assert [t.name for t in task.params.tools] == ["get_weather"] and task.params.tool_choice.mode == "required"
+
+
+def test_dashboard_asks_for_the_api_key_once_and_keeps_it() -> None:
+    from skulk.api.keys import ApiKeys
+
+    require_chromium()
+    key = "sk-dashboard-test-key-000000000"
+    node = ScriptedNode.three_nodes(script=slow_reply)
+    node.place("skulk/tiny-qwen2")
+    unauthorized = ("401 (Unauthorized)",)  # the browser logs the first, keyless answers itself
+    with ServedApp(node, ApiConfig(dashboard_poll_ms=300, keys=ApiKeys.of([key]))) as served, \
+            chromium_page(served.base_url, expected_errors=unauthorized) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=api-key-form]")
+        assert page.locator("[data-testid=node-card]").count() == 0, "no data without the key"
+        page.fill("[data-testid=api-key-input]", key)
+        page.click("[data-testid=api-key-save]")
+        page.wait_for_selector("[data-testid=node-card]")
+        assert page.locator("[data-testid=api-key-form]").count() == 0
+        screenshot(page, "api-key-accepted")
+        page.reload()
+        page.wait_for_selector("[data-testid=node-card]")
+        assert page.locator("[data-testid=api-key-form]").count() == 0, "the key is kept in the browser"
+        assert page.evaluate("localStorage.getItem('skulk.apiKey')") == key

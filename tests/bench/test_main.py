@@ -24,6 +24,7 @@ FLAGS = {
     "speculative": ["--root", "--preset", "--tokens", "--repetitions", "--stream-repetitions", "--depths", "--drafters",
                     "--streams", "--stream-tokens", "--sampled", "--json"],
     "tune": ["--drafter", "--depths", "--tokens", "--repetitions", "--min-gain", "--write"],
+    "constrained": ["--quick", "--rounds", "--max-tokens", "--model", "--tokenizer"],
 }  # fmt: skip
 
 

@@ -148,3 +148,10 @@ def test_a_cluster_failure_is_still_a_server_error() -> None:
     """
     err = _ended_with(_accepted(), TaskFailed(task_id=TASK, error_message="runner r exited with code -11"))
     assert (err.code, err.type) == ("task_failed", "server_error")
+
+
+def test_a_kv_refusal_that_arrives_as_the_event_keeps_its_retry_after() -> None:
+    """Whichever reaches the origin first, the runner's chunk or the event, the client gets Retry-After."""
+    err = _ended_with(_accepted(), TaskFailed(task_id=TASK, error_message="kv_budget_exhausted: ...", code="kv_budget_exhausted",
+                                              error_type="service_unavailable", retry_after_s=7))  # fmt: skip
+    assert (err.code, err.type, err.retry_after_s) == ("kv_budget_exhausted", "service_unavailable", 7)

@@ -134,3 +134,12 @@ def test_the_worker_reports_the_runners_code_and_type() -> None:
         task_id=TASK, error_message=REFUSAL.message, code="context_length_exceeded", error_type="invalid_request_error"
     )
     assert from_wire(Event, to_wire(event)) == event  # the code survives the wire
+
+
+def test_the_worker_reports_a_kv_refusals_retry_after() -> None:
+    """A runner's 503 ``kv_budget_exhausted`` keeps its Retry-After through ``TaskFailed`` (and the wire)."""
+    refusal = ChunkError(message="kv_budget_exhausted: ...", type="service_unavailable", code="kv_budget_exhausted", retry_after_s=7)
+    chunk = TokenChunk(command_id=CID, task_id=TASK, seq=0, finish_reason="error", error=refusal)
+    (event,) = Worker(NodeId("n1"), CoreConfig()).on_output(1.0, RunnerId("r"), chunk).events
+    assert isinstance(event, TaskFailed) and (event.code, event.retry_after_s) == ("kv_budget_exhausted", 7)
+    assert from_wire(Event, to_wire(event)) == event

@@ -11,11 +11,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from skulk.core.instances import RunnerReady, ShardMetadata
+from skulk.core.instances import KvUse, RunnerReady, ShardMetadata
+from skulk.core.tasks import TokenChunk
+from skulk.engine.batch import Engine, EngineConfig
 from skulk.engine.client import RunnerProcess
 from skulk.engine.protocol import EXIT_OK
 from tests.engine.helpers import check_stream, free_ports, make_spec, make_task, pipeline_shard, tensor_shard, tokens_of
@@ -95,6 +99,46 @@ def test_greedy_tokens_equal_one_process_sequentially_and_batched(
     assert [tokens_of(done[t.task_id]) for t in tasks] == single_tokens
 
 
+def test_prefix_cache_hits_across_ranks_answer_as_without_a_cache(instance: list[RunnerProcess], loaded: Any) -> None:
+    """Rank 0 decides hits and every rank seeds from its own entries: greedy output is unchanged.
+
+    The reference is an in-process engine with the prefix cache off. Each turn
+    extends the previous turn's prompt, so from the second turn on most of the
+    prompt comes from the cache on every rank (a rank that seeded wrongly
+    would change the hidden states rank 0 samples from).
+    """
+    plain = Engine(loaded.shard, loaded.tokenizer, EngineConfig(context_ceiling=2048, prefix_cache_bytes=0), lambda chunks: None)
+    got: dict[str, list[TokenChunk]] = {}
+    plain._emit = lambda chunks: [got.setdefault(c.task_id, []).append(c) for c in chunks]
+    rank0 = instance[0]
+    prompt = "In the first chapter, the river runs north through the valley."
+    cached = []
+    for turn in range(3):
+        task = make_task(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0)
+        chunks = rank0.generate(task, timeout=120)
+        final = check_stream(chunks)
+        plain.submit(task)
+        plain.drain()
+        assert tokens_of(chunks) == tokens_of(got[task.task_id]), f"turn {turn}"
+        assert final.stats is not None
+        cached.append(final.stats.cached_tokens)
+        prompt += f" In chapter {turn + 2}, the story goes on."
+    assert all(n > 0 for n in cached[1:]), cached
+    kv = _last_kv(rank0)
+    assert kv.prefix_hits >= 2 and kv.cache_entries >= 1 and kv.bytes_per_position > 0
+
+
+def _last_kv(proc: RunnerProcess) -> KvUse:
+    """Rank 0's KV ledger from its next heartbeat."""
+    seen = len(proc.heartbeats)
+    deadline = time.monotonic() + 30
+    while len(proc.heartbeats) <= seen and time.monotonic() < deadline:
+        proc.recv(timeout=0.5)
+    kv = proc.heartbeats[-1].kv
+    assert kv is not None, "rank 0 reports its KV ledger in heartbeats"
+    return kv
+
+
 def test_tasks_go_to_rank_zero_only(instance: list[RunnerProcess]) -> None:
     other = instance[-1]
     chunks = other.generate(make_task(prompt="Hello", max_tokens=4), timeout=30)
@@ -119,3 +163,29 @@ def test_idle_followers_sleep_instead_of_spinning(instance: list[RunnerProcess])
     # And they still answer promptly after the idle spell.
     chunks = instance[0].generate(make_task(prompt="Hello", max_tokens=4, temperature=0.0), timeout=60)
     assert check_stream(chunks).finish_reason in ("length", "stop")
+
+
+def test_constrained_rows_stay_in_step_and_match_one_process(
+    instance: list[RunnerProcess], single_runner: RunnerProcess
+) -> None:
+    # Only rank 0 samples, so only rank 0 holds grammars; the other ranks follow its plans.
+    # A forced call and a json_schema reply, batched with a free row, give the one-process
+    # tokens and valid output on every layout.
+    import json
+
+    import jsonschema
+
+    from tests.engine.test_constrained import SCHEMA, forced, shaped
+
+    def tasks() -> list[Any]:
+        return [forced(temperature=0.0), shaped(temperature=0.0), make_task(prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0)]
+
+    expected = [tokens_of(single_runner.generate(t, timeout=120)) for t in tasks()]
+    batch = tasks()
+    for task in batch:
+        instance[0].submit(task)
+    done = instance[0].collect([t.task_id for t in batch], 120)
+    assert [tokens_of(done[t.task_id]) for t in batch] == expected
+    (call,) = [c for chunk in done[batch[0].task_id] for c in chunk.tool_calls]
+    jsonschema.validate(json.loads(call.arguments), SCHEMA)
+    jsonschema.validate(json.loads("".join(c.text for c in done[batch[1].task_id])), SCHEMA)

@@ -144,3 +144,27 @@ def test_operations_doc_lists_every_setting_with_its_default() -> None:
     for setting in SETTINGS:
         assert f"`{setting.env}`" in text, f"{setting.env} is not documented in docs/operations.md"
         assert f"`EXO_{setting.name}`" in text or "every `EXO_*`" in text
+
+
+def test_kv_budget_settings_reach_the_runners(tmp_path: Path) -> None:
+    cfg = load_config(_env(tmp_path / "a", SKULK_KV_QUEUE_WAIT_SECONDS="12", SKULK_PREFIX_CACHE_BYTES="0", EXO_KV_BUDGET_BYTES="1048576"))
+    env = cfg.runner_env()
+    assert env["SKULK_KV_QUEUE_WAIT_SECONDS"] == "12.0"
+    assert env["SKULK_PREFIX_CACHE_BYTES"] == "0" and env["SKULK_KV_BUDGET_BYTES"] == "1048576"
+    defaults = load_config(_env(tmp_path / "b")).runner_env()
+    assert defaults["SKULK_PREFIX_CACHE_BYTES"] == "auto" and defaults["SKULK_KV_BUDGET_BYTES"] == "0"
+    with pytest.raises(ConfigError, match="SKULK_PREFIX_CACHE_BYTES"):
+        load_config(_env(tmp_path / "c", SKULK_PREFIX_CACHE_BYTES="lots"))
+
+
+def test_skulk_config_prints_every_setting_but_never_a_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from skulk.cli import main
+
+    secret = "sk-never-print-this-key-0123456789"
+    monkeypatch.setenv("SKULK_HOME", str(tmp_path))
+    monkeypatch.setenv("SKULK_API_KEYS", secret)
+    main(["config"])
+    out = capsys.readouterr().out
+    for setting in SETTINGS:
+        assert f"{setting.env} = " in out, setting.env
+    assert secret not in out and "SKULK_API_KEYS = (1 key)" in out

@@ -183,3 +183,51 @@ def test_json_logs_for_shippers(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
+
+
+def test_an_indexed_event_is_on_disk_before_any_message_leaves_the_node(tmp_path: Path) -> None:
+    """Write-ahead of sends. Regression pin: a master killed (kill -9) after sending
+    event 127 but before its end-of-batch flush left followers applying an event
+    its disk log never held; the failover-under-load trace then showed invariant 2
+    violated (a follower ahead of its master). Every send now reads, from the
+    file on disk, every event appended before it."""
+    from skulk.runtime.eventlog import Entry, iter_segments, read_segment
+
+    async def main() -> None:
+        clock = ManualClock()
+        driver, transport = await _lone_node(tmp_path, clock=clock)
+        appended: list[int] = []
+        checked: list[tuple[int, int]] = []
+        real_send, real_append = transport.send, driver.carry_append_log
+
+        def on_disk() -> int:
+            indices = [r.indexed.index for seg in iter_segments(tmp_path / "eventlog")
+                       for r in read_segment(seg).records if isinstance(r, Entry)]
+            return max(indices, default=-1)
+
+        def append(effect) -> None:  # type: ignore[no-untyped-def]
+            real_append(effect)
+            appended.append(effect.indexed.index)
+
+        def send(message, to=None) -> None:  # type: ignore[no-untyped-def]
+            if appended:
+                checked.append((max(appended), on_disk()))
+            real_send(message, to)
+
+        transport.send = send  # type: ignore[method-assign]
+        driver.carry_append_log = append  # type: ignore[method-assign]
+        driver._carry = driver.effect_table()
+        try:
+            driver.feed(Boot())
+            clock.advance(0.3)  # wins alone: indexes its session's first events and announces them
+            assert driver.core.is_master
+            clock.advance(1.0)  # heartbeats and telemetry: more events, more sends
+        finally:
+            driver.cancel_timers()
+            await transport.close()
+            driver.eventlog.close()  # type: ignore[attr-defined]
+        assert checked, "no message left the node after an append: the test proves nothing"
+        behind = [(sent, disk) for sent, disk in checked if disk < sent]
+        assert not behind, f"messages left while appended events were only buffered: {behind[:5]}"
+
+    asyncio.run(main())

@@ -6,6 +6,8 @@
 
 import { chatView, instanceView, nodeView, notFound, overview, placeView } from "./views.js";
 import { startPolling, store, subscribe } from "./store.js";
+import { apiKey, setApiKey } from "./api.js";
+import { h } from "./dom.js";
 
 const ROUTES = [
   [/^\/$/, overview, "overview"],
@@ -56,6 +58,31 @@ subscribe(() => {
   const rt = store.diag && store.diag.runtime;
   conn.textContent = rt ? `${rt.friendlyName} · ${rt.isMaster ? "master" : "follower"} · v${rt.skulkVersion}` : "online";
   conn.className = "conn ok";
+});
+
+// API keys: asked for once, on the first 401, and kept in this browser (api.js).
+let keyForm = null;
+window.addEventListener("skulk:needs-key", (event) => {
+  if (keyForm) return;
+  const input = h("input", { type: "password", autocomplete: "off", "data-testid": "api-key-input", placeholder: "API key" });
+  const save = () => {
+    const key = input.value.trim();
+    if (!key) return;
+    setApiKey(key);
+    keyForm.remove();
+    keyForm = null;
+    route();
+  };
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") save(); });
+  const note = event.detail && event.detail.hadKey
+    ? "The saved API key was refused; enter a valid one."
+    : "This node requires an API key (SKULK_API_KEYS). It is kept in this browser only.";
+  keyForm = h("div", { class: "key-overlay", "data-testid": "api-key-form" },
+    h("div", { class: "panel key-panel" }, h("h2", {}, "API key"), h("p", { class: "muted" }, note),
+      h("div", { class: "form-row" }, input, h("button", { "data-testid": "api-key-save", onClick: save }, "Save"),
+        apiKey() ? h("button", { class: "danger", onClick: () => { setApiKey(""); input.value = ""; } }, "Forget") : null)));
+  document.body.append(keyForm);
+  input.focus();
 });
 
 route();

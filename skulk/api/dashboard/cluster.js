@@ -119,6 +119,32 @@ function nodeCard(state, nodeId, master, hosted) {
     hosted.length ? h("div", { class: "muted" }, `hosts ${hosted.length} instance${hosted.length > 1 ? "s" : ""}`) : null);
 }
 
+/** Rank 0's KV ledger for a runner, from the nodes' telemetry (null until reported). */
+function kvOf(state, runnerId) {
+  for (const ledgers of Object.values(state.nodeKv || {})) {
+    if (ledgers[runnerId]) return ledgers[runnerId];
+  }
+  return null;
+}
+
+/** KV use of one instance: the rows' reservation and the prefix cache against the runner's budget. */
+export function kvPanel(kv) {
+  if (!kv || !kv.budgetPositions) return null;
+  const pct = (n) => Math.min(100, (100 * n) / kv.budgetPositions);
+  const per = kv.bytesPerPosition || 0;
+  const num = (n) => Number(n).toLocaleString();
+  const lookups = (kv.prefixHits || 0) + (kv.prefixMisses || 0);
+  return h("div", { class: "mem kv", "data-testid": "kv-use" },
+    h("div", { class: "bar", title: "rows (requests running) · prefix cache" },
+      h("div", { class: "fill", style: `width:${pct(kv.rowsPositions)}%` }),
+      h("div", { class: "fill cache", style: `width:${pct(kv.cachePositions)}%` })),
+    h("span", {}, `KV ${num(kv.rowsPositions)} running + ${num(kv.cachePositions)} cached of ${num(kv.budgetPositions)} positions`
+      + (per ? ` (${bytes((kv.rowsPositions + kv.cachePositions) * per)} of ${bytes(kv.budgetPositions * per)} on rank 0)` : "")),
+    h("span", { class: "muted" }, `prefix cache: ${kv.cacheEntries} entr${kv.cacheEntries === 1 ? "y" : "ies"}, `
+      + `${num(kv.prefixHits || 0)} hit${kv.prefixHits === 1 ? "" : "s"} of ${num(lookups)}, ${num(kv.positionsReused || 0)} tokens reused`
+      + (kv.refused ? ` · ${num(kv.refused)} refused (503)` : "")));
+}
+
 export function speculationBadge(spec) {
   if (!spec || spec.drafter === "none" || !spec.depth) return null;
   const what = spec.drafter === "mtp" ? "MTP" : `draft ${spec.draftModelId || "model"}`;
@@ -136,6 +162,7 @@ export function instanceCard(state, iid, { onDelete } = {}) {
     return { nodeId, runnerId, shardKind, shard, status, statusBody };
   }).sort((a, b) => a.shard.deviceRank - b.shard.deviceRank);
   const sharding = rows.length && rows[0].shardKind === "TensorShardMetadata" ? "Tensor" : "Pipeline";
+  const kv = rows.length ? kvOf(state, rows[0].runnerId) : null;
   const hops = body.ring || [];
   return h("article", { class: "card instance-card", "data-testid": "instance-card", "data-instance": iid },
     h("header", {},
@@ -144,6 +171,7 @@ export function instanceCard(state, iid, { onDelete } = {}) {
       speculationBadge(body.speculation),
       onDelete ? h("button", { class: "danger small", onClick: () => onDelete(iid), "data-testid": "delete-instance" }, "Delete") : null),
     h("div", { class: "muted mono" }, `${iid} · context ${Number(body.contextCeiling).toLocaleString()} tokens`),
+    kvPanel(kv),
     h("table", { class: "ranks" },
       h("thead", {}, h("tr", {}, h("th", {}, "rank"), h("th", {}, "node"), h("th", {}, "shard"), h("th", {}, "memory"), h("th", {}, "runner"))),
       h("tbody", {}, rows.map((r) => h("tr", {},

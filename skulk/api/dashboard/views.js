@@ -176,6 +176,11 @@ export function chatView(container) {
   const sendButton = h("button", { "data-testid": "chat-send", onClick: () => send() }, "Send");
   const stopButton = h("button", { class: "danger", disabled: true, "data-testid": "chat-stop", onClick: () => controller && controller.abort() }, "Stop");
   const stats = h("div", { class: "muted mono", "data-testid": "chat-stats" });
+  // Tools: an OpenAI "tools" array as JSON (optional), and how the model must use them.
+  const toolsInput = h("textarea", { rows: 4, class: "mono", "data-testid": "chat-tools",
+    placeholder: '[{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]' });
+  const toolChoice = h("select", { "data-testid": "chat-tool-choice" },
+    ["auto", "required", "none"].map((c) => h("option", { value: c }, c)));
   let modelsShown = "";
 
   function drawModels() {
@@ -198,6 +203,33 @@ export function chatView(container) {
     return body;
   }
 
+  // Reasoning sits above the reply, collapsed: a <details> the reader may open.
+  function reasoningBox(out) {
+    const text = h("div", { class: "reasoning-text", "data-testid": "chat-reasoning-text" });
+    const box = h("details", { class: "reasoning", "data-testid": "chat-reasoning" }, h("summary", {}, "Reasoning"), text);
+    out.before(box);
+    return text;
+  }
+
+  function toolCallCard(out, call) {
+    let args = call.arguments;
+    try { args = JSON.stringify(JSON.parse(call.arguments), null, 2); } catch { /* shown as sent */ }
+    const card = h("div", { class: "tool-call", "data-testid": "chat-tool-call", "data-name": call.name },
+      h("div", { class: "tool-call-head" }, h("span", { class: "badge" }, "tool call"), " ", h("span", { class: "mono" }, call.name), " ",
+        h("span", { class: "muted mono" }, call.id)),
+      h("pre", { class: "mono" }, args));
+    out.after(card);
+    return card;
+  }
+
+  function parsedTools() {
+    const text = toolsInput.value.trim();
+    if (!text) return [];
+    const tools = JSON.parse(text);
+    if (!Array.isArray(tools)) throw new Error("tools must be a JSON array");
+    return tools;
+  }
+
   async function send() {
     const text = input.value.trim();
     if (!text || controller || !modelSelect.value) return;
@@ -209,17 +241,31 @@ export function chatView(container) {
     controller = new AbortController();
     sendButton.disabled = true; stopButton.disabled = false;
     let reply = "";
+    let reasoning = "";
+    let reasoningText = null;
+    let lastCard = out;
+    const calls = [];
     replace(stats, "");
     try {
+      const tools = parsedTools();
       const result = await streamChat({
         model: modelSelect.value, messages: history, maxTokens: Number(maxTokens.value) || undefined,
-        temperature: temperature.value, signal: controller.signal,
+        temperature: temperature.value, signal: controller.signal, tools, toolChoice: toolChoice.value,
         onText: (delta) => { reply += delta; out.textContent = reply; transcript.scrollTop = transcript.scrollHeight; },
+        onReasoning: (delta) => {
+          reasoning += delta;
+          if (!reasoningText) reasoningText = reasoningBox(out);
+          reasoningText.textContent = reasoning;
+        },
+        onToolCall: (call) => {
+          calls.push({ id: call.id, type: "function", function: { name: call.name, arguments: call.arguments } });
+          lastCard = toolCallCard(lastCard, call);
+        },
         onStats: (s) => replace(stats, `prompt ${s.prompt_tokens} tok @ ${s.prompt_tps.toFixed(0)} tok/s · generated ${s.generation_tokens} tok @ ${s.generation_tps.toFixed(1)} tok/s`
           + (s.draft_depth ? ` · draft depth ${s.draft_depth}, acceptance ${(100 * (s.acceptance_rate || 0)).toFixed(0)}%` : "")),
       });
       out.dataset.finish = result.finishReason || "";
-      history.push({ role: "assistant", content: reply || " " });
+      history.push(calls.length ? { role: "assistant", content: reply || null, tool_calls: calls } : { role: "assistant", content: reply || " " });
     } catch (err) {
       if (err.name === "AbortError") {
         out.dataset.finish = "aborted";
@@ -240,6 +286,8 @@ export function chatView(container) {
     h("h2", {}, "Chat"),
     h("div", { class: "form-row" }, h("label", { for: "chat-model" }, "Model"), modelSelect,
       h("label", {}, "max tokens"), maxTokens, h("label", {}, "temperature"), temperature),
+    h("details", { class: "tools-panel" }, h("summary", {}, "Tools"),
+      h("div", { class: "form-row" }, h("label", {}, "tool choice"), toolChoice), toolsInput),
     transcript,
     h("div", { class: "composer" }, input, h("div", { class: "buttons" }, sendButton, stopButton)),
     stats));

@@ -15,7 +15,8 @@ on when one is left, and concurrent throughput is that of plain decoding.
 
 Requests asking for a repetition penalty or for logprobs decode plainly (the
 penalty would have to be re-applied per drafted position; logprobs are
-reported by the plain sampler).
+reported by the plain sampler), and so do grammar-constrained requests (each
+drafted token would need its own mask).
 
 Several ranks. Rank 0 decides everything and tells the others through the
 engine's ``PlanChannel`` (fixed-shape all-sums), in frames of its own::
@@ -235,10 +236,12 @@ class _HiddenTap(Shard):
     """A world-of-one shard that also keeps the hidden states of a lone stream's cache.
 
     Same forwards as ``LocalShard`` (the head applied to ``model.model``'s
-    output is exactly ``model(...)``); while a cache is fed from position 0
-    without gaps (prefill chunks, then one-row decode steps) the post-norm
-    hidden states of every position are kept, keyed by the cache, so an MTP
-    drafter can start with the whole prompt instead of an empty history.
+    output is exactly ``model(...)``); while a cache is fed without gaps
+    (prefill chunks, then one-row decode steps) the post-norm hidden states
+    of every position fed are kept, keyed by the cache, so an MTP drafter can
+    start with the whole prompt instead of an empty history. A cache seeded
+    from the prefix cache starts past 0: its states cover the positions this
+    request computed (the drafter gets that tail of the prompt).
     """
 
     def __init__(self, inner: Shard, view: TargetView) -> None:
@@ -246,18 +249,17 @@ class _HiddenTap(Shard):
         self.inner = inner
         self.view = view
         self.model = getattr(inner, "model", None)
-        self.log: dict[int, tuple[int, list[mx.array]]] = {}
+        self.log: dict[int, tuple[int, int, list[mx.array]]] = {}  # cache -> (first, end, states)
 
     def new_cache(self) -> list[Any]:
         return self.inner.new_cache()
 
     def _record(self, cache: list[Any], start: int, rows: mx.array) -> None:
         key = id(cache[0])
-        count, parts = self.log.get(key, (0, []))
-        if count != start:
-            self.log.pop(key, None)  # a gap: these states no longer start at 0
-            return
-        self.log[key] = (count + int(rows.shape[0]), parts + [rows])
+        first, end, parts = self.log.get(key, (start, start, []))
+        if end != start:
+            first, end, parts = start, start, []  # a gap: keep only what follows it
+        self.log[key] = (first, end + int(rows.shape[0]), parts + [rows])
 
     def prefill(self, tokens: mx.array, cache: list[Any]) -> list[Any]:
         start = cache_length(cache)
@@ -274,10 +276,11 @@ class _HiddenTap(Shard):
         return self.view.head(hidden)[:, -1, :]
 
     def take(self, cache: list[Any], positions: int) -> mx.array | None:
-        """The hidden states (positions, H) of ``cache`` when all are known, else None."""
-        count, parts = self.log.pop(id(cache[0]), (0, []))
-        if count != positions or not parts:
+        """The hidden states of ``cache``'s last positions up to ``positions`` (n, H), else None."""
+        first, end, parts = self.log.pop(id(cache[0]), (0, 0, []))
+        if end != positions or not parts:
             return None
+        assert 0 <= first < end, (first, end)
         return mx.concatenate(parts, axis=0)
 
     def keep_only(self, caches: list[list[Any] | None]) -> None:
@@ -318,7 +321,7 @@ class SpeculativeEngine(Engine):
         if len(self.rows) != 1 or self.waiting or self.prefilling is not None:
             return False
         sampling = self.rows[0].sampling
-        return sampling.repetition_penalty == 1.0 and not sampling.logprobs
+        return sampling.repetition_penalty == 1.0 and not sampling.logprobs and self.rows[0].grammar is None
 
     def _step(self) -> None:
         if self._wants_round():
@@ -432,6 +435,10 @@ class SpeculativeEngine(Engine):
     def stop_followers(self) -> None:
         self._settle_followers()
         super().stop_followers()
+
+    def clear_prefix_cache(self) -> None:
+        self._settle_followers()
+        super().clear_prefix_cache()
 
 
 def _encode_spec(prev: int, reset: bool, k: int, bonus: int, ext: list[int], drafts: list[int]) -> list[int]:
