@@ -1,6 +1,6 @@
 """failover_calibrated: ``master_failover`` with this machine's measured timings, like for like with the real run.
 
-The real counterpart is ``python -m loadtests.parity --calibrated``: three
+The real counterpart is ``python -m loadtests.calibrated_parity``: three
 nodes, the model on one follower, six streaming clients through the two
 followers (think time 0.2 s on average, ``max_tokens`` 16, the same prompt),
 then the master is lost: its process killed (``master_loss_mode=crash``:
