@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import secrets
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +29,10 @@ from loadtests.cluster import FAST_ENV, RealCluster
 from skulk.runtime import auth
 from skulk.runtime.localcluster import LocalCluster, NodePlan
 
-__all__ = ["netns_available", "Netns", "Link", "ns_http", "netns_cluster", "netns_cluster_with_links", "VPN_PREFIX"]
+__all__ = [
+    "netns_available", "Netns", "Link", "ns_http", "netns_cluster", "netns_cluster_with_links", "sweep_stale",
+    "free_host_block", "VPN_PREFIX",
+]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -57,6 +62,62 @@ def netns_available() -> tuple[bool, str]:
         _ip("netns", "del", name, check=False)
 
 
+# Namespaces this module makes are named "sk" + 6 hex digits + "n" + index.
+_OURS = re.compile(r"^sk[0-9a-f]{6}n\d+$")
+# A namespace of ours with no process inside and older than this was left by a killed run.
+STALE_AFTER_S = 600.0
+
+
+def sweep_stale(*, older_than_s: float = STALE_AFTER_S) -> list[str]:
+    """Delete the namespaces a killed run left behind; return their names.
+
+    A run killed before its teardown leaves its namespaces, and with them the
+    root ends of its host links, which still hold their addresses: the next
+    run's identical addresses then route into the dead namespace and its nodes
+    look unreachable. Only our names, only with no process inside, and only
+    when older than ``older_than_s`` (a concurrent run's fresh namespaces are
+    left alone).
+    """
+    listed = _ip("netns", "list", check=False)
+    removed: list[str] = []
+    for line in listed.stdout.splitlines():
+        name = line.split(" ", 1)[0]
+        if not _OURS.match(name) or _ip("netns", "pids", name, check=False).stdout.strip():
+            continue
+        try:
+            age = time.time() - os.stat(f"/run/netns/{name}").st_mtime
+        except OSError:
+            continue
+        if age >= older_than_s and _ip("netns", "del", name, check=False).returncode == 0:
+            removed.append(name)
+    return removed
+
+
+def _root_addresses() -> list[tuple[str, str]]:
+    """(interface, address) for every IPv4 address in this (root) namespace."""
+    out = _ip("-o", "-4", "addr", "show", check=False).stdout
+    pairs = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[2] == "inet":
+            pairs.append((parts[1], parts[3].split("/", 1)[0]))
+    return pairs
+
+
+def free_host_block(first: int = 78, last: int = 99) -> int:
+    """The first ``x`` in [first, last] such that no root address lies in 10.x.0.0/16.
+
+    Host links are numbered 10.x.(i+1).1/30 (root end) and .2 (machine i); a
+    block another run (or a leftover) still holds is skipped, not shared.
+    """
+    taken = {addr for _, addr in _root_addresses()}
+    for x in range(first, last + 1):
+        if not any(a.startswith(f"10.{x}.") for a in taken):
+            return x
+    holders = sorted({f"{iface} {addr}" for iface, addr in _root_addresses() if addr.startswith("10.")})
+    raise OSError(f"no free 10.x.0.0/16 block in {first}..{last} for host links; taken: {', '.join(holders)}")
+
+
 @dataclass(frozen=True)
 class Link:
     a: int
@@ -77,6 +138,7 @@ class Netns:
     links: list[Link] = field(default_factory=list)
 
     def build(self) -> Netns:
+        sweep_stale()
         for i in range(self.n):
             name = f"{self.prefix}n{i}"
             _ip("netns", "add", name)
@@ -115,6 +177,11 @@ class Netns:
         """
         host_name = f"{self.prefix}h{i}"
         tmp = f"{self.prefix}t{i}"
+        bare = host_addr.split("/", 1)[0]
+        holder = next((iface for iface, addr in _root_addresses() if addr == bare), None)
+        if holder is not None:
+            raise OSError(f"{bare} is already on {holder} in the root namespace (a leftover of a killed run? "
+                          f"loadtests.netns.sweep_stale() removes those); pick another block (free_host_block)")
         _ip("link", "add", host_name, "type", "veth", "peer", "name", tmp)
         _ip("link", "set", tmp, "netns", self.names[i])
         self.run(i, ["ip", "link", "set", tmp, "name", ns_name])
@@ -158,7 +225,7 @@ def ns_http(netns: Netns, i: int, path: str, *, port: int, method: str = "GET", 
 # every pair (10.77.x.0/24) and, between machines 0 and 1, a second link whose
 # only tell is its VPN-range address (100.64.7.0/24, Tailscale's range), named
 # like any other interface. Each namespace also gets a link to the root
-# namespace (10.78.i.0/30), so Locust, the trace recorder and the checks run
+# namespace (10.78.i.0/30, or the next free 10.x block), so Locust, the trace recorder and the checks run
 # from the test process against each node's own address. Nodes discover their
 # interfaces for real, bind the API on every address, and find each other
 # through bootstrap peers on the plain links. Root only; ``netns_available``
@@ -187,8 +254,9 @@ def netns_cluster_with_links(
         net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
         net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")
         net.link(0, 1, VPN_PREFIX + "1/24", VPN_PREFIX + "2/24", a_name="eth9", b_name="eth9")
+        block = free_host_block()
         for i in range(3):
-            net.link_host(i, f"10.78.{i + 1}.1/30", f"10.78.{i + 1}.2/30")
+            net.link_host(i, f"10.{block}.{i + 1}.1/30", f"10.{block}.{i + 1}.2/30")
         key = auth.load_or_create_secret(base)[1]
         namespace = f"relns{random.randrange(1 << 30):x}"
         plans = []
@@ -202,7 +270,7 @@ def netns_cluster_with_links(
                 "SKULK_MULTICAST": "0", "SKULK_AUTO_PLACE": "none",
             })
             node_env.update(env or {})
-            plans.append(NodePlan(index=i, node_id=f"m-{i + 1}", home=base / f"node-{i + 1}", api_host=f"10.78.{i + 1}.2",
+            plans.append(NodePlan(index=i, node_id=f"m-{i + 1}", home=base / f"node-{i + 1}", api_host=f"10.{block}.{i + 1}.2",
                                   api_port=API_PORT, zenoh_port=ZENOH_PORT, env=node_env, argv_prefix=net.prefix_argv(i)))
         local = LocalCluster(plans, log_dir=base / "logs")
         local.start()

@@ -231,6 +231,7 @@ class LocalCluster:
         """Wait until every (given) node answers ``GET /healthz`` with its own id (no API key needed)."""
         deadline = time.monotonic() + timeout_s
         pending = list(nodes or self.alive())
+        last: dict[str, str] = {}
         while pending:
             for node in list(pending):
                 proc = self.procs[node]
@@ -241,10 +242,16 @@ class LocalCluster:
                     health = self.fetch(self.plan(node), "/healthz")
                     if isinstance(health, dict) and health.get("node_id") == node:
                         pending.remove(node)
-                except (OSError, http.client.HTTPException, ValueError, subprocess.SubprocessError):
-                    pass
+                    else:
+                        last[node] = f"answered {health!r:.200}"
+                except (OSError, http.client.HTTPException, ValueError, subprocess.SubprocessError) as e:
+                    last[node] = f"{type(e).__name__}: {e}"
             if pending and time.monotonic() > deadline:
-                raise TimeoutError(f"nodes {pending} did not answer within {timeout_s:g} s")
+                # Say what the probe saw: a node whose log says "up" but whose API cannot be
+                # reached points at the network (an address taken twice), not at the node.
+                seen = "; ".join(f"{n} at {self.plan(n).url}: {last.get(n, 'no answer')}" for n in pending)
+                raise TimeoutError(f"nodes {pending} did not answer within {timeout_s:g} s ({seen})"
+                                   f"{self._log_tail(pending[0])}")
             if pending:
                 time.sleep(0.1)
 

@@ -65,7 +65,14 @@ def test_a_second_chat_turn_reuses_the_first_turns_kv(kv_node: RealNode) -> None
 
 
 def test_no_room_in_the_kv_budget_is_a_clean_503_and_the_runner_keeps_serving(kv_node: RealNode) -> None:
-    long = {"model": MODEL, "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 4000, "temperature": 0, "stream": True}
+    # The long request must still be running when the others arrive, whatever the model's weights: a schema
+    # whose one string must be far longer than max_tokens allows keeps the end token masked out (the grammar,
+    # not the model, decides), so it can only end by length or by the cancel below.
+    endless = {"type": "json_schema", "json_schema": {"name": "essay", "strict": True, "schema": {
+        "type": "object", "properties": {"text": {"type": "string", "minLength": 100000}},
+        "required": ["text"], "additionalProperties": False}}}
+    long = {"model": MODEL, "messages": [{"role": "user", "content": "Go on and on."}], "max_tokens": 4000,
+            "temperature": 0, "stream": True, "response_format": endless}
     streamed: list[str] = []
     started = threading.Event()
     finish: list[str] = []
