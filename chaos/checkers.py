@@ -52,6 +52,17 @@ and every check is incremental, so running it after every step stays cheap:
    and a request whose origin again reaches its session's master, still
    acting in that session, is not on a dead master (liveness then requires
    it to end).
+9. **A runner never loads an unverified file.** Every ``StartRunner`` a node
+   emits must find, in that node's replicated state, every hosting node's
+   copy of the model verified and covering its shard, and, on the host
+   itself, the disk (ground truth: ``files_verified``, the simulator's
+   ``SimDisk``) holding that shard's files verified. Partial bytes never count.
+10. **No instance's files are evicted while it is placed.** A
+   ``ModelEvictionRequested`` the master indexes may not name a node on which
+   an instance of the model is placed (in the master's state before it); a
+   ``DeleteFiles`` a node emits may not find an instance of the model placed
+   on it in its own state, nor (ground truth: ``runners_using``) a live
+   runner of the model on its host.
 
 A violation raises ``SafetyViolation`` at once, naming the invariant, the
 node and the simulated time; the driver stops and reports.
@@ -66,18 +77,20 @@ from typing import Any
 
 import msgspec
 
-from skulk.core.effects import AppendLog
+from skulk.core.effects import AppendLog, DeleteFiles, StartRunner
 from skulk.core.events import (
     IndexedEvent,
     InstanceCreated,
     InstanceDeleted,
+    ModelEvictionRequested,
     RunnerStatusUpdated,
     TaskCreated,
     TaskDeleted,
     TaskFailed,
     TaskStatusUpdated,
 )
-from skulk.core.ids import InstanceId, NodeId, RunnerId, TaskId, derive_id
+from skulk.core.files import Need, covers, need_of
+from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId, derive_id
 from skulk.core.instances import Instance, RunnerReady
 from skulk.core.memory import USABLE_FRACTION_OF_TOTAL, usable_bytes
 from skulk.core.session import Session
@@ -94,6 +107,8 @@ INVARIANTS: dict[int, str] = {
     6: "events indexed per abandoned request are bounded",
     7: "all ranks of an instance enforce the same context ceiling",
     8: "in-flight requests on a dead master end with an error, never hang",
+    9: "a runner never loads an unverified file",
+    10: "no instance's files are evicted while it is placed",
 }
 
 _CANON = msgspec.msgpack.Encoder(order="sorted")
@@ -186,6 +201,8 @@ class SafetyChecker:
         ram_total_bytes: dict[str, int] | None = None,
         host_paused: Callable[[str], bool] | None = None,
         master_reachable: Callable[[str, Session | None], bool] | None = None,
+        files_verified: Callable[[str, ModelId, Need], bool] | None = None,
+        runners_using: Callable[[str, ModelId], int] | None = None,
     ) -> None:
         assert abandoned_events_max >= 1
         self.clock = clock
@@ -193,6 +210,11 @@ class SafetyChecker:
         self.ram_total_bytes = dict(ram_total_bytes or {})
         self.host_paused = host_paused or (lambda _h: False)
         self.master_reachable = master_reachable or (lambda _h, _s: False)
+        # Ground truth of a host's disk and runners (the simulator's), for invariants 9 and 10.
+        self.files_verified = files_verified
+        self.runners_using = runners_using
+        self.runners_started_checked = 0
+        self.evictions_checked = 0
         self.logs: dict[Session, _SessionLog] = {}
         self.acting: dict[str, Session | None] = {}
         self.acting_by_session: dict[Session, set[str]] = {}
@@ -250,8 +272,13 @@ class SafetyChecker:
         """Check ``node`` (on ``host``) right after it handled ``inp`` and returned ``effects``."""
         self.steps_checked += 1
         for effect in effects:
-            if type(effect) is AppendLog:
+            kind = type(effect)
+            if kind is AppendLog:
                 self._append(host, effect)
+            elif kind is StartRunner:
+                self._check_start(host, node, effect)
+            elif kind is DeleteFiles:
+                self._check_delete(host, node, effect)
         # Invariant 1: who acts as master, and sessions only move forward.
         master = node.master
         acting = master.session if (master is not None and master.active) else None
@@ -289,6 +316,45 @@ class SafetyChecker:
                 self._check_state(host, current)
         if self._deadlines and self._deadlines[0][0] < self.clock():
             self.check_deadlines()
+
+    # --- invariants 9 and 10 -------------------------------------------------------------------
+
+    def _check_start(self, host: str, node: Any, effect: StartRunner) -> None:
+        self.runners_started_checked += 1
+        spec = effect.spec
+        state = node.replica.current
+        inst = state.instances.get(spec.instance_id) if state is not None else None
+        if inst is None:
+            self._fail(9, f"{host} started runner {spec.runner_id} of instance {spec.instance_id}, not in its state", host)
+            return
+        model = inst.shard_assignments.model_id
+        for other, runner in sorted(inst.shard_assignments.node_to_runner.items()):
+            need = need_of(inst.shard_assignments.runner_to_shard[runner])
+            copy = state.model_copies.get(other, {}).get(model)
+            if copy is None or copy.status != "verified" or not covers(copy.coverage, need):
+                self._fail(9, f"{host} started runner {spec.runner_id} while {other}'s copy of {model} was "
+                              f"{copy.status if copy is not None else 'absent'}", host)
+        if self.files_verified is not None and not self.files_verified(host, model, need_of(spec.shard)):
+            self._fail(9, f"{host} started runner {spec.runner_id} but its disk does not hold the verified files of "
+                          f"{model} for {need_of(spec.shard)}", host)
+
+    def _check_delete(self, host: str, node: Any, effect: DeleteFiles) -> None:
+        self.evictions_checked += 1
+        state = node.replica.current
+        model = effect.model_id
+        if state is not None:
+            for inst in state.instances.values():
+                if inst.shard_assignments.model_id == model and host in inst.shard_assignments.node_to_runner:
+                    self._fail(10, f"{host} deletes the files of {model} while instance {inst.instance_id} is placed "
+                                   "on it", host)
+        if self.runners_using is not None and self.runners_using(host, model) > 0:
+            self._fail(10, f"{host} deletes the files of {model} while a runner of it lives there", host)
+
+    def _check_eviction_request(self, host: str, state: State, event: ModelEvictionRequested) -> None:
+        for inst in state.instances.values():
+            if inst.shard_assignments.model_id == event.model_id and event.node_id in inst.shard_assignments.node_to_runner:
+                self._fail(10, f"{host} indexed the eviction of {event.model_id} on {event.node_id} while instance "
+                               f"{inst.instance_id} is placed there", host)
 
     def _check_state(self, host: str, state: State) -> None:
         session = state.session
@@ -331,6 +397,9 @@ class SafetyChecker:
         kind = type(event)
         if kind is InstanceCreated:
             self._check_memory(host, before, event.instance)  # type: ignore[union-attr]
+        elif kind is ModelEvictionRequested:
+            assert isinstance(event, ModelEvictionRequested)
+            self._check_eviction_request(host, before, event)
         try:
             after = apply(before, indexed)
         except AssertionError as exc:

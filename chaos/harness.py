@@ -38,6 +38,7 @@ from typing import Any
 
 import simpy
 
+from skulk.core.ids import NodeId
 from skulk.core.state import digest as core_digest
 
 from chaos import exitcodes
@@ -217,6 +218,10 @@ def run_scenario(
     checker.ram_total_bytes = {h: world.hosts[h].ram_total_bytes for h in world.host_ids}
     checker.host_paused = lambda h: world.hosts[h].paused  # type: ignore[index]
     checker.master_reachable = lambda h, s: _master_reachable(world, h, s)
+    checker.files_verified = lambda h, m, need: world.hosts[NodeId(h)].disk.covers(m, need)
+    checker.runners_using = lambda h, m: sum(
+        1 for r in world.hosts[NodeId(h)].runners.values() if r.alive and r.spec.model_id == m
+    )
     oracles = OracleChecker(world, checker)
     world.observers.append(oracles)
     efficient = EfficiencyChecker(world, checker, efficiency) if efficiency is not None else None

@@ -108,7 +108,8 @@ class Stage:
     # --- common steps -------------------------------------------------------------------------
 
     def place(
-        self, model_id: str | None = None, *, excluded: tuple[NodeId, ...] = (), name: str = "place"
+        self, model_id: str | None = None, *, excluded: tuple[NodeId, ...] = (), name: str = "place",
+        min_nodes: int = 1,
     ) -> Generator[simpy.Event, Any, InstanceId]:
         """Place a model (default: the options' model); ``ScenarioStuck`` if it never is."""
         model = model_id or self.opts.model_id
@@ -116,7 +117,8 @@ class Stage:
         # yet; placing then would see a smaller cluster than there is.
         yield from self.wait_until(self.cluster_known, timeout_s=self.opts.settle_deadline_s)
         try:
-            iid = yield from place_model(self.world, model, deadline_s=self.opts.ready_deadline_s, excluded=excluded, name=name)
+            iid = yield from place_model(self.world, model, deadline_s=self.opts.ready_deadline_s, excluded=excluded,
+                                         name=name, min_nodes=min_nodes)
         except PlacementFailed as exc:
             raise ScenarioStuck(str(exc)) from exc
         self.world.trace_note("-", "placed", f"{model} as {iid}")

@@ -18,8 +18,13 @@ driver:
   every message addressed to it; a restart builds a new ``CoreNode`` from the
   last record. A pause freezes the host: inputs queue up (``backlog``) and
   timers wait; on resume the backlog is handled first, then overdue timers.
-- **Observations.** Periodic memory telemetry (``InfoObserved``) and link
-  probes (``LinkProbed``) for every address of every peer.
+- **Observations.** Periodic memory and disk telemetry (``InfoObserved``)
+  and link probes (``LinkProbed``) for every address of every peer.
+- **Model files.** ``disk`` (``sim.files.SimDisk``) holds what the host has
+  verified and partial; it survives a crash. At boot the node is told what is
+  there (``FilesObserved``, and ``ModelAvailable`` for complete copies);
+  ``StartTransfer`` becomes a timed flow over the simulated links
+  (``sim.files``), ``DeleteFiles`` empties the model at once.
 
 Effects are carried out in list order, each by the host's ``carry_*`` method
 for its type (``skulk.core.effects.EffectCarrier``). A handler
@@ -44,7 +49,9 @@ from skulk.core.effects import (
     EffectCarrier,
     CancelRunnerTask,
     CancelTimer,
+    CancelTransfer,
     CommandCompleted,
+    DeleteFiles,
     DeliverChunk,
     DispatchTask,
     Log,
@@ -54,6 +61,7 @@ from skulk.core.effects import (
     SessionChanged,
     SetTimer,
     StartRunner,
+    StartTransfer,
     StopRunner,
     WriteSnapshot,
 )
@@ -69,6 +77,7 @@ from skulk.core.inputs import (
 )
 from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
 
+from sim import files as simfiles
 from sim.network import probe_reachable
 
 from skulk.core.node import CoreNode
@@ -123,6 +132,9 @@ class SimHost(EffectCarrier):
         self.disk_errors = 0
         self.persist_failures = 0
         self.runners: dict[RunnerId, SimRunner] = {}
+        # Model files on disk (they outlive the process) and transfers in flight.
+        self.disk = simfiles.initial_disk(world, node_id)
+        self.flows: dict[str, simfiles.Flow] = {}
         # Runner faults: while > 0, runners crash on load / wedge.
         self.crash_loop = 0
         self.wedge_next = 0
@@ -160,8 +172,10 @@ class SimHost(EffectCarrier):
         self.world.on_boot(self)
         self.feed(Boot())
         self.feed(self._telemetry(full=True))
-        for model in self.world.models_on_disk:
-            self.feed(ModelAvailable(model_id=model))
+        for model in sorted(self.disk.verified):
+            self.feed(simfiles.observed(self, model))
+            if self.disk.verified[model].complete:
+                self.feed(ModelAvailable(model_id=model))
         inc = self.incarnation
         self.world.call_later(self.rng.uniform(0.0, self.world.opts.telemetry_sample_s), self._telemetry_tick, inc)
         self.world.call_later(self.rng.uniform(0.0, self.world.opts.probe_interval_s), self._probe_tick, inc)
@@ -177,6 +191,7 @@ class SimHost(EffectCarrier):
         self.backlog.clear()
         self.pending.clear()
         self.timers.clear()
+        self.flows.clear()  # the process's transfers die with it; their partial bytes stay on disk
         for runner in list(self.runners.values()):
             runner.kill(notify_node=False)
         self.runners.clear()
@@ -346,6 +361,18 @@ class SimHost(EffectCarrier):
     def carry_log(self, effect: Log) -> None:
         self.world.on_log(self, effect)
 
+    # --- model files --------------------------------------------------------------------------------------------
+
+    def carry_start_transfer(self, effect: StartTransfer) -> None:
+        simfiles.start_flow(self, effect)
+
+    def carry_cancel_transfer(self, effect: CancelTransfer) -> None:
+        simfiles.cancel_flow(self, effect.transfer_id)
+
+    def carry_delete_files(self, effect: DeleteFiles) -> None:
+        self.world.notify("files_deleted", self.id, effect.model_id)
+        simfiles.delete_files(self, effect.model_id)
+
     # --- observations --------------------------------------------------------------------------------------------
 
     def available_bytes(self) -> int:
@@ -356,13 +383,15 @@ class SimHost(EffectCarrier):
         noise = int(self.rng.uniform(-1.0, 1.0) * self.world.opts.ram_noise_gib * GIB)
         available = max(0, min(self.ram_total_bytes, self.available_bytes() + noise))
         memory = MemoryInfo(ram_total=Memory(in_bytes=self.ram_total_bytes), ram_available=Memory(in_bytes=available))
+        disk = simfiles.disk_info(self)
         if not full:
-            return InfoObserved(memory=memory)
+            return InfoObserved(memory=memory, disk=disk)
         return InfoObserved(
             identity=NodeIdentity(friendly_name=f"sim-{self.id}", version="sim"),
             memory=memory,
             network=NetworkInfo(interfaces=self.interfaces),
             system=SystemInfo(platform="sim", chip="simulated", os_version="0", cpu_count=8),
+            disk=disk,
         )
 
     def _telemetry_tick(self, incarnation: int) -> None:
@@ -390,4 +419,4 @@ class SimHost(EffectCarrier):
         self.world.call_later(self.world.opts.probe_interval_s, self._probe_tick, incarnation)
 
     def models(self) -> tuple[ModelId, ...]:
-        return self.world.models_on_disk
+        return tuple(m for m in sorted(self.disk.verified) if self.disk.verified[m].complete)

@@ -7,7 +7,10 @@ restart a node. Hypothesis stateful tests use these steps as rules, so a
 failing schedule shrinks to a minimal one.
 
 It drives the very same ``skulk.core.node.CoreNode``; runners are modelled
-just enough to become ready and stream a few tokens.
+just enough to become ready and stream a few tokens. Disks are modelled just
+enough for the file keeper: every host holds every card's model, verified,
+unless ``disks`` says otherwise; a transfer completes ``transfer_s`` after it
+starts (whole files: the need it was asked for), and a deletion at once.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from skulk.core.effects import (
     EffectCarrier,
     CancelRunnerTask,
     CancelTimer,
+    CancelTransfer,
     CommandCompleted,
+    DeleteFiles,
     DeliverChunk,
     DispatchTask,
     Effect,
@@ -36,12 +41,16 @@ from skulk.core.effects import (
     SessionChanged,
     SetTimer,
     StartRunner,
+    StartTransfer,
     StopRunner,
     WriteSnapshot,
 )
-from skulk.core.ids import CommandId, NodeId, RunnerId, TaskId
+from skulk.core.files import Coverage
+from skulk.core.ids import CommandId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.inputs import (
     Boot,
+    FilesGone,
+    FilesObserved,
     InfoObserved,
     Input,
     LinkProbed,
@@ -51,12 +60,14 @@ from skulk.core.inputs import (
     RunnerOutput,
     RunnerStatusObserved,
     TimerFired,
+    TransferEnded,
 )
 from skulk.core.instances import LinkKind, RunnerLoaded, RunnerLoading, RunnerReady, RunnerSpec, RunnerWarmingUp
 from skulk.core.messages import Message
 from skulk.core.node import CoreNode
 from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity
 from skulk.core.tasks import TokenChunk, Usage
+from sim.files import whole_coverage
 
 __all__ = ["ManualCluster", "InFlight", "GIB"]
 
@@ -98,7 +109,19 @@ class _TaskDone:
     command_id: CommandId
 
 
-_SimKey = _RunnerLoading | _RunnerReady | _RunnerExit | _TaskDone
+@dataclass(frozen=True)
+class _TransferDone:
+    transfer_id: str
+
+
+@dataclass(frozen=True)
+class _Later:
+    """An input for the node, handled as the next step (never inside the step that raised it)."""
+
+    seq: int
+
+
+_SimKey = _RunnerLoading | _RunnerReady | _RunnerExit | _TaskDone | _TransferDone | _Later
 TimerKey = str | _SimKey  # a core timer's key, or one of the cluster's own
 
 
@@ -116,6 +139,9 @@ class _Host(EffectCarrier):
         self.kind: LinkKind = "ethernet"
         self.runners: dict[RunnerId, RunnerSpec] = {}
         self.tasks: dict[TaskId, RunnerId] = {}
+        # Verified model files on this host's disk (they survive a crash), and transfers in flight.
+        self.disk: dict[ModelId, Coverage] = {}
+        self.transfers: dict[str, StartTransfer] = {}
 
     def carry_send(self, effect: Send) -> None:
         c, nid = self.cluster, self.nid
@@ -170,6 +196,34 @@ class _Host(EffectCarrier):
     def carry_log(self, effect: Log) -> None:
         self.cluster.log.append((self.cluster.now, self.nid, effect.message))
 
+    def carry_start_transfer(self, effect: StartTransfer) -> None:
+        self.transfers[effect.transfer_id] = effect
+        self.cluster.transfers_started.append((self.cluster.now, self.nid, effect))
+        source = effect.source or "hub"
+        if source in self.cluster.stalled_sources:
+            return  # bytes never come: the keeper's stall timer must notice
+        self.cluster._schedule(self.nid, _TransferDone(effect.transfer_id), self.cluster.now + self.cluster.transfer_s)
+
+    def carry_cancel_transfer(self, effect: CancelTransfer) -> None:
+        tr = self.transfers.pop(effect.transfer_id, None)
+        if tr is not None:
+            self.cluster._timers[self.nid].pop(_TransferDone(effect.transfer_id), None)
+            self.cluster._later(self.nid, TransferEnded(transfer_id=tr.transfer_id, model_id=tr.model_id, ok=False,
+                                                        code="cancelled", message="cancelled"))
+
+    def carry_delete_files(self, effect: DeleteFiles) -> None:
+        self.disk.pop(effect.model_id, None)
+        self.cluster.deleted.append((self.cluster.now, self.nid, effect.model_id))
+        self.cluster._later(self.nid, FilesGone(model_id=effect.model_id))
+
+    def files_observed(self, model: ModelId) -> FilesObserved:
+        cov = self.disk[model]
+        card = self.cluster._card(self.nid, model)
+        weight = card.weight_bytes if card is not None else 0
+        held = cov.layer_count() + (1 if cov.head else 0)
+        return FilesObserved(model_id=model, status="verified", coverage=cov, source="local",
+                             bytes=weight * held // (cov.n_layers + 1) if cov.n_layers else weight)
+
 
 class ManualCluster:
     """``n`` nodes named n1..nN, fully connected, nothing delivered until asked."""
@@ -183,11 +237,21 @@ class ManualCluster:
         ram_gib: Iterable[int] | None = None,
         runner_load_s: float = 2.0,
         tokens_per_request: int = 3,
+        disks: Mapping[str, Iterable[str]] | None = None,
+        transfer_s: float = 5.0,
     ) -> None:
+        # Transfers from these sources ("hub" or a node id) never move a byte; transfers
+        # from those in ``failing_sources`` end with its failure code.
+        self.stalled_sources: set[str] = set()
+        self.failing_sources: dict[str, str] = {}
+        self.transfers_started: list[tuple[float, NodeId, StartTransfer]] = []
+        self._later_inputs: dict[int, Input] = {}
         self.config = config or CoreConfig()
         self.cards = dict(cards or {})
         self.now = 0.0
         self.runner_load_s = runner_load_s
+        self.transfer_s = transfer_s
+        self.deleted: list[tuple[float, NodeId, ModelId]] = []
         self.tokens_per_request = tokens_per_request
         rams = list(ram_gib) if ram_gib is not None else [64] * n
         assert len(rams) == n
@@ -195,6 +259,9 @@ class ManualCluster:
         for i in range(n):
             nid = NodeId(f"n{i + 1}")
             self.hosts[nid] = _Host(self, nid, ram_total=rams[i] * GIB, address=f"10.0.0.{i + 1}")
+            held = sorted(self.cards) if disks is None else sorted(disks.get(nid, ()))
+            for model in held:
+                self.hosts[nid].disk[ModelId(model)] = whole_coverage(self.cards[model].n_layers)
         self.inflight: list[InFlight] = []
         self._seq = itertools.count()
         # (at, seq, node, key) heap plus the live key->at map per node.
@@ -239,10 +306,13 @@ class ManualCluster:
         self._notify("node_booted", nid)
         host.runners.clear()
         host.tasks.clear()
+        host.transfers.clear()
         host.ram_used = 0
         self._timers[nid] = {}
         self._feed(nid, Boot())
         self._feed(nid, self._telemetry(nid))
+        for model in sorted(host.disk):
+            self._feed(nid, host.files_observed(model))
         self._refresh_membership()
 
     def crash(self, nid: str) -> None:
@@ -253,6 +323,7 @@ class ManualCluster:
         host.node = None
         host.runners.clear()
         host.tasks.clear()
+        host.transfers.clear()
         self._timers[nid] = {}
         self.inflight = [m for m in self.inflight if m.to != nid and m.sender != nid]
         self.peers_seen.pop(nid, None)
@@ -379,9 +450,43 @@ class ManualCluster:
         self._timers[nid][key] = at
         heapq.heappush(self._timer_heap, (at, next(self._seq), nid, key))
 
+    def _later(self, nid: NodeId, inp: Input) -> None:
+        seq = next(self._seq)
+        self._later_inputs[seq] = inp
+        self._schedule(nid, _Later(seq), self.now)
+
+    def _card(self, nid: NodeId, model: ModelId) -> ModelCard:
+        """The card of ``model`` as ``nid`` knows it (its own cards, then the cards added to the state)."""
+        node = self.hosts[nid].node
+        if node is not None:
+            card = node.cards.get(model) or node.state.model_cards.get(model)
+            if card is not None:
+                return card
+        return self.cards[model]
+
     def _happen(self, nid: NodeId, key: _SimKey) -> None:
         """One of the cluster's own happenings: a runner reports, exits or finishes a task."""
         host = self.hosts[nid]
+        if isinstance(key, _Later):
+            self._feed(nid, self._later_inputs.pop(key.seq))
+            return
+        if isinstance(key, _TransferDone):
+            tr = host.transfers.pop(key.transfer_id, None)
+            if tr is None:
+                return
+            code = self.failing_sources.get(tr.source or "hub")
+            if code is not None:
+                self._feed(nid, TransferEnded(transfer_id=tr.transfer_id, model_id=tr.model_id, ok=False, code=code,
+                                              message=f"{code} (planted by the test)"))
+                return
+            card = self._card(nid, tr.model_id)
+            got = Coverage(n_layers=card.n_layers, layers=((tr.need.start, tr.need.end),), head=tr.need.head) \
+                if tr.need is not None else whole_coverage(card.n_layers)
+            old = host.disk.get(tr.model_id)
+            host.disk[tr.model_id] = got if old is None else old.union(got)
+            self._feed(nid, host.files_observed(tr.model_id))
+            self._feed(nid, TransferEnded(transfer_id=tr.transfer_id, model_id=tr.model_id, ok=True))
+            return
         if isinstance(key, _RunnerExit):
             self._feed(nid, RunnerExited(runner_id=key.runner_id, exit_code=0))
             return

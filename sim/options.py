@@ -138,6 +138,22 @@ class SimOptions:
     runner_crash_mid_task_probability: float = knob(0.0, "chance a runner crashes during a task", "probability")
     runner_wedge_exit_s: float = knob(20.0, "a wedged runner exits with code 86 after this", "s")
 
+    # --- model files ----------------------------------------------------------------------
+    models_on_disk: str = knob(
+        "everywhere", "which hosts hold every card's model verified at start: everywhere, store (only the store "
+        "node, core.store_node), none (the hub only)", "name")
+    hub_only_models: tuple[str, ...] = knob((), "models no host holds at start, whatever models_on_disk says (only "
+                                                "the hub has them)", "model ids")
+    hub_available: bool = knob(True, "a Hugging Face-compatible hub is reachable (from every host: the internet)", "bool")
+    hub_rate_mbps: float = knob(200.0, "download rate of one transfer from the hub", "MB/s")
+    link_rate_mbps_thunderbolt: float = knob(2_500.0, "copy rate of one transfer over Thunderbolt", "MB/s")
+    link_rate_mbps_ethernet: float = knob(1_000.0, "copy rate of one transfer over Ethernet", "MB/s")
+    link_rate_mbps_wifi: float = knob(60.0, "copy rate of one transfer over Wi-Fi", "MB/s")
+    link_rate_mbps_vpn: float = knob(30.0, "copy rate of one transfer over the VPN", "MB/s")
+    transfer_tick_s: float = knob(0.5, "a transfer moves its bytes in steps of this", "s")
+    transfer_report_s: float = knob(1.0, "a transfer reports its progress to its node this often", "s")
+    disk_total_gib: float = knob(4_096.0, "each host's models disk", "GiB")
+
     # --- clients ------------------------------------------------------------------------
     client_count: int = knob(4, "clients streaming chat requests during the chaos phase", "count")
     client_think_s_mean: float = knob(1.0, "mean pause between a client's requests (exponential)", "s")
@@ -185,7 +201,7 @@ class SimOptions:
             value = getattr(self, f.name)
             if f.metadata.get("unit") == "probability" or f.metadata.get("unit") == "fraction":
                 assert 0.0 <= value <= 1.0, f"{f.name} must be in [0, 1], got {value}"
-            if f.metadata.get("unit") in ("s", "ms", "GiB", "GB/s", "tokens/s", "count", "tokens", "events"):
+            if f.metadata.get("unit") in ("s", "ms", "GiB", "GB/s", "MB/s", "tokens/s", "count", "tokens", "events"):
                 values = value if isinstance(value, tuple) else (value,)
                 assert all(v >= 0 for v in values), f"{f.name} must not be negative, got {value}"
         assert self.vpn_interface_kind in (*LINK_KINDS, "unknown"), f"unknown link kind {self.vpn_interface_kind!r}"
@@ -195,6 +211,9 @@ class SimOptions:
         assert self.fault_duration_s_min <= self.fault_duration_s_max
         assert self.runner_tokens_per_chunk >= 1 and self.runner_decode_tps > 0 and self.runner_prefill_tps > 0
         assert self.master_loss_mode in ("crash", "crash_restart", "pause", "isolate", "mixed"), self.master_loss_mode
+        assert self.models_on_disk in ("everywhere", "store", "none"), self.models_on_disk
+        assert self.models_on_disk != "store" or self.core.store_node, "models_on_disk=store needs core.store_node"
+        assert self.transfer_tick_s > 0 and self.transfer_report_s > 0
         return self
 
     def with_(self, **changes: Any) -> SimOptions:
@@ -261,6 +280,9 @@ def _coerce(tp: Any, text: str) -> Any:
     if tp in (int, float, str):
         return tp(text)
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if type(None) in args and len(args) == 2:  # X | None: "none" is None
+        return None if text.lower() == "none" else _coerce(next(a for a in args if a is not type(None)), text)
     if origin is tuple:
         (elem, _) = typing.get_args(tp)
         parts = [p for p in text.split(",") if p.strip()]

@@ -116,7 +116,6 @@ class World:
         self.rngs = Rngs(opts.seed)
         self.core_config = opts.core
         self.cards = sim_cards()
-        self.models_on_disk: tuple[ModelId, ...] = tuple(ModelId(m) for m in sorted(self.cards))
         self.host_ids: list[NodeId] = [NodeId(f"n{i + 1}") for i in range(opts.node_count)]
         self.tracer = Tracer() if tracing else None
         self.observers: list[Any] = list(observers)

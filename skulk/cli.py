@@ -5,6 +5,7 @@
     skulk [run] [--api-port N] [--force-master] [--bootstrap-peers P] ...   start a node
     skulk cluster up -n N [--dir D]          N local nodes on loopback (Ctrl-C stops them)
     skulk status [--url URL]                 summarise the cluster (asks a node's API)
+    skulk models [--url URL] [--watch]       model files on every node: copies, transfers, disk
     skulk key                                print this node's cluster key (copy it to new nodes)
     skulk config                             print every resolved setting and where it came from
     skulk --version                          print the installed version
@@ -187,6 +188,12 @@ def summarise_state(state: dict[str, Any], node_id: str, url: str) -> str:
     return "\n".join(lines)
 
 
+def _models_status(args: argparse.Namespace) -> int:
+    from skulk.models_status import cmd_models_status
+
+    return cmd_models_status(args)
+
+
 def cmd_key(args: argparse.Namespace) -> int:
     """Print the cluster key (as hex, which every node accepts) and where it came from."""
     from skulk.runtime.config import load_config
@@ -206,6 +213,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     for s in SETTINGS:
         if s.name == "CLUSTER_KEY":
             shown: object = "(set)" if cfg.sources[s.name] != "default" else f"(file {cfg.cluster_key_source})"
+        elif s.name == "HF_TOKEN":
+            shown = "(set)" if cfg.hf_token else "(not set)"
         elif s.name in ("API_KEYS", "API_ADMIN_KEYS"):
             # Secrets: say how many, never print them.
             count = len(cfg.api_keys if s.name == "API_KEYS" else cfg.api_admin_keys)
@@ -229,6 +238,7 @@ def _setting_value(cfg: Any, name: str) -> object:
         "RUNNER_STOP_GRACE_SECONDS": "runner_stop_grace_s", "PROBE_INTERVAL_SECONDS": "probe_interval_s",
         "PROBE_TIMEOUT_SECONDS": "probe_timeout_s",
         "EVENTLOG_MIN_FREE_BYTES": "eventlog_min_free_bytes", "LOGGING_EXTERNAL": "logging_external", "LOG_LEVEL": "log_level",
+        "MODELS_DISK_BUDGET": "models_disk_budget_bytes", "HF_ENDPOINT": "hf_endpoint", "HF_HUB_OFFLINE": "hf_offline",
     }.get(name)
     if attr is not None:
         return getattr(cfg, attr)
@@ -261,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", help="a node's API (default: this machine's configured port)")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(fn=cmd_status)
+    models = sub.add_parser("models", help="model files on every node: copies, transfers in flight, disk")
+    models.add_argument("--url", help="a node's API (default: this machine's configured port)")
+    models.add_argument("--timeout", type=float, default=5.0)
+    models.add_argument("--watch", action="store_true", help="print again every --interval seconds")
+    models.add_argument("--interval", type=float, default=2.0)
+    models.set_defaults(fn=_models_status)
     key = sub.add_parser("key", help="print the cluster key")
     key.set_defaults(fn=cmd_key)
     cfg = sub.add_parser("config", help="print every setting and its source")

@@ -20,6 +20,7 @@ the replicated state, nothing else) and renders. Around it:
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -86,7 +87,7 @@ def _read_asset(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def create_app(node: NodePort, *, config: ApiConfig | None = None) -> Starlette:
+def create_app(node: NodePort, *, config: ApiConfig | None = None, extra_routes: Sequence[Route] = ()) -> Starlette:
     """The API and dashboard app for the node behind ``node``.
 
     ``config`` defaults to ``ApiConfig.from_env()``. The app keeps no state of
@@ -127,6 +128,8 @@ def create_app(node: NodePort, *, config: ApiConfig | None = None) -> Starlette:
             return await index(request)
         raise ApiError(404, f"no route {request.method} {request.url.path}", code="not_found")
 
+    # Routes the node serves beside the API (the runtime's node-to-node file transfers).
+    routes.extend(extra_routes)
     routes.append(Route("/{path:path}", fallback, methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]))
 
     async def on_api_error(request: Request, exc: Exception) -> Response:

@@ -97,6 +97,7 @@ async def instance_previews(request: Request) -> Response:
                     "pending": p.pending,
                     "instance": to_wire(p.instance) if p.instance is not None else None,
                     "memory_delta_by_node": dict(sorted(p.memory_delta_by_node.items())),
+                    "transfer_bytes_by_node": dict(sorted(p.transfer_bytes_by_node.items())),
                 }
                 for p in previews
             ]

@@ -61,6 +61,11 @@ CODE_STATUS: Mapping[str, int] = {
     # placement (the master; see skulk.core.placement.PlacementRefused)
     "invalid_request": 400,
     "insufficient_memory": 400,
+    "insufficient_disk": 400,
+    # model files (the store)
+    "model_in_use": 409,
+    "store_not_configured": 503,
+    "hub_error": 400,
     "tensor_unsupported": 400,
     # lookups
     "model_not_found": 404,

@@ -12,7 +12,9 @@ runs:
   path;
 - exempt: ``GET /healthz``, and the dashboard's *page* (``/``, ``/static/*``
   and browser page loads of client-side routes): code, not data, so a
-  browser can load the page that asks for the key;
+  browser can load the page that asks for the key; and ``GET /transfer/*``,
+  the node-to-node file copies, which only cluster members can sign
+  (``skulk.runtime.transfer``);
 - with admin keys configured, control requests (placing and deleting
   instances, adding cards, the model store) need an admin key; an ordinary
   key gets 403;
@@ -219,6 +221,10 @@ class ApiKeyGuard:
         if method not in ("GET", "HEAD"):
             return False
         if path == "/healthz" or path == "/" or path.startswith("/static/"):
+            return True
+        # Node-to-node file copies carry their own authentication (an HMAC keyed from the
+        # cluster key, checked by skulk.runtime.transfer), which no API key could replace.
+        if path.startswith("/transfer/"):
             return True
         # A browser loading a client-side route of the dashboard gets the page, not data.
         if "text/html" in headers.get("accept", ""):

@@ -86,6 +86,15 @@ class NodePort(Protocol):
         """Counters and gauges for /metrics (name -> value); names are Prometheus-safe."""
         ...
 
+    async def describe_model(self, model_id: str) -> ModelCard:
+        """A card for ``model_id`` from the hub (its ``config.json`` and weight sizes).
+
+        Raises ``LookupError`` with a message for the client when the hub has
+        no such model, cannot be reached, or the repository is not an mlx-lm
+        model. (``POST /models/add``.)
+        """
+        ...
+
     def runner_diagnostics(self) -> list[dict[str, object]]:
         """This node's runners (id, instance, status, pid, uptime) for /v1/diagnostics/node."""
         ...

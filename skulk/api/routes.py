@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from skulk.api import control, openai_routes
+from skulk.api import control, openai_routes, store_routes
 from skulk.api.dialects import anthropic, ollama, responses
 from skulk.api.schemas import (
     CancelResponse,
@@ -112,7 +112,32 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/healthz", control.healthz, "Liveness (never needs an API key)", "Cluster", response=HealthResponse),
     Endpoint("GET", "/node_id", control.node_id, "This node's id (a bare JSON string)", "Cluster", response=str),
     Endpoint("GET", "/state", control.state, "The replicated cluster state", "Cluster", response=StateResponse),
-    Endpoint("GET", "/models", control.models, "Model cards known to this node", "Cluster", response=ModelsResponse),
+    Endpoint("GET", "/models", store_routes.models, "Every known model, in upstream Skulk's model-list shape",
+             "Models", response=store_routes.UpstreamModelList,
+             query=(QueryParam("status", "`downloaded`: only models some node holds"),)),
+    Endpoint("GET", "/models/cards", control.models, "Model cards known to this node (Skulk's card records)",
+             "Models", response=ModelsResponse),
+    Endpoint("POST", "/models/add", store_routes.add_model, "Fetch a model's card from the hub; every node knows it",
+             "Models", request=store_routes.AddModelRequest, response=store_routes.UpstreamModel,
+             errors=(400, 503)),
+    # --- the model store (upstream Skulk's shapes) ---
+    # The {model_id:path} routes can also answer 404: the router matches no route for an
+    # id no path can hold (one with a line break), before any handler runs.
+    Endpoint("GET", "/store/health", store_routes.store_health, "The store node's models disk", "Store",
+             response=store_routes.StoreHealth, errors=(503,)),
+    Endpoint("GET", "/store/registry", store_routes.store_registry, "Models the store node holds", "Store",
+             response=store_routes.StoreRegistry, errors=(503,)),
+    Endpoint("GET", "/store/downloads", store_routes.store_downloads, "The store node's downloads in progress",
+             "Store", response=store_routes.StoreDownloads, errors=(503,)),
+    Endpoint("GET", "/store/models/{model_id:path}/download/status", store_routes.store_download_status,
+             "A store download's status ({\"status\": \"not_found\"} when there is none)", "Store",
+             response=store_routes.StoreDownloadStatusAnswer, errors=(404, 503)),
+    Endpoint("POST", "/store/models/{model_id:path}/download", store_routes.store_download,
+             "The store node downloads a whole model from the hub", "Store",
+             response=store_routes.StoreDownloadStarted, errors=(400, 404, 503)),
+    Endpoint("DELETE", "/store/models/{model_id:path}", store_routes.store_delete,
+             "Delete the store node's copy of a model", "Store", response=store_routes.StoreDeleted,
+             errors=(404, 409, 503)),
     Endpoint("GET", "/instance/previews", control.instance_previews, "Every candidate placement of a model",
              "Placement", response=PreviewsResponse, errors=(400, 404),
              query=(QueryParam("model_id", "The model to place", required=True),

@@ -453,6 +453,8 @@ class Preview(_Resp, frozen=True, kw_only=True):
     pending: bool = False
     instance: Instance | None = None
     memory_delta_by_node: dict[str, int] = {}
+    # Bytes of model files each node would fetch (from a peer or the hub) before its runner starts.
+    transfer_bytes_by_node: dict[str, int] = {}
 
 
 class PreviewsResponse(_Resp, frozen=True, kw_only=True):

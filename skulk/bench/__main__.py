@@ -17,6 +17,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "blas": ("skulk.bench.blas", "MLX on its reference BLAS vs Skulk's fast BLAS"),
     "speculative": ("skulk.bench.speculative", "speculative decoding: costs, acceptance, speed-ups"),
     "tune": ("skulk.bench.tune", "the best speculation depth for a model, written to its card"),
+    "transfer": ("skulk.bench.transfer", "node-to-node model copies over loopback vs a plain copy and sha256"),
     "constrained": ("skulk.bench.constrained", "8 json_schema-constrained streams vs 8 plain, and grammar mask cost"),
 }
 """Tool name -> (module with a ``main(argv)``, one line for the usage text)."""

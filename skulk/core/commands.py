@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from skulk.core.cards import ModelCard
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId
 from skulk.core.records import Record, TaggedRecord
 from skulk.core.tasks import GenerationParams, TaskKind
@@ -20,6 +21,9 @@ __all__ = [
     "DeleteInstance",
     "SubmitTask",
     "CancelTask",
+    "EvictModel",
+    "RequestStoreDownload",
+    "AddModelCard",
     "Command",
     "ResultStatus",
     "CommandResult",
@@ -60,7 +64,33 @@ class CancelTask(TaggedRecord, frozen=True, kw_only=True):
     target: CommandId
 
 
-Command = PlaceInstance | DeleteInstance | SubmitTask | CancelTask
+class EvictModel(TaggedRecord, frozen=True, kw_only=True):
+    """Delete the copies of ``model_id`` on ``node_id`` (None: every node holding one).
+
+    Refused (``model_in_use``) while an instance placed on such a node uses it.
+    """
+
+    command_id: CommandId
+    model_id: ModelId
+    node_id: NodeId | None = None
+
+
+class RequestStoreDownload(TaggedRecord, frozen=True, kw_only=True):
+    """Ask the store node ``node_id`` to download the whole of ``model_id`` from the hub."""
+
+    command_id: CommandId
+    model_id: ModelId
+    node_id: NodeId
+
+
+class AddModelCard(TaggedRecord, frozen=True, kw_only=True):
+    """Make ``card`` known to every node (``POST /models/add``); a built-in or operator card wins."""
+
+    command_id: CommandId
+    card: ModelCard
+
+
+Command = PlaceInstance | DeleteInstance | SubmitTask | CancelTask | EvictModel | RequestStoreDownload | AddModelCard
 
 # accepted: done (or already done); rejected: impossible, do not retry (HTTP 400/404);
 # pending: information still missing, the origin may retry until its deadline (then 503).

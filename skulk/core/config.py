@@ -55,5 +55,13 @@ class CoreConfig(Record, frozen=True, kw_only=True):
     max_ring_ranks: int = 16  # ports reserved per placement (rank r listens on port + r)
     # Models the master places, once per session, when the state has no instance of them.
     auto_place: tuple[str, ...] = ()
+    # Model files (skulk.core.keeper). The store node (a node id or friendly name; SKULK_STORE)
+    # downloads whole models once and the others copy from it; None: every node fetches its own.
+    store_node: str | None = None
+    transfer_stall_s: float = 60.0  # a transfer without a new byte for this long is given up and re-sourced
+    transfer_retry_s: float = 10.0  # after a failed transfer, wait this long before the next source
+    transfer_retry_max_s: float = 120.0  # ... doubling per failure up to this
+    transfer_progress_interval_s: float = 2.0  # a transfer's progress becomes a local event at most this often
+    disk_margin_bytes: int = 64 * 1024 * 1024  # free disk kept beyond what a transfer needs
     # Canary: plants a known bug (a loser also acts as master) to prove the checkers work.
     canary_double_master: bool = False

@@ -23,7 +23,8 @@ from typing import Any, Literal, get_args
 
 from skulk.core.commands import CommandResult
 from skulk.core.events import IndexedEvent
-from skulk.core.ids import CommandId, NodeId, RunnerId, TaskId
+from skulk.core.files import Need
+from skulk.core.ids import CommandId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import RunnerSpec
 from skulk.core.messages import Message, Snapshot
 from skulk.core.records import Record, TaggedRecord
@@ -46,6 +47,9 @@ __all__ = [
     "CommandCompleted",
     "SessionChanged",
     "Log",
+    "StartTransfer",
+    "CancelTransfer",
+    "DeleteFiles",
     "Effect",
     "EffectCarrier",
     "EFFECT_METHODS",
@@ -143,6 +147,35 @@ class Log(TaggedRecord, frozen=True, kw_only=True):
     message: str
 
 
+class StartTransfer(TaggedRecord, frozen=True, kw_only=True):
+    """Fetch the files of ``model_id`` that ``need`` reads (None: every file) into this node's models.
+
+    ``source`` None is the hub; otherwise the peer node to copy from, reached at
+    ``address`` (the best observed link, ranked as rings rank them). Progress
+    comes back as ``TransferProgressed``, the end as ``FilesObserved`` (on
+    success) then ``TransferEnded``.
+    """
+
+    transfer_id: str
+    model_id: ModelId
+    need: Need | None = None
+    source: NodeId | None = None
+    address: str = ""
+
+
+class CancelTransfer(TaggedRecord, frozen=True, kw_only=True):
+    """Stop transfer ``transfer_id`` (its ``TransferEnded`` still comes back; partial bytes are kept)."""
+
+    transfer_id: str
+
+
+class DeleteFiles(TaggedRecord, frozen=True, kw_only=True):
+    """Delete this node's copy of ``model_id`` (no instance here uses it); ``FilesGone`` comes back."""
+
+    model_id: ModelId
+    reason: str = ""
+
+
 Effect = (
     Send
     | SetTimer
@@ -158,6 +191,9 @@ Effect = (
     | CommandCompleted
     | SessionChanged
     | Log
+    | StartTransfer
+    | CancelTransfer
+    | DeleteFiles
 )
 
 
@@ -240,6 +276,18 @@ class EffectCarrier(abc.ABC):
     @abc.abstractmethod
     def carry_log(self, effect: Log) -> None:
         """Log the core's message at its level."""
+
+    @abc.abstractmethod
+    def carry_start_transfer(self, effect: StartTransfer) -> None:
+        """Start fetching model files (hub or peer); progress and the end come back as inputs."""
+
+    @abc.abstractmethod
+    def carry_cancel_transfer(self, effect: CancelTransfer) -> None:
+        """Stop a transfer; its ``TransferEnded`` still comes back."""
+
+    @abc.abstractmethod
+    def carry_delete_files(self, effect: DeleteFiles) -> None:
+        """Delete a model's files from this node; ``FilesGone`` comes back."""
 
 
 _unhandled = sorted(name for name in EFFECT_METHODS.values() if name not in EffectCarrier.__abstractmethods__)

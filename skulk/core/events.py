@@ -11,6 +11,8 @@ last replicated instances, downloads and connectivity (failover carryover).
 
 from __future__ import annotations
 
+from skulk.core.cards import ModelCard
+from skulk.core.files import DiskInfo, ModelCopy
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
@@ -36,6 +38,11 @@ __all__ = [
     "TaskStatusUpdated",
     "TaskFailed",
     "TaskDeleted",
+    "ModelCopyUpdated",
+    "ModelCopyRemoved",
+    "ModelEvictionRequested",
+    "StoreDownloadRequested",
+    "ModelCardAdded",
     "Event",
     "LOCAL_EVENT_TYPES",
     "IndexedEvent",
@@ -47,6 +54,9 @@ class Carryover(Record, frozen=True, kw_only=True):
     downloads: dict[NodeId, tuple[ModelId, ...]] = {}
     connections: tuple[Connection, ...] = ()
     next_port_offset: int = 0
+    # Which node holds which model files (re-reported by each node too), and the cards added at run time.
+    model_copies: dict[NodeId, dict[ModelId, ModelCopy]] = {}
+    model_cards: dict[ModelId, ModelCard] = {}
 
 
 class SessionStarted(TaggedRecord, frozen=True, kw_only=True):
@@ -62,6 +72,7 @@ class NodeGatheredInfo(TaggedRecord, frozen=True, kw_only=True):
     memory: MemoryInfo | None = None
     network: NetworkInfo | None = None
     system: SystemInfo | None = None
+    disk: DiskInfo | None = None
     # The KV ledgers of the node's rank-0 runners (replaces the node's previous map).
     runner_kv: dict[RunnerId, KvUse] | None = None
 
@@ -146,6 +157,46 @@ class TaskDeleted(TaggedRecord, frozen=True, kw_only=True):
     outcome: str = "completed"
 
 
+class ModelCopyUpdated(TaggedRecord, frozen=True, kw_only=True):
+    """Local: ``node_id``'s copy of ``model_id`` is now ``copy`` (its status, coverage, progress).
+
+    ``copy.since`` and ``copy.last_used_at`` are the master's to set; ``apply`` ignores the worker's.
+    """
+
+    node_id: NodeId
+    model_id: ModelId
+    copy: ModelCopy
+
+
+class ModelCopyRemoved(TaggedRecord, frozen=True, kw_only=True):
+    """Local: ``node_id`` holds no file of ``model_id`` any more (evicted, or deleted by hand)."""
+
+    node_id: NodeId
+    model_id: ModelId
+
+
+class ModelEvictionRequested(TaggedRecord, frozen=True, kw_only=True):
+    """Master: ``node_id`` is to delete its copy of ``model_id`` (no instance there uses it)."""
+
+    node_id: NodeId
+    model_id: ModelId
+    reason: str = ""
+
+
+class StoreDownloadRequested(TaggedRecord, frozen=True, kw_only=True):
+    """Master: the store node ``node_id`` is asked to download the whole of ``model_id`` from the hub."""
+
+    node_id: NodeId
+    model_id: ModelId
+    n_layers: int = 0  # from the model's card; 0 when no card is known yet
+
+
+class ModelCardAdded(TaggedRecord, frozen=True, kw_only=True):
+    """Master: a card added at run time (``POST /models/add``); every node may place it from now on."""
+
+    card: ModelCard
+
+
 Event = (
     SessionStarted
     | NodeGatheredInfo
@@ -162,6 +213,11 @@ Event = (
     | TaskStatusUpdated
     | TaskFailed
     | TaskDeleted
+    | ModelCopyUpdated
+    | ModelCopyRemoved
+    | ModelEvictionRequested
+    | StoreDownloadRequested
+    | ModelCardAdded
 )
 
 # Events a worker may raise; anything else arriving as a local event is dropped.
@@ -177,6 +233,8 @@ LOCAL_EVENT_TYPES: tuple[type, ...] = (
     TaskStatusUpdated,
     TaskFailed,
     TaskDeleted,
+    ModelCopyUpdated,
+    ModelCopyRemoved,
 )
 
 

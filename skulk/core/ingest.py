@@ -15,8 +15,10 @@ what the index implies:
   failure fails its tasks;
 - an instance a worker still hosts after a failover is re-created if it is
   missing and still fits (invariant 5);
-- facts already held (a link, a download, a runner already deleted) are not
-  indexed again; telemetry only from the node it describes.
+- facts already held (a link, a download, a runner already deleted, a model
+  copy unchanged) are not indexed again; telemetry and model copies only from
+  the node they describe; a copy update sent before its node saw the master's
+  eviction of it is dropped (the node's removal follows).
 
 A rule returns the effects and whether the event was dropped (the master
 acknowledges a dropped event, since no indexed event will). Adding a local
@@ -29,6 +31,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from skulk.core import master_policy, placement
 from skulk.core.effects import Effect, Log
 from skulk.core.events import (
@@ -39,6 +43,8 @@ from skulk.core.events import (
     Event,
     InstanceCreated,
     InstanceStillHosted,
+    ModelCopyRemoved,
+    ModelCopyUpdated,
     NodeGatheredInfo,
     RunnerDeleted,
     RunnerStatusUpdated,
@@ -143,6 +149,27 @@ def _node_info(master: Master, now: float, msg: LocalEventMessage, event: NodeGa
     return _accept(master, now, msg, event)
 
 
+def _copy_updated(master: Master, now: float, msg: LocalEventMessage, event: ModelCopyUpdated) -> Verdict:
+    assert master.state is not None
+    if event.node_id != msg.origin:
+        return [Log(level="warning", message=f"{msg.origin} reported a model copy of {event.node_id}")], True
+    held = master.state.model_copies.get(event.node_id, {}).get(event.model_id)
+    if held is not None:
+        if held.status == "evicting":
+            return [], True  # sent before the node saw the eviction; its removal follows
+        ours = msgspec.structs.replace(event.copy, since=held.since, last_used_at=held.last_used_at)
+        if ours == held:
+            return [], True
+    return _accept(master, now, msg, event)
+
+
+def _copy_removed(master: Master, now: float, msg: LocalEventMessage, event: ModelCopyRemoved) -> Verdict:
+    assert master.state is not None
+    if event.node_id != msg.origin or event.model_id not in master.state.model_copies.get(event.node_id, {}):
+        return [], True
+    return _accept(master, now, msg, event)
+
+
 INGEST_RULES: dict[type, Callable[[Master, float, LocalEventMessage, Any], Verdict]] = {
     NodeGatheredInfo: _node_info,
     ConnectionObserved: _connection_observed,
@@ -154,6 +181,8 @@ INGEST_RULES: dict[type, Callable[[Master, float, LocalEventMessage, Any], Verdi
     TaskStatusUpdated: _task_event,
     TaskFailed: _task_event,
     TaskDeleted: _task_event,
+    ModelCopyUpdated: _copy_updated,
+    ModelCopyRemoved: _copy_removed,
 }
 """Each local event type's rule; anything else a worker sends is dropped with a warning."""
 

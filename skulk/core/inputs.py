@@ -5,8 +5,11 @@ Drivers feed these to ``CoreNode.handle(now, input)``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from skulk.core.cards import ModelCard
 from skulk.core.commands import Command
+from skulk.core.files import Coverage, DiskInfo
 from skulk.core.ids import CommandId, NodeId, RunnerId
 from skulk.core.instances import KvUse, LinkKind, RunnerStatus
 from skulk.core.messages import Message
@@ -22,6 +25,10 @@ __all__ = [
     "InfoObserved",
     "LinkProbed",
     "ModelAvailable",
+    "FilesObserved",
+    "FilesGone",
+    "TransferProgressed",
+    "TransferEnded",
     "RunnerStatusObserved",
     "RunnerExited",
     "RunnerOutput",
@@ -65,6 +72,7 @@ class InfoObserved(TaggedRecord, frozen=True, kw_only=True):
     memory: MemoryInfo | None = None
     network: NetworkInfo | None = None
     system: SystemInfo | None = None
+    disk: DiskInfo | None = None
     # The KV ledger of every rank-0 runner on this node (all of them: a runner left out is gone).
     runner_kv: dict[RunnerId, KvUse] | None = None
 
@@ -91,6 +99,56 @@ class ModelAvailable(TaggedRecord, frozen=True, kw_only=True, omit_defaults=True
 
     model_id: str
     card: ModelCard | None = None
+
+
+class FilesObserved(TaggedRecord, frozen=True, kw_only=True):
+    """What this node's disk holds of ``model_id`` now (a scan, or the end of a transfer).
+
+    ``status``: ``verified`` (every file checked against its hash) or
+    ``staged`` (found on disk, not hashed yet). ``coverage`` is in layers
+    (``skulk.core.files``); ``files`` the verified file names; ``source`` where
+    they came from (``hub``, ``peer:<node>``, ``local``).
+    """
+
+    model_id: str
+    status: Literal["staged", "verified"]
+    coverage: Coverage
+    bytes: int
+    files: tuple[str, ...] = ()
+    source: str = "local"
+
+
+class FilesGone(TaggedRecord, frozen=True, kw_only=True):
+    """No file of ``model_id`` is on this node's disk any more (evicted, or deleted by hand)."""
+
+    model_id: str
+    freed_bytes: int = 0
+
+
+class TransferProgressed(TaggedRecord, frozen=True, kw_only=True):
+    """Bytes of transfer ``transfer_id`` arrived: done and total, rate over the last seconds, ETA."""
+
+    transfer_id: str
+    model_id: str
+    done_bytes: int
+    total_bytes: int
+    rate_bps: int
+    eta_s: int | None = None
+
+
+class TransferEnded(TaggedRecord, frozen=True, kw_only=True):
+    """Transfer ``transfer_id`` finished (``ok``) or failed with ``code`` and ``message``.
+
+    On success the driver has already reported the files with ``FilesObserved``.
+    Codes: ``not_found``, ``unauthorized``, ``offline``, ``integrity``,
+    ``disk_full``, ``network``, ``cancelled``, ``invalid_model``, ``internal``.
+    """
+
+    transfer_id: str
+    model_id: str
+    ok: bool
+    code: str = ""
+    message: str = ""
 
 
 class RunnerStatusObserved(TaggedRecord, frozen=True, kw_only=True):
@@ -139,6 +197,10 @@ Input = (
     | InfoObserved
     | LinkProbed
     | ModelAvailable
+    | FilesObserved
+    | FilesGone
+    | TransferProgressed
+    | TransferEnded
     | RunnerStatusObserved
     | RunnerExited
     | RunnerOutput

@@ -35,11 +35,14 @@ from skulk.core import ingest, master_policy, placement
 from skulk.core.runner_policy import instance_removal_events
 from skulk.core.cards import ModelCard
 from skulk.core.commands import (
+    AddModelCard,
     CancelTask,
     Command,
     CommandResult,
     DeleteInstance,
+    EvictModel,
     PlaceInstance,
+    RequestStoreDownload,
     SubmitTask,
 )
 from skulk.core.config import CoreConfig
@@ -49,7 +52,10 @@ from skulk.core.events import (
     Event,
     IndexedEvent,
     InstanceCreated,
+    ModelCardAdded,
+    ModelEvictionRequested,
     SessionStarted,
+    StoreDownloadRequested,
     TaskCreated,
     TaskDeleted,
 )
@@ -88,7 +94,7 @@ class Master:
         self.node_id = node_id
         self.config = config
         self.session = session
-        self.cards = cards
+        self._node_cards = cards
         self._apply_own = apply_own
         self.state: State | None = None
         self.started_at = 0.0
@@ -107,6 +113,14 @@ class Master:
         # Auto-placed models still to settle in this session (see master_policy.auto_place).
         self.auto_pending: list[str] = list(config.auto_place)
 
+    @property
+    def cards(self) -> Mapping[str, ModelCard]:
+        """The node's cards, plus those added at run time (``state.model_cards``); the node's win."""
+        added = self.state.model_cards if self.state is not None else {}
+        if not added:
+            return self._node_cards
+        return {**added, **self._node_cards}
+
     # --- lifecycle ---------------------------------------------------------------
 
     def start(self, now: float, last_state: State) -> Output:
@@ -117,6 +131,8 @@ class Master:
             downloads=dict(last_state.downloads),
             connections=last_state.topology.connections,
             next_port_offset=last_state.next_port_offset,
+            model_copies={n: dict(m) for n, m in last_state.model_copies.items()},
+            model_cards=dict(last_state.model_cards),
         )
         effects = self.index(now, SessionStarted(session=self.session, carryover=carry))
         effects.append(set_timer(PruneTimer(), now + self.config.prune_check_interval_s))
@@ -324,6 +340,56 @@ class Master:
                 out.append(status.error_message)
         return out
 
+    def _evict(self, now: float, origin: NodeId, command: EvictModel) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        holders = sorted(
+            n for n, copies in state.model_copies.items()
+            if command.model_id in copies and (command.node_id is None or n == command.node_id)
+        )
+        if not holders:
+            where = f"on {command.node_id}" if command.node_id is not None else "on any node"
+            return [], CommandResult(command_id=cid, status="rejected", code="model_not_found",
+                                     message=f"no copy of {command.model_id} {where}")
+        for inst in sorted(state.instances.values(), key=lambda i: i.instance_id):
+            if inst.shard_assignments.model_id != command.model_id:
+                continue
+            busy = sorted(set(holders) & set(inst.shard_assignments.node_to_runner))
+            if busy:
+                return [], CommandResult(
+                    command_id=cid, status="rejected", code="model_in_use",
+                    message=f"{command.model_id} is in use by instance {inst.instance_id} on {', '.join(busy)}; "
+                            "delete the instance first",
+                )
+        effects: list[Effect] = []
+        for node in holders:
+            if state.model_copies[node][command.model_id].status != "evicting":
+                effects += self.index(now, ModelEvictionRequested(node_id=node, model_id=command.model_id,
+                                                                  reason="deleted by request"))
+        return effects, CommandResult(command_id=cid, status="accepted")
+
+    def _store_download(self, now: float, origin: NodeId, command: RequestStoreDownload) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        copy = state.model_copies.get(command.node_id, {}).get(command.model_id)
+        if copy is not None and copy.status not in ("failed",):
+            return [], CommandResult(command_id=cid, status="accepted", message=copy.status)
+        card = self.cards.get(command.model_id)
+        event = StoreDownloadRequested(node_id=command.node_id, model_id=command.model_id,
+                                       n_layers=card.n_layers if card is not None else 0)
+        return self.index(now, event), CommandResult(command_id=cid, status="accepted", message="requested")
+
+    def _add_card(self, now: float, origin: NodeId, command: AddModelCard) -> tuple[list[Effect], CommandResult]:
+        state = self.state
+        assert state is not None
+        cid = command.command_id
+        card = command.card
+        if card.model_id in self._node_cards or state.model_cards.get(card.model_id) == card:
+            return [], CommandResult(command_id=cid, status="accepted", message="already known")
+        return self.index(now, ModelCardAdded(card=card)), CommandResult(command_id=cid, status="accepted")
+
     # --- local events ----------------------------------------------------------------
 
     def on_local_event(self, now: float, msg: LocalEventMessage) -> Output:
@@ -425,7 +491,8 @@ class Master:
 
     def on_prune_timer(self, now: float) -> Output:
         effects: list[Effect] = [set_timer(PruneTimer(), now + self.config.prune_check_interval_s)]
-        return Output(effects + master_policy.prune(self, now))
+        effects += master_policy.prune(self, now)
+        return Output(effects + master_policy.evict_over_budget(self, now))
 
 
 # --- the rule tables ------------------------------------------------------------------------------
@@ -437,6 +504,9 @@ COMMAND_RULES: dict[type, _CommandRule] = {
     DeleteInstance: Master._delete,
     SubmitTask: Master._submit,
     CancelTask: Master._cancel,
+    EvictModel: Master._evict,
+    RequestStoreDownload: Master._store_download,
+    AddModelCard: Master._add_card,
 }
 """What the master does with each command type."""
 

@@ -16,7 +16,11 @@ through ``Master.index``:
 - ``prune``: nodes silent past ``node_timeout_s`` are removed, with their
   instances, but not during the ``prune_grace_s`` after a session starts (the
   topology is still settling); carried-over instances whose hosts never
-  reported in this session go too.
+  reported in this session go too;
+- ``evict_over_budget``: a node whose model copies take more disk than its
+  budget (``DiskInfo.budget_bytes``, ``SKULK_MODELS_DISK_BUDGET``) is told to
+  evict its least recently used copies that no placed instance uses, oldest
+  ``last_used_at`` first, until it fits (checked with pruning).
 
 Invariants kept: whenever an instance or node is removed, ``TaskFailed`` is
 indexed for each of its in-flight tasks first (``runner_policy``'s removal
@@ -30,7 +34,7 @@ from typing import TYPE_CHECKING
 from skulk.core import interconnect, placement
 from skulk.core.commands import PlaceInstance
 from skulk.core.effects import Effect, Log
-from skulk.core.events import Event, InstanceCreated, TaskDeleted, TaskFailed
+from skulk.core.events import Event, InstanceCreated, ModelEvictionRequested, TaskDeleted, TaskFailed
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId, derive_id
 from skulk.core.runner_policy import instance_removal_events, node_removal_events
 from skulk.core.state import hosting_nodes
@@ -38,7 +42,7 @@ from skulk.core.state import hosting_nodes
 if TYPE_CHECKING:
     from skulk.core.master import Master
 
-__all__ = ["auto_place", "replace_instance", "fail_tasks_of", "prune"]
+__all__ = ["auto_place", "replace_instance", "fail_tasks_of", "prune", "evict_over_budget"]
 
 
 def auto_place(master: Master, now: float) -> list[Effect]:
@@ -146,4 +150,37 @@ def prune(master: Master, now: float) -> list[Effect]:
                 now,
                 instance_removal_events(master.state, iid, f"hosting node(s) {', '.join(missing)} never reported"),
             )
+    return effects
+
+
+def evict_over_budget(master: Master, now: float) -> list[Effect]:
+    """Evict least recently used, unused copies on every node over its models disk budget."""
+    state = master.state
+    assert state is not None
+    effects: list[Effect] = []
+    for node in sorted(state.node_disk):
+        disk = state.node_disk[node]
+        if disk.budget_bytes <= 0:
+            continue
+        copies = state.model_copies.get(node, {})
+        used = disk.models_bytes - sum(c.bytes for c in copies.values() if c.status == "evicting")
+        if used <= disk.budget_bytes:
+            continue
+        in_use = {
+            inst.shard_assignments.model_id
+            for inst in state.instances.values()
+            if node in inst.shard_assignments.node_to_runner
+        }
+        idle = sorted(
+            (c.last_used_at, model)
+            for model, c in copies.items()
+            if model not in in_use and c.status in ("verified", "staged", "failed") and c.bytes > 0
+        )
+        for _, model in idle:
+            if used <= disk.budget_bytes:
+                break
+            used -= copies[model].bytes
+            reason = f"over the models disk budget of {node} ({disk.budget_bytes} bytes); least recently used"
+            effects += master.index(now, ModelEvictionRequested(node_id=node, model_id=model, reason=reason))
+            effects.append(Log(level="info", message=f"evicting {model} from {node}: {reason}"))
     return effects

@@ -55,6 +55,8 @@ from skulk.core.ids import ModelId, NodeId
 from skulk.core.inputs import (
     AbandonRequest,
     Boot,
+    FilesGone,
+    FilesObserved,
     InfoObserved,
     Input,
     LinkProbed,
@@ -68,7 +70,10 @@ from skulk.core.inputs import (
     Shutdown,
     SubmitCommand,
     TimerFired,
+    TransferEnded,
+    TransferProgressed,
 )
+from skulk.core.keeper import FileKeeper
 from skulk.core.master import Master
 from skulk.core.messages import (
     ChunkMessage,
@@ -103,6 +108,8 @@ from skulk.core.timers import (
     SettleTimer,
     TelemetryTimer,
     Timer,
+    TransferRetryTimer,
+    TransferStallTimer,
     cancel_timer,
     parse,
     set_timer,
@@ -137,7 +144,8 @@ class CoreNode:
         self.replica = Replica(node_id, config, last_state)
         self.master: Master | None = None
         self.outbox = Outbox(node_id, config)
-        self.worker = Worker(node_id, config)
+        self.keeper = FileKeeper(node_id, config)
+        self.worker = Worker(node_id, config, files=self.keeper)
         self.reporter = Reporter(node_id)
         self.requests = Requests(node_id, config)
         self._session_applied = False
@@ -203,7 +211,10 @@ class CoreNode:
 
     def _on_peers_changed(self, now: float, inp: PeersChanged) -> list[Effect]:
         effects = self._take(now, self.election.on_peers_changed(now, inp.peers, self._standing()))
-        return effects + self._watch_master(now)
+        effects += self._watch_master(now)
+        if self._session_applied and self.keeper.waiting:
+            effects += self._reconcile_files(now)  # a store node we wait for may have gone
+        return effects
 
     def _on_received(self, now: float, inp: Received) -> list[Effect]:
         return self._on_message(now, inp.sender, inp.message)
@@ -232,6 +243,27 @@ class CoreNode:
             self.cards[model] = inp.card  # the master here (if any) places it from now on
             effects.append(Log(level="info", message=f"new local model {model}: placeable from now on"))
         return effects + self._take(now, self.reporter.on_model(model, self.state, reporting=self._session_applied))
+
+    def _on_files_observed(self, now: float, inp: FilesObserved) -> list[Effect]:
+        return self._take(now, self.keeper.on_observed(now, inp, self.state))
+
+    def _on_files_gone(self, now: float, inp: FilesGone) -> list[Effect]:
+        return self._take(now, self.keeper.on_gone(now, inp, self.state))
+
+    def _on_transfer_progressed(self, now: float, inp: TransferProgressed) -> list[Effect]:
+        return self._take(now, self.keeper.on_progress(now, inp, self.state))
+
+    def _on_transfer_ended(self, now: float, inp: TransferEnded) -> list[Effect]:
+        effects = self._take(now, self.keeper.on_ended(now, inp, self.state))
+        return effects + self._reconcile_files(now)
+
+    def _reconcile_files(self, now: float) -> list[Effect]:
+        """The keeper and the worker's gate, against the current state (None: mid-failover, wait)."""
+        current = self.replica.current
+        if current is None:
+            return []
+        effects = self._take(now, self.keeper.reconcile(now, current, self.election.peers))
+        return effects + self._take(now, self.worker.reconcile(now, current))
 
     def _on_runner_status(self, now: float, inp: RunnerStatusObserved) -> list[Effect]:
         return self._take(now, self.worker.on_status(now, inp.runner_id, inp.status))
@@ -364,6 +396,13 @@ class CoreNode:
     def _on_deadline_timer(self, now: float, timer: RunnerDeadlineTimer) -> list[Effect]:
         return self._take(now, self.worker.on_deadline(now, timer))
 
+    def _on_transfer_stall_timer(self, now: float, timer: TransferStallTimer) -> list[Effect]:
+        effects = self._take(now, self.keeper.on_stall_timer(now, timer, self.state))
+        return effects + self._reconcile_files(now)
+
+    def _on_transfer_retry_timer(self, now: float, timer: TransferRetryTimer) -> list[Effect]:
+        return self._reconcile_files(now)
+
     # --- session changes -----------------------------------------------------------------
 
     def _follow(self, now: float, change: SessionChange) -> list[Effect]:
@@ -452,7 +491,9 @@ class CoreNode:
             self._since_persist += len(applied) + (1 if jumped else 0)
             if not self._session_applied:
                 self._session_applied = True
-                effects += self._raise(now, self.reporter.rebuild(state) + self.worker.rebuild(state))
+                effects += self._raise(
+                    now, self.reporter.rebuild(state) + self.keeper.rebuild(now, state) + self.worker.rebuild(state)
+                )
             if self._since_persist >= self.config.persist_state_every:
                 self._since_persist = 0
                 effects.append(self._persist_effect())
@@ -460,6 +501,7 @@ class CoreNode:
             # on a master indexes (and applies) at once.
             current = self.replica.current
             assert current is not None
+            effects += self._take(now, self.keeper.reconcile(now, current, self.election.peers))
             effects += self._take(now, self.worker.reconcile(now, current))
         raise AssertionError("state kept changing: a feedback loop between the worker and the master")
 
@@ -546,6 +588,10 @@ INPUT_ROUTES: dict[type, _Route] = {
     InfoObserved: CoreNode._on_info,
     LinkProbed: CoreNode._on_link,
     ModelAvailable: CoreNode._on_model,
+    FilesObserved: CoreNode._on_files_observed,
+    FilesGone: CoreNode._on_files_gone,
+    TransferProgressed: CoreNode._on_transfer_progressed,
+    TransferEnded: CoreNode._on_transfer_ended,
     RunnerStatusObserved: CoreNode._on_runner_status,
     RunnerExited: CoreNode._on_runner_exited,
     RunnerOutput: CoreNode._on_runner_output,
@@ -579,6 +625,8 @@ TIMER_ROUTES: dict[type[Timer], _Route] = {
     RequestTimer: CoreNode._on_request_timer,
     RunnerRestartTimer: CoreNode._on_restart_timer,
     RunnerDeadlineTimer: CoreNode._on_deadline_timer,
+    TransferStallTimer: CoreNode._on_transfer_stall_timer,
+    TransferRetryTimer: CoreNode._on_transfer_retry_timer,
 }
 
 

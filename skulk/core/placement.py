@@ -21,12 +21,18 @@ The search, for node counts ``k = max(1, min_nodes), ...``:
    largest remainder (ties: more free memory first, then node id). Tensor:
    an equal share each, allowed only when the card supports it and the hidden
    size and KV heads divide by ``k``.
-4. Among fitting subsets with a ring, the best ring order
+4. Disk counts like memory: a node must have room (its reported free disk,
+   less what its transfers in flight still need, less
+   ``CoreConfig.disk_margin_bytes``) for the model files its shard needs and
+   it does not hold yet (``files.fetch_bytes``); a node that has not reported
+   its disk is not held to it.
+5. Among fitting subsets with a ring, the best ring order
    (``interconnect.best_ring_order``: rank 0 is the smallest node id, hops
    ranked worst first, thunderbolt best, VPN worst) wins; then the subset
-   with the most free memory left on its tightest node; then the smallest
-   node ids.
-5. The smallest ``k`` with any result wins.
+   that must fetch the fewest bytes of model files (nodes that already hold
+   the files are preferred); then the subset with the most free memory left
+   on its tightest node; then the smallest node ids.
+6. The smallest ``k`` with any result wins.
 
 Every ordering above uses sorted node ids or explicit keys, never the
 iteration order of a set or dict, object identity or ``hash()``: the same
@@ -51,6 +57,7 @@ from skulk.core.cards import ModelCard
 from skulk.core.commands import InstanceMeta, PlaceInstance, Sharding
 from skulk.core.config import CoreConfig
 from skulk.core.context import context_ceiling
+from skulk.core.files import Need, fetch_bytes, need_of
 from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, derive_id
 from skulk.core.instances import (
     Instance,
@@ -95,9 +102,13 @@ INSTANCE_METAS: tuple[InstanceMeta, ...] = ("MlxRing", "MlxJaccl")
 
 
 class Placed(Record, frozen=True, kw_only=True):
-    """A placement: ``instance`` is ready to be indexed as ``InstanceCreated``."""
+    """A placement: ``instance`` is ready to be indexed as ``InstanceCreated``.
+
+    ``transfer_bytes_by_node``: the model files each node must fetch first (nodes with none left out).
+    """
 
     instance: Instance
+    transfer_bytes_by_node: dict[NodeId, int] = {}
 
 
 class PlacementRefused(Record, frozen=True, kw_only=True):
@@ -120,6 +131,8 @@ class Preview(Record, frozen=True, kw_only=True):
     node_count: int
     instance: Instance | None = None
     memory_delta_by_node: dict[NodeId, int] = {}
+    # Bytes of model files each node would fetch (hub or peer) before its runner starts.
+    transfer_bytes_by_node: dict[NodeId, int] = {}
     error: str | None = None
     pending: bool = False
 
@@ -187,6 +200,7 @@ class _Choice:
     fit: _Fit
     order: tuple[NodeId, ...]
     hops: tuple[RingHop, ...]
+    fetch: dict[NodeId, int]
 
 
 @dataclass
@@ -196,6 +210,7 @@ class _Notes:
     static_reasons: list[str] = field(default_factory=list)
     ringless: list[tuple[tuple[NodeId, ...], str]] = field(default_factory=list)
     shortfalls: dict[int, str] = field(default_factory=dict)
+    disk: list[str] = field(default_factory=list)
 
 
 def _shares_for(card: ModelCard, sharding: Sharding, budgets: Mapping[NodeId, NodeBudget]) -> dict[NodeId, Fraction]:
@@ -273,7 +288,58 @@ def _subsets(
             yield tuple(sorted(combo))
 
 
-def _search(state: State, card: ModelCard, ask: _Ask, port: int) -> tuple[_Choice | None, _Notes]:
+def _needs(card: ModelCard, sharding: Sharding, fit: _Fit, order: Sequence[NodeId]) -> dict[NodeId, Need]:
+    """What each rank's runner will read, in ring ``order`` (the very shards ``_build`` makes)."""
+    world = len(order)
+    out: dict[NodeId, Need] = {}
+    start = 0
+    for rank, node in enumerate(order):
+        if sharding == "Pipeline":
+            layers = int(fit.shares[node] * card.n_layers)
+            out[node] = need_of(PipelineShardMetadata(model_id=card.model_id, device_rank=rank, world_size=world,
+                                                      start_layer=start, end_layer=start + layers,
+                                                      n_layers=card.n_layers))
+            start += layers
+        else:
+            out[node] = need_of(TensorShardMetadata(model_id=card.model_id, device_rank=rank, world_size=world,
+                                                    n_layers=card.n_layers))
+    return out
+
+
+def _fetch(state: State, card: ModelCard, needs: Mapping[NodeId, Need]) -> dict[NodeId, int]:
+    """Bytes of model files each node must fetch for its need (0 where its copy covers it)."""
+    out: dict[NodeId, int] = {}
+    for node in sorted(needs):
+        copy = state.model_copies.get(node, {}).get(card.model_id)
+        out[node] = fetch_bytes(copy.usable if copy is not None else None, needs[node], card.weight_bytes)
+    return out
+
+
+def disk_room(state: State, node: NodeId, margin: int) -> int | None:
+    """Free disk ``node`` can give to new model files (None: it has not reported its disk)."""
+    disk = state.node_disk.get(node)
+    if disk is None:
+        return None
+    pending = sum(
+        max(0, c.total_bytes - c.done_bytes)
+        for c in state.model_copies.get(node, {}).values()
+        if c.status in ("requested", "downloading")
+    )
+    return disk.free_bytes - pending - margin
+
+
+def _disk_shortfalls(state: State, card: ModelCard, fetch: Mapping[NodeId, int], margin: int) -> list[str]:
+    out: list[str] = []
+    for node in sorted(fetch):
+        room = disk_room(state, node, margin)
+        if room is not None and fetch[node] > room:
+            free = state.node_disk[node].free_bytes
+            out.append(f"node {node} needs {format_gb(fetch[node])} of disk for the files of {card.model_id}, "
+                       f"has {format_gb(max(0, free))} free")
+    return out
+
+
+def _search(state: State, card: ModelCard, ask: _Ask, port: int, margin: int = 0) -> tuple[_Choice | None, _Notes]:
     notes = _Notes()
     nodes = sorted(n for n in state.topology.nodes if n not in ask.excluded and n in state.node_memory)
     budgets: dict[NodeId, NodeBudget] = {}
@@ -301,24 +367,33 @@ def _search(state: State, card: ModelCard, ask: _Ask, port: int) -> tuple[_Choic
                 continue
             bound = interconnect.ring_quality_bound(subset, links)
             if bound is not None:
-                candidates.append(((bound, -fit.min_slack, subset), fit))
+                # Bytes to fetch are known only once the ring order fixes who holds which
+                # layers: 0 is their lower bound here.
+                candidates.append(((bound, 0, -fit.min_slack, subset), fit))
         candidates.sort(key=lambda c: c[0])
-        best: tuple[tuple, _Fit, tuple[NodeId, ...]] | None = None
+        best: tuple[tuple, _Fit, tuple[NodeId, ...], dict[NodeId, int]] | None = None
         for lower, fit in candidates:
             if best is not None and best[0] <= lower:
                 break
-            subset = lower[2]
+            subset = lower[3]
             order = interconnect.best_ring_order(subset, links, full_mesh=ask.meta == "MlxJaccl")
             if order is None:
                 continue
-            key = (interconnect.ring_quality(order, links), -fit.min_slack, subset)
+            fetch = _fetch(state, card, _needs(card, ask.sharding, fit, order))
+            short = _disk_shortfalls(state, card, fetch, margin)
+            if short:
+                notes.disk.extend(short)
+                continue
+            key = (interconnect.ring_quality(order, links), sum(fetch.values()), -fit.min_slack, subset)
             if best is None or key < best[0]:
-                best = (key, fit, order)
+                best = (key, fit, order, fetch)
         if best is not None:
-            _, fit, order = best
+            _, fit, order, fetch = best
             hops = interconnect.ring_hops(state, order, port, avoid=ask.avoid)
             assert not isinstance(hops, interconnect.RingRefusal), hops
-            return _Choice(fit=fit, order=order, hops=hops), notes
+            return _Choice(fit=fit, order=order, hops=hops, fetch=fetch), notes
+        if notes.disk:
+            continue  # memory and links were fine; disk decides the wording
         # Nothing with a ring: is it memory, or links? The k nodes with the most
         # free memory are the best memory candidate; they decide the wording.
         top = tuple(sorted(by_free[:k]))
@@ -447,6 +522,12 @@ def _refuse(state: State, card: ModelCard, ask: _Ask, notes: _Notes) -> Placemen
         return PlacementRefused(
             message=f"cannot place {what}: every node is excluded", code="invalid_request", pending=False
         )
+    if notes.disk and not notes.ringless and not notes.shortfalls:
+        return PlacementRefused(
+            message=f"cannot place {what}: not enough disk for its files: {'; '.join(dict.fromkeys(notes.disk))}",
+            code="insufficient_disk",
+            pending=False,
+        )
     if notes.ringless:
         subset, _ = notes.ringless[0]
         kind = " thunderbolt" if ask.meta == "MlxJaccl" else ""
@@ -514,11 +595,11 @@ def _run(
     generation: int,
 ) -> Placed | PlacementRefused:
     port = _port(state, config)
-    choice, notes = _search(state, card, ask, port)
+    choice, notes = _search(state, card, ask, port, config.disk_margin_bytes)
     if choice is None:
         return _refuse(state, card, ask, notes)
     inst = _build(state, card, ask, choice, instance_id=instance_id, generation=generation, port=port)
-    return Placed(instance=inst)
+    return Placed(instance=inst, transfer_bytes_by_node={n: b for n, b in sorted(choice.fetch.items()) if b > 0})
 
 
 def place(
@@ -642,6 +723,7 @@ def previews(
                             node_count=k,
                             instance=res.instance,
                             memory_delta_by_node=dict(res.instance.memory_by_node),
+                            transfer_bytes_by_node=dict(res.transfer_bytes_by_node),
                         )
                     )
                 else:

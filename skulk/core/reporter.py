@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import msgspec
 
+from skulk.core.files import DiskInfo
 from skulk.core.events import ConnectionLost, ConnectionObserved, DownloadCompleted, Event, NodeGatheredInfo
 from skulk.core.ids import ModelId, NodeId
 from skulk.core.inputs import InfoObserved, LinkProbed
@@ -45,7 +46,11 @@ MEMORY_REPORT_FRACTION = 0.02
 # ...and by at least this much.
 MEMORY_REPORT_MIN_BYTES = 64 * 1024 * 1024
 
-_INFO_FIELDS = ("identity", "memory", "network", "system", "runner_kv")
+_INFO_FIELDS = ("identity", "memory", "network", "system", "runner_kv", "disk")
+
+# Report the models disk again when its free space moved by more than this share of total
+# (at least 64 MiB), or when the bytes used by models or the budget changed.
+DISK_REPORT_FRACTION = 0.01
 
 
 class Reporter:
@@ -64,7 +69,7 @@ class Reporter:
         if not reporting:
             return Output()
         event = self.info_event()
-        if event.identity is None and event.memory is None and event.network is None and event.system is None:
+        if all(getattr(event, f) is None for f in _INFO_FIELDS):
             return Output()
         return Output(events=[event])
 
@@ -124,17 +129,20 @@ class Reporter:
         system = info.system if (full or info.system != rep.system) else None
         memory = info.memory if (full or _memory_moved(rep.memory, info.memory)) else None
         runner_kv = info.runner_kv if (full or periodic) and info.runner_kv != rep.runner_kv else None
+        disk = info.disk if (full or _disk_moved(rep.disk, info.disk)) else None
         changes = {
             k: v
             for k, v in (
                 ("identity", identity), ("network", network), ("system", system), ("memory", memory), ("runner_kv", runner_kv),
+                ("disk", disk),
             )
             if v is not None
         }  # fmt: skip
         if changes:
             self._reported = msgspec.structs.replace(self._reported, **changes)
         return NodeGatheredInfo(
-            node_id=self.node_id, identity=identity, memory=memory, network=network, system=system, runner_kv=runner_kv
+            node_id=self.node_id, identity=identity, memory=memory, network=network, system=system, runner_kv=runner_kv,
+            disk=disk,
         )
 
 
@@ -145,3 +153,13 @@ def _memory_moved(old: MemoryInfo | None, new: MemoryInfo | None) -> bool:
         return True
     delta = abs(old.ram_available.in_bytes - new.ram_available.in_bytes)
     return delta > max(MEMORY_REPORT_MIN_BYTES, int(new.ram_total.in_bytes * MEMORY_REPORT_FRACTION))
+
+
+def _disk_moved(old: DiskInfo | None, new: DiskInfo | None) -> bool:
+    if new is None:
+        return False
+    if old is None or (old.total_bytes, old.models_bytes, old.budget_bytes) != (new.total_bytes, new.models_bytes,
+                                                                               new.budget_bytes):
+        return True
+    delta = abs(old.free_bytes - new.free_bytes)
+    return delta > max(MEMORY_REPORT_MIN_BYTES, int(new.total_bytes * DISK_REPORT_FRACTION))

@@ -26,6 +26,7 @@ from typing import Any, get_args
 
 import msgspec
 
+from skulk.core.cards import ModelCard
 from skulk.core.codec import from_wire, to_wire, wire_key
 from skulk.core.events import (
     ConnectionLost,
@@ -36,16 +37,22 @@ from skulk.core.events import (
     InstanceCreated,
     InstanceDeleted,
     InstanceStillHosted,
+    ModelCardAdded,
+    ModelCopyRemoved,
+    ModelCopyUpdated,
+    ModelEvictionRequested,
     NodeGatheredInfo,
     NodeTimedOut,
     RunnerDeleted,
     RunnerStatusUpdated,
     SessionStarted,
+    StoreDownloadRequested,
     TaskCreated,
     TaskDeleted,
     TaskFailed,
     TaskStatusUpdated,
 )
+from skulk.core.files import Coverage, DiskInfo, ModelCopy
 from skulk.core.ids import InstanceId, ModelId, NodeId, RunnerId, TaskId
 from skulk.core.instances import Instance, KvUse, RunnerStatus
 from skulk.core.telemetry import MemoryInfo, NetworkInfo, NodeIdentity, SystemInfo
@@ -86,6 +93,11 @@ class State(Record, frozen=True, kw_only=True):
     runner_instance: dict[RunnerId, InstanceId] = {}
     # Fresh-port counter: each created instance takes the next offset.
     next_port_offset: int = 0
+    # Model files: each node's copy of each model (skulk.core.files), each node's models disk,
+    # and the cards added at run time (POST /models/add), which every node may place.
+    model_copies: dict[NodeId, dict[ModelId, ModelCopy]] = {}
+    node_disk: dict[NodeId, DiskInfo] = {}
+    model_cards: dict[ModelId, ModelCard] = {}
 
 
 EMPTY_STATE = State()
@@ -181,6 +193,8 @@ def apply(state: State, indexed: IndexedEvent) -> State:
             downloads=dict(carry.downloads),
             topology=Topology(connections=tuple(sorted(carry.connections, key=_conn_key))),
             next_port_offset=carry.next_port_offset,
+            model_copies={n: dict(m) for n, m in carry.model_copies.items()},
+            model_cards=dict(carry.model_cards),
         )
     assert state.session is not None, "no session: the first event of a session must be SessionStarted"
     assert indexed.index == state.last_index + 1, (
@@ -209,6 +223,8 @@ def _node_info(state: State, event: NodeGatheredInfo, at: float) -> State:
         changes["node_network"] = _with(state.node_network, node, event.network)
     if event.system is not None:
         changes["node_system"] = _with(state.node_system, node, event.system)
+    if event.disk is not None:
+        changes["node_disk"] = _with(state.node_disk, node, event.disk)
     if event.runner_kv is not None:
         kv = event.runner_kv
         changes["node_kv"] = _with(state.node_kv, node, kv) if kv else _without(state.node_kv, node)
@@ -235,6 +251,8 @@ def _node_timed_out(state: State, event: NodeTimedOut, at: float) -> State:
         node_system=_without(state.node_system, node),
         node_kv=_without(state.node_kv, node),
         downloads=_without(state.downloads, node),
+        node_disk=_without(state.node_disk, node),
+        model_copies=_without(state.model_copies, node),
     )
 
 
@@ -268,6 +286,7 @@ def _instance_created(state: State, event: InstanceCreated, at: float) -> State:
         instances=_with(state.instances, inst.instance_id, inst),
         runner_instance=runner_instance,
         next_port_offset=state.next_port_offset + 1,
+        model_copies=_touched(state.model_copies, inst, at),
     )
 
 
@@ -281,6 +300,7 @@ def _instance_deleted(state: State, event: InstanceDeleted, at: float) -> State:
     runners = state.instances[iid].shard_assignments.runner_to_shard
     return _replace(
         state,
+        model_copies=_touched(state.model_copies, state.instances[iid], at),
         instances=_without(state.instances, iid),
         runners={k: v for k, v in state.runners.items() if k not in runners},
         runner_instance={k: v for k, v in state.runner_instance.items() if k not in runners},
@@ -320,6 +340,65 @@ def _task_deleted(state: State, event: TaskDeleted, at: float) -> State:
     return _replace(state, tasks=_without(state.tasks, event.task_id))
 
 
+def _touched(copies: dict[NodeId, dict[ModelId, ModelCopy]], inst: Instance, at: float) -> dict:
+    """``copies`` with the LRU clock of ``inst``'s model moved to ``at`` on its hosting nodes."""
+    model = inst.shard_assignments.model_id
+    out = copies
+    for node in sorted(inst.shard_assignments.node_to_runner):
+        copy = copies.get(node, {}).get(model)
+        if copy is not None:
+            out = _with(out, node, _with(out[node], model, _replace(copy, last_used_at=at)))
+    return out
+
+
+def _copy_updated(state: State, event: ModelCopyUpdated, at: float) -> State:
+    mine = state.model_copies.get(event.node_id, {})
+    old = mine.get(event.model_id)
+    copy = event.copy
+    since = old.since if old is not None and old.status == copy.status else at
+    last_used = old.last_used_at if old is not None else at
+    copy = _replace(copy, since=since, last_used_at=last_used)
+    return _replace(state, model_copies=_with(state.model_copies, event.node_id, _with(mine, event.model_id, copy)))
+
+
+def _copy_removed(state: State, event: ModelCopyRemoved, at: float) -> State:
+    mine = state.model_copies.get(event.node_id, {})
+    if event.model_id not in mine:
+        return state
+    rest = _without(mine, event.model_id)
+    copies = _with(state.model_copies, event.node_id, rest) if rest else _without(state.model_copies, event.node_id)
+    return _replace(state, model_copies=copies)
+
+
+def _eviction_requested(state: State, event: ModelEvictionRequested, at: float) -> State:
+    mine = state.model_copies.get(event.node_id, {})
+    copy = mine.get(event.model_id)
+    assert copy is not None, f"eviction of {event.model_id} requested on {event.node_id}, which holds no copy"
+    for inst in state.instances.values():
+        assert not (inst.shard_assignments.model_id == event.model_id
+                    and event.node_id in inst.shard_assignments.node_to_runner), (
+            f"eviction of {event.model_id} on {event.node_id} while instance {inst.instance_id} uses it"
+        )
+    evicting = _replace(copy, status="evicting", error=event.reason, since=at)
+    return _replace(state, model_copies=_with(state.model_copies, event.node_id, _with(mine, event.model_id, evicting)))
+
+
+def _store_download_requested(state: State, event: StoreDownloadRequested, at: float) -> State:
+    mine = state.model_copies.get(event.node_id, {})
+    old = mine.get(event.model_id)
+    if old is not None and old.status not in ("failed",):
+        return state
+    coverage = old.coverage if old is not None else Coverage(n_layers=event.n_layers)
+    copy = ModelCopy(status="requested", coverage=coverage, source="hub", since=at,
+                     last_used_at=old.last_used_at if old is not None else at,
+                     bytes=old.bytes if old is not None else 0, files=old.files if old is not None else ())
+    return _replace(state, model_copies=_with(state.model_copies, event.node_id, _with(mine, event.model_id, copy)))
+
+
+def _card_added(state: State, event: ModelCardAdded, at: float) -> State:
+    return _replace(state, model_cards=_with(state.model_cards, event.card.model_id, event.card))
+
+
 _Transition = Callable[[State, Any, float], State]
 
 TRANSITIONS: dict[type, _Transition] = {
@@ -336,6 +415,11 @@ TRANSITIONS: dict[type, _Transition] = {
     TaskStatusUpdated: _task_status_updated,
     TaskFailed: _task_failed,
     TaskDeleted: _task_deleted,
+    ModelCopyUpdated: _copy_updated,
+    ModelCopyRemoved: _copy_removed,
+    ModelEvictionRequested: _eviction_requested,
+    StoreDownloadRequested: _store_download_requested,
+    ModelCardAdded: _card_added,
 }
 """How each indexed event changes the state, by event type (``SessionStarted`` resets it in ``apply``)."""
 

@@ -44,6 +44,8 @@ __all__ = [
     "RequestTimer",
     "RunnerRestartTimer",
     "RunnerDeadlineTimer",
+    "TransferStallTimer",
+    "TransferRetryTimer",
     "TIMER_KINDS",
     "key",
     "parse",
@@ -145,6 +147,22 @@ class RunnerDeadlineTimer(Timer):
     runner_id: RunnerId
 
 
+@dataclass(frozen=True, slots=True)
+class TransferStallTimer(Timer):
+    """Files: the transfer of a model has had no new bytes for ``transfer_stall_s``? Look again."""
+
+    KIND: ClassVar[str] = "files.stall"
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRetryTimer(Timer):
+    """Files: a failed transfer's backoff ended; choose a source again."""
+
+    KIND: ClassVar[str] = "files.retry"
+    model_id: str
+
+
 TIMER_KINDS: tuple[type[Timer], ...] = (
     CampaignTimer,
     SettleTimer,
@@ -157,6 +175,8 @@ TIMER_KINDS: tuple[type[Timer], ...] = (
     RequestTimer,
     RunnerRestartTimer,
     RunnerDeadlineTimer,
+    TransferStallTimer,
+    TransferRetryTimer,
 )
 
 _FIXED: dict[str, Timer] = {}  # key -> the one timer of a kind without fields

@@ -25,6 +25,8 @@ from __future__ import annotations
 from skulk.core import interconnect, runner_policy
 from skulk.core.config import CoreConfig
 from skulk.core.effects import CancelRunnerTask, DispatchTask, Effect, Log, StartRunner, StopRunner
+from skulk.core.files import need_of
+from skulk.core.keeper import PERMANENT_CODES, FileKeeper
 from skulk.core.events import (
     Event,
     InstanceStillHosted,
@@ -66,9 +68,12 @@ class _Runner:
 
 
 class Worker:
-    def __init__(self, node_id: NodeId, config: CoreConfig) -> None:
+    def __init__(self, node_id: NodeId, config: CoreConfig, files: FileKeeper | None = None) -> None:
         self.node_id = node_id
         self.config = config
+        # The gate on model files: a runner starts only once every rank's files are verified.
+        self.files = files if files is not None else FileKeeper(node_id, config)
+        self._files_failed: dict[RunnerId, str] = {}  # the files failure last reported per runner
         self.runners: dict[RunnerId, _Runner] = {}
         self.dispatched: dict[TaskId, RunnerId] = {}
         self.memory: MemoryInfo | None = None
@@ -110,6 +115,8 @@ class Worker:
                 self._epoch += 1
                 effects.append(StopRunner(runner_id=runner_id, reason="instance removed"))
                 effects.append(cancel_timer(RunnerDeadlineTimer(runner_id)))
+        for runner_id in [r for r in self._files_failed if r not in desired]:
+            del self._files_failed[runner_id]
         for runner_id in [r for r in self._blocked_until if r not in desired]:
             del self._blocked_until[runner_id]
             self._failures.pop(runner_id, None)
@@ -126,6 +133,22 @@ class Worker:
 
     def _start(self, now: float, state: State, runner_id: RunnerId, inst: Instance) -> tuple[list[Effect], list[Event]]:
         shard = inst.shard_assignments.runner_to_shard[runner_id]
+        waiting = self.files.ready(state, inst)
+        if waiting is not None:
+            # Not started (so no deadline runs) until every rank holds verified files; a
+            # failure to fetch ours is reported on the runner, so requests fail with the reason.
+            problem = self.files.problem(inst.shard_assignments.model_id)
+            if problem is None or self.files.covered(inst.shard_assignments.model_id, need_of(shard)):
+                self._files_failed.pop(runner_id, None)
+                return [], []
+            code, message = problem
+            text = f"the files of {inst.shard_assignments.model_id} are not available on {self.node_id}: {message}"
+            if self._files_failed.get(runner_id) == text:
+                return [], []
+            self._files_failed[runner_id] = text
+            failed = RunnerFailed(error_message=text, permanent=code in PERMANENT_CODES, code=f"files_{code}")
+            return [Log(level="error", message=text)], self._report(inst, runner_id, failed)
+        self._files_failed.pop(runner_id, None)
         refusal = runner_policy.prespawn_guard(state, inst, self.node_id, self.memory)
         if refusal is not None:
             # Not permanent: memory may free up (another runner exiting); retry later.
@@ -346,6 +369,7 @@ class Worker:
     def rebuild(self, state: State) -> list[Event]:
         """Facts to re-report to a new master once its first event is applied."""
         events: list[Event] = []
+        self._files_failed.clear()  # re-reported by the next reconcile
         for runner_id in sorted(self.runners):
             entry = self.runners[runner_id]
             if entry.stopping:

@@ -27,6 +27,8 @@ tied embedding or ``lm_head``); ``load_shard`` refuses other layouts clearly.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from skulk.core.instances import PipelineShardMetadata, ShardMetadata, TensorShardMetadata
 
-__all__ = ["Shard", "LocalShard", "TensorShard", "PipelineShard", "LoadedShard", "load_shard"]
+__all__ = ["Shard", "LocalShard", "TensorShard", "PipelineShard", "LoadedShard", "load_shard", "partial_weights"]
 
 
 class Shard:
@@ -201,6 +203,42 @@ def _eval_with_progress(
     mx.eval(rest)
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def partial_weights(path: Path, shard_meta: ShardMetadata | None) -> bool:
+    """Whether ``path`` holds only some of the model's weight files, enough for ``shard_meta``.
+
+    A node fetches only the weight files its pipeline stage needs (the layers
+    it holds, plus the embedding and head on rank 0), so other ranks' files may
+    be absent. Returns False when every indexed file is present (a normal,
+    strict load), True when the absent ones are not this shard's. Raises
+    ``ValueError`` naming the files when this shard needs one that is absent:
+    the runner must never start on a partial model it would fill with random
+    weights.
+    """
+    index_file = path / "model.safetensors.index.json"
+    if not index_file.is_file():
+        return False
+    weight_map = json.loads(index_file.read_text(encoding="utf-8")).get("weight_map") or {}
+    missing = {f for f in set(weight_map.values()) if not (path / f).is_file()}
+    if not missing:
+        return False
+    if not isinstance(shard_meta, PipelineShardMetadata) or shard_meta.world_size == 1:
+        raise ValueError(f"{path} lacks weight files {sorted(missing)[:3]}; this runner needs every layer")
+    start, end, head = shard_meta.start_layer, shard_meta.end_layer, shard_meta.device_rank == 0
+    lacking: set[str] = set()
+    for tensor, file in weight_map.items():
+        m = _LAYER.search(tensor)
+        wanted = (head if m is None else start <= int(m.group(1)) < end)
+        if wanted and file in missing:
+            lacking.add(file)
+    if lacking:
+        what = f"layers {start}-{end - 1}" + (" and the embedding and head" if head else "")
+        raise ValueError(f"{path} lacks {sorted(lacking)}, which hold {what} of this shard")
+    return True
+
+
 def load_shard(
     model_path: str | Path,
     shard_meta: ShardMetadata | None,
@@ -216,7 +254,9 @@ def load_shard(
     be sharded as asked.
     """
     path = Path(model_path)
-    model, config = load_model(path, lazy=True)
+    # Other ranks' weight files may be absent (a node fetches only its stage's);
+    # then the load is not strict, and partial_weights has checked this rank's are here.
+    model, config = load_model(path, lazy=True, strict=not partial_weights(path, shard_meta))
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
     n_layers = len(model.layers)
     world = 1 if shard_meta is None else shard_meta.world_size

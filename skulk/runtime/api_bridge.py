@@ -82,8 +82,10 @@ class ApiBridge:
         version: str,
         metrics: Callable[[], Mapping[str, float]],
         runner_diagnostics: Callable[[], list[dict[str, object]]],
+        describe_model: Callable[[str], ModelCard] | None = None,
     ) -> None:
         self._core = core
+        self._describe_model = describe_model
         self._feed = feed
         self._friendly_name = friendly_name
         self._version = version
@@ -132,7 +134,11 @@ class ApiBridge:
 
     @property
     def cards(self) -> Mapping[str, ModelCard]:
-        return self._core.cards
+        """The node's cards, plus those added at run time (``POST /models/add``); the node's win."""
+        added = self._core.state.model_cards
+        if not added:
+            return self._core.cards
+        return {**added, **self._core.cards}
 
     def new_command_id(self) -> CommandId:
         return CommandId(f"cmd-{secrets.token_hex(10)}")
@@ -196,6 +202,12 @@ class ApiBridge:
 
     def runner_diagnostics(self) -> list[dict[str, object]]:
         return self._runner_diagnostics()
+
+    async def describe_model(self, model_id: str) -> ModelCard:
+        """A card from the hub (blocking I/O, so in a thread); ``LookupError`` with the reason."""
+        if self._describe_model is None:
+            raise LookupError("this node cannot reach a model hub")
+        return await asyncio.to_thread(self._describe_model, model_id)
 
     # --- ApiSink (called by the driver) ------------------------------------------------------
 

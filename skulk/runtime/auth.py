@@ -56,6 +56,7 @@ __all__ = [
     "KEY_FILENAME",
     "VERSION",
     "Envelope",
+    "derive_transfer_key",
     "Rejected",
     "ReplayGuard",
     "Sealer",
@@ -93,6 +94,16 @@ def derive_key(secret: bytes, namespace: str) -> bytes:
     assert secret, "an empty cluster secret authenticates nothing"
     assert namespace, "a namespace is required"
     return _hkdf_sha256(secret, _SALT, b"control-plane/" + namespace.encode("utf-8"))
+
+
+def derive_transfer_key(secret: bytes, namespace: str) -> bytes:
+    """The key that signs node-to-node file-transfer requests (``skulk.runtime.transfer``).
+
+    A separate HKDF purpose, so a file-transfer signature can never pass as a
+    control-plane MAC or the other way round.
+    """
+    assert secret and namespace
+    return _hkdf_sha256(secret, _SALT, b"file-transfer/" + namespace.encode("utf-8"))
 
 
 def parse_secret(text: str) -> bytes:

@@ -228,6 +228,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RING_BASE_PORT", _port, 52500, "First port of the MLX ring port range.", core_field="base_port"),
     Setting("EVENTLOG_MIN_FREE_BYTES", _nonnegative_int, 2 * 1024**3,
             "The master's disk log stops writing (degraded mode, one critical line) under this much free space."),
+    # Model files (docs/models.md).
+    Setting("STORE", _optional_model, None,
+            "The store node (node id or friendly name): it downloads whole models once from the hub and the other "
+            "nodes copy from it. Unset: every node fetches what it needs (from a peer that has it, else the hub).",
+            core_field="store_node"),
+    Setting("MODELS_DISK_BUDGET", _nonnegative_int, 0,
+            "Bytes this node's model copies may take; over it, the least recently used copies no instance uses are "
+            "evicted. 0: no budget."),
+    Setting("TRANSFER_STALL_SECONDS", _positive_float, 60.0,
+            "A model transfer with no new byte for this long is given up and fetched from another source.",
+            core_field="transfer_stall_s"),
+    Setting("HF_ENDPOINT", _optional_model, None,
+            "Hugging Face-compatible hub to download from (default: huggingface.co).", aliases=("HF_ENDPOINT",)),
+    Setting("HF_TOKEN", _optional_model, None, "Hub token, for private and gated models.",
+            aliases=("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")),
+    Setting("HF_HUB_OFFLINE", _bool, False,
+            "1: never download from the hub; use the files present (and copies from peers).",
+            aliases=("HF_HUB_OFFLINE",)),
     # Election and liveness.
     Setting("CAMPAIGN_TIMEOUT_SECONDS", _positive_float, 3.0, "Longest an election campaign waits for votes.",
             core_field="campaign_timeout_s"),
@@ -283,6 +301,10 @@ class RuntimeConfig:
     probe_interval_s: float
     probe_timeout_s: float
     eventlog_min_free_bytes: int
+    models_disk_budget_bytes: int
+    hf_endpoint: str | None
+    hf_token: str | None
+    hf_offline: bool
     logging_external: bool
     log_level: str
     core: CoreConfig
@@ -502,6 +524,10 @@ def load_config(
         probe_interval_s=values["PROBE_INTERVAL_SECONDS"],
         probe_timeout_s=values["PROBE_TIMEOUT_SECONDS"],
         eventlog_min_free_bytes=values["EVENTLOG_MIN_FREE_BYTES"],
+        models_disk_budget_bytes=values["MODELS_DISK_BUDGET"],
+        hf_endpoint=values["HF_ENDPOINT"],
+        hf_token=values["HF_TOKEN"],
+        hf_offline=values["HF_HUB_OFFLINE"],
         logging_external=values["LOGGING_EXTERNAL"],
         log_level=values["LOG_LEVEL"].upper(),
         core=core,

@@ -31,6 +31,8 @@ DeliverChunk        to the API request waiting on the command id
 CommandCompleted    to the API request waiting on the command id
 SessionChanged      to the listeners (the API bridge, auto-placement)
 Log                 the ``skulk.core`` logger
+StartTransfer ...   the node's file service (``skulk.runtime.filestore.NodeFiles``):
+                    hub downloads and peer copies in threads, cancel, delete
 ==================  ====================================================
 
 Write-ahead: an indexed event is handed to the OS (the event log's
@@ -65,7 +67,9 @@ from skulk.core.effects import (
     AppendLog,
     CancelRunnerTask,
     CancelTimer,
+    CancelTransfer,
     CommandCompleted,
+    DeleteFiles,
     DeliverChunk,
     DispatchTask,
     EffectCarrier,
@@ -76,11 +80,12 @@ from skulk.core.effects import (
     SessionChanged,
     SetTimer,
     StartRunner,
+    StartTransfer,
     StopRunner,
     WriteSnapshot,
 )
 from skulk.core.ids import CommandId
-from skulk.core.inputs import Input, PersistFailed, Shutdown, TimerFired
+from skulk.core.inputs import FilesGone, Input, PersistFailed, Shutdown, TimerFired, TransferEnded
 from skulk.core.node import CoreNode
 from skulk.core.session import Session
 from skulk.core.tasks import TokenChunk
@@ -113,6 +118,16 @@ class ApiSink(Protocol):
 
 class _Transport(Protocol):
     def send(self, message: object, to: object) -> None: ...
+
+
+class FileService(Protocol):
+    """What carries out the core's file effects (``skulk.runtime.filestore.NodeFiles``)."""
+
+    def start(self, effect: StartTransfer) -> None: ...
+
+    def cancel(self, transfer_id: str) -> None: ...
+
+    def delete(self, model_id: str) -> None: ...
 
 
 def load_node_record(path: Path, node_id: str) -> NodeRecord | None:
@@ -158,8 +173,10 @@ class Driver(EffectCarrier):
         api: ApiSink | None = None,
         fatal: Callable[[BaseException], None] | None = None,
         clock: Clock | None = None,
+        files: FileService | None = None,
     ) -> None:
         self.core = core
+        self.files = files
         self.transport = transport
         self.supervisor = supervisor
         self.eventlog = eventlog
@@ -314,6 +331,24 @@ class Driver(EffectCarrier):
 
     def carry_log(self, effect: Log) -> None:
         core_log.log(_LOG_LEVELS[effect.level], effect.message)
+
+    def carry_start_transfer(self, effect: StartTransfer) -> None:
+        if self.files is None:
+            self.feed(TransferEnded(transfer_id=effect.transfer_id, model_id=effect.model_id, ok=False,
+                                    code="internal", message="this node has no file service"))
+            return
+        self.files.start(effect)
+
+    def carry_cancel_transfer(self, effect: CancelTransfer) -> None:
+        if self.files is not None:
+            self.files.cancel(effect.transfer_id)
+
+    def carry_delete_files(self, effect: DeleteFiles) -> None:
+        if self.files is None:
+            self.feed(FilesGone(model_id=effect.model_id))
+            return
+        core_log.info("deleting the files of %s: %s", effect.model_id, effect.reason)
+        self.files.delete(effect.model_id)
 
     def _fire(self, key: str) -> None:
         self._timers.pop(key, None)

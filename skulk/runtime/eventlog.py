@@ -25,7 +25,11 @@ Failure: on any ``OSError``, or when free space drops under
 ``min_free_bytes`` (checked at open, at every snapshot and every
 ``check_every`` appends), the log turns *degraded*: it reports once through
 ``on_failure`` (the driver feeds ``PersistFailed`` to the core, which logs
-the one critical line), drops appends and keeps the node serving. It never
+the one critical line), drops appends and keeps the node serving. A failure
+while the constructor opens the log is *not* reported through ``on_failure``
+(its owner is still being assembled, and the callback usually reaches
+objects that do not exist yet): the log is returned degraded, with
+``degraded_reason`` set, and the owner reports it once it is wired up. It never
 leaves a silent gap: it resumes only at a point that is consistent by
 itself, the next snapshot (a new segment starting with its ``SnapshotMark``)
 or index 0 of a new session.
@@ -143,7 +147,12 @@ class EventLog:
         self._since_check = 0
         # The last (session, index) written: the next entry must continue it.
         self._last: tuple[Session, int] | None = None
-        self._open()
+        # While the constructor runs, a failure is recorded, never reported (module docstring).
+        self._opening = True
+        try:
+            self._open()
+        finally:
+            self._opening = False
 
     # --- public ----------------------------------------------------------------------
 
@@ -283,7 +292,8 @@ class EventLog:
                 f.close()
             except OSError:
                 pass  # the buffered tail may be lost; readers tolerate a torn tail
-        self.on_failure(reason)
+        if not self._opening:
+            self.on_failure(reason)
 
     def _has_space(self) -> bool:
         try:

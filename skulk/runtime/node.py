@@ -41,15 +41,18 @@ import uvicorn
 import skulk
 from skulk.core.cards import CardError, ModelCard
 from skulk.core.ids import NodeId
-from skulk.core.inputs import Boot, ModelAvailable, PeersChanged, Received
+from skulk.core.inputs import Boot, InfoObserved, Input, ModelAvailable, PeersChanged, Received
 from skulk.core.node import CoreNode
 from skulk.core.telemetry import NetworkInterface, NodeIdentity
 from skulk.runtime.config import RuntimeConfig
 from skulk.runtime.driver import NODE_RECORD_FILENAME, Driver, load_node_record
+from skulk.runtime.downloads import HubSettings
 from skulk.runtime.eventlog import EventLog
+from skulk.runtime.filestore import NodeFiles
 from skulk.runtime.api_bridge import ApiBridge
 from skulk.runtime.supervisor import Supervisor, find_local_models
 from skulk.runtime.telemetry import LinkProber, Telemetry
+from skulk.runtime.transfer import TransferAuth, TransferServer
 from skulk.runtime.transport import Transport, TransportSettings
 
 __all__ = ["NodeRuntime", "EXIT_FATAL", "load_node_cards"]
@@ -103,6 +106,9 @@ class NodeRuntime:
         self.telemetry: Telemetry | None = None
         self.prober: LinkProber | None = None
         self.server: _Server | None = None
+        self.files: NodeFiles | None = None
+        self.transfer_server: TransferServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def request_stop(self, exit_code: int = 0) -> None:
         self.exit_code = max(self.exit_code, exit_code)
@@ -128,9 +134,11 @@ class NodeRuntime:
             assert self.driver is not None
             self.driver.feed(inp)  # type: ignore[arg-type]
 
+        # A log that cannot be opened (a nearly full disk is common on laptops) comes back
+        # degraded without calling on_failure; it is reported below, once the driver exists.
         self.eventlog = EventLog(
             cfg.data_dir / "eventlog",
-            on_failure=lambda err: self.driver.on_log_failure(err),  # type: ignore[union-attr]
+            on_failure=self._log_failed,
             min_free_bytes=cfg.eventlog_min_free_bytes,
         )
         self.supervisor = Supervisor(
@@ -157,6 +165,19 @@ class NodeRuntime:
             on_message=lambda sender, msg: feed(Received(sender=sender, message=msg)),
             on_peers=lambda peers: feed(PeersChanged(peers=peers)),
         )
+        # Model files: this node's disk, its transfers (hub and peers), and what it serves to peers.
+        self._loop = loop
+        transfer_auth = TransferAuth(cfg.cluster_secret, cfg.namespace)
+        self.files = NodeFiles(
+            cfg.models_dir,
+            HubSettings(endpoint=cfg.hf_endpoint, token=cfg.hf_token, offline=cfg.hf_offline),
+            transfer_auth,
+            cfg.node_id,
+            feed=self._feed_threadsafe,
+            peer_url=self._peer_url,
+            budget_bytes=cfg.models_disk_budget_bytes,
+        )
+        self.transfer_server = TransferServer(cfg.models_dir, transfer_auth)
         self.driver = Driver(
             core,
             transport=self.transport,
@@ -164,6 +185,7 @@ class NodeRuntime:
             eventlog=self.eventlog,
             record_path=cfg.data_dir / NODE_RECORD_FILENAME,
             fatal=lambda exc: self.request_stop(EXIT_FATAL),
+            files=self.files,
         )
         self.api_bridge = ApiBridge(
             core=core,
@@ -172,6 +194,7 @@ class NodeRuntime:
             version=skulk.__version__,
             metrics=self.metrics,
             runner_diagnostics=self.supervisor.diagnostics,
+            describe_model=self._describe_model,
         )
         self.driver.api = self.api_bridge
         if self.eventlog.degraded:
@@ -197,11 +220,45 @@ class NodeRuntime:
             self._spawn(self.telemetry.run(), "telemetry")
             self._spawn(self.prober.run(), "link-probes")
             self._spawn(self._models_loop(), "models")
+            self._spawn(self._disk_loop(), "disk")
             log.info("node %s up: API on %s:%d", cfg.node_id, cfg.api_host, cfg.api_port)
             await self._stop.wait()
         finally:
             await self._shutdown()
         return self.exit_code
+
+    def _feed_threadsafe(self, inp: Input) -> None:
+        """Feed the core from any thread (transfers and scans run in threads)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self.driver is None:
+            return
+        loop.call_soon_threadsafe(self.driver.feed, inp)
+
+    def _peer_url(self, node: str, address: str) -> str | None:
+        """The base URL of ``node``'s API at ``address`` (the link the core chose), if its port is known."""
+        from skulk.core.interconnect import format_address
+
+        info = self.transport.peer_info.get(node) if self.transport is not None else None
+        if info is None or info.api_port <= 0:
+            return None
+        return "http://" + format_address(address, info.api_port)
+
+    def _describe_model(self, model_id: str) -> ModelCard:
+        """A card for a hub model (``POST /models/add``; blocking, the bridge runs it in a thread)."""
+        from skulk.runtime.downloads import DownloadFailed, HubDownloader
+
+        cfg = self.config
+        settings = HubSettings(endpoint=cfg.hf_endpoint, token=cfg.hf_token, offline=cfg.hf_offline)
+        try:
+            card, _ = HubDownloader(settings).describe(model_id)
+        except DownloadFailed as exc:
+            raise LookupError(f"{exc.code}: {exc.message}") from exc
+        return card
+
+    def _log_failed(self, error: str) -> None:
+        """The event log turned degraded mid-run (it never reports from its constructor)."""
+        assert self.driver is not None, "the event log reported a failure before the driver was wired"
+        self.driver.on_log_failure(error)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)  # type: ignore[arg-type]
@@ -241,7 +298,8 @@ class NodeRuntime:
         if warning is not None:
             log.warning("%s", warning)
         api_config = ApiConfig(max_output_tokens=cfg.max_output_tokens, max_body_bytes=cfg.api_max_body_bytes, keys=keys)
-        app = create_app(self.api_bridge, config=api_config)
+        extra = self.transfer_server.routes() if self.transfer_server is not None else []
+        app = create_app(self.api_bridge, config=api_config, extra_routes=extra)
         server = _Server(
             uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
         )
@@ -283,9 +341,22 @@ class NodeRuntime:
                     # A card only for a directory that appeared since start-up; the core
                     # adds it (placeable from then on) unless it knows the model already.
                     self.driver.feed(ModelAvailable(model_id=model_id, card=card))
+                if self.files is not None:
+                    await asyncio.to_thread(self.files.scan)
             except Exception:
                 log.exception("scanning local models failed")
             await asyncio.sleep(_MODEL_RESCAN_S)
+
+    async def _disk_loop(self) -> None:
+        """The models disk (free, used by models, budget) in telemetry, every telemetry interval."""
+        assert self.files is not None and self.driver is not None
+        while True:
+            try:
+                disk = await asyncio.to_thread(self.files.disk_info)
+                self.driver.feed(InfoObserved(disk=disk))
+            except OSError as exc:
+                log.warning("cannot measure the models disk: %s", exc)
+            await asyncio.sleep(self.config.core.telemetry_interval_s)
 
     def _scan_models(self) -> list[tuple[str, ModelCard | None]]:
         """Local model directories with a card for each (blocking: runs in a thread)."""
@@ -352,6 +423,8 @@ class NodeRuntime:
         for task in self._tasks:
             if task.get_name() != "api":
                 task.cancel()
+        if self.files is not None:
+            self.files.transfers.cancel_all()  # partial files stay: the next start resumes them
         if self.driver is not None:
             self.driver.stop_runners()  # through the core, so their exits are not taken for crashes
         if self.supervisor is not None:

@@ -68,15 +68,28 @@ def write_hostfile(path: Path, hosts: tuple[str, ...]) -> Path:
 def find_local_models(root: Path, *, max_depth: int = 3) -> list[str]:
     """Model ids of complete mlx-lm directories under ``root`` (``org/name`` paths), sorted.
 
-    A directory counts when it holds ``config.json`` and at least one
-    ``*.safetensors`` file; hidden (staging) directories are skipped.
+    A directory counts when it holds ``config.json``, at least one
+    ``*.safetensors`` file and every weight file its safetensors index names
+    (a node that fetched only its pipeline stage's files holds a partial copy,
+    which is not a model it could serve whole); hidden (staging) directories
+    are skipped.
     """
     found: list[str] = []
     if not root.is_dir():
         return found
 
+    def complete(path: Path) -> bool:
+        index = path / "model.safetensors.index.json"
+        if not index.is_file():
+            return True
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        except (OSError, ValueError, AttributeError):
+            return True  # a malformed index is the card's to report, not a reason to hide the model
+        return all((path / f).is_file() for f in set(weight_map.values()))
+
     def walk(path: Path, depth: int) -> None:
-        if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
+        if (path / "config.json").is_file() and any(path.glob("*.safetensors")) and complete(path):
             found.append(str(path.relative_to(root)).replace(os.sep, "/"))
             return
         if depth >= max_depth:

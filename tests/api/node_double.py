@@ -24,7 +24,17 @@ import msgspec
 
 from skulk.core import placement
 from skulk.core.cards import ModelCard
-from skulk.core.commands import CancelTask, Command, CommandResult, DeleteInstance, PlaceInstance, SubmitTask
+from skulk.core.commands import (
+    AddModelCard,
+    CancelTask,
+    Command,
+    CommandResult,
+    DeleteInstance,
+    EvictModel,
+    PlaceInstance,
+    RequestStoreDownload,
+    SubmitTask,
+)
 from skulk.core.config import CoreConfig
 from skulk.core.events import (
     Carryover,
@@ -36,6 +46,7 @@ from skulk.core.events import (
     RunnerStatusUpdated,
     SessionStarted,
 )
+from skulk.core.files import DiskInfo
 from skulk.core.ids import CommandId, ModelId, NodeId, TaskId, derive_id
 from skulk.core.instances import RunnerReady, SpeculationConfig
 from skulk.core.telemetry import Memory, MemoryInfo, NetworkInfo, NetworkInterface, NodeIdentity, SystemInfo
@@ -132,7 +143,9 @@ class ScriptedNode:
     node_id: NodeId = NodeId("node-a")
     friendly_name: str = "alpha"
     version: str = "0.1.0"
-    cards: Mapping[str, ModelCard] = field(default_factory=lambda: {TINY.model_id: TINY, HUGE.model_id: HUGE})
+    local_cards: Mapping[str, ModelCard] = field(default_factory=lambda: {TINY.model_id: TINY, HUGE.model_id: HUGE})
+    # What the stand-in hub knows (``describe_model``); a model not here is "not_found".
+    hub_cards: dict[str, ModelCard] = field(default_factory=dict)
     core_config: CoreConfig = field(default_factory=CoreConfig)
     script: Script = field(default_factory=words_script)
     # Placement pending: answer submit like the runtime does after its deadline.
@@ -167,6 +180,7 @@ class ScriptedNode:
                 memory=MemoryInfo(ram_total=Memory(in_bytes=ram_gib * GiB), ram_available=Memory(in_bytes=ram_gib * GiB * 3 // 4)),
                 network=NetworkInfo(interfaces=(NetworkInterface(name="en0", ip_address=ip, kind=kind),)),  # type: ignore[arg-type]
                 system=SystemInfo(platform="linux", chip="cpu", os_version="6", cpu_count=2),
+                disk=DiskInfo(total_bytes=512 * GiB, free_bytes=400 * GiB, models_bytes=0, path=f"/srv/{node_id}/models"),
             )
         )
 
@@ -222,6 +236,33 @@ class ScriptedNode:
     # --- NodePort ------------------------------------------------------------------------------
 
     @property
+    def cards(self) -> Mapping[str, ModelCard]:
+        """The node's cards plus those added at run time, as the runtime's bridge answers."""
+        return {**self.state.model_cards, **self.local_cards}
+
+    async def describe_model(self, model_id: str) -> ModelCard:
+        await asyncio.sleep(0)
+        card = self.hub_cards.get(model_id)
+        if card is None:
+            raise LookupError(f"not_found: {model_id}: repository not found on the hub")
+        return card
+
+    def _master_rule(self, command: Command) -> CommandResult:
+        """The real master's rule for ``command``, indexing into this double's state."""
+        from skulk.core.master import COMMAND_RULES, Master
+
+        assert self.state.session is not None
+        master = Master(self.node_id, self.core_config, self.state.session, self.local_cards, self._apply_indexed)
+        master.state = self.state
+        master.next_index = self.state.last_index + 1
+        _, result = COMMAND_RULES[type(command)](master, self._now, self.node_id, command)
+        return result
+
+    def _apply_indexed(self, indexed: IndexedEvent) -> State:
+        self.state = apply(self.state, indexed)
+        return self.state
+
+    @property
     def session(self) -> Session | None:
         return self.state.session
 
@@ -243,6 +284,8 @@ class ScriptedNode:
             if stream is not None:
                 stream.close()
             return CommandResult(command_id=command.command_id, status="accepted")
+        if isinstance(command, (AddModelCard, EvictModel, RequestStoreDownload)):
+            return self._master_rule(command)
         raise AssertionError(f"submit got {type(command).__name__}; tasks go through open_task")
 
     async def open_task(self, command: Command) -> tuple[CommandResult, _Stream | None]:

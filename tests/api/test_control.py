@@ -49,7 +49,7 @@ def test_state_has_the_published_shape(client: TestClient, node: ScriptedNode) -
 
 
 def test_models_lists_cards(client: TestClient) -> None:
-    models = client.get("/models").json()["models"]
+    models = client.get("/models/cards").json()["models"]
     assert [m["modelId"] for m in models] == ["big/huge-405b", MODEL]
     tiny = models[1]
     assert (tiny["nLayers"], tiny["contextLength"], tiny["supportsTensor"]) == (6, 8192, True)

@@ -206,3 +206,42 @@ def test_dashboard_asks_for_the_api_key_once_and_keeps_it() -> None:
         page.wait_for_selector("[data-testid=node-card]")
         assert page.locator("[data-testid=api-key-form]").count() == 0, "the key is kept in the browser"
         assert page.evaluate("localStorage.getItem('skulk.apiKey')") == key
+
+
+def test_dashboard_shows_model_copies_with_progress_disks_and_what_a_placement_would_fetch() -> None:
+    """Issue 14: per-node disks, each copy's status with a progress bar (bytes, rate, ETA), errors; previews' transfers."""
+    from skulk.core.events import ModelCopyUpdated
+    from skulk.core.files import Coverage, ModelCopy
+    from skulk.core.ids import ModelId, NodeId
+
+    require_chromium()
+    node = ScriptedNode.three_nodes()
+    tiny = ModelId("skulk/tiny-qwen2")
+    whole = Coverage(n_layers=6, layers=((0, 6),), head=True)
+    node._apply(ModelCopyUpdated(node_id=NodeId("node-a"), model_id=tiny,
+                                 copy=ModelCopy(status="verified", coverage=whole, bytes=4_000_000, source="hub")))
+    node._apply(ModelCopyUpdated(node_id=NodeId("node-b"), model_id=tiny, copy=ModelCopy(
+        status="downloading", coverage=Coverage(n_layers=6), source="peer:node-a", done_bytes=1_500_000,
+        total_bytes=3_000_000, rate_bps=500_000, eta_s=3)))
+    node._apply(ModelCopyUpdated(node_id=NodeId("node-c"), model_id=tiny, copy=ModelCopy(
+        status="failed", coverage=Coverage(n_layers=6), source="hub",
+        error="disk_full: skulk/tiny-qwen2: needs 4.1 MB of disk, has 1.0 MB free")))
+    with ServedApp(node, ApiConfig(dashboard_poll_ms=300)) as served, chromium_page(served.base_url) as page:
+        page.goto("/")
+        page.wait_for_selector("[data-testid=model-copy]")
+        text = page.locator("[data-testid=model-files]").inner_text()
+        assert page.locator("[data-testid=model-copy]").count() == 3
+        assert "2 MB of 3 MB" in text, text  # the dashboard's bytes(): MB without decimals below 1 GB
+        assert "ETA 3 s" in text and "from peer:node-a" in text and "downloading" in text
+        assert "whole model" in text and "disk_full: skulk/tiny-qwen2: needs 4.1 MB of disk" in text
+        width = page.locator("[data-testid=model-copy] .bar .fill").first.get_attribute("style")
+        assert width is not None and "width:50.0%" in width
+        assert page.locator("[data-testid=node-disk]").count() == 3
+        assert "free of" in page.locator("[data-testid=node-disk]").first.inner_text()
+        screenshot(page, "model-files")
+        # The placement preview says what each node would fetch (node-a holds the files).
+        page.click("nav a[data-nav=place]")
+        page.wait_for_selector("[data-testid=preview-row].feasible")
+        cells = page.locator("[data-testid=preview-transfer]").all_inner_texts()
+        assert any("none: the files are there" in c for c in cells), cells
+        assert any("bravo" in c or "charlie" in c for c in cells), cells

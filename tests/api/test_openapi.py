@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 from skulk.api.app import create_app
 from skulk.api.openapi import build_openapi
 from skulk.api.routes import ENDPOINTS, openapi_path
+from skulk.core.config import CoreConfig
 from tests.api.node_double import ScriptedNode
 
 MODEL = "skulk/tiny-qwen2"
@@ -73,7 +74,8 @@ def test_live_responses_conform_to_their_schemas(client: TestClient, node: Scrip
     iid = next(iter(node.state.instances))
     assert_valid(doc, "MlxRingInstance", client.get(f"/instance/{iid}").json())
     assert_valid(doc, "PreviewsResponse", client.get("/instance/previews", params={"model_id": MODEL}).json())
-    assert_valid(doc, "ModelsResponse", client.get("/models").json())
+    assert_valid(doc, "ModelsResponse", client.get("/models/cards").json())
+    assert_valid(doc, "UpstreamModelList", client.get("/models").json())
     assert_valid(doc, "ModelList", client.get("/v1/models").json())
     assert_valid(doc, "NodeDiagnostics", client.get("/v1/diagnostics/node").json())
     chat = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True})
@@ -92,7 +94,8 @@ def test_live_responses_conform_to_their_schemas(client: TestClient, node: Scrip
 
 
 def test_fuzz_every_operation_from_the_document() -> None:
-    node = ScriptedNode.three_nodes()
+    # With a store node configured, so the /store/* operations answer (rather than 503 everywhere).
+    node = ScriptedNode.three_nodes(core_config=CoreConfig(store_node="node-a"))
     node.place(MODEL)
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(node))
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -104,7 +107,10 @@ def test_fuzz_every_operation_from_the_document() -> None:
         def run(case: Any) -> None:
             # A DELETE would remove the one instance; keep the cluster the other cases use.
             if case.method.upper() == "DELETE":
-                case.path_parameters = {"instance_id": "inst-does-not-exist"}
+                if "model_id" in (case.path_parameters or {}):
+                    case.path_parameters = {"model_id": "org/not-in-the-store"}
+                else:
+                    case.path_parameters = {"instance_id": "inst-does-not-exist"}
             # Cross-field rules (max_tokens vs the instance's context ceiling, top_logprobs
             # needing logprobs) cannot be written in JSON Schema: a schema-valid request may
             # still be refused with 400. Everything else is checked.

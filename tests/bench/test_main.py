@@ -25,6 +25,7 @@ FLAGS = {
                     "--streams", "--stream-tokens", "--sampled", "--json"],
     "tune": ["--drafter", "--depths", "--tokens", "--repetitions", "--min-gain", "--write"],
     "constrained": ["--quick", "--rounds", "--max-tokens", "--model", "--tokenizer"],
+    "transfer": ["--model", "--rounds"],
 }  # fmt: skip
 
 

@@ -17,9 +17,13 @@ from skulk.core.events import (
     ConnectionObserved,
     Event,
     IndexedEvent,
+    ModelCopyUpdated,
     NodeGatheredInfo,
     SessionStarted,
 )
+from skulk.core.files import Coverage, ModelCopy
+from skulk.core.inputs import FilesObserved
+from skulk.core.keeper import FileKeeper
 from skulk.core.ids import CommandId, ModelId, NodeId
 from skulk.core.instances import (
     Instance,
@@ -151,3 +155,22 @@ LLAMA_31_8B_CONFIG = {
     "vocab_size": 128256,
     "quantization": {"group_size": 64, "bits": 4},
 }
+
+
+def whole_copy(card: ModelCard) -> ModelCopy:
+    cov = Coverage(n_layers=card.n_layers, layers=((0, card.n_layers),), head=True)
+    return ModelCopy(status="verified", coverage=cov, bytes=card.weight_bytes, source="local")
+
+
+def files_on(state: State, card: ModelCard, nodes: Iterable[str], *, keeper: FileKeeper | None = None) -> State:
+    """``state`` in which ``nodes`` hold the whole of ``card``'s model, verified.
+
+    With ``keeper`` (a node's ``FileKeeper``), that node's own disk says so too.
+    """
+    copy = whole_copy(card)
+    events = [ModelCopyUpdated(node_id=NodeId(n), model_id=card.model_id, copy=copy) for n in nodes]
+    state = apply_events(state, events)
+    if keeper is not None:
+        obs = FilesObserved(model_id=card.model_id, status="verified", coverage=copy.coverage, bytes=copy.bytes)
+        keeper.on_observed(0.0, obs, state)
+    return state

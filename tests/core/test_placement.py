@@ -692,3 +692,59 @@ def test_placing_until_full_never_overcommits(data: st.DataObject) -> None:
     for node in state.node_memory:
         budget = node_budget(state, node)
         assert budget is not None and budget.committed_bytes <= budget.capacity_bytes
+
+
+# --- placement knows the files (issue 14) ------------------------------------------------------
+
+
+def _disk(state: State, node: str, free: int) -> State:
+    from skulk.core.files import DiskInfo
+
+    info = DiskInfo(total_bytes=free * 4, free_bytes=free, models_bytes=0)
+    return apply_events(state, [NodeGatheredInfo(node_id=NodeId(node), disk=info)])
+
+
+def test_a_node_that_already_holds_the_files_wins_over_one_with_more_free_memory():
+    from tests.core.builders import files_on
+
+    card = make_card(weight_bytes=10 * GB)
+    state = build_state({"a": mem(32 * GB), "b": mem(64 * GB)}, ())
+    # Without files anywhere, more free memory wins (b); with the files on a, a wins.
+    assert list(placed(placement.place(state, command(), cards_of(card), CONFIG)).shard_assignments.node_to_runner) == ["b"]
+    state = files_on(state, card, ["a"])
+    outcome = placement.place(state, command(), cards_of(card), CONFIG)
+    assert list(placed(outcome).shard_assignments.node_to_runner) == ["a"]
+    assert isinstance(outcome, placement.Placed) and outcome.transfer_bytes_by_node == {}
+
+
+def test_a_node_short_of_disk_for_the_files_is_refused_with_the_arithmetic():
+    card = make_card(weight_bytes=10 * GB)
+    state = build_state({"a": mem(64 * GB)}, ())
+    state = _disk(state, "a", 3 * GB)
+    refused = placement.place(state, command(), cards_of(card), CONFIG)
+    assert isinstance(refused, placement.PlacementRefused) and not refused.pending
+    assert refused.code == "insufficient_disk"
+    assert "node a needs 10.0 GB of disk for the files of test/model, has 3.0 GB free" in refused.message
+    # Enough disk, or the files already there, and it places.
+    assert isinstance(placement.place(_disk(state, "a", 20 * GB), command(), cards_of(card), CONFIG), placement.Placed)
+
+
+def test_disk_is_counted_per_node_so_a_split_needs_room_only_for_each_stage():
+    card = make_card(weight_bytes=40 * GB)  # fits only across a and b
+    state = build_state({"a": mem(64 * GB), "b": mem(32 * GB)}, full_mesh(["a", "b"]))
+    state = _disk(_disk(state, "a", 32 * GB), "b", 20 * GB)
+    inst = placed(placement.place(state, command(), cards_of(card), CONFIG))
+    assert sorted(inst.shard_assignments.node_to_runner) == ["a", "b"]
+
+
+def test_previews_show_the_bytes_each_node_would_fetch():
+    from tests.core.builders import files_on
+
+    card = make_card(weight_bytes=10 * GB)
+    state = files_on(build_state({"a": mem(64 * GB), "b": mem(64 * GB)}, full_mesh(["a", "b"])), card, ["a"])
+    rows = placement.previews(state, ModelId("test/model"), (), cards_of(card), CONFIG)
+    one = next(p for p in rows if p.sharding == "Pipeline" and p.instance_meta == "MlxRing" and p.node_count == 1)
+    assert one.instance is not None and list(one.instance.shard_assignments.node_to_runner) == ["a"]
+    assert one.transfer_bytes_by_node == {}
+    two = next(p for p in rows if p.sharding == "Pipeline" and p.instance_meta == "MlxRing" and p.node_count == 2)
+    assert set(two.transfer_bytes_by_node) == {"b"} and 0 < two.transfer_bytes_by_node["b"] < card.weight_bytes

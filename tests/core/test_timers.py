@@ -13,6 +13,8 @@ from skulk.core.timers import (
     RunnerDeadlineTimer,
     RunnerRestartTimer,
     Timer,
+    TransferRetryTimer,
+    TransferStallTimer,
     cancel_timer,
     key,
     parse,
@@ -22,6 +24,7 @@ from skulk.core.timers import (
 EVERY_KIND: list[Timer] = [
     kind(CommandId("cmd.with.dots")) if kind is RequestTimer
     else kind(RunnerId("runner-1.a")) if kind in (RunnerRestartTimer, RunnerDeadlineTimer)
+    else kind("org.x/model-1.5b") if kind in (TransferStallTimer, TransferRetryTimer)
     else kind()
     for kind in TIMER_KINDS
 ]

@@ -21,6 +21,7 @@ from tests.core.builders import (
     build_state,
     cards_of,
     command,
+    files_on,
     full_mesh,
     make_card,
     mem,
@@ -38,6 +39,7 @@ def _two_rank_world():
     state = apply_events(state, [InstanceCreated(instance=inst)])
     worker = Worker(NodeId("a"), CONFIG)
     worker.on_memory(mem(64 * GB))
+    state = files_on(state, card, ["a", "b"], keeper=worker.files)
     effects = worker.reconcile(0.0, state).effects
     starts = [e for e in effects if isinstance(e, StartRunner)]
     assert len(starts) == 1

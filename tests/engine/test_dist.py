@@ -165,6 +165,52 @@ def test_idle_followers_sleep_instead_of_spinning(instance: list[RunnerProcess])
     assert check_stream(chunks).finish_reason in ("length", "stop")
 
 
+def test_pipeline_ranks_that_hold_only_their_own_weight_files_match_one_process(
+    tiny_path: Path, runner_env: dict[str, str], single_tokens: list[list[int]], tmp_path: Path
+) -> None:
+    """Issue 14: a node fetches only its stage's weight files; the ranks still compute the same tokens."""
+    import shutil
+
+    from skulk.engine.shard import partial_weights
+    from tests.support.hub import shard_repo
+
+    full = shard_repo(tiny_path, tmp_path / "full", 3)  # files: layers 0-1 + embedding, 2-3, 4-5 + norm + head
+    shards = LAYOUTS["pipeline-3"]  # ranks hold [0, 1), [1, 4), [4, 6)
+    keep = [
+        {"model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"},  # rank 0: layer 0, embed, head
+        {"model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors"},  # rank 1: layers 1-3
+        {"model-00003-of-00003.safetensors"},  # rank 2: layers 4-5
+    ]
+    dirs = []
+    for rank, files in enumerate(keep):
+        d = shutil.copytree(full, tmp_path / f"rank{rank}")
+        for f in d.glob("model-*.safetensors"):
+            if f.name not in files:
+                f.unlink()
+        assert partial_weights(d, shards[rank]) is True
+        dirs.append(d)
+    # A rank missing a file it needs is refused before it loads anything.
+    with pytest.raises(ValueError, match="model-00002-of-00003.safetensors"):
+        partial_weights(dirs[2], shards[1])
+    with pytest.raises(ValueError, match="every layer"):
+        partial_weights(dirs[2], None)
+
+    hosts = tuple(f"127.0.0.1:{p}" for p in free_ports(3))
+    procs = [RunnerProcess.spawn(make_spec(shard, hosts=hosts, instance="partial", connect_deadline_s=60), d,
+                                 env=runner_env) for shard, d in zip(shards, dirs)]
+    try:
+        for proc in procs:
+            proc.wait_for_status(RunnerReady, START_TIMEOUT_S)
+        for prompt, expected in zip(PROMPTS, single_tokens):
+            chunks = procs[0].generate(make_task(prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0), timeout=120)
+            check_stream(chunks)
+            assert tokens_of(chunks) == expected
+        assert procs[0].shutdown(timeout=30) == EXIT_OK
+    finally:
+        for proc in procs:
+            proc.kill()
+
+
 def test_constrained_rows_stay_in_step_and_match_one_process(
     instance: list[RunnerProcess], single_runner: RunnerProcess
 ) -> None:

@@ -28,7 +28,10 @@ BODY_LIMIT = 256 * 1024
 
 
 def test_fuzzing_and_hostile_clients_never_break_a_real_node(models: Path, tmp_path: Path, artifacts: Path) -> None:
-    with loopback_cluster(tmp_path, 2, models=models, env={"SKULK_API_MAX_BODY_BYTES": str(BODY_LIMIT)}) as cluster:
+    # With a store node (n-1) so the /store/* operations answer rather than 503 "Store not configured";
+    # offline, so a fuzzed model id sent to the hub is refused at once instead of waiting on the internet.
+    env = {"SKULK_API_MAX_BODY_BYTES": str(BODY_LIMIT), "SKULK_STORE": "n-1", "HF_HUB_OFFLINE": "1"}
+    with loopback_cluster(tmp_path, 2, models=models, env=env) as cluster:
         master = cluster.wait_master()
         cluster.wait_memory_known()
         (node,) = [n for n in cluster.nodes if n != master]
@@ -49,8 +52,9 @@ def test_fuzzing_and_hostile_clients_never_break_a_real_node(models: Path, tmp_p
     print(f"[fuzz] {fuzz['requests']} requests over {fuzz['operations']} operations: statuses {fuzz['statuses']}, "
           f"{fuzz['generations_served']} generations served; after: {health}")
     assert [c.name for c in hostile if not c.ok] == [], [asdict(c) for c in hostile if not c.ok]
-    # 14 OpenAI and control operations, /healthz, and 8 of the Responses, Anthropic and Ollama dialects.
-    assert fuzz["operations"] == 23 and fuzz["requests"] >= 50
+    # 14 OpenAI and control operations, /healthz, 8 of the Responses, Anthropic and Ollama dialects,
+    # and 8 of the model catalogue and store (/models/cards, /models/add, six /store/*).
+    assert fuzz["operations"] == 31 and fuzz["requests"] >= 50
     assert fuzz["server_errors"] == [] and fuzz["hung"] == [] and fuzz["not_enveloped"] == []
     assert fuzz["generations_served"] >= 1, "valid generations reached the runner"
     assert health["ok"], health

@@ -186,9 +186,11 @@ def test_a_failing_disk_degrades_once_drops_appends_and_resumes_at_a_snapshot(tm
 def test_too_little_free_space_degrades_at_open_and_at_the_periodic_check(tmp_path: Path) -> None:
     rec = Recorder()
     log = EventLog(tmp_path, on_failure=rec, min_free_bytes=1 << 60)
-    assert log.degraded and "GiB free" in rec.failures[0]
+    # A failure at open is returned, not reported: the owner is still being assembled
+    # (issue 14, item 5: the node crashed calling a driver that did not exist yet).
+    assert log.degraded and "GiB free" in log.degraded_reason and rec.failures == []
     _write(log, S1, 0, 10, EMPTY_STATE)
-    assert log.appended == 0 and log.dropped == 10 and len(rec.failures) == 1
+    assert log.appended == 0 and log.dropped == 10 and rec.failures == []
     log.close()
     # The check runs every ``check_every`` appends, not on every one.
     rec2 = Recorder()

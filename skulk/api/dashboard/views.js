@@ -7,6 +7,7 @@
 import { ApiError, getJSON, sendJSON, streamChat } from "./api.js";
 import { instanceCard, instancesPanel, topologyPanel } from "./cluster.js";
 import { bytes, h, replace, tagged } from "./dom.js";
+import { copyRow, diskBar, modelFilesPanel } from "./files.js";
 import { nodeName, refresh, store, subscribe } from "./store.js";
 
 function live(container, render) {
@@ -25,9 +26,11 @@ async function deleteInstance(iid) {
 }
 
 export function overview(container) {
-  return live(container, (state) => h("div", { class: "columns" },
-    topologyPanel(state),
-    instancesPanel(state, { onDelete: deleteInstance })));
+  return live(container, (state) => h("div", {},
+    h("div", { class: "columns" },
+      topologyPanel(state),
+      instancesPanel(state, { onDelete: deleteInstance })),
+    h("div", { class: "columns", style: "margin-top:20px" }, modelFilesPanel(state))));
 }
 
 export function instanceView(container, { id }) {
@@ -55,6 +58,9 @@ export function nodeView(container, { id }) {
       h("section", { class: "panel", "data-testid": "node-detail" },
         h("h2", {}, nodeName(id)),
         known ? null : h("p", { class: "warn" }, "This node is not in the current topology."),
+        h("h3", {}, "Model files"),
+        diskBar((state.nodeDisk || {})[id]),
+        Object.entries((state.modelCopies || {})[id] || {}).map(([m, c]) => copyRow(m, c)),
         h("pre", { class: "mono json" }, JSON.stringify({
           identity: state.nodeIdentities[id], memory: state.nodeMemory[id], network: state.nodeNetwork[id],
           system: state.nodeSystem[id], lastSeen: state.lastSeen[id], models: state.downloads[id],
@@ -80,7 +86,7 @@ export function placeView(container) {
 
   async function loadModels() {
     try {
-      const { models } = await getJSON("/models");
+      const { models } = await getJSON("/models/cards");
       replace(modelSelect, h("option", { value: "" }, "— model —"), models.map((m) => h("option", { value: m.modelId },
         `${m.modelId} (${bytes(m.weightBytes)}, ${m.nLayers} layers)`)));
       if (!form.model && models.length) { form.model = models.find((m) => m.modelId.includes("tiny"))?.modelId || models[0].modelId; }
@@ -110,7 +116,8 @@ export function placeView(container) {
       if (mine !== seq) return; // a newer request superseded this one
       const shown = list.filter((p) => p.sharding === form.sharding && p.instance_meta === form.meta);
       replace(previews, h("table", { class: "preview-table" },
-        h("thead", {}, h("tr", {}, h("th", {}, "nodes"), h("th", {}, "placement"), h("th", {}, "memory per node"), h("th", {}, ""))),
+        h("thead", {}, h("tr", {}, h("th", {}, "nodes"), h("th", {}, "placement"), h("th", {}, "memory per node"),
+          h("th", {}, "files to fetch"), h("th", {}, ""))),
         h("tbody", {}, shown.map((p) => previewRow(p)))));
     } catch (err) {
       if (mine === seq) replace(previews, h("p", { class: "error" }, err.message));
@@ -120,7 +127,7 @@ export function placeView(container) {
   function previewRow(p) {
     if (!p.instance) {
       return h("tr", { class: p.pending ? "pending" : "refused", "data-testid": "preview-row" },
-        h("td", {}, p.node_count), h("td", { colspan: 3, class: "muted" }, (p.pending ? "⏳ " : "✗ ") + p.error));
+        h("td", {}, p.node_count), h("td", { colspan: 4, class: "muted" }, (p.pending ? "⏳ " : "✗ ") + p.error));
     }
     const [, body] = tagged(p.instance);
     const sa = body.shardAssignments;
@@ -133,6 +140,9 @@ export function placeView(container) {
       h("td", {}, parts.map(({ node, shard }) => h("div", {}, `${nodeName(node)}: `,
         shard.startLayer !== undefined ? `layers ${shard.startLayer}–${shard.endLayer - 1}` : `1/${shard.worldSize}`))),
       h("td", {}, Object.entries(p.memory_delta_by_node).map(([node, b]) => h("div", {}, `${nodeName(node)} +${bytes(b)}`))),
+      h("td", { "data-testid": "preview-transfer" }, Object.keys(p.transfer_bytes_by_node || {}).length
+        ? Object.entries(p.transfer_bytes_by_node).map(([node, b]) => h("div", {}, `${nodeName(node)} ${bytes(b)}`))
+        : h("span", { class: "muted" }, "none: the files are there")),
       h("td", {}, h("button", { "data-testid": "place-button", onClick: () => place(p.node_count) }, "Place")));
   }
 
