@@ -221,6 +221,9 @@ class SafetyChecker:
         self.last_session: dict[str, tuple[int, str]] = {}
         self.last_clock: dict[str, int] = {}
         self.checked: dict[str, tuple[Session, int]] = {}
+        # The session and state objects last looked at per host: the same object needs no second look.
+        self._seen_session: dict[str, Session] = {}
+        self._seen_state: dict[str, State] = {}
         self.max_applied: dict[str, dict[Session, int]] = {}
         self.created: dict[InstanceId, _Created] = {}
         self.deleted: set[InstanceId] = set()
@@ -260,6 +263,8 @@ class SafetyChecker:
         self.last_session.pop(host, None)
         self.last_clock.pop(host, None)
         self.checked.pop(host, None)
+        self._seen_session.pop(host, None)
+        self._seen_state.pop(host, None)
 
     # --- the step ----------------------------------------------------------------------
 
@@ -290,19 +295,21 @@ class SafetyChecker:
                     self._fail(1, f"{host} acts as master of session {acting}, which names {acting.master}", host)
             self.acting[host] = acting
         session = node.election.session
-        if session is not None:
+        if session is not None and session is not self._seen_session.get(host):
             key = (session.clock, session.master)
             last = self.last_session.get(host)
             if last is not None and key < last:
                 self._fail(1, f"{host}'s session went back from {last} to {key}", host)
             self.last_session[host] = key
+            self._seen_session[host] = session
         clock = node.election.clock
         if clock < self.last_clock.get(host, -1):
             self._fail(1, f"{host}'s election clock went back from {self.last_clock[host]} to {clock}", host)
         self.last_clock[host] = clock
         # Invariants 2 and 3: the applied state is the master's, at that index.
         current = node.replica.current
-        if current is not None:
+        if current is not None and current is not self._seen_state.get(host):
+            self._seen_state[host] = current
             at = (current.session, current.last_index)
             if self.checked.get(host) != at:
                 self.checked[host] = at

@@ -5,10 +5,13 @@
     python -m chaos sweep [--scenario S ...] --seeds N [--start K] [--jobs J] [--canary] [--check-determinism]
     python -m chaos replay artifacts/chaos/<run>/trace.jsonl
     python -m chaos bench [--sim-seconds S] [--failover-seeds N] [--jobs J]
+    python -m chaos speed --against REV [--seeds N] [--repeat R]   # seeds per minute, before and after
     python -m chaos digests --seeds N [--scenario S ...] [--jobs J] --out FILE
     python -m chaos digests --compare FILE [--jobs J] [--out FILE]
+    python -m chaos mutate [--mutant M ...] [--time-cap S] [--jobs J] [--harness-from REV] [--out FILE]
+    python -m chaos mutate --mutant M --scenario S --seed N   # replay one run of a planted mutant
     python -m chaos ci [--jobs J]          # the CI sample the test command runs
-    python -m chaos nightly [--jobs J]     # every scenario x 200 seeds, determinism on a sample
+    python -m chaos nightly [--jobs J]     # 10,000 seeds over every scenario, determinism, mutation testing
 
 Exit codes (chaos.exitcodes): 0 ok, 1 harness error, 2 usage, 3 safety
 violation, 4 liveness failure, 5 nondeterminism.
@@ -167,6 +170,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_speed(args: argparse.Namespace) -> int:
+    """Seeds per minute of this tree against a git revision, side by side (``chaos.speed``)."""
+    from chaos.speed import compare
+
+    print(f"# speed: this tree against {args.against}, seeds {args.start}..{args.start + args.seeds - 1} of each "
+          f"scenario, best of {args.repeat}", flush=True)
+    compare(args.against, seeds=args.seeds, start=args.start, repeat=args.repeat,
+            scenarios=_scenarios(args.scenario) if args.scenario else None, echo=lambda l: print(l, flush=True))
+    return exitcodes.OK
+
+
 def _cmd_digests(args: argparse.Namespace) -> int:
     """Record the trace digests of many runs, or re-run a recording and compare."""
     from chaos import digests
@@ -206,6 +220,45 @@ def _cmd_digests(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
+def _cmd_mutate(args: argparse.Namespace) -> int:
+    """Plant each mutant in a scratch copy and hunt it with the sweep (``chaos.mutate``)."""
+    from chaos import mutate
+    from chaos.mutants import StaleMutant
+
+    if args.list:
+        for m in mutate.mutants_named(args.mutant):
+            print(f"{m.name:<42} {m.area:<16} {m.path}: {m.why}")
+        return exitcodes.OK
+    try:
+        mutants = mutate.mutants_named(args.mutant)
+        for m in mutants:  # fail loudly, naming the mutant, before anything runs
+            m.apply((mutate.ROOT / m.path).read_text(encoding="utf-8"))
+    except StaleMutant as exc:
+        print(f"STALE: {exc}", file=sys.stderr)
+        return exitcodes.ERROR
+    if args.seed is not None:
+        if len(mutants) != 1 or not args.scenario or len(args.scenario) != 1:
+            print("mutate --seed replays one run: give exactly one --mutant and one --scenario", file=sys.stderr)
+            return exitcodes.USAGE
+        print(f"# {mutants[0].name} planted: {mutants[0].why}", flush=True)
+        return mutate.replay_seed(mutants[0], args.scenario[0], args.seed, harness_from=args.harness_from)
+    names = _scenarios(args.scenario) if args.scenario else None
+    where = f"harness from {args.harness_from}" if args.harness_from else "this tree's harness"
+    print(f"# mutate: {len(mutants)} mutant(s), {where}, time cap {args.time_cap:g} s each, {args.jobs} job(s)",
+          flush=True)
+    print(mutate._HEADER, flush=True)
+    results = mutate.mutate_all(
+        mutants, echo=lambda line: print(line, flush=True), time_cap_s=args.time_cap, jobs=args.jobs,
+        scenarios=names, seeds=args.seeds, harness_from=args.harness_from,
+    )
+    print(mutate.table(results, time_cap_s=args.time_cap))
+    if args.out:
+        mutate.save(Path(args.out), results)
+        print(f"# wrote {args.out}")
+    missed = [r for r in results if r.verdict not in ("caught", "benign")]
+    return exitcodes.OK if not missed else exitcodes.ERROR
+
+
 def _cmd_ci(args: argparse.Namespace) -> int:
     """The CI sample: every scenario x a few seeds, a determinism sample, the canary proof."""
     from chaos.determinism import check_determinism
@@ -214,12 +267,12 @@ def _cmd_ci(args: argparse.Namespace) -> int:
     names = _scenarios(None)
     artifacts = Path(args.artifacts)
     echo = lambda line: print(line, flush=True)  # noqa: E731
-    print(f"# ci 1/3: {len(names)} scenarios x seeds 1..{args.seeds}, {args.jobs} job(s)", flush=True)
+    print(f"# ci 1/4: {len(names)} scenarios x seeds 1..{args.seeds}, {args.jobs} job(s)", flush=True)
     summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=artifacts, echo=echo)
     print(summary.table(), flush=True)
     codes = [summary.exit_code]
     det_seeds = range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds)
-    print(f"# ci 2/3: determinism, seeds {det_seeds.start}..{det_seeds.stop - 1} of every scenario, "
+    print(f"# ci 2/4: determinism, seeds {det_seeds.start}..{det_seeds.stop - 1} of every scenario, "
           "rerun in a fresh process", flush=True)
     for name in names:
         for seed in det_seeds:
@@ -231,7 +284,7 @@ def _cmd_ci(args: argparse.Namespace) -> int:
                 print(det.run.line(), flush=True)
                 print(f"  replay: {det.run.replay}", flush=True)
                 codes.append(det.run.exit_code)
-    print("# ci 3/3: the canary (a deposed master also acts as master) must be caught", flush=True)
+    print("# ci 3/4: the canary (a deposed master also acts as master) must be caught", flush=True)
     canary = sweep(["partition_heal", "master_failover"], range(1, 3), jobs=args.jobs, canary=True, echo=echo,
                    overrides={"master_loss_mode": "isolate"})
     caught = [r for r in canary.results if r.status == "safety"]
@@ -239,22 +292,55 @@ def _cmd_ci(args: argparse.Namespace) -> int:
     if canary.exit_code != exitcodes.SAFETY or not any(r.scenario == "partition_heal" for r in caught):
         print("CANARY NOT CAUGHT: the checkers would miss a double master", flush=True)
         codes.append(exitcodes.ERROR)
+    codes.append(_ci_mutant(args))
     code = worst_exit_code(codes)
     print(f"# ci done in {time.perf_counter() - started:.0f} s wall: exit code {code} ({exitcodes.NAMES[code]})")
     return code
 
 
+def _ci_mutant(args: argparse.Namespace) -> int:
+    """CI step 4: one fast mutant of the catalogue, planted in a scratch copy, must be caught."""
+    from chaos import mutate
+    from chaos.mutants import FAST, StaleMutant, by_name
+
+    mutant = by_name(FAST)
+    print(f"# ci 4/4: the mutant {mutant.name} ({mutant.why}) must be caught within {args.mutant_cap:g} s", flush=True)
+    try:
+        result = mutate.run_mutant(mutant, time_cap_s=args.mutant_cap, jobs=args.jobs)
+    except StaleMutant as exc:
+        print(f"STALE MUTANT: {exc}", flush=True)
+        return exitcodes.ERROR
+    print(mutate.row(result), flush=True)
+    if result.verdict != "caught":
+        print(f"MUTANT NOT CAUGHT: {result.name} ({result.verdict}); replay with {result.replay}", flush=True)
+        return exitcodes.ERROR
+    return exitcodes.OK
+
+
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    """Every scenario x ``--seeds`` seeds (default 200), then a determinism sample."""
+    """``--total`` seeds (default 10,000) spread evenly over every scenario, a determinism sample, then mutation testing."""
     names = _scenarios(None)
-    summary = sweep(names, range(1, args.seeds + 1), jobs=args.jobs, artifacts_dir=Path(args.artifacts),
+    per = args.seeds if args.seeds else -(-args.total // len(names))
+    print(f"# nightly: {len(names)} scenarios x seeds 1..{per} ({len(names) * per} runs), {args.jobs} job(s)", flush=True)
+    summary = sweep(names, range(1, per + 1), jobs=args.jobs, artifacts_dir=Path(args.artifacts),
                     echo=lambda line: print(line, flush=True))
     print(summary.table())
-    det_summary = sweep(names, range(args.seeds + 1, args.seeds + 1 + args.determinism_seeds), jobs=args.jobs,
+    det_summary = sweep(names, range(per + 1, per + 1 + args.determinism_seeds), jobs=args.jobs,
                         artifacts_dir=Path(args.artifacts), check_determinism=True,
                         echo=lambda line: print(line, flush=True))
     print(det_summary.table())
-    code = worst_exit_code([summary.exit_code, det_summary.exit_code])
+    codes = [summary.exit_code, det_summary.exit_code]
+    if not args.no_mutate:
+        from chaos import mutate
+
+        print(f"# nightly: mutation testing, the whole catalogue, {args.mutant_cap:g} s each", flush=True)
+        print(mutate._HEADER, flush=True)
+        results = mutate.mutate_all(echo=lambda line: print(line, flush=True), time_cap_s=args.mutant_cap, jobs=args.jobs)
+        print(mutate.table(results, time_cap_s=args.mutant_cap))
+        mutate.save(Path(args.artifacts) / "mutate.json", results)
+        if any(r.verdict not in ("caught", "benign") for r in results):
+            codes.append(exitcodes.ERROR)
+    code = worst_exit_code(codes)
     print(f"# nightly exit code {code} ({exitcodes.NAMES[code]})")
     return code
 
@@ -309,6 +395,14 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--jobs", type=int, default=2)
     be.set_defaults(fn=_cmd_bench)
 
+    sp = sub.add_parser("speed", help="seeds per minute of this tree against a git revision, side by side")
+    sp.add_argument("--against", required=True, help="git revision to compare with (e.g. main)")
+    sp.add_argument("--seeds", type=int, default=3, help="seeds per scenario")
+    sp.add_argument("--start", type=int, default=1)
+    sp.add_argument("--repeat", type=int, default=2, help="alternate the trees this many times; the best counts")
+    sp.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")
+    sp.set_defaults(fn=_cmd_speed)
+
     dg = sub.add_parser("digests", help="record the trace digests of many runs, or compare with a recording")
     dg.add_argument("--scenario", action="append", help="scenario (repeatable; default: all)")
     dg.add_argument("--seeds", type=int, help="how many seeds per scenario (when recording)")
@@ -318,18 +412,34 @@ def _parser() -> argparse.ArgumentParser:
     dg.add_argument("--compare", help="re-run the runs of this recording; exit 5 on any difference")
     dg.set_defaults(fn=_cmd_digests)
 
+    mu = sub.add_parser("mutate", help="plant each mutant of the catalogue in a scratch copy; does the sweep catch it?")
+    mu.add_argument("--mutant", action="append", help="mutant name (repeatable; default: the whole catalogue)")
+    mu.add_argument("--time-cap", type=float, default=60.0, help="seconds of hunting per mutant")
+    mu.add_argument("--jobs", type=int, default=2)
+    mu.add_argument("--scenario", action="append", help="hunt with these scenarios only (default: all)")
+    mu.add_argument("--seeds", type=int, default=1_000, help="seeds per scenario at most")
+    mu.add_argument("--seed", type=int, help="replay one run: this seed of the one --scenario, with the mutant planted")
+    mu.add_argument("--harness-from", help="take sim/ and chaos/ from this git revision (the checkers before a change)")
+    mu.add_argument("--out", help="write the results as JSON")
+    mu.add_argument("--list", action="store_true", help="list the catalogue")
+    mu.set_defaults(fn=_cmd_mutate)
+
     ci = sub.add_parser("ci", help="the CI sample (about 5 minutes on 2 cores)")
     ci.add_argument("--seeds", type=int, default=10, help="seeds per scenario")
     ci.add_argument("--determinism-seeds", type=int, default=2, help="seeds per scenario rerun in a fresh process")
     ci.add_argument("--jobs", type=int, default=2)
     ci.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ci.add_argument("--mutant-cap", type=float, default=120.0, help="seconds the CI mutant may take to be caught")
     ci.set_defaults(fn=_cmd_ci)
 
-    ni = sub.add_parser("nightly", help="the full sweep: every scenario x 200 seeds plus a determinism sample")
-    ni.add_argument("--seeds", type=int, default=200)
+    ni = sub.add_parser("nightly", help="10,000 seeds over every scenario, a determinism sample, the mutant catalogue")
+    ni.add_argument("--total", type=int, default=10_000, help="seeds in all, spread evenly over the scenarios")
+    ni.add_argument("--seeds", type=int, default=0, help="seeds per scenario instead of --total")
     ni.add_argument("--determinism-seeds", type=int, default=10)
     ni.add_argument("--jobs", type=int, default=2)
     ni.add_argument("--artifacts", default=str(DEFAULT_ARTIFACTS))
+    ni.add_argument("--mutant-cap", type=float, default=60.0, help="seconds of hunting per mutant")
+    ni.add_argument("--no-mutate", action="store_true", help="skip the mutation testing")
     ni.set_defaults(fn=_cmd_nightly)
     return p
 

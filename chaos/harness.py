@@ -27,6 +27,8 @@ nothing here reads the wall clock except to report wall time.
 
 from __future__ import annotations
 
+import gc
+import os
 import time
 import traceback
 from collections.abc import Generator, Mapping
@@ -40,12 +42,15 @@ from skulk.core.ids import NodeId
 from skulk.core.state import digest as core_digest
 
 from chaos import exitcodes
+from chaos.budget import DEFAULT_BUDGET, Budget, BudgetExceeded, guarding, trace_tail
 from chaos.checkers import SafetyChecker, SafetyViolation
+from chaos.efficiency import EfficiencyBounds, EfficiencyChecker, EfficiencyViolation
+from chaos.oracles import OracleChecker, OracleViolation
 from chaos.stage import Stage, ScenarioStuck
 from chaos.scenarios import Scenario, get
 from sim.options import SimOptions, apply_overrides, draw_options, render
 from sim.rng import derive
-from sim.world import CoreAssertion, Livelock, World
+from sim.world import CoreFailure, Livelock, World
 
 __all__ = ["RunResult", "LivenessFailure", "build_options", "run_scenario", "convergence", "replay_command"]
 
@@ -71,6 +76,8 @@ class RunResult:
     checks: dict[str, Any] = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
     replay: str = ""
+    # What caught a failure: "invariant 3", "core assertion", "budget (rate)", "expectation", ...
+    caught_by: str = ""
 
     @property
     def ok(self) -> bool:
@@ -191,8 +198,14 @@ def run_scenario(
     print_options: bool = True,
     hashes_out: Path | None = None,
     write_trace: bool = False,
+    budget: Budget | None = DEFAULT_BUDGET,
+    efficiency: EfficiencyBounds | None = EfficiencyBounds(),
 ) -> RunResult:
-    """Run scenario ``name`` with ``seed``; report what happened (never raises for a failed run)."""
+    """Run scenario ``name`` with ``seed``; report what happened (never raises for a failed run).
+
+    ``budget`` bounds the run in core steps and in time (``chaos.budget``;
+    None: unbounded, for benchmarks that must not be cut short).
+    """
     scenario = get(name)
     over = dict(overrides or {})
     opts = build_options(scenario, seed, over, canary=canary)
@@ -209,20 +222,35 @@ def run_scenario(
     checker.runners_using = lambda h, m: sum(
         1 for r in world.hosts[NodeId(h)].runners.values() if r.alive and r.spec.model_id == m
     )
+    oracles = OracleChecker(world, checker)
+    world.observers.append(oracles)
+    efficient = EfficiencyChecker(world, checker, efficiency) if efficiency is not None else None
+    if efficient is not None:
+        world.observers.append(efficient)
     stage = Stage(world, checker, derive(seed, "scenario:" + name))
     started = time.perf_counter()
-    status, code, message = "ok", exitcodes.OK, ""
+    status, code, message, caught_by = "ok", exitcodes.OK, "", ""
     proc = world.process(_main(world, scenario, stage, checker))
+    collecting = gc.isenabled()
     try:
-        world.env.run(until=proc)
-    except SafetyViolation as exc:
-        status, code, message = "safety", exitcodes.SAFETY, str(exc)
-    except CoreAssertion as exc:
-        status, code, message = "safety", exitcodes.SAFETY, f"{exc}\n{_short_tb(exc.error)}"
-    except (LivenessFailure, ScenarioStuck, Livelock) as exc:
-        status, code, message = "liveness", exitcodes.LIVENESS, str(exc)
-    except Exception as exc:  # a harness bug: report it as such, with the traceback
-        status, code, message = "error", exitcodes.ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+        # A run makes next to no cyclic garbage, while the trace keeps hundreds of
+        # thousands of inputs alive: the cyclic collector's passes over them were a
+        # third of a run's time. It pauses for the run (memory is bounded by the
+        # budget's step count) and resumes after.
+        gc.disable()
+        if budget is None:
+            world.env.run(until=proc)
+        else:
+            with guarding(world, budget):
+                world.env.run(until=proc)
+    except BudgetExceeded as exc:
+        status, code, caught_by = "liveness", exitcodes.LIVENESS, f"budget ({exc.kind})"
+        message = f"{exc}\n{trace_tail(world)}"
+    except Exception as exc:
+        status, code, message, caught_by = _classify(exc)
+    finally:
+        if collecting:
+            gc.enable()
     wall = time.perf_counter() - started
     tracer = world.tracer
     result = RunResult(
@@ -238,8 +266,9 @@ def run_scenario(
         canary=canary,
         overrides=over,
         metrics=dict(stage.metrics),
-        checks=checker.summary(),
+        checks={**checker.summary(), **oracles.summary(), **(efficient.summary() if efficient is not None else {})},
         replay=replay_command(name, seed, over, canary),
+        caught_by=caught_by,
     )
     result.metrics.update(_world_figures(world))
     if hashes_out is not None and tracer is not None:
@@ -263,6 +292,47 @@ def _master_reachable(world: World, host_id: str, session: Any) -> bool:
     if not (mnode.is_master and mnode.master is not None and mnode.master.session == session):
         return False
     return host_id == session.master or world.network.hears(host_id, session.master)
+
+
+def _classify(exc: Exception) -> tuple[str, int, str, str]:
+    """(status, exit code, message, caught by) of the exception that ended a run."""
+    if isinstance(exc, SafetyViolation):
+        return "safety", exitcodes.SAFETY, str(exc), f"invariant {exc.invariant}"
+    if isinstance(exc, OracleViolation):
+        return "safety", exitcodes.SAFETY, str(exc), f"oracle {exc.oracle}"
+    if isinstance(exc, EfficiencyViolation):
+        return "liveness", exitcodes.LIVENESS, str(exc), f"efficiency {exc.invariant}"
+    if isinstance(exc, CoreFailure):
+        what = "core assertion" if isinstance(exc.error, AssertionError) else f"core {type(exc.error).__name__}"
+        return "safety", exitcodes.SAFETY, f"{exc}\n{_short_tb(exc.error)}", what
+    for kind, what in ((LivenessFailure, "liveness"), (ScenarioStuck, "stuck"), (Livelock, "livelock")):
+        if isinstance(exc, kind):
+            caught = "expectation" if str(exc).startswith("expected") else what
+            return "liveness", exitcodes.LIVENESS, str(exc), caught
+    origin = _raised_in_core(exc)
+    if origin is not None:
+        # Raised by core code the simulator called directly (a runner's admission,
+        # a checker's apply): a failure of the code under test, never the harness's.
+        what = "core assertion" if isinstance(origin, AssertionError) else f"core {type(origin).__name__}"
+        return "safety", exitcodes.SAFETY, f"{what} outside a step: {origin}\n{_short_tb(origin)}", what
+    # A harness bug: report it as such, with the traceback.
+    return "error", exitcodes.ERROR, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", "harness error"
+
+
+_CORE_DIR = f"{os.sep}skulk{os.sep}core{os.sep}"
+
+
+def _raised_in_core(exc: BaseException) -> BaseException | None:
+    """The exception (``exc`` or a cause: simpy re-raises copies) whose innermost frame is in ``skulk/core``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = traceback.extract_tb(current.__traceback__)
+        if frames and _CORE_DIR in frames[-1].filename:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _short_tb(error: BaseException) -> str:

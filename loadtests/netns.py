@@ -29,7 +29,10 @@ from loadtests.cluster import FAST_ENV, RealCluster
 from skulk.runtime import auth
 from skulk.runtime.localcluster import LocalCluster, NodePlan
 
-__all__ = ["netns_available", "Netns", "Link", "ns_http", "netns_cluster", "sweep_stale", "free_host_block", "VPN_PREFIX"]
+__all__ = [
+    "netns_available", "Netns", "Link", "ns_http", "netns_cluster", "netns_cluster_with_links", "sweep_stale",
+    "free_host_block", "VPN_PREFIX",
+]
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -237,6 +240,15 @@ _PRIMARY = ("10.77.1.1", "10.77.2.1", "10.77.2.2")
 @contextmanager
 def netns_cluster(base: Path, models: Path, *, env: Mapping[str, str] | None = None) -> Iterator[RealCluster]:
     """Build the three namespaces, start a node in each, yield the cluster; always tear everything down."""
+    with netns_cluster_with_links(base, models, env=env) as (cluster, _):
+        yield cluster
+
+
+@contextmanager
+def netns_cluster_with_links(
+    base: Path, models: Path, *, env: Mapping[str, str] | None = None
+) -> Iterator[tuple[RealCluster, Netns]]:
+    """``netns_cluster``, yielding the namespaces too (to take a machine's links down: a lost host)."""
     with Netns(3) as net:
         net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
         net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
@@ -264,6 +276,6 @@ def netns_cluster(base: Path, models: Path, *, env: Mapping[str, str] | None = N
         local.start()
         try:
             local.wait_ready(timeout_s=90)
-            yield RealCluster(local, base)
+            yield RealCluster(local, base), net
         finally:
             local.stop()

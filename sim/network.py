@@ -22,7 +22,10 @@ runs (not crashed, not paused) and some link carries ``b``'s keepalives to
 ``a`` (not cut, not clogged). A change is felt after a delay: a newly
 reachable peer appears after ``discovery_s``; a crashed one disappears after
 ``crash_detect_s`` (its TCP connections close); a paused or cut-off one after
-``lease_s``. A change that reverts before its delay passes is never seen.
+``lease_s`` (each plus up to ``crash_detect_spread_s`` / ``lease_spread_s``,
+drawn per peer from the ``membership`` stream when set: real leases expire at
+different moments on different peers). A change that reverts before its
+delay passes is never seen.
 A paused host's own view is frozen until it resumes.
 
 Fault state is reference counted per direction or link, so overlapping faults
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from skulk.core.ids import NodeId
@@ -133,6 +137,14 @@ class Network:
         # Data plane: ring addresses ("ip:port") whose connections fail, reference counted.
         self.ring_blocked: dict[str, int] = {}
         self.changed = self.env.event()
+        # An observer of messages that did not arrive, or arrived later than ``late_s``,
+        # or were held back so later ones overtook them (lost, cut, clogged, overflowed,
+        # late, reordered): the efficiency invariants excuse
+        # the retransmissions those cause (``chaos.efficiency``). Off by default.
+        self.disturbed: Callable[[NodeId, NodeId, Message, str], None] | None = None
+        self.late_s = math.inf
+        self._held_back = False  # the last latency drawn includes a reordering hold-back
+        self._spread_rng: random.Random | None = None
 
     # --- construction ------------------------------------------------------------
 
@@ -164,15 +176,18 @@ class Network:
         key = (src, dst)
         if key in self.cut:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "cut")
             return
         link = self.route(src, dst)
         if link is None:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "no route")
             return
         rng = self.rng
         loss = self.opts.loss_probability + (0.2 if self.burst else 0.0)
         if loss and rng.random() < loss:
             self.lost += 1
+            self._disturb(src, dst, message, "lost")
             return
         copies = 1
         dup = self.opts.duplicate_probability + (0.1 if self.burst else 0.0)
@@ -183,9 +198,15 @@ class Network:
             count = self.inflight.get(key, 0)
             if count >= self.opts.link_capacity_messages:
                 self.overflowed += 1
+                self._disturb(src, dst, message, "overflow")
                 return
             self.inflight[key] = count + 1
             delay = self._latency_s(link)
+            if delay > self.late_s:
+                self._disturb(src, dst, message, "late")
+            elif self._held_back:
+                self._disturb(src, dst, message, "reordered")
+            self._held_back = False
             self.world.call_later(delay, self._arrive, src, dst, message, target.incarnation)
 
     def _latency_s(self, link: Link) -> float:
@@ -195,6 +216,7 @@ class Network:
             ms += min(self.opts.latency_tail_ms_max, 10.0 * rng.paretovariate(self.opts.latency_tail_alpha))
         if self._reorder_p and rng.random() < self._reorder_p:
             ms += rng.uniform(0.0, self.opts.reorder_delay_ms_max)
+            self._held_back = True
         return ms / 1000.0
 
     def _arrive(self, src: NodeId, dst: NodeId, message: Message, incarnation: int) -> None:
@@ -202,6 +224,7 @@ class Network:
         if key in self.clogged:
             # Held at the clog; released in order when it unclogs.
             self.held.setdefault(key, []).append((incarnation, message))
+            self._disturb(src, dst, message, "clogged")
             return
         self.inflight[key] -= 1
         self._hand_over(src, dst, message, incarnation)
@@ -213,9 +236,14 @@ class Network:
             return
         if (src, dst) in self.cut:
             self.dropped_cut += 1
+            self._disturb(src, dst, message, "cut")
             return
         self.delivered += 1
         host.feed(Received(sender=src, message=message))
+
+    def _disturb(self, src: NodeId, dst: NodeId, message: Message, why: str) -> None:
+        if self.disturbed is not None:
+            self.disturbed(src, dst, message, why)
 
     # --- faults ---------------------------------------------------------------------------
 
@@ -300,9 +328,19 @@ class Network:
                     delay = self.opts.discovery_s
                 elif hosts[b].node is None:
                     delay = self.opts.crash_detect_s
+                    if self.opts.crash_detect_spread_s:
+                        delay += self._membership_rng().uniform(0.0, self.opts.crash_detect_spread_s)
                 else:
                     delay = self.opts.lease_s
+                    if self.opts.lease_spread_s:
+                        delay += self._membership_rng().uniform(0.0, self.opts.lease_spread_s)
                 self.world.call_later(delay, self._membership_change, a, b, gen)
+
+    def _membership_rng(self) -> random.Random:
+        """The draws of detection spreads: their own stream, so runs without a spread draw nothing."""
+        if self._spread_rng is None:
+            self._spread_rng = self.world.rngs("membership")
+        return self._spread_rng
 
     def forget(self, a: NodeId) -> None:
         """``a`` crashed: its view and its side of the truth start from nothing."""

@@ -115,6 +115,8 @@ class SimOptions:
     lease_s: float = knob(2.0, "a silent or unreachable peer leaves membership after this lease", "s")
     crash_detect_s: float = knob(0.05, "a crashed peer's closed connections remove it after this", "s")
     discovery_s: float = knob(0.05, "a newly reachable peer joins membership after this", "s")
+    lease_spread_s: float = knob(0.0, "each lease expiry takes up to this much longer, drawn per peer (0: exactly lease_s)", "s")
+    crash_detect_spread_s: float = knob(0.0, "each crash detection takes up to this much longer, drawn per peer", "s")
     probe_interval_s: float = knob(10.0, "each node probes every address of every peer this often", "s")
     telemetry_sample_s: float = knob(5.0, "each node samples its memory this often", "s")
 

@@ -34,33 +34,43 @@ from skulk.core.codec import to_wire
 __all__ = ["Tracer", "render_record"]
 
 _ENCODER = msgspec.msgpack.Encoder(order="deterministic")
+_blake2b = hashlib.blake2b
 
 
 class Tracer:
-    """Collects records and their hashes for one run."""
+    """Collects records and their hashes for one run.
+
+    Hashes are kept in one ``bytearray`` (8 bytes per record); the run's
+    digest is SHA-256 over it, taken once.
+    """
 
     def __init__(self, *, keep: int = 400_000) -> None:
         assert keep > 0
         self.records: deque[tuple[float, str, str, Any]] = deque(maxlen=keep)
-        self.hashes: list[bytes] = []
+        self._hashes = bytearray()
         self.count = 0
+
+    @property
+    def hashes(self) -> list[bytes]:
+        raw = self._hashes
+        return [bytes(raw[i : i + 8]) for i in range(0, len(raw), 8)]
+
+    def _add(self, data: bytes) -> None:
+        self._hashes += _blake2b(data, digest_size=8).digest()
+        self.count += 1
 
     def step(self, t: float, host: str, inp: Any) -> None:
         kind = type(inp).__name__
         self.records.append((t, host, kind, inp))
-        self.hashes.append(hashlib.blake2b(_ENCODER.encode((t, host, kind, inp)), digest_size=8).digest())
+        self._hashes += _blake2b(_ENCODER.encode((t, host, kind, inp)), digest_size=8).digest()
         self.count += 1
 
     def note(self, t: float, host: str, kind: str, text: str) -> None:
         self.records.append((t, host, kind, text))
-        self.hashes.append(hashlib.blake2b(_ENCODER.encode((t, host, kind, text)), digest_size=8).digest())
-        self.count += 1
+        self._add(_ENCODER.encode((t, host, kind, text)))
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for piece in self.hashes:
-            h.update(piece)
-        return h.hexdigest()
+        return hashlib.sha256(self._hashes).hexdigest()
 
     def first_kept_index(self) -> int:
         return self.count - len(self.records)
@@ -71,6 +81,9 @@ class Tracer:
             return None
         return self.records[index - first]
 
+    def hash_at(self, index: int) -> bytes:
+        return bytes(self._hashes[8 * index : 8 * index + 8])
+
     def write_jsonl(self, path: Path, header: dict[str, Any]) -> None:
         """Write the header then every kept record, one JSON object per line."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +91,10 @@ class Tracer:
         with path.open("w", encoding="utf-8") as out:
             out.write(json.dumps({"header": header}, sort_keys=True) + "\n")
             for offset, rec in enumerate(self.records):
-                out.write(json.dumps(render_record(first + offset, rec, self.hashes[first + offset])) + "\n")
+                out.write(json.dumps(render_record(first + offset, rec, self.hash_at(first + offset))) + "\n")
 
     def write_hashes(self, path: Path) -> None:
-        path.write_bytes(b"".join(self.hashes))
+        path.write_bytes(bytes(self._hashes))
 
 
 def render_record(index: int, rec: tuple[float, str, str, Any], digest: bytes | None = None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from sim.runners import SimRunner
 
-__all__ = ["World", "CoreAssertion", "Livelock"]
+__all__ = ["World", "CoreFailure", "CoreAssertion", "Livelock"]
 
 _LATENCY_MS = {
     "thunderbolt": "latency_ms_thunderbolt",
@@ -80,12 +80,18 @@ class Livelock(Exception):
 
 # Steps allowed at one simulated instant before the run is declared livelocked.
 _SAME_INSTANT_STEPS_MAX = 50_000
+# A step count no run reaches: "no watchdog".
+_NEVER = 1 << 62
 
 
-class CoreAssertion(Exception):
-    """An assertion inside the core failed while handling an input (a safety failure)."""
+class CoreFailure(Exception):
+    """The core raised while handling an input: an assertion, or any other exception (a safety failure).
 
-    def __init__(self, host: NodeId, inp: Input, error: AssertionError) -> None:
+    Only an ``Exception`` is wrapped: a ``BaseException`` such as the harness's
+    ``BudgetExceeded`` or ``KeyboardInterrupt`` passes through untouched.
+    """
+
+    def __init__(self, host: NodeId, inp: Input, error: BaseException) -> None:
         # simpy re-raises an exception that escaped a process (a runner's or a
         # client's feed) as ``type(exc)(*exc.args)``: the args rebuild it.
         super().__init__(host, inp, error)
@@ -94,7 +100,11 @@ class CoreAssertion(Exception):
         self.error = error
 
     def __str__(self) -> str:
-        return f"core assertion on {self.host} handling {type(self.inp).__name__}: {self.error}"
+        what = "assertion" if isinstance(self.error, AssertionError) else f"exception {type(self.error).__name__}"
+        return f"core {what} on {self.host} handling {type(self.inp).__name__}: {self.error}"
+
+
+CoreAssertion = CoreFailure  # the name before any exception (not only assertions) counted
 
 
 class World:
@@ -111,6 +121,10 @@ class World:
         self.observers: list[Any] = list(observers)
         # Counters and the material for the timeline picture.
         self.steps = 0
+        # The harness's budget guard, called every ``_watch_every`` steps (``watch``).
+        self._watchdog: Callable[[World], None] | None = None
+        self._watch_every = 0
+        self._watch_at = _NEVER
         self._instant = -1.0
         self._instant_steps = 0
         self.runners_started = 0
@@ -209,6 +223,13 @@ class World:
         assert delay >= 0.0, delay
         self.env.schedule(_Call(self.env, fn, args), NORMAL, delay)
 
+    def watch(self, watchdog: Callable[[World], None] | None, every_steps: int) -> None:
+        """Call ``watchdog(world)`` every ``every_steps`` steps (None: stop); it may raise to end the run."""
+        assert watchdog is None or every_steps > 0, every_steps
+        self._watchdog = watchdog
+        self._watch_every = every_steps
+        self._watch_at = _NEVER if watchdog is None else self.steps + every_steps
+
     def process(self, generator: Any) -> simpy.Process:
         return self.env.process(generator)
 
@@ -231,9 +252,14 @@ class World:
         try:
             try:
                 effects = node.handle(host.now(), inp)
-            except AssertionError as exc:
-                raise CoreAssertion(host.id, inp, exc) from exc
+            except Exception as exc:
+                raise CoreFailure(host.id, inp, exc) from exc
             self.steps += 1
+            if self.steps >= self._watch_at:
+                self._watch_at += self._watch_every
+                watchdog = self._watchdog
+                assert watchdog is not None, "a watch step without a watchdog"
+                watchdog(self)
             if self.env.now != self._instant:
                 self._instant = self.env.now
                 self._instant_steps = 0

@@ -30,10 +30,9 @@ from collections.abc import Generator
 from typing import Any
 
 from skulk.core.admission import DEFAULT_MAX_OUTPUT_TOKENS, Refused, admit
-from skulk.core.context import context_ceiling
 from skulk.core.instances import RUNNER_SERVING, RunnerFailed, RunnerReady
-from skulk.core.memory import shard_share
 
+from chaos import oracles
 from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
@@ -82,10 +81,11 @@ def context_admission(stage: Stage) -> Generator[Any, Any, None]:
     runners = set(sa.runner_to_shard)
 
     # 1. One ceiling, from static inputs, on every rank.
-    shares = {node: shard_share(sa.runner_to_shard[r]) for node, r in sa.node_to_runner.items()}
+    # The yardstick is the documented arithmetic (chaos.oracles), not the core's own function.
+    shares = {node: oracles.share_of(sa.runner_to_shard[r]) for node, r in sa.node_to_runner.items()}
     totals = {node: world.hosts[node].ram_total_bytes for node in shares}
-    expect(ceiling == context_ceiling(card, shares, totals),
-           f"the stamped ceiling {ceiling} to be the memory model's {context_ceiling(card, shares, totals)}")
+    want = oracles.ceiling(card, shares, totals)
+    expect(ceiling == want, f"the stamped ceiling {ceiling} to be the documented arithmetic's {want}")
     ready = {r.runner_id: r.status.context_ceiling for r in ledger.reports
              if r.instance_id == iid and type(r.status) is RunnerReady}
     expect(set(ready) == runners and set(ready.values()) == {ceiling},

@@ -5,7 +5,7 @@ model, node B a 1.5B model that clients stream from throughout.
 
 1. Node A's runners crash while loading (``runner_crash_loop``: the live one
    exits with code 1, every new one crashes during its load). The worker's
-   crash breaker restarts it twice (after 1 s, then 2 s) and the third
+   crash breaker restarts it twice (after 1 s, then 2 s: checked) and the third
    failure within 60 s trips it: exactly one "instance ... failed: crash
    loop" error, exactly one permanent failure indexed, and no runner of that
    instance is started again (checked 70 s later, past the breaker's window
@@ -31,8 +31,8 @@ from typing import Any
 from skulk.core.commands import DeleteInstance
 from skulk.core.ids import CommandId, InstanceId, ModelId, NodeId
 from skulk.core.instances import RUNNER_SERVING, RunnerFailed, RunnerReady
-from skulk.core.runner_policy import WEDGE_EXIT_CODE, BreakerPolicy
 
+from chaos import oracles
 from chaos.stage import ScenarioStuck
 from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import Ledger, expect, master_state, place_on, served_after
@@ -41,9 +41,16 @@ from sim.options import SimOptions
 
 LOOPED = "sim/qwen-7b"
 STEADY = "sim/qwen-1.5b"
-POLICY = BreakerPolicy()
+# The breaker's documented numbers (chaos.oracles.BREAKER: 3 failures within 60 s, exit 86 a
+# wedge), never the core's own BreakerPolicy(): a breaker whose default tripped on the first
+# failure would otherwise be checked against itself, and pass.
+FAILURES_TO_TRIP = int(oracles.BREAKER["failures_to_trip"])
+WINDOW_S = float(oracles.BREAKER["window_s"])
+WEDGE_EXIT_CODE = int(oracles.BREAKER["wedge_exit_code"])
+BACKOFF_FIRST_S = float(oracles.BREAKER["backoff_first_s"])
+BACKOFF_MAX_S = float(oracles.BREAKER["backoff_max_s"])
 # After a trip or a wedge, watch this long for a restart that must not come.
-QUIET_S = POLICY.window_s + 10.0
+QUIET_S = WINDOW_S + 10.0
 
 
 def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
@@ -92,21 +99,27 @@ def _crash_loop(stage: Stage, ledger: Ledger, iid: InstanceId, host: NodeId, loo
     runner_id = _runner_on(stage, iid, host)
     fault = world.faults.runner_crash_loop(world.hosts[host])
     began = world.env.now
-    ok = yield from stage.wait_until(lambda: _given_up(stage, runner_id), timeout_s=POLICY.window_s)
-    expect(ok, f"loop {loop}: the breaker to give up on {runner_id} within {POLICY.window_s:g} s")
+    ok = yield from stage.wait_until(lambda: _given_up(stage, runner_id), timeout_s=WINDOW_S)
+    expect(ok, f"loop {loop}: the breaker to give up on {runner_id} within {WINDOW_S:g} s")
     tripped = world.env.now
     yield stage.sleep(QUIET_S)
     exits = ledger.exits_of({runner_id}, since=began)
     restarts = ledger.starts_of(iid, host=host, since=began)
     trips = [m for (t, h, m) in ledger.errors if h == host and m.startswith(f"instance {iid} failed: crash loop")]
     given_up = [f for (_, _, i, f) in ledger.failures if i == iid and f.permanent]
-    n = POLICY.failures_to_trip
+    n = FAILURES_TO_TRIP
     expect(len(exits) == n and all(e.exit_code != 0 for e in exits),
            f"loop {loop}: {n} crashes of {runner_id}, got exit codes {[e.exit_code for e in exits]}")
     expect(len(restarts) == n - 1, f"loop {loop}: {n - 1} restarts before the trip, got {len(restarts)}")
     expect(all(s.t <= tripped for s in restarts), f"loop {loop}: no restart after the trip at {tripped:.3f}")
+    # Restarts back off as documented: 1 s after the first failure, doubled after each (at most 8 s).
+    # The worker's timers run on its host's clock (drift up to clock_drift_ppm_max): a few ms of slack.
+    delays = [round(s.t - e.t, 3) for e, s in zip(exits, restarts)]
+    want = [min(BACKOFF_FIRST_S * 2**i, BACKOFF_MAX_S) for i in range(len(delays))]
+    expect(all(abs(d - w) <= 0.01 for d, w in zip(delays, want)),
+           f"loop {loop}: restarts {want} s after each crash (documented backoff), got {delays}")
     gaps = [round(b.t - a.t, 3) for a, b in itertools.pairwise(exits)]
-    expect(all(g < POLICY.window_s for g in gaps), f"loop {loop}: the crashes within one window, gaps {gaps}")
+    expect(all(g < WINDOW_S for g in gaps), f"loop {loop}: the crashes within one window, gaps {gaps}")
     expect(len(trips) == 1, f"loop {loop}: the breaker to trip exactly once, got {len(trips)}: {trips}")
     expect(len(given_up) == 1 and "crash loop" in given_up[0].error_message,
            f"loop {loop}: one permanent failure indexed for {iid}, got {given_up}")

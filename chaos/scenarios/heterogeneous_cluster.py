@@ -27,8 +27,8 @@ from typing import Any
 
 from skulk.core.ids import NodeId
 from skulk.core.instances import Instance, PipelineShardMetadata
-from skulk.core.memory import USABLE_FRACTION_OF_TOTAL, shard_footprint
-from skulk.core.placement import layer_split
+
+from chaos import oracles
 
 from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
@@ -75,7 +75,7 @@ def _check_split(stage: Stage, inst: Instance, free: dict[NodeId, int], what: st
     counts = {node: s.end_layer - s.start_layer for node, s in shards.items()}  # type: ignore[union-attr]
     hosting = sorted(counts)
     weights = {node: free[node] for node in hosting}
-    want = layer_split(card.n_layers, weights)
+    want = oracles.layer_split(card.n_layers, weights)  # the documented rule, not the core's function
     expect(counts == want, f"{what}: layers {counts} to follow free memory {weights}: {want}")
     k, total = len(hosting), sum(weights.values())
     for node in hosting:
@@ -85,9 +85,9 @@ def _check_split(stage: Stage, inst: Instance, free: dict[NodeId, int], what: st
             if weights[node] > weights[other]:
                 expect(counts[node] >= counts[other],
                        f"{what}: {node} (more free memory) holds no fewer layers than {other}: {counts}")
-        fp = shard_footprint(card, Fraction(counts[node], card.n_layers))
-        expect(inst.memory_by_node[node] == fp.total_bytes, f"{what}: {node}'s stamped footprint is the memory model's")
-        expect(fp.total_bytes <= free[node], f"{what}: {node}'s footprint {fp.total_bytes} within its free {free[node]}")
+        fp = oracles.footprint_bytes(card, Fraction(counts[node], card.n_layers))
+        expect(inst.memory_by_node[node] == fp, f"{what}: {node}'s stamped footprint is the documented one ({fp})")
+        expect(fp <= free[node], f"{what}: {node}'s footprint {fp} within its free {free[node]}")
     return ",".join(f"{node}={counts[node]}" for node in hosting)
 
 
@@ -107,7 +107,7 @@ def heterogeneous_cluster(stage: Stage) -> Generator[Any, Any, None]:
     big = yield from place_on(stage, BIG, min_nodes=n, name="place-big")
     inst = yield from wait_serving(stage, BIG, timeout_s=opts.ready_deadline_s)
     expect(inst.instance_id == big and len(inst.shard_assignments.node_to_runner) == n, f"{BIG} on all {n} nodes")
-    static = {h: int(world.hosts[h].ram_total_bytes * USABLE_FRACTION_OF_TOTAL) for h in world.host_ids}
+    static = {h: int(world.hosts[h].ram_total_bytes * oracles.USABLE) for h in world.host_ids}
     seen = {node: b.free_bytes for node, b in ledger.created[big].budgets.items()}
     expect(seen == static, f"free memory on a fresh cluster to be 0.75 x RAM: {seen} vs {static}")
     stage.metrics["big_layers"] = _check_split(stage, inst, static, BIG)

@@ -28,15 +28,14 @@ from typing import Any
 from skulk.core.commands import PlaceInstance
 from skulk.core.ids import CommandId, ModelId, NodeId
 from skulk.core.memory import (
-    USABLE_FRACTION_OF_TOTAL,
     NodeBudget,
     describe_shortfall,
     format_gb,
     node_budget,
     shard_footprint,
 )
-from skulk.core.placement import layer_split
 
+from chaos import oracles
 from chaos.scenarios import Stage, scenario
 from chaos.scenarios._support import (
     Ledger,
@@ -83,9 +82,21 @@ def _budgets(stage: Stage) -> dict[NodeId, NodeBudget]:
 
 
 def _split(card: Any, free: dict[NodeId, int]) -> dict[NodeId, Any]:
-    """The memory model's footprints of a pipeline split over ``free``'s nodes."""
-    layers = layer_split(card.n_layers, free)
-    return {n: shard_footprint(card, Fraction(layers[n], card.n_layers)) for n in sorted(free)}
+    """The footprints of a pipeline split over ``free``'s nodes: the documented split and arithmetic.
+
+    The split and each total come from ``chaos.oracles`` (independent of the
+    core); the core's ``shard_footprint`` only breaks the total down for the
+    refusal's wording, and must agree with the documented total.
+    """
+    layers = oracles.layer_split(card.n_layers, free)
+    out = {}
+    for n in sorted(free):
+        share = Fraction(layers[n], card.n_layers)
+        fp = out[n] = shard_footprint(card, share)
+        want = oracles.footprint_bytes(card, share)
+        expect(fp.total_bytes == want, f"the footprint of {share} of {card.model_id} to be the documented {want}, "
+                                       f"the memory model says {fp.total_bytes}")
+    return out
 
 
 def _smallest_fit(card: Any, budgets: dict[NodeId, NodeBudget]) -> int | None:
@@ -131,13 +142,14 @@ def oversized_placement(stage: Stage) -> Generator[Any, Any, None]:
     huge, split = world.cards[HUGE], world.cards[SPLIT]
     budgets = _budgets(stage)
     for node, b in budgets.items():
-        static = int(world.hosts[node].ram_total_bytes * USABLE_FRACTION_OF_TOTAL)
+        static = int(world.hosts[node].ram_total_bytes * oracles.USABLE)
         expect(b.free_bytes == b.usable_bytes == static, f"{node} free to use exactly 0.75 x RAM ({static}), got {b}")
 
     # 1. The 70B fits nowhere: refused with the arithmetic.
     message = yield from _refuse(stage, ledger, "place-huge")
     free = {node: b.free_bytes for node, b in budgets.items()}
     whole = shard_footprint(huge, 1)
+    expect(whole.total_bytes == oracles.footprint_bytes(huge, Fraction(1)), f"{HUGE}'s footprint the documented one")
     expect(f"it does not fit in memory on 1 to {n} node(s)" in message, f"the node counts tried in {message!r}")
     total = f"the whole model needs ~{format_gb(whole.total_bytes)} and the {n} available node(s) can use " \
             f"{format_gb(sum(free.values()))} in total"

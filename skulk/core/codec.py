@@ -28,6 +28,7 @@ from skulk.core.records import TaggedRecord
 __all__ = [
     "WireError",
     "to_wire",
+    "wire_key",
     "from_wire",
     "encode_json",
     "decode_json",
@@ -54,31 +55,100 @@ def _fields_for_encode(cls: type) -> tuple[tuple[str, str], ...]:
 
 
 def to_wire(obj: Any) -> Any:
-    """Convert ``obj`` to JSON-compatible builtins in Skulk's wire shape."""
-    if obj is None or isinstance(obj, (str, bool, int, float)):
+    """Convert ``obj`` to JSON-compatible builtins in Skulk's wire shape.
+
+    Dispatches on the exact type through a table of encoders built once per
+    type (``_encoder_for``): a persisted state is thousands of nested records,
+    and a chain of ``isinstance`` tests per value was most of its cost. The
+    result is the same as testing, in order: None and plain values (``str``,
+    ``bool``, ``int``, ``float`` and their subclasses) as they are; records
+    as dicts of their encoded field names (tagged-union members wrapped as
+    ``{ClassName: {...}}``); dicts (enum keys by value); lists and tuples as
+    lists; sets sorted by their JSON; enums by value; bytes as they are.
+    """
+    if type(obj) in _PLAIN:
         return obj
-    if isinstance(obj, msgspec.Struct):
-        body = {enc: to_wire(getattr(obj, name)) for name, enc in _fields_for_encode(type(obj))}
-        if isinstance(obj, TaggedRecord):
-            return {type(obj).__name__: body}
-        return body
-    if isinstance(obj, dict):
-        return {_key_to_wire(k): to_wire(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_wire(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted((to_wire(v) for v in obj), key=_sort_key)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, bytes):
-        return obj
-    raise WireError(f"cannot encode {type(obj).__name__}")
+    encoder = _WIRE.get(type(obj))
+    if encoder is None:
+        encoder = _encoder_for(type(obj))
+    return encoder(obj)
+
+
+def _same(obj: Any) -> Any:
+    return obj
+
+
+_PLAIN: frozenset[type] = frozenset((str, int, float, bool, _NONE_TYPE))
+_WIRE: dict[type, Callable[[Any], Any]] = {}
+
+
+def _encoder_for(cls: type) -> Callable[[Any], Any]:
+    """The encoder of values of exactly ``cls`` (cached); ``WireError`` for a type with no wire shape."""
+    encoder: Callable[[Any], Any]
+    if cls is _NONE_TYPE or issubclass(cls, (str, bool, int, float)) or issubclass(cls, bytes):
+        encoder = _same
+    elif issubclass(cls, msgspec.Struct):
+        encoder = _struct_encoder(cls)
+    elif issubclass(cls, dict):
+        encoder = _encode_dict
+    elif issubclass(cls, (list, tuple)):
+        encoder = _encode_list
+    elif issubclass(cls, (set, frozenset)):
+        encoder = _encode_set
+    elif issubclass(cls, enum.Enum):
+        encoder = _encode_enum
+    else:
+        raise WireError(f"cannot encode {cls.__name__}")
+    _WIRE[cls] = encoder
+    return encoder
+
+
+def _struct_encoder(cls: type) -> Callable[[Any], Any]:
+    fields = _fields_for_encode(cls)
+    plain = _PLAIN
+
+    if issubclass(cls, TaggedRecord):
+        name = cls.__name__
+
+        def encode_tagged(obj: Any) -> Any:
+            return {name: {key: (v if type(v) in plain else to_wire(v))
+                           for attr, key in fields for v in (getattr(obj, attr),)}}
+
+        return encode_tagged
+
+    def encode(obj: Any) -> Any:
+        return {key: (v if type(v) in plain else to_wire(v)) for attr, key in fields for v in (getattr(obj, attr),)}
+
+    return encode
+
+
+def _encode_dict(obj: dict[Any, Any]) -> Any:
+    plain = _PLAIN
+    return {(k if type(k) in plain else _key_to_wire(k)): (v if type(v) in plain else to_wire(v)) for k, v in obj.items()}
+
+
+def _encode_list(obj: Any) -> Any:
+    plain = _PLAIN
+    return [v if type(v) in plain else to_wire(v) for v in obj]
+
+
+def _encode_set(obj: Any) -> Any:
+    return sorted((to_wire(v) for v in obj), key=_sort_key)
+
+
+def _encode_enum(obj: enum.Enum) -> Any:
+    return obj.value
 
 
 def _key_to_wire(key: Any) -> Any:
     if isinstance(key, enum.Enum):
         return key.value
     return key
+
+
+def wire_key(key: Any) -> Any:
+    """A mapping key as ``to_wire`` writes it (an enum by its value)."""
+    return _key_to_wire(key)
 
 
 def _sort_key(value: Any) -> str:

@@ -42,6 +42,7 @@ checks below fail until the route exists.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
@@ -546,13 +547,21 @@ class CoreNode:
         session starts is indexed after ``SessionStarted`` and must be written
         after it).
         """
+        node_id = self.node_id
+        for effect in effects:
+            if type(effect) is Send and (
+                effect.to == node_id or (effect.to is None and type(effect.message) is CommandMessage)
+            ):
+                break
+        else:
+            return effects  # nothing to deliver here (the common case): the effects leave as they are
         out: list[Effect] = []
-        queue = list(effects)
+        queue = deque(effects)
         steps = 0
         while queue:
             steps += 1
             assert steps < _LOOP_LIMIT * 10, "loopback did not settle"
-            effect = queue.pop(0)
+            effect = queue.popleft()
             if isinstance(effect, Send):
                 msg = effect.message
                 if effect.to == self.node_id:

@@ -13,7 +13,7 @@ import msgspec
 __all__ = ["Record", "TaggedRecord"]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+class Record(msgspec.Struct, frozen=True, kw_only=True, rename="camel", gc=False):
     """An immutable record; camelCase keys on the wire."""
 
 

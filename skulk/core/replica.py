@@ -38,6 +38,13 @@ from skulk.core.timers import NackTimer, cancel_timer, set_timer
 
 __all__ = ["Replica"]
 
+# 2^60 x any sane base is far past any cap, and far from a float overflow.
+_BACKOFF_EXPONENT_MAX = 60
+# Attempts counted at most (beyond it the delay is the cap anyway).
+_ATTEMPTS_COUNTED_MAX = 1_000
+# What take_applied returns when nothing was applied (most inputs apply nothing).
+_NOTHING_APPLIED: tuple[list[IndexedEvent], bool] = ([], False)  # never mutated: the callers only read it
+
 
 class Replica:
     def __init__(self, node_id: NodeId, config: CoreConfig, last_state: State) -> None:
@@ -70,6 +77,8 @@ class Replica:
 
     def take_applied(self) -> tuple[list[IndexedEvent], bool]:
         """Events applied (and whether a snapshot was installed) since the last call."""
+        if not self._applied and not self.installed_snapshot:
+            return _NOTHING_APPLIED
         applied, self._applied = self._applied, []
         jumped, self.installed_snapshot = self.installed_snapshot, False
         return applied, jumped
@@ -175,7 +184,12 @@ class Replica:
             self._apply(self._buffer.pop(self.next_index))
             progressed = True
         if progressed:
+            # Progress resets the backoff, and so the NACK already armed: left as it
+            # was, a timer armed after several unanswered NACKs (4 s, 8 s...) would
+            # make the next gap wait for it instead of nack_base_s (found by the
+            # simulator's efficiency invariant E3, master_failover --seed 53).
             self._nack_attempt = 0
+            self._nack_armed = False
         return self._maybe_nack(now)
 
     def _is_caught_up(self) -> bool:
@@ -200,14 +214,24 @@ class Replica:
         if self._is_caught_up() or self._nack_armed:
             return []
         # Give in-flight messages a moment before asking: wait the backoff first.
-        delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
+        delay = self._backoff_s()
         self._nack_armed = True
         return [set_timer(NackTimer(), now + delay)]
 
+    def _backoff_s(self) -> float:
+        """``nack_base_s x 2^attempt``, capped at ``nack_cap_s``.
+
+        The exponent is capped before the power is taken: a follower cut off
+        from its master for hours makes thousands of attempts, and 2^1024
+        times a float overflows (``OverflowError``) long before the cap applies.
+        """
+        exponent = min(self._nack_attempt, _BACKOFF_EXPONENT_MAX)
+        return min(self.config.nack_base_s * (2**exponent), self.config.nack_cap_s)
+
     def _request(self, now: float, start: int, end: int | None) -> list[Effect]:
         assert self.session is not None
-        self._nack_attempt += 1
-        delay = min(self.config.nack_base_s * (2 ** self._nack_attempt), self.config.nack_cap_s)
+        self._nack_attempt = min(self._nack_attempt + 1, _ATTEMPTS_COUNTED_MAX)
+        delay = self._backoff_s()
         self._nack_armed = True
         req = SyncRequest(session=self.session, requester=self.node_id, from_index=start, to_index=end)
         return [Send(message=req, to=self.session.master), set_timer(NackTimer(), now + delay)]

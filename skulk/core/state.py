@@ -27,7 +27,7 @@ from typing import Any, get_args
 import msgspec
 
 from skulk.core.cards import ModelCard
-from skulk.core.codec import from_wire, to_wire
+from skulk.core.codec import from_wire, to_wire, wire_key
 from skulk.core.events import (
     ConnectionLost,
     ConnectionObserved,
@@ -107,8 +107,42 @@ _replace = msgspec.structs.replace
 
 
 def encode_state(state: State) -> bytes:
-    """Canonical bytes of ``state`` (dict keys sorted)."""
-    return _ENCODER.encode(to_wire(state))
+    """Canonical bytes of ``state`` (dict keys sorted): msgpack of ``to_wire(state)``.
+
+    States are immutable and share their unchanged parts (``apply`` copies only
+    the mappings an event changes, and never mutates a record): the encoded
+    bytes of a record or a mapping met in an earlier state are reused
+    (``_encoded``, spliced in as ``msgspec.Raw``), so persisting a state costs
+    what changed since, not its size. The bytes are exactly those of encoding
+    ``to_wire(state)`` whole (``tests/core/test_state.py``).
+    """
+    memo = _ENCODED
+    if len(memo) > _ENCODED_MAX:
+        memo.clear()
+    return _ENCODER.encode({key: _encoded(getattr(state, name), memo) for name, key in _STATE_FIELDS})
+
+
+def _encoded(value: Any, memo: dict[int, tuple[Any, msgspec.Raw]]) -> Any:
+    """``value``'s wire form, as already-encoded bytes when it is a record or a mapping (memoised by identity)."""
+    if type(value) is dict:
+        hit = memo.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        raw = msgspec.Raw(_ENCODER.encode({wire_key(k): _encoded(v, memo) for k, v in value.items()}))
+    elif isinstance(value, msgspec.Struct):
+        hit = memo.get(id(value))
+        if hit is not None and hit[0] is value:
+            return hit[1]
+        raw = msgspec.Raw(_ENCODER.encode(to_wire(value)))
+    else:
+        return to_wire(value)
+    memo[id(value)] = (value, raw)  # the value is kept, so its id is not reused while memoised
+    return raw
+
+
+_ENCODED: dict[int, tuple[Any, msgspec.Raw]] = {}
+_ENCODED_MAX = 50_000
+_STATE_FIELDS: tuple[tuple[str, str], ...] = tuple((f.name, f.encode_name) for f in msgspec.structs.fields(State))
 
 
 def decode_state(raw: bytes) -> State:
@@ -128,7 +162,10 @@ def hosting_nodes(instance: Instance) -> tuple[NodeId, ...]:
 
 
 def _without(mapping: dict, key: object) -> dict:
-    return {k: v for k, v in mapping.items() if k != key}
+    """A copy of ``mapping`` without ``key`` (same order): a C-level copy, then one deletion."""
+    out = dict(mapping)
+    out.pop(key, None)
+    return out
 
 
 def _with(mapping: dict, key: object, value: object) -> dict:

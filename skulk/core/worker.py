@@ -85,6 +85,10 @@ class Worker:
         # Tasks this worker already reported ended (finished, runner exit, restart orphan).
         self._settled: set[TaskId] = set()
         self._last_runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
+        # Bumped whenever a runner is added or removed, or its status or stopping flag changes.
+        self._epoch = 0
+        self._key_epoch = -1
+        self._runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
 
     # --- observations ------------------------------------------------------------------
 
@@ -108,6 +112,7 @@ class Worker:
             entry = self.runners[runner_id]
             if runner_id not in desired and not entry.stopping:
                 entry.stopping = True
+                self._epoch += 1
                 effects.append(StopRunner(runner_id=runner_id, reason="instance removed"))
                 effects.append(cancel_timer(RunnerDeadlineTimer(runner_id)))
         for runner_id in [r for r in self._files_failed if r not in desired]:
@@ -170,6 +175,7 @@ class Worker:
         )
         entry = _Runner(spec, inst, now)
         self.runners[runner_id] = entry
+        self._epoch += 1
         self._blocked_until.pop(runner_id, None)
         return [StartRunner(spec=spec), *self._arm_deadline(now, entry, runner_id)], []
 
@@ -184,9 +190,14 @@ class Worker:
         # Nothing to do unless the tasks or our runners changed since the last
         # pass (apply replaces state.tasks only when a task event is applied),
         # which keeps a storm of thousands of tasks from costing O(n) per event.
-        runners_key = tuple(
-            (r, e.stopping, isinstance(e.status, RUNNER_SERVING)) for r, e in sorted(self.runners.items())
-        )
+        # The runners' key is recomputed only after a runner was added, removed,
+        # stopped or changed status (``_touch``): the same value, without the work.
+        if self._key_epoch != self._epoch:
+            self._key_epoch = self._epoch
+            self._runners_key = tuple(
+                (r, e.stopping, isinstance(e.status, RUNNER_SERVING)) for r, e in sorted(self.runners.items())
+            )
+        runners_key = self._runners_key
         if state.tasks is self._last_tasks and runners_key == self._last_runners_key:
             return [], []
         self._last_tasks = state.tasks
@@ -248,6 +259,7 @@ class Worker:
             effects.append(Log(level="warning", message=f"runner {runner_id}: {problem}"))
         changed = entry.status is None or type(entry.status) is not type(status)
         entry.status = status
+        self._epoch += 1
         if changed:
             entry.entered_at = now
             effects += self._arm_deadline(now, entry, runner_id)
@@ -270,6 +282,7 @@ class Worker:
 
     def on_exit(self, now: float, runner_id: RunnerId, exit_code: int) -> Output:
         entry = self.runners.pop(runner_id, None)
+        self._epoch += 1
         if entry is None:
             return Output()
         effects: list[Effect] = [cancel_timer(RunnerDeadlineTimer(runner_id))]
@@ -313,6 +326,7 @@ class Worker:
         if deadline is None or deadline.at > now:
             return Output()  # the runner moved on meanwhile
         entry.stopping = True
+        self._epoch += 1
         self._blocked_until[runner_id] = float("inf")
         code = GROUP_CONNECT_TIMEOUT if deadline.kind == "group_connect" else f"{deadline.kind}_deadline"
         failed = RunnerFailed(
@@ -388,6 +402,7 @@ class Worker:
         for runner_id in sorted(self.runners):
             if not self.runners[runner_id].stopping:
                 self.runners[runner_id].stopping = True
+                self._epoch += 1
                 effects.append(StopRunner(runner_id=runner_id, reason="node shutting down"))
         return Output(effects)
 

@@ -171,3 +171,65 @@ def test_a_follower_applies_everything_once_the_range_arrives() -> None:
     for i in (2, 3, 4, 5, 6, 7, 8, 9):  # the master's answer re-sends buffered events too
         r.on_global_event(0.2, MASTER, _event(i))
     assert r.next_index == 10 and r.state.last_index == 9
+
+
+def test_a_follower_cut_off_from_its_master_for_days_keeps_asking_at_the_cap() -> None:
+    """Three days of unanswered NACKs (about 26,000): the backoff stays at its cap, nothing overflows.
+
+    Regression: the delay was ``min(base x 2^attempt, cap)``, and 2^1024 x a
+    float raises ``OverflowError``: after about 1,024 unanswered NACKs (some
+    three hours at the 10 s cap) the follower's node crashed.
+    """
+    c = _settled(2, telemetry_interval_s=1e9, heartbeat_interval_s=3_600.0, node_timeout_s=1e9)
+    master_id = c.masters()[0]
+    follower = next(n for n in c.alive() if n != master_id)
+    # The master indexes an event the follower never gets; its heartbeat then says so.
+    effects = c.node(master_id)._raise(c.now, [NodeGatheredInfo(node_id=master_id)])
+    c._carry_out(master_id, effects)
+    c.inflight = [m for m in c.inflight if not (m.to == follower and isinstance(m.message, GlobalEvent))]
+    end = c.now + 3 * 24 * 3_600.0
+    asked_at: list[float] = []
+    while c.now < end:
+        for m in [m for m in c.inflight if isinstance(m.message, SyncRequest) and m.sender == follower]:
+            asked_at.append(c.now)
+            c.inflight.remove(m)  # the way to the master is cut: it never hears the follower
+        if c.inflight:
+            c.deliver(0)
+        elif not c.fire_next_timer():
+            break
+    cap = CoreConfig().nack_cap_s
+    assert len(asked_at) > 25_000, len(asked_at)  # one every 10 s from the first heartbeat (1 h) on
+    gaps = [b - a for a, b in zip(asked_at[-1_000:], asked_at[-999:])]
+    assert min(gaps) >= cap - 1e-6 and max(gaps) <= cap + 1e-6, (min(gaps), max(gaps))
+    assert c.node(follower).replica.session == c.node(master_id).replica.session
+
+
+def test_progress_re_arms_the_nack_at_its_base_backoff() -> None:
+    """Regression: after a NACK answered on its third try, the next gap waited the old 4 s backoff.
+
+    Found by the simulator's efficiency invariant E3 (issue 17,
+    ``master_failover --seed 53``): progress reset the attempt counter but
+    left the NACK timer armed at the backoff of the last attempt, and a
+    follower that then missed one more event waited for that timer.
+    """
+    config = CoreConfig()
+    master, me = NodeId("m"), NodeId("f")
+    session = Session(clock=1, master=master)
+    replica = Replica(me, config, EMPTY_STATE)
+    replica.follow(0.0, session)
+    start = IndexedEvent(index=0, event=SessionStarted(session=session, carryover=Carryover()), at=0.0)
+    replica.on_global_event(0.0, master, GlobalEvent(session=session, indexed=start))
+    info = lambda i: IndexedEvent(index=i, event=NodeGatheredInfo(node_id=master), at=float(i))  # noqa: E731
+    # Event 1 is lost, 2 arrives: a gap. Three NACKs go unanswered (0.5, 1, 2 s), the fourth is armed 4 s out.
+    replica.on_global_event(1.0, master, GlobalEvent(session=session, indexed=info(2)))
+    now, timers = 1.0, []
+    for _ in range(3):
+        now += 5.0
+        out = replica.on_nack_timer(now)
+        timers = [e for e in out.effects if hasattr(e, "at")]
+    assert timers and timers[-1].at - now == config.nack_base_s * 2**3
+    # The answer arrives: progress. Then event 4 arrives and event 3 is missing: a new gap.
+    replica.on_sync_response(now, master, SyncResponse(session=session, snapshot=None, events=(info(1),)))
+    out = replica.on_global_event(now, master, GlobalEvent(session=session, indexed=info(4)))
+    armed = [e for e in out.effects if hasattr(e, "at")]
+    assert armed and armed[-1].at - now == config.nack_base_s, armed

@@ -51,3 +51,26 @@ def test_equal_prefixes_give_equal_digests() -> None:
     b = build_state({"a": mem(64 * GB), "b": mem(32 * GB)})
     assert a == b and digest(a) == digest(b)
     assert digest(build_state({"a": mem(64 * GB)})) != digest(a)
+
+
+def test_encode_state_is_msgpack_of_the_wire_form_however_its_parts_are_shared() -> None:
+    """Persisting reuses the bytes of parts an earlier state shared; the bytes stay exactly the plain encoding."""
+    import msgspec
+
+    from skulk.core.codec import to_wire
+    from skulk.core.events import IndexedEvent, InstanceCreated, NodeGatheredInfo
+    from skulk.core.state import decode_state, encode_state
+
+    plain = msgspec.msgpack.Encoder(order="sorted")
+    state = build_state({"a": mem(64 * GB), "b": mem(32 * GB)}, full_mesh(["a", "b"]))
+    seen = []
+    for i in range(6):
+        inst = placed(placement.place(state, command(cid=f"c{i}"), cards_of(make_card(weight_bytes=GB)), CONFIG))
+        for event in (InstanceCreated(instance=inst), NodeGatheredInfo(node_id=NodeId("a"), memory=mem(64 * GB, (60 - i) * GB))):
+            state = apply(state, IndexedEvent(index=state.last_index + 1, event=event, at=float(i)))
+            seen.append(state)
+            assert encode_state(state) == plain.encode(to_wire(state))
+    # Earlier states, met again after later ones (their parts memoised meanwhile), still encode exactly.
+    for old in seen:
+        assert encode_state(old) == plain.encode(to_wire(old))
+        assert decode_state(encode_state(old)) == old
