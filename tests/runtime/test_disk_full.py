@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from skulk.engine.models import DEFAULT_MODEL_ID
+from skulk.engine.models import TINY_MODEL_ID
 from skulk.runtime.config import load_config
 from skulk.runtime.localcluster import http_json
 from skulk.runtime.node import NodeRuntime
@@ -41,13 +41,16 @@ def _config(home: Path, models_dir: Path, **extra: str):
         "SKULK_HOME": str(home), "SKULK_MODELS_DIR": str(models_dir), "SKULK_API_HOST": "127.0.0.1",
         "SKULK_API_PORT": str(api), "SKULK_LISTEN": f"tcp/127.0.0.1:{zen}", "SKULK_MULTICAST": "0",
         "SKULK_TELEMETRY_INTERVAL_SECONDS": "1",
+        # The disk is the subject, not the model: the generated tiny model starts in seconds, where the
+        # real default would first be imported from its wheel (tens of seconds on 2 busy cores).
+        "SKULK_AUTO_PLACE": TINY_MODEL_ID,
     }
     env.update(extra)
     return load_config(env)
 
 
 async def _chat(base: str) -> dict:
-    body = {"model": DEFAULT_MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+    body = {"model": TINY_MODEL_ID, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
     return await asyncio.to_thread(http_json, base + "/v1/chat/completions", method="POST", body=body, timeout_s=60)
 
 
@@ -75,7 +78,7 @@ def test_a_node_whose_data_dir_has_under_2_gib_free_starts_degraded_and_serves(
             task = asyncio.create_task(runtime.run())
             try:
                 await _until(lambda: runtime.api_bridge is not None and runtime.api_bridge.is_master, 20, "mastership")
-                await _until(lambda: _ready(runtime), 90, "the default model's runner")
+                await _until(lambda: _ready(runtime), 90, "the runner")
                 reply = await _chat(base)
                 assert reply["choices"][0]["finish_reason"] in ("length", "stop"), reply
                 assert await asyncio.to_thread(http_json, base + "/node_id") == cfg.node_id
@@ -109,7 +112,7 @@ def test_a_disk_that_fills_mid_run_degrades_the_log_once_and_the_node_serves_on(
             task = asyncio.create_task(runtime.run())
             try:
                 await _until(lambda: runtime.api_bridge is not None and runtime.api_bridge.is_master, 20, "mastership")
-                await _until(lambda: _ready(runtime), 90, "the default model's runner")
+                await _until(lambda: _ready(runtime), 90, "the runner")
                 assert runtime.api_bridge is not None
                 await _chat(base)
                 assert runtime.api_bridge.metrics()["skulk_eventlog_degraded"] == 0.0
