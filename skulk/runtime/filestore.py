@@ -188,8 +188,11 @@ class Transfers:
             path = ensure_model(model_id, root=self.store.models_dir, on_progress=progress)
         except (OSError, ValueError, KeyError) as exc:
             raise DownloadFailed("internal", f"could not prepare the built-in model {model_id}: {exc}") from exc
-        files = tuple(sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
-                             if p.is_file() and p.relative_to(path).parts[0] != META_DIR))
+        # Record it as a verified local copy now: the directory may already hold Skulk's
+        # metadata folder (a transfer's lock), and a scan adopts only bare directories, so
+        # without this manifest the core would see no files and ask again, forever.
+        manifest = adopt_local(path, model_id)
+        files = tuple(sorted(manifest.files))
         return DownloadResult(model_id=model_id, commit=None, files=files, fetched_bytes=0,
                               seconds=time.monotonic() - started)
 

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from skulk.engine.models import DEFAULT_MODEL_ID
 from skulk.runtime.downloads import HubSettings, Progress
 from skulk.runtime.filestore import LocalStore, TransferOutcome, Transfers
-from skulk.runtime.modelfiles import LayerRange, load_manifest, sha256_file
+from skulk.runtime.modelfiles import META_DIR, LayerRange, load_manifest, sha256_file
 from skulk.runtime.transfer import TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
 from tests.support.hub import LocalHub
@@ -121,7 +121,9 @@ def test_a_model_skulk_ships_is_made_locally_never_fetched_from_a_hub(default_mo
         outcomes.append(o)
         done.set()
 
-    link_default_model(default_model, tmp_path)
+    # A transfer's metadata folder already there (its lock) must not stop the copy from being recorded
+    # (a scan adopts only bare directories: without a manifest the core saw no files and asked again).
+    (link_default_model(default_model, tmp_path) / META_DIR).mkdir()
     t = Transfers(tmp_path, HubSettings(endpoint="http://127.0.0.1:9"), None, "node-a",
                   on_progress=lambda i, p: None, on_done=on_done)
     t.download("t1", DEFAULT_MODEL_ID, None)
