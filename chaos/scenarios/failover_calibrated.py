@@ -20,9 +20,7 @@ request sent after it, the figure the parity table compares.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Generator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -32,48 +30,28 @@ from skulk.core.ids import CommandId, ModelId
 from skulk.core.tasks import ChatMessage, GenerationParams
 
 from chaos.scenarios import Stage, scenario
+from chaos.scenarios._calibrated import MODEL, calibrated_cluster, load_profile, prompt_content
 from chaos.scenarios._support import expect, place_on
 from chaos.stage import ScenarioStuck
 from sim.options import SimOptions
 
-PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "calibrated.json"
-MODEL = "sim/qwen-1.5b"
 USERS = 6
 THINK_S = 0.2
 RETRY_S = 0.3
-
-
-def load_profile(path: Path = PROFILE) -> dict[str, Any]:
-    profile = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("crash_detect_s", "lease_detect_s", "latency_ms_median", "prefill_tps", "decode_tps", "prompt_tokens"):
-        assert profile.get(key), f"{path}: the calibration profile lacks {key}"
-    return profile
 
 
 def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
     p = load_profile()
     crash, lease = sorted(p["crash_detect_s"]), sorted(p["lease_detect_s"])
     mode = opts.master_loss_mode if opts.master_loss_mode in ("crash", "isolate") else rng.choice(("crash", "isolate"))
-    return opts.with_(
-        node_count=3,
-        ram_total_gib=(64, 64, 64),
-        thunderbolt_pair_fraction=0.0,
-        wifi_node_fraction=0.0,
-        vpn_pairs=False,
-        latency_ms_ethernet=float(p["latency_ms_median"]),
-        latency_jitter=float(p.get("latency_jitter") or 0.0),
-        latency_tail_probability=0.0,
-        loss_probability=0.0,
-        duplicate_probability=0.0,
-        reorder_probability=0.0,
-        clock_offset_s_max=0.0,
-        clock_drift_ppm_max=0.0,
+    return calibrated_cluster(
+        opts,
+        p,
         # The fastest peer's detection, and how much later the slowest one's comes.
         crash_detect_s=crash[0],
         crash_detect_spread_s=crash[-1] - crash[0],
         lease_s=lease[0],
         lease_spread_s=lease[-1] - lease[0],
-        model_id=MODEL,
         runner_prefill_tps=float(p["prefill_tps"]),
         runner_decode_tps=float(p["decode_tps"]),
         runner_tokens_per_chunk=int(p.get("tokens_per_chunk") or 1),
@@ -93,7 +71,7 @@ def _client(stage: Stage, k: int, hosts: list[Any], until: float, sent: list[Any
     world = stage.world
     p = load_profile()
     rng = world.rngs(f"calibrated-client-{k}")
-    content = "p" * (4 * int(p["prompt_tokens"]))  # the simulated tokenizer: 4 characters a token
+    content = prompt_content(p)
     max_tokens = int(p.get("max_tokens") or 16)
     n = 0
     while world.env.now < until and not world.clients.stopping:

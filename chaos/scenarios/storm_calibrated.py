@@ -20,33 +20,19 @@ from skulk.core.ids import CommandId, ModelId, TaskId, derive_id
 from skulk.core.tasks import ChatMessage, GenerationParams
 
 from chaos.scenarios import Stage, scenario
+from chaos.scenarios._calibrated import MODEL, calibrated_cluster, load_profile, prompt_content
 from chaos.scenarios._support import place_on
-from chaos.scenarios.failover_calibrated import load_profile
 from sim.options import SimOptions
 
-MODEL = "sim/qwen-1.5b"
 USERS = 20
 REQUESTS = 300
 ABANDON_AFTER_S = 0.5
 
 
 def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
-    p = load_profile()
-    return opts.with_(
-        node_count=3,
-        ram_total_gib=(64, 64, 64),
-        thunderbolt_pair_fraction=0.0,
-        wifi_node_fraction=0.0,
-        vpn_pairs=False,
-        latency_ms_ethernet=float(p["latency_ms_median"]),
-        latency_jitter=float(p.get("latency_jitter") or 0.0),
-        latency_tail_probability=0.0,
-        loss_probability=0.0,
-        duplicate_probability=0.0,
-        reorder_probability=0.0,
-        clock_offset_s_max=0.0,
-        clock_drift_ppm_max=0.0,
-        model_id=MODEL,
+    return calibrated_cluster(
+        opts,
+        load_profile(),
         runner_load_gbps=0.005,  # 0.9 GB at 5 MB/s: loading for three minutes, past the storm
         client_count=0,
         fault_kinds=(),
@@ -55,7 +41,7 @@ def _adjust(opts: SimOptions, rng: Any) -> SimOptions:
 
 def _client(stage: Stage, k: int, budget: list[int]) -> Generator[Any, Any, None]:
     world = stage.world
-    content = "p" * (4 * int(load_profile()["prompt_tokens"]))
+    content = prompt_content(load_profile())
     n = 0
     while budget[0] > 0:
         budget[0] -= 1

@@ -50,12 +50,12 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import urlparse
 
+from skulk.core.files import Need
 from skulk.runtime.modelfiles import (
     FileRecord,
     adopt_local,
     file_lock,
     locked,
-    LayerRange,
     disk_free_bytes,
     files_for_shard,
     format_bytes,
@@ -339,7 +339,7 @@ class HubDownloader:
 
     # --- download ------------------------------------------------------------------------
 
-    def download(self, model_id: str, model_dir: Path, *, layers: LayerRange | None = None,
+    def download(self, model_id: str, model_dir: Path, *, layers: Need | None = None,
                  revision: str = "main") -> DownloadResult:
         """Make ``model_dir`` hold every file ``layers`` needs (None: all), verified.
 
@@ -366,7 +366,7 @@ class HubDownloader:
         return DownloadResult(model_id, listing.commit, tuple(needed), meter.fetched_bytes,
                               time.monotonic() - started)
 
-    def _offline(self, model_id: str, model_dir: Path, layers: LayerRange | None, started: float) -> DownloadResult:
+    def _offline(self, model_id: str, model_dir: Path, layers: Need | None, started: float) -> DownloadResult:
         """Use what is present: every needed file must already be on disk (verified, or adopted as local)."""
         manifest = load_manifest(model_dir)
         if manifest is None and (model_dir / "config.json").is_file():

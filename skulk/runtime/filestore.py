@@ -37,7 +37,6 @@ from skulk.runtime.modelfiles import Coverage as RuntimeCoverage
 from skulk.runtime.modelfiles import (
     META_DIR,
     FileRecord,
-    LayerRange,
     adopt_local,
     coverage,
     dir_bytes,
@@ -46,7 +45,7 @@ from skulk.runtime.modelfiles import (
 )
 from skulk.runtime.transfer import PeerFetcher, TransferAuth
 
-__all__ = ["LocalModel", "LocalStore", "Transfers", "TransferOutcome", "NodeFiles", "core_coverage", "layer_range"]
+__all__ = ["LocalModel", "LocalStore", "Transfers", "TransferOutcome", "NodeFiles", "core_coverage"]
 
 log = logging.getLogger("skulk.filestore")
 
@@ -158,7 +157,7 @@ class Transfers:
         with self._lock:
             return set(self._models.values())
 
-    def download(self, transfer_id: str, model_id: str, layers: LayerRange | None) -> None:
+    def download(self, transfer_id: str, model_id: str, layers: Need | None) -> None:
         """Fetch the files ``layers`` needs from the hub (a model Skulk ships is made here instead)."""
         cancel = threading.Event()
         if is_builtin(model_id):
@@ -196,7 +195,7 @@ class Transfers:
         return DownloadResult(model_id=model_id, commit=None, files=files, fetched_bytes=0,
                               seconds=time.monotonic() - started)
 
-    def copy(self, transfer_id: str, model_id: str, base_url: str, source_node: str, layers: LayerRange | None) -> None:
+    def copy(self, transfer_id: str, model_id: str, base_url: str, source_node: str, layers: Need | None) -> None:
         """Copy the files ``layers`` needs from the peer ``source_node`` at ``base_url``."""
         assert self.auth is not None, "peer copies need the cluster secret"
         cancel = threading.Event()
@@ -269,12 +268,6 @@ def is_builtin(model_id: str) -> bool:
 def core_coverage(cov: RuntimeCoverage) -> Coverage:
     """The runtime's coverage (from files) as the core's record (in layers)."""
     return Coverage(n_layers=cov.n_layers, layers=cov.layers, head=cov.head)
-
-
-def layer_range(need: Need | None) -> LayerRange | None:
-    if need is None or need.is_whole:
-        return None
-    return LayerRange(need.start, need.end, need.n_layers, need.head)
 
 
 class NodeFiles:
@@ -359,16 +352,15 @@ class NodeFiles:
     # --- effects (called on the event loop: never block) ----------------------------------
 
     def start(self, effect: StartTransfer) -> None:
-        layers = layer_range(effect.need)
         if effect.source is None:
-            self.transfers.download(effect.transfer_id, effect.model_id, layers)
+            self.transfers.download(effect.transfer_id, effect.model_id, effect.need)
             return
         url = self.peer_url(effect.source, effect.address)
         if url is None:
             self.feed(TransferEnded(transfer_id=effect.transfer_id, model_id=effect.model_id, ok=False,
                                     code="network", message=f"no API address known for {effect.source}"))
             return
-        self.transfers.copy(effect.transfer_id, effect.model_id, url, effect.source, layers)
+        self.transfers.copy(effect.transfer_id, effect.model_id, url, effect.source, effect.need)
 
     def cancel(self, transfer_id: str) -> None:
         self.transfers.cancel(transfer_id)

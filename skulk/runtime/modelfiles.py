@@ -47,13 +47,14 @@ from pathlib import Path
 
 import msgspec
 
+from skulk.core.files import Need
+
 __all__ = [
     "META_DIR",
     "MANIFEST_NAME",
     "PARTIAL_DIR",
     "FileRecord",
     "Manifest",
-    "LayerRange",
     "load_manifest",
     "adopt_local",
     "save_manifest",
@@ -101,23 +102,6 @@ class Manifest(msgspec.Struct, kw_only=True):
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    """The layers ``[start, end)`` of an ``n_layers`` model a runner holds; ``head``: it embeds and samples."""
-
-    start: int
-    end: int
-    n_layers: int
-    head: bool
-
-    def __post_init__(self) -> None:
-        assert 0 <= self.start < self.end <= self.n_layers, self
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0 and self.end == self.n_layers and self.head
 
 
 def _meta(model_dir: Path) -> Path:
@@ -237,13 +221,13 @@ def layer_of_tensor(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def files_for_shard(files: Iterable[str], weight_map: Mapping[str, str] | None, layers: LayerRange | None) -> list[str]:
+def files_for_shard(files: Iterable[str], weight_map: Mapping[str, str] | None, layers: Need | None) -> list[str]:
     """The files of ``files`` a runner holding ``layers`` needs (None: the whole model).
 
     Without an index every weight file is needed. Returns paths in sorted order.
     """
     all_files = sorted(set(files))
-    if layers is None or layers.whole or not weight_map:
+    if layers is None or layers.is_whole or not weight_map:
         return all_files
     wanted_weights: set[str] = set()
     for tensor, file in weight_map.items():

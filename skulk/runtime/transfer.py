@@ -48,11 +48,11 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from skulk.core.files import Need
 from skulk.runtime.auth import derive_transfer_key
 from skulk.runtime.downloads import DownloadFailed, DownloadResult, Progress, ProgressMeter
 from skulk.runtime.modelfiles import (
     FileRecord,
-    LayerRange,
     Manifest,
     disk_free_bytes,
     file_lock,
@@ -206,7 +206,7 @@ class PeerFetcher:
                                             f"{exc}") from exc
 
     def fetch(self, model_id: str, model_dir: Path, base_url: str, *, source_node: str,
-              layers: LayerRange | None = None) -> DownloadResult:
+              layers: Need | None = None) -> DownloadResult:
         """Make ``model_dir`` hold every file ``layers`` needs, copied from the peer at ``base_url``.
 
         Raises ``DownloadFailed``; files already verified here with the same SHA-256 are kept.

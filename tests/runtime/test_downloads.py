@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from skulk.core.files import Need
 from skulk.runtime.downloads import DownloadFailed, HubDownloader, HubSettings, Progress
-from skulk.runtime.modelfiles import LayerRange, load_manifest, partial_path
+from skulk.runtime.modelfiles import load_manifest, partial_path
 from tests.support.hub import LocalHub
 from tests.support.tmpfs import fill_disk, small_tmpfs
 
@@ -80,13 +81,13 @@ def test_a_whole_model_arrives_verified_byte_for_byte_and_a_second_call_fetches_
 def test_a_pipeline_rank_fetches_only_the_weight_files_holding_its_layers(hub: LocalHub, tmp_path: Path) -> None:
     dl = HubDownloader(HubSettings(endpoint=hub.endpoint))
     # Layers 2-3 of 6, not the embedding rank: only the middle file.
-    middle = dl.download(SHARDED, tmp_path / "mid", layers=LayerRange(2, 4, 6, head=False))
+    middle = dl.download(SHARDED, tmp_path / "mid", layers=Need(start=2, end=4, n_layers=6, head=False))
     weights = sorted(f for f in middle.files if f.endswith(".safetensors"))
     assert weights == [F2]
     assert sorted(f for f in _bodies(hub, SHARDED) if f.endswith(".safetensors")) == [F2]
     assert not (tmp_path / "mid" / F1).exists() and not (tmp_path / "mid" / F3).exists()
     # The rank that embeds and samples also needs the embedding (file 1) and the head (file 3).
-    first = dl.download(SHARDED, tmp_path / "first", layers=LayerRange(0, 2, 6, head=True))
+    first = dl.download(SHARDED, tmp_path / "first", layers=Need(start=0, end=2, n_layers=6, head=True))
     assert sorted(f for f in first.files if f.endswith(".safetensors")) == [F1, F3]
 
 
@@ -172,10 +173,11 @@ def test_a_private_repository_needs_hf_token(hub_dir: Path, tmp_path: Path) -> N
 
 def test_offline_mode_uses_what_is_present_and_names_what_is_missing(hub: LocalHub, tmp_path: Path) -> None:
     dest = tmp_path / SHARDED
-    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest, layers=LayerRange(2, 4, 6, head=False))
+    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest,
+                                                               layers=Need(start=2, end=4, n_layers=6, head=False))
     seen = len(hub.requests)
     offline = HubDownloader(HubSettings(endpoint=hub.endpoint, offline=True))
-    result = offline.download(SHARDED, dest, layers=LayerRange(2, 4, 6, head=False))
+    result = offline.download(SHARDED, dest, layers=Need(start=2, end=4, n_layers=6, head=False))
     assert result.fetched_bytes == 0 and F2 in result.files
     with pytest.raises(DownloadFailed) as err:
         offline.download(SHARDED, dest)  # the whole model: files 1 and 3 are not here
@@ -279,12 +281,14 @@ def test_coverage_says_which_layers_a_partial_copy_holds(hub: LocalHub, tmp_path
     from skulk.runtime.modelfiles import coverage
 
     dest = tmp_path / SHARDED
-    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest, layers=LayerRange(2, 4, 6, head=False))
+    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest,
+                                                               layers=Need(start=2, end=4, n_layers=6, head=False))
     manifest = load_manifest(dest)
     assert manifest is not None
     cov = coverage(dest, manifest.files)
     assert cov is not None and cov.layers == ((2, 4),) and not cov.head and not cov.complete
-    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest, layers=LayerRange(0, 2, 6, head=True))
+    HubDownloader(HubSettings(endpoint=hub.endpoint)).download(SHARDED, dest,
+                                                               layers=Need(start=0, end=2, n_layers=6, head=True))
     manifest = load_manifest(dest)
     assert manifest is not None
     cov = coverage(dest, manifest.files)

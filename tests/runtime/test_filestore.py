@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 
+from skulk.core.files import Need
 from skulk.engine.models import DEFAULT_MODEL_ID
 from skulk.runtime.downloads import HubSettings, Progress
 from skulk.runtime.filestore import LocalStore, TransferOutcome, Transfers
-from skulk.runtime.modelfiles import META_DIR, LayerRange, load_manifest, sha256_file
+from skulk.runtime.modelfiles import META_DIR, load_manifest, sha256_file
 from skulk.runtime.transfer import TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
 from tests.support.hub import LocalHub
@@ -64,7 +65,7 @@ def test_transfers_run_in_threads_and_report_progress_and_outcome(hub_dir: Path,
     with LocalHub(hub_dir) as hub:
         t = Transfers(tmp_path / "a", HubSettings(endpoint=hub.endpoint), None, "node-a",
                       on_progress=lambda i, p: progress.append((i, p)), on_done=on_done, progress_interval_s=0)
-        t.download("t1", SHARDED, LayerRange(0, 2, 6, head=True))
+        t.download("t1", SHARDED, Need(start=0, end=2, n_layers=6, head=True))
         assert done.wait(60)
     (o,) = outcomes
     assert o.transfer_id == "t1" and o.failure is None and o.result is not None
@@ -78,7 +79,7 @@ def test_transfers_run_in_threads_and_report_progress_and_outcome(hub_dir: Path,
     with ThreadedServer(Starlette(routes=server.routes())) as http:
         t2 = Transfers(tmp_path / "b", HubSettings(offline=True), auth, "node-b", on_progress=lambda i, p: None,
                        on_done=on_done)
-        t2.copy("t2", SHARDED, http.url, "node-a", LayerRange(0, 2, 6, head=True))
+        t2.copy("t2", SHARDED, http.url, "node-a", Need(start=0, end=2, n_layers=6, head=True))
         assert done.wait(60)
     assert outcomes[-1].failure is None and outcomes[-1].transfer_id == "t2"
     manifest = load_manifest(tmp_path / "b" / SHARDED)

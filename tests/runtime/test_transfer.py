@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from starlette.applications import Starlette
 
+from skulk.core.files import Need
 from skulk.runtime.downloads import DownloadFailed, HubDownloader, HubSettings, Progress
-from skulk.runtime.modelfiles import LayerRange, load_manifest, partial_path
+from skulk.runtime.modelfiles import load_manifest, partial_path
 from skulk.runtime.transfer import PeerFetcher, TransferAuth, TransferServer
 from tests.support.asgi import ThreadedServer
 from tests.support.hub import LocalHub
@@ -79,7 +80,7 @@ def test_a_rank_copies_only_its_layers_files(peer, tmp_path: Path) -> None:
     server, http = peer
     before = server.served_bytes
     result = _fetcher().fetch(SHARDED, tmp_path / "m", http.url, source_node="node-a",
-                              layers=LayerRange(2, 4, 6, head=False))
+                              layers=Need(start=2, end=4, n_layers=6, head=False))
     assert sorted(f for f in result.files if f.endswith(".safetensors")) == [F2]
     assert not (tmp_path / "m" / F1).exists() and not (tmp_path / "m" / F3).exists()
     assert server.served_bytes - before == result.fetched_bytes

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -34,11 +34,12 @@ from skulk.api.agent import ChatSpec, arguments_object, prepare_spec, tool_spec
 from skulk.api.body import decode_body, read_body
 from skulk.api.appstate import app_state
 from skulk.api.dialects import with_errors
+from skulk.api.dialects.blocks import BlockRenderer
 from skulk.api.errors import ApiError
 from skulk.api.generation import Prepared
 from skulk.api.openai_routes import run_generation
 from skulk.api.wire import json_response
-from skulk.core.tasks import ChatMessage, TokenChunk, ToolCall, ToolChoice, ToolChoiceMode
+from skulk.core.tasks import ChatMessage, ChunkError, TokenChunk, ToolCall, ToolCallDelta, ToolChoice, ToolChoiceMode
 
 __all__ = ["messages", "count_tokens", "AnthropicMessagesRequest", "error_response", "ANTHROPIC_ERROR_TYPES"]
 
@@ -224,14 +225,14 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class MessagesRenderer:
+class MessagesRenderer(BlockRenderer):
     """Runner chunks as Anthropic SSE events, or (collected) one message object."""
+
+    REASONING: ClassVar[str] = "thinking"
+    TEXT: ClassVar[str] = "text"
 
     prepared: Prepared
     blocks: list[dict[str, Any]] = field(default_factory=list)
-    open_kind: str | None = None
-    usage_in: int = 0
-    usage_out: int = 0
 
     @property
     def message_id(self) -> str:
@@ -252,61 +253,42 @@ class MessagesRenderer:
     def opening(self) -> list[bytes]:
         return [_event("message_start", {"type": "message_start", "message": self._shell()}), _event("ping", {"type": "ping"})]
 
-    def _close(self) -> list[bytes]:
-        if self.open_kind is None:
-            return []
-        events = []
-        if self.open_kind == "thinking":
-            events.append(_event("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
-                                                         "delta": {"type": "signature_delta", "signature": ""}}))
-        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
-        self.open_kind = None
-        return events
+    def _open(self, kind: str) -> list[bytes]:
+        block = {"type": kind, kind: ""} if kind == "thinking" else {"type": "text", "text": ""}
+        if kind == "thinking":
+            block["signature"] = ""
+        self.blocks.append(block)
+        return [_event("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1, "content_block": dict(block)})]
 
-    def _text(self, kind: str, text: str) -> list[bytes]:
-        events: list[bytes] = []
-        if self.open_kind != kind:
-            events += self._close()
-            block = {"type": kind, kind: ""} if kind == "thinking" else {"type": "text", "text": ""}
-            if kind == "thinking":
-                block["signature"] = ""
-            self.blocks.append(block)
-            self.open_kind = kind
-            events.append(_event("content_block_start", {"type": "content_block_start", "index": len(self.blocks) - 1, "content_block": dict(block)}))
+    def _delta(self, kind: str, text: str) -> list[bytes]:
         key = "thinking" if kind == "thinking" else "text"
         self.blocks[-1][key] += text
         delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {"type": "text_delta", "text": text}
-        events.append(_event("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta}))
+        return [_event("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1, "delta": delta})]
+
+    def _end(self, kind: str) -> list[bytes]:
+        events = []
+        if kind == "thinking":
+            events.append(_event("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
+                                                         "delta": {"type": "signature_delta", "signature": ""}}))
+        events.append(_event("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
         return events
 
-    def _absorb(self, chunk: TokenChunk) -> list[bytes]:
-        events: list[bytes] = []
-        if chunk.reasoning:
-            events += self._text("thinking", chunk.reasoning)
-        if chunk.text:
-            events += self._text("text", chunk.text)
-        for call in chunk.tool_calls:
-            events += self._close()
-            block = {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments or "{}")}
-            self.blocks.append(block)
-            index = len(self.blocks) - 1
-            events.append(_event("content_block_start", {"type": "content_block_start", "index": index,
-                                                         "content_block": {**block, "input": {}}}))
-            events.append(_event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "input_json_delta", "partial_json": call.arguments}}))
-            events.append(_event("content_block_stop", {"type": "content_block_stop", "index": index}))
-        if chunk.usage is not None:
-            self.usage_in, self.usage_out = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
-        return events
+    def _tool_call(self, call: ToolCallDelta) -> list[bytes]:
+        block = {"type": "tool_use", "id": call.id, "name": call.name, "input": json.loads(call.arguments or "{}")}
+        self.blocks.append(block)
+        index = len(self.blocks) - 1
+        return [
+            _event("content_block_start", {"type": "content_block_start", "index": index,
+                                           "content_block": {**block, "input": {}}}),
+            _event("content_block_delta", {"type": "content_block_delta", "index": index,
+                                           "delta": {"type": "input_json_delta", "partial_json": call.arguments}}),
+            _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+        ]
 
-    def render(self, chunk: TokenChunk) -> list[bytes]:
-        if chunk.error is not None:
-            kind = "invalid_request_error" if chunk.error.type == "invalid_request_error" else "api_error"
-            return [_event("error", {"type": "error", "error": {"type": kind, "message": chunk.error.message}})]
-        events = self._absorb(chunk)
-        if chunk.finish_reason is not None:
-            events += self._finish(chunk.finish_reason)
-        return events
+    def _error(self, error: ChunkError) -> list[bytes]:
+        kind = "invalid_request_error" if error.type == "invalid_request_error" else "api_error"
+        return [_event("error", {"type": "error", "error": {"type": kind, "message": error.message}})]
 
     def _finish(self, finish: str) -> list[bytes]:
         events = self._close()
@@ -316,18 +298,9 @@ class MessagesRenderer:
         events.append(_event("message_stop", {"type": "message_stop"}))
         return events
 
-    def cancelled(self) -> list[bytes]:
-        return self._finish("cancelled")
-
     def lost(self) -> list[bytes]:
         return [_event("error", {"type": "error", "error": {"type": "api_error",
                                                            "message": "the node lost this request's stream; retry the request"}})]
-
-    def closing(self) -> list[bytes]:
-        return []
-
-    def accumulate(self, chunk: TokenChunk) -> None:
-        self._absorb(chunk)
 
     def final(self, last: TokenChunk | None, finish: str) -> dict[str, Any]:
         message = self._shell()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta
@@ -30,10 +30,11 @@ from starlette.responses import Response
 from skulk.api.agent import ChatSpec, check_schema, history_call, prepare_spec, tool_spec
 from skulk.api.body import decode_body, read_body
 from skulk.api.appstate import app_state
+from skulk.api.dialects.blocks import BlockRenderer
 from skulk.api.errors import ApiError
 from skulk.api.generation import Prepared
 from skulk.api.openai_routes import run_generation
-from skulk.core.tasks import ChatMessage, ResponseFormat, TokenChunk, ToolCall, ToolChoice, ToolChoiceMode
+from skulk.core.tasks import ChatMessage, ChunkError, ResponseFormat, TokenChunk, ToolCall, ToolCallDelta, ToolChoice, ToolChoiceMode
 
 __all__ = ["responses", "ResponsesRequest"]
 
@@ -199,17 +200,17 @@ def _event(payload: dict[str, Any]) -> bytes:
 
 
 @dataclass
-class ResponsesRenderer:
+class ResponsesRenderer(BlockRenderer):
     """Runner chunks as Responses stream events, or (collected) one response object."""
+
+    REASONING: ClassVar[str] = "reasoning"
+    TEXT: ClassVar[str] = "message"
 
     body: ResponsesRequest
     prepared: Prepared
     created_at: int = field(default_factory=lambda: int(time.time()))
     items: list[dict[str, Any]] = field(default_factory=list)
-    open_kind: str | None = None
     seq: int = 0
-    usage_in: int = 0
-    usage_out: int = 0
 
     @property
     def response_id(self) -> str:
@@ -257,42 +258,23 @@ class ResponsesRenderer:
         shell = self._response("in_progress")
         return [self._ev({"type": "response.created", "response": shell}), self._ev({"type": "response.in_progress", "response": shell})]
 
-    def _close(self) -> list[bytes]:
-        if self.open_kind is None:
-            return []
-        index = len(self.items) - 1
-        item = self.items[index]
-        item["status"] = "completed"
-        part = item["content"][0]
-        text = part["text"]
-        events: list[bytes] = []
-        if self.open_kind == "message":
-            events.append(self._ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": index, "content_index": 0, "text": text, "logprobs": []}))
-            events.append(self._ev({"type": "response.content_part.done", "item_id": item["id"], "output_index": index, "content_index": 0, "part": dict(part)}))
+    def _open(self, kind: str) -> list[bytes]:
+        index = len(self.items)
+        suffix = f"{self.prepared.command.command_id.replace('-', '')}_{index}"
+        if kind == "message":
+            item = {"type": "message", "id": "msg_" + suffix, "status": "in_progress", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "", "annotations": []}]}
         else:
-            events.append(self._ev({"type": "response.reasoning_text.done", "item_id": item["id"], "output_index": index, "content_index": 0, "text": text}))
-        events.append(self._ev({"type": "response.output_item.done", "output_index": index, "item": _copy(item)}))
-        self.open_kind = None
+            item = {"type": "reasoning", "id": "rs_" + suffix, "status": "in_progress", "summary": [],
+                    "content": [{"type": "reasoning_text", "text": ""}]}
+        self.items.append(item)
+        events = [self._ev({"type": "response.output_item.added", "output_index": index, "item": _copy(item)})]
+        if kind == "message":
+            events.append(self._ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
+                                    "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}))
         return events
 
-    def _text(self, kind: str, text: str) -> list[bytes]:
-        events: list[bytes] = []
-        if self.open_kind != kind:
-            events += self._close()
-            index = len(self.items)
-            suffix = f"{self.prepared.command.command_id.replace('-', '')}_{index}"
-            if kind == "message":
-                item = {"type": "message", "id": "msg_" + suffix, "status": "in_progress", "role": "assistant",
-                        "content": [{"type": "output_text", "text": "", "annotations": []}]}
-            else:
-                item = {"type": "reasoning", "id": "rs_" + suffix, "status": "in_progress", "summary": [],
-                        "content": [{"type": "reasoning_text", "text": ""}]}
-            self.items.append(item)
-            self.open_kind = kind
-            events.append(self._ev({"type": "response.output_item.added", "output_index": index, "item": _copy(item)}))
-            if kind == "message":
-                events.append(self._ev({"type": "response.content_part.added", "item_id": item["id"], "output_index": index,
-                                        "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}}))
+    def _delta(self, kind: str, text: str) -> list[bytes]:
         index = len(self.items) - 1
         item = self.items[index]
         item["content"][0]["text"] += text
@@ -300,39 +282,38 @@ class ResponsesRenderer:
         payload = {"type": name, "item_id": item["id"], "output_index": index, "content_index": 0, "delta": text}
         if kind == "message":
             payload["logprobs"] = []
-        events.append(self._ev(payload))
-        return events
+        return [self._ev(payload)]
 
-    def _absorb(self, chunk: TokenChunk) -> list[bytes]:
+    def _end(self, kind: str) -> list[bytes]:
+        index = len(self.items) - 1
+        item = self.items[index]
+        item["status"] = "completed"
+        part = item["content"][0]
+        text = part["text"]
         events: list[bytes] = []
-        if chunk.reasoning:
-            events += self._text("reasoning", chunk.reasoning)
-        if chunk.text:
-            events += self._text("message", chunk.text)
-        for call in chunk.tool_calls:
-            events += self._close()
-            index = len(self.items)
-            item = {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id, "name": call.name,
-                    "arguments": "", "status": "in_progress"}
-            events.append(self._ev({"type": "response.output_item.added", "output_index": index, "item": dict(item)}))
-            events.append(self._ev({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index, "delta": call.arguments}))
-            item["arguments"], item["status"] = call.arguments, "completed"
-            events.append(self._ev({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
-                                    "name": call.name, "arguments": call.arguments}))
-            events.append(self._ev({"type": "response.output_item.done", "output_index": index, "item": dict(item)}))
-            self.items.append(item)
-        if chunk.usage is not None:
-            self.usage_in, self.usage_out = chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+        if kind == "message":
+            events.append(self._ev({"type": "response.output_text.done", "item_id": item["id"], "output_index": index, "content_index": 0, "text": text, "logprobs": []}))
+            events.append(self._ev({"type": "response.content_part.done", "item_id": item["id"], "output_index": index, "content_index": 0, "part": dict(part)}))
+        else:
+            events.append(self._ev({"type": "response.reasoning_text.done", "item_id": item["id"], "output_index": index, "content_index": 0, "text": text}))
+        events.append(self._ev({"type": "response.output_item.done", "output_index": index, "item": _copy(item)}))
         return events
 
-    def render(self, chunk: TokenChunk) -> list[bytes]:
-        if chunk.error is not None:
-            err = chunk.error
-            return [self._ev({"type": "error", "code": err.code, "message": err.message, "param": None})]
-        events = self._absorb(chunk)
-        if chunk.finish_reason is not None:
-            events += self._finish(chunk.finish_reason)
+    def _tool_call(self, call: ToolCallDelta) -> list[bytes]:
+        index = len(self.items)
+        item = {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id, "name": call.name,
+                "arguments": "", "status": "in_progress"}
+        events = [self._ev({"type": "response.output_item.added", "output_index": index, "item": dict(item)})]
+        events.append(self._ev({"type": "response.function_call_arguments.delta", "item_id": item["id"], "output_index": index, "delta": call.arguments}))
+        item["arguments"], item["status"] = call.arguments, "completed"
+        events.append(self._ev({"type": "response.function_call_arguments.done", "item_id": item["id"], "output_index": index,
+                                "name": call.name, "arguments": call.arguments}))
+        events.append(self._ev({"type": "response.output_item.done", "output_index": index, "item": dict(item)}))
+        self.items.append(item)
         return events
+
+    def _error(self, error: ChunkError) -> list[bytes]:
+        return [self._ev({"type": "error", "code": error.code, "message": error.message, "param": None})]
 
     def _finish(self, finish: str) -> list[bytes]:
         events = self._close()
@@ -341,17 +322,8 @@ class ResponsesRenderer:
         events.append(self._ev({"type": name, "response": self._response(status, finish)}))
         return events
 
-    def cancelled(self) -> list[bytes]:
-        return self._finish("cancelled")
-
     def lost(self) -> list[bytes]:
         return [self._ev({"type": "error", "code": "stream_lost", "message": "the node lost this request's stream; retry the request", "param": None})]
-
-    def closing(self) -> list[bytes]:
-        return []
-
-    def accumulate(self, chunk: TokenChunk) -> None:
-        self._absorb(chunk)
 
     def final(self, last: TokenChunk | None, finish: str) -> dict[str, Any]:
         self._close()
