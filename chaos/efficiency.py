@@ -376,9 +376,9 @@ class EfficiencyChecker:
         if isinstance(msg, GlobalEvent):
             if msg.session != known.session:
                 return
-            if len(known.held) >= self._buffer_max - 1:
+            if len(known.held) >= self._buffer_max:
                 self._prune(node, known)
-                if len(known.held) >= self._buffer_max - 1:
+                if len(known.held) >= self._buffer_max:
                     known.capped = True  # the follower may drop what arrives early, and forget it
             indices: tuple[int, ...] = (msg.indexed.index,)
         elif isinstance(msg, SyncResponse):
