@@ -176,7 +176,7 @@ class _Known:
     bound, so it may have dropped (and forgotten) what arrived early.
     """
 
-    __slots__ = ("replica", "session", "held", "end", "capped")
+    __slots__ = ("replica", "session", "held", "end", "capped", "prune_at")
 
     def __init__(self, replica: Any, session: Session) -> None:
         self.replica = replica
@@ -184,9 +184,11 @@ class _Known:
         self.held: set[int] = set()
         self.end = 0
         self.capped = False
+        self.prune_at = _PRUNE_AT  # forget applied indices once ``held`` grows to this many
 
 
 _LOG_MESSAGES = (GlobalEvent, SyncResponse, ElectionMessage)
+_PRUNE_AT = 1024
 
 
 class EfficiencyChecker:
@@ -376,6 +378,9 @@ class EfficiencyChecker:
         if isinstance(msg, GlobalEvent):
             if msg.session != known.session:
                 return
+            if len(known.held) >= known.prune_at:
+                self._prune(node, known)
+                known.prune_at = max(_PRUNE_AT, 2 * len(known.held))
             if len(known.held) >= self._buffer_max:
                 self._prune(node, known)
                 if len(known.held) >= self._buffer_max:

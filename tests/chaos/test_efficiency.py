@@ -181,6 +181,20 @@ def test_e6_a_tail_announced_by_the_heartbeat_is_a_gap_too(monkeypatch: pytest.M
         f.nack_timer()
 
 
+def test_e6_a_long_session_forgets_what_was_applied_not_what_is_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Replica, "_gap_end", _first_gap_only)
+    f = _follower()
+    for i in range(2_000):  # then 2000 and 2001 lost, 2002 and 2004 held; the checker prunes what was applied
+        f.event(i)
+    f.event(2_002)
+    f.event(2_004)
+    for i in range(3_000, 4_200):  # enough to prune again, with the follower far behind
+        f.event(i)
+    assert len(f.checker._known[N2].held) < 1_300
+    with pytest.raises(EfficiencyViolation, match=r"\[2000, 2002\).*lacked 2000, 2001, 2003, 2005"):
+        f.nack_timer()
+
+
 def test_e6_a_follower_whose_buffer_may_have_filled_is_not_held_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Replica, "_gap_end", _first_gap_only)
     f = _follower(buffer_max=3)  # it drops what arrives early once it holds 3: it may not know of a gap
