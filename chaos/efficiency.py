@@ -42,6 +42,22 @@ E4. **No empty events.** No indexed event leaves the state as it was (but
     Telemetry (``NodeGatheredInfo``) is exempt: it refreshes ``last_seen``
     by design, and the timer's report and a fresh reading may land in the
     same instant.
+E6. **A NACK asks for every gap the follower knows of.** When a follower
+    sends a ``SyncRequest`` (``[from_index, to_index)``, ``to_index`` None:
+    everything), every index it knows to exist and lacks must lie in the
+    range: from its applied index up to the highest index it has received
+    from its master in the session, or heard announced by the master's
+    heartbeat (``log_next``), less the indices it received. The checker
+    learns this from the messages the follower received (never from the
+    replica's buffer or its gap arithmetic), and reads only its applied
+    index. Asking gap by gap costs a NACK backoff per gap and, under
+    sustained loss, lets a follower fall behind for good; E3 allows the
+    first (each gap is a lost message), so only this catches it. Checked at
+    every NACK, quiet or not: the follower's own knowledge decides it, not
+    the network. What the master answers does not matter (it may bound the
+    batch, or answer with a snapshot). A follower whose buffer may have
+    reached its bound (``follower_buffer_max``: it drops, and forgets, what
+    arrives early) is not checked for the rest of the session.
 
 The late threshold (``late_s``) is a message slower than any healthy link
 delivers it (the heavy latency tail is the network's fault, and excused).
@@ -68,7 +84,14 @@ from skulk.core.effects import AppendLog, Send, SessionChanged
 from skulk.core.events import NodeGatheredInfo
 from skulk.core.ids import NodeId
 from skulk.core.inputs import Received
-from skulk.core.messages import ElectionMessage, LocalEventMessage, Message, SyncRequest
+from skulk.core.messages import (
+    ElectionMessage,
+    GlobalEvent,
+    LocalEventMessage,
+    Message,
+    SyncRequest,
+    SyncResponse,
+)
 from skulk.core.session import Session
 from skulk.core.state import State
 
@@ -84,6 +107,7 @@ EFFICIENCY_INVARIANTS: dict[str, str] = {
     "E3": "an indexed event reaches every connected, up-to-date follower within a bound",
     "E4": "no indexed event leaves the state unchanged",
     "E5": "a gap in a node's local events at the master is filled at once",
+    "E6": "a follower's NACK asks for every gap it knows of",
 }
 
 _CONTROL = (ElectionMessage, SyncRequest)
@@ -105,7 +129,7 @@ class EfficiencyBounds:
 
 
 class EfficiencyViolation(Exception):
-    """An efficiency invariant broke (``invariant`` is E1..E4)."""
+    """An efficiency invariant broke (``invariant`` is E1..E6)."""
 
     def __init__(self, invariant: str, message: str, t: float, host: str | None) -> None:
         super().__init__(invariant, message, t, host)  # simpy rebuilds exceptions from their args
@@ -143,8 +167,32 @@ class _Follow:
         self.base = base
 
 
+class _Known:
+    """E6: what one follower knows of its session's log, from the messages it received from the master.
+
+    ``held``: indices received (some may since have been applied; those at or
+    below the applied index are ignored); ``end``: one past the highest index
+    known to exist; ``capped``: the follower's buffer may have reached its
+    bound, so it may have dropped (and forgotten) what arrived early.
+    """
+
+    __slots__ = ("replica", "session", "held", "end", "capped", "prune_at")
+
+    def __init__(self, replica: Any, session: Session) -> None:
+        self.replica = replica
+        self.session = session
+        self.held: set[int] = set()
+        self.end = 0
+        self.capped = False
+        self.prune_at = _PRUNE_AT  # forget applied indices once ``held`` grows to this many
+
+
+_LOG_MESSAGES = (GlobalEvent, SyncResponse, ElectionMessage)
+_PRUNE_AT = 1024
+
+
 class EfficiencyChecker:
-    """Checks E1-E4 on a simulated ``World`` (see the module docstring)."""
+    """Checks E1-E6 on a simulated ``World`` (see the module docstring)."""
 
     def __init__(self, world: World, safety: SafetyChecker, bounds: EfficiencyBounds | None = None) -> None:
         self.world = world
@@ -167,6 +215,8 @@ class EfficiencyChecker:
         self._deadlines: list[tuple[float, int, str, Session, int, float]] = []
         self._seq = 0
         self._burst: tuple[Session | None, float, int] = (None, -1.0, 0)  # (session, t, first index at t)
+        self._known: dict[str, _Known] = {}  # E6, per follower
+        self._buffer_max = world.core_config.follower_buffer_max
         # Figures.
         self.peak_control_msgs = 0
         self.peak_control_msgs_any = 0
@@ -174,6 +224,7 @@ class EfficiencyChecker:
         self.quiet_nacks = 0
         self.events_timed = 0
         self.disturbances = 0
+        self.nacks_checked = 0
         world.network.disturbed = self._disturbed
         world.network.late_s = self.bounds.late_s
 
@@ -226,16 +277,22 @@ class EfficiencyChecker:
         if self._deadlines and self._deadlines[0][0] < now - 1e-9:
             self._expire(now)
         quiet = self.active_faults == 0 and now - self.last_upset_at >= self.bounds.quiet_after_s
-        if type(inp) is Received and type(inp.message) is LocalEventMessage and node.is_master:
-            self._local_event(host, node, inp.message, quiet, now)
+        if type(inp) is Received:
+            kind = type(inp.message)
+            if kind is LocalEventMessage and node.is_master:
+                self._local_event(host, node, inp.message, quiet, now)
+            elif kind in _LOG_MESSAGES:
+                self._learn(host, node, inp)
         for effect in effects:
             kind = type(effect)
             if kind is Send:
                 message = effect.message
                 if type(message) in _CONTROL:
                     self._count_control(host, effect, now, quiet)
-                    if type(message) is SyncRequest and message.from_index > 0:
-                        self._nack(host, message, quiet, now)
+                    if type(message) is SyncRequest:
+                        self._asks_every_gap(host, node, message, now)
+                        if message.from_index > 0:
+                            self._nack(host, message, quiet, now)
             elif kind is AppendLog:
                 self._indexed(host, effect, quiet, now)
             elif kind is SessionChanged and not effect.is_master:
@@ -292,6 +349,89 @@ class EfficiencyChecker:
                 "E2", f"{host} sent {entry.nacks} NACKs in session {message.session} while the cluster was quiet, "
                       f"with {disturbed} lost or late messages to or from its master to explain them "
                       f"(bound {allowed}); the last asked for index {message.from_index}", now, host)
+
+    # --- E6 ---------------------------------------------------------------------------------------
+
+    def _known_for(self, host: str, node: Any) -> _Known | None:
+        """``host``'s knowledge of its current session's log (fresh after a restart or a new session)."""
+        replica = node.replica
+        session = replica.session
+        if session is None or session.master == host:
+            return None
+        known = self._known.get(host)
+        if known is None or known.replica is not replica or known.session != session:
+            known = self._known[host] = _Known(replica, session)
+        return known
+
+    def _learn(self, host: str, node: Any, inp: Received) -> None:
+        """The follower received a message about its log: what it now knows exists, and holds."""
+        msg = inp.message
+        if isinstance(msg, ElectionMessage) and (msg.log_next is None or msg.campaigning):
+            return  # not a settled master's heartbeat
+        known = self._known_for(host, node)
+        if known is None or inp.sender != known.session.master:
+            return
+        if isinstance(msg, ElectionMessage):  # the master's heartbeat announces its log length
+            assert msg.log_next is not None
+            known.end = max(known.end, msg.log_next)
+            return
+        if isinstance(msg, GlobalEvent):
+            if msg.session != known.session:
+                return
+            if len(known.held) >= known.prune_at:
+                self._prune(node, known)
+                known.prune_at = max(_PRUNE_AT, 2 * len(known.held))
+            if len(known.held) >= self._buffer_max:
+                self._prune(node, known)
+                if len(known.held) >= self._buffer_max:
+                    known.capped = True  # the follower may drop what arrives early, and forget it
+            indices: tuple[int, ...] = (msg.indexed.index,)
+        elif isinstance(msg, SyncResponse):
+            if msg.session != known.session:
+                return
+            current = node.replica.current
+            if msg.snapshot is not None and (current is None or current.last_index < msg.snapshot.index):
+                return  # a snapshot it rejected: it dropped the whole answer
+            indices = tuple(e.index for e in msg.events)
+        else:
+            return
+        for index in indices:
+            known.held.add(index)
+            if index >= known.end:
+                known.end = index + 1
+
+    @staticmethod
+    def _prune(node: Any, known: _Known) -> None:
+        current = node.replica.current
+        if current is not None:
+            applied = current.last_index
+            known.held = {i for i in known.held if i > applied}
+
+    def _asks_every_gap(self, host: str, node: Any, message: SyncRequest, now: float) -> None:
+        known = self._known_for(host, node)
+        if known is None or known.capped or message.session != known.session:
+            return
+        self.nacks_checked += 1
+        current = node.replica.current
+        first = 0 if current is None else current.last_index + 1  # the first index it lacks
+        held, end = known.held, known.end
+        if first >= end:
+            return  # it knows of nothing it lacks (it asks for the tail it merely suspects)
+        last = end - 1
+        while last >= first and last in held:
+            last -= 1
+        if last < first:
+            return
+        if message.from_index > first or (message.to_index is not None and message.to_index <= last):
+            self._prune(node, known)
+            missing = [i for i in range(first, end) if i not in known.held]
+            shown = ", ".join(str(i) for i in missing[:12]) + (", ..." if len(missing) > 12 else "")
+            raise EfficiencyViolation(
+                "E6", f"{host} asked its master {message.session.master} for indices "
+                      f"[{message.from_index}, {'end' if message.to_index is None else message.to_index}) of "
+                      f"session {message.session}, but it knew it lacked {shown} (it has applied up to "
+                      f"{first - 1} and knows the log reaches {end - 1}): each gap left out costs a NACK backoff",
+                now, host)
 
     # --- E5 ---------------------------------------------------------------------------------------
 
@@ -428,5 +568,6 @@ class EfficiencyChecker:
             "local_gaps_filled": self.gaps_filled,
             "quiet_nacks": self.quiet_nacks,
             "events_timed": self.events_timed,
+            "nacks_checked": self.nacks_checked,
             "messages_disturbed": self.disturbances,
         }

@@ -79,3 +79,11 @@ def test_the_vote_gossip_livelock_fails_in_seconds_instead_of_hanging() -> None:
     assert r.hunt.caught_by in ("efficiency E1", "budget (rate)", "budget (steps)"), r.hunt.caught_by
     assert r.hunt.cpu_s < 60.0, r.hunt
     assert r.replay == f"python -m chaos mutate --mutant {LIVELOCK} --scenario membership_churn --seed 2"
+
+
+def test_the_nack_that_asks_for_the_first_gap_only_is_caught_by_e6() -> None:
+    """The last survivor of the catalogue: its cost (a backoff per extra gap) fits E3's bound for lost messages."""
+    r = mutate.run_mutant(by_name("log.nack_asks_first_gap_only"), scenarios=["oversized_placement"], seeds=3,
+                          jobs=1, time_cap_s=120.0)
+    assert r.verdict == "caught" and r.hunt is not None, r
+    assert r.hunt.caught_by == "efficiency E6", r.hunt.caught_by
