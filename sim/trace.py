@@ -12,7 +12,8 @@ hashes differ names the first divergent event.
 
 Only the last ``keep`` records are held in memory (the hashes are all kept);
 ``write_jsonl`` writes them with the core's wire codec, one JSON object per
-line, after a header line describing the run.
+line, after a header line describing the run; raw bytes (a snapshot's
+encoded state in a ``SyncResponse``) are written as ``{"base64": ...}``.
 
 Invariants kept: the digest depends only on the records' content and order
 (never on object identity, hash seeds or wall time).
@@ -20,6 +21,7 @@ Invariants kept: the digest depends only on the records' content and order
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from collections import deque
@@ -91,10 +93,18 @@ class Tracer:
         with path.open("w", encoding="utf-8") as out:
             out.write(json.dumps({"header": header}, sort_keys=True) + "\n")
             for offset, rec in enumerate(self.records):
-                out.write(json.dumps(render_record(first + offset, rec, self.hash_at(first + offset))) + "\n")
+                out.write(json.dumps(render_record(first + offset, rec, self.hash_at(first + offset)),
+                                     default=_json_default) + "\n")
 
     def write_hashes(self, path: Path) -> None:
         path.write_bytes(bytes(self._hashes))
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for what the wire codec leaves as it is: bytes (a snapshot's encoded state)."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"base64": base64.b64encode(bytes(obj)).decode("ascii")}
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def render_record(index: int, rec: tuple[float, str, str, Any], digest: bytes | None = None) -> dict[str, Any]:
