@@ -104,3 +104,7 @@ class CommandResult(Record, frozen=True, kw_only=True):
     # An error code for the API: e.g. "model_not_found", "insufficient_memory".
     code: str | None = None
     instance_id: InstanceId | None = None
+    # For an accepted task: an index of the log at which its task exists (its
+    # ``TaskCreated``). A follower that catches up from a later snapshot without
+    # the task knows the task ended in between (``Requests.on_state_jumped``).
+    task_index: int | None = None

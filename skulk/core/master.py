@@ -277,9 +277,12 @@ class Master:
             params=command.params,
         )
         if task.task_id in state.tasks:
-            return [], CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
+            return [], CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id,
+                                     task_index=state.last_index)
         effects = self.index(now, TaskCreated(task=task))
-        return effects, CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id)
+        assert self.state is not None
+        return effects, CommandResult(command_id=cid, status="accepted", instance_id=instance.instance_id,
+                                      task_index=self.state.last_index)
 
     def _choose_instance(self, state: State, command: SubmitTask) -> Instance | CommandResult:
         cid = command.command_id

@@ -494,6 +494,8 @@ class CoreNode:
                 effects += self._raise(
                     now, self.reporter.rebuild(state) + self.keeper.rebuild(now, state) + self.worker.rebuild(state)
                 )
+            if jumped:
+                effects += self._take(now, self.requests.on_state_jumped(now, state))
             if self._since_persist >= self.config.persist_state_every:
                 self._since_persist = 0
                 effects.append(self._persist_effect())

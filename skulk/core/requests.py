@@ -16,7 +16,12 @@ It also ends, with an error chunk, when:
 - the session changes while it is open (invariant 8: requests open on a dead
   master end with a clear error, never hang);
 - the replicated state says its task failed or was deleted and the last chunk
-  does not follow within ``request_linger_s``.
+  does not follow within ``request_linger_s``;
+- this node caught up from a snapshot (``on_state_jumped``) taken at or after
+  an index at which the task existed (``CommandResult.task_index``), and the
+  task is gone from it: it ended in the events the snapshot stands for, so
+  whether it failed or completed is not known here; the last chunk gets
+  ``request_linger_s`` to arrive, then the request ends with ``stream_lost``.
 - this node has not had its session's master among its peers for
   ``master_lost_grace_s`` (``on_master_lost``): a partial mesh in which the
   others still reach the master, so no election follows, but neither this
@@ -35,6 +40,7 @@ from skulk.core.ids import CommandId, NodeId, TaskId, derive_id
 from skulk.core.messages import CommandMessage
 from skulk.core.output import Output
 from skulk.core.session import Incarnation, Session
+from skulk.core.state import State
 from skulk.core.tasks import ChunkError, TokenChunk
 from skulk.core.timers import RequestTimer, cancel_timer, set_timer
 
@@ -45,7 +51,8 @@ MASTER_UNREACHABLE = "master_unreachable"
 
 
 class _Open:
-    __slots__ = ("command", "submitted_at", "sent_session", "accepted", "next_seq", "retry_at", "linger", "epoch")
+    __slots__ = ("command", "submitted_at", "sent_session", "accepted", "next_seq", "retry_at", "linger", "epoch",
+                 "task_index", "ended_unseen")
 
     def __init__(self, command: Command, now: float) -> None:
         self.command = command
@@ -56,6 +63,8 @@ class _Open:
         self.retry_at: float | None = None
         self.linger = False
         self.epoch: Incarnation | None = None  # incarnation of the node streaming the chunks
+        self.task_index: int | None = None  # an index at which the task exists (from the accepted answer)
+        self.ended_unseen = False  # its task ended in events a snapshot skipped
 
 
 class Requests:
@@ -130,6 +139,7 @@ class Requests:
         if entry.accepted:
             return Output()
         entry.accepted = True
+        entry.task_index = result.task_index
         return Output([
             cancel_timer(RequestTimer(result.command_id)),
             CommandCompleted(command_id=result.command_id, result=result),
@@ -182,6 +192,27 @@ class Requests:
             return Output([self._arm(entry, now + self.config.request_linger_s)])
         return Output(self._error(cid, entry, f"the request was {event.outcome}", event.outcome))
 
+    def on_state_jumped(self, now: float, state: State) -> Output:
+        """This node installed a snapshot: end the accepted requests whose task it shows ended.
+
+        The snapshot stands for events this node never applied one by one; a
+        ``TaskFailed`` or ``TaskDeleted`` among them would otherwise never reach
+        ``on_applied``, and the request would stay open for good.
+        """
+        effects: list[Effect] = []
+        for cid in sorted(self._open):
+            entry = self._open[cid]
+            if not (isinstance(entry.command, SubmitTask) and entry.accepted) or entry.linger:
+                continue
+            if entry.task_index is None or state.last_index < entry.task_index:
+                continue  # the snapshot may predate the task
+            if TaskId(derive_id("task", cid)) in state.tasks:
+                continue
+            entry.linger = True
+            entry.ended_unseen = True
+            effects.append(self._arm(entry, now + self.config.request_linger_s))
+        return Output(effects)
+
     def on_session_changed(self, now: float, old: Session | None, new: Session) -> Output:
         effects: list[Effect] = []
         for cid in sorted(self._open):
@@ -231,6 +262,10 @@ class Requests:
         if entry is None:
             return Output()
         if entry.linger:
+            if entry.ended_unseen:
+                return Output(self._error(
+                    cid, entry, "the request's task ended while this node was catching up on the cluster's state, "
+                    "and its last chunk never arrived; retry the request", "stream_lost"))
             return Output(self._error(cid, entry, "the request completed but its last chunk never arrived", "stream_lost"))
         if entry.accepted:
             return Output()

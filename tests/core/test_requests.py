@@ -16,7 +16,8 @@ from skulk.core.inputs import Received, SubmitCommand
 from skulk.core.messages import CommandResultMessage
 from skulk.core.requests import Requests
 from skulk.core.session import Session
-from skulk.core.tasks import ChatMessage, ChunkError, GenerationParams
+from skulk.core.state import State
+from skulk.core.tasks import ChatMessage, ChunkError, GenerationParams, Task
 from skulk.core.timers import RequestTimer, key
 
 SUBMITTED = 30.54538900294016  # + 15 s rounds to a time whose distance back is < 15 s
@@ -155,3 +156,49 @@ def test_a_kv_refusal_that_arrives_as_the_event_keeps_its_retry_after() -> None:
     err = _ended_with(_accepted(), TaskFailed(task_id=TASK, error_message="kv_budget_exhausted: ...", code="kv_budget_exhausted",
                                               error_type="service_unavailable", retry_after_s=7))  # fmt: skip
     assert (err.code, err.type, err.retry_after_s) == ("kv_budget_exhausted", "service_unavailable", 7)
+
+
+def _accepted_at(task_index: int) -> Requests:
+    req = Requests(NodeId("n1"), CoreConfig(request_linger_s=5.0))
+    params = GenerationParams(messages=(ChatMessage(role="user", content="hi"),))
+    req.submit(0.0, SubmitTask(command_id=CID, model_id=ModelId("m/x"), params=params), SESSION)
+    accepted = CommandResult(command_id=CID, status="accepted", instance_id=InstanceId("i"), task_index=task_index)
+    req.on_result(0.1, accepted, SESSION, SESSION)
+    return req
+
+
+def test_a_request_whose_task_ended_inside_a_snapshot_ends_instead_of_hanging() -> None:
+    """Regression: a follower that caught up from a snapshot never learnt its request's task had failed.
+
+    Found by the 10,000-seed nightly (``python -m chaos run log_compaction --seed 141``): the task of
+    n2's request ran on n1, which crashed; the master indexed ``TaskFailed`` and ``TaskDeleted``
+    (126, 127) while n2 was missing 112; before the gap filled, n2 installed a snapshot at 143,
+    which skipped the two events, so the request tracker never saw them and the client waited
+    forever. A snapshot at or after an index at which the task existed, without the task, now
+    ends the request: its last chunk gets ``request_linger_s``, then the client gets an error.
+    """
+    req = _accepted_at(83)
+    snapshot = State(session=SESSION, last_index=143)  # no tasks: this one ended in between
+    effects = req.on_state_jumped(8.3, snapshot).effects
+    timers = [e for e in effects if isinstance(e, SetTimer) and e.key == key(RequestTimer(CID))]
+    assert [t.at for t in timers] == [8.3 + 5.0] and req.is_open(CID), "the last chunk may still arrive"
+    effects = req.on_timer(13.3, RequestTimer(CID), SESSION).effects
+    chunks = [e.chunk for e in effects if isinstance(e, DeliverChunk)]
+    assert len(chunks) == 1 and chunks[0].finish_reason == "error" and chunks[0].error is not None
+    assert chunks[0].error.code == "stream_lost" and "catching up" in chunks[0].error.message
+    assert not req.is_open(CID)
+
+
+def test_a_snapshot_that_predates_the_task_or_still_holds_it_leaves_the_request_open() -> None:
+    req = _accepted_at(83)
+    assert req.on_state_jumped(8.3, State(session=SESSION, last_index=82)).effects == []  # before TaskCreated
+    task = Task(task_id=TASK, command_id=CID, origin=NodeId("n1"), instance_id=InstanceId("i"), model_id=ModelId("m/x"),
+                kind="chat", params=GenerationParams(messages=(ChatMessage(role="user", content="hi"),)))
+    assert req.on_state_jumped(8.3, State(session=SESSION, last_index=143, tasks={TASK: task})).effects == []
+    assert req.is_open(CID)
+
+
+def test_a_finished_stream_is_not_ended_twice_by_a_later_snapshot() -> None:
+    req = _accepted_at(83)
+    req.on_state_jumped(8.3, State(session=SESSION, last_index=143))
+    assert req.on_state_jumped(9.0, State(session=SESSION, last_index=160)).effects == [], "already lingering"
