@@ -44,6 +44,7 @@ import json
 import math
 import platform
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -159,13 +160,23 @@ class Trial:
     master: str
     detect_s: list[float] = field(default_factory=list)  # per survivor: loss -> its member line
     campaign_s: list[float] = field(default_factory=list)  # per survivor: member line -> campaign concluded
+    campaign_votes: list[int] = field(default_factory=list)  # per survivor: the votes its campaign counted
+    survivors: int = 0
     session_s: float | None = None  # loss -> the new master's "master of session"
     first_token_s: float | None = None  # loss -> the first token of a request sent after it
     requests: list[Request] = field(default_factory=list)
 
+    @property
+    def survivors_deaf(self) -> bool:
+        """A survivor's campaign ended on its timeout without the other survivors' votes: they did not hear each other."""
+        return any(v < self.survivors for v in self.campaign_votes)
 
-def _log_lines(cluster: RealCluster, node: str) -> list[dict[str, Any]]:
-    path = cluster.base / "logs" / f"{node}.log"
+
+_VOTES = re.compile(r" from (\d+) votes?")
+
+
+def _log_lines(log_dir: Path, node: str) -> list[dict[str, Any]]:
+    path = log_dir / f"{node}.log"
     out = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith("{"):
@@ -176,9 +187,11 @@ def _log_lines(cluster: RealCluster, node: str) -> list[dict[str, Any]]:
     return out
 
 
-def _phases(cluster: RealCluster, trial: Trial, survivors: list[str]) -> None:
+def _phases(log_dir: Path, trial: Trial, survivors: list[str]) -> None:
+    """The survivors' detection, campaign and new-session times after the loss, from their JSON logs in ``log_dir``."""
+    trial.survivors = len(survivors)
     for node in survivors:
-        lines = [r for r in _log_lines(cluster, node) if r["ts"] >= trial.lost_at]
+        lines = [r for r in _log_lines(log_dir, node) if r["ts"] >= trial.lost_at]
         member = next((r for r in lines if r["logger"] == "skulk.transport" and r["msg"].startswith("members:")
                        and trial.master not in r["msg"]), None)
         if member is None:
@@ -187,6 +200,9 @@ def _phases(cluster: RealCluster, trial: Trial, survivors: list[str]) -> None:
         chose = next((r for r in lines if r["ts"] >= member["ts"] and r["msg"].startswith("campaign at clock")), None)
         if chose is not None:
             trial.campaign_s.append(chose["ts"] - member["ts"])
+            votes = _VOTES.search(chose["msg"])
+            if votes is not None:
+                trial.campaign_votes.append(int(votes.group(1)))
         started = next((r for r in lines if r["msg"].startswith("master of session")), None)
         if started is not None:
             trial.session_s = started["ts"] - trial.lost_at
@@ -246,7 +262,7 @@ def run_trial(kind: str, base: Path, models: Path, *, users: int, pre_s: float, 
         for c in clients:
             c.join(timeout=40.0)
         trial.requests = [r for c in clients for r in c.records]
-        _phases(cluster, trial, followers)
+        _phases(cluster.base / "logs", trial, followers)
         trial.first_token_s = _first_token(trial.requests, lost_at)
         return trial
 
@@ -318,7 +334,8 @@ def calibrate(trials: int, *, work: Path, netns: bool = True, echo: Any = print)
                 continue
             done[kind].append(trial)
             echo(f"  {kind} trial {i + 1}: detect {[round(d, 4) for d in trial.detect_s]} s, campaign "
-                 f"{[round(c, 4) for c in trial.campaign_s]} s, first token {trial.first_token_s}")
+                 f"{[round(c, 4) for c in trial.campaign_s]} s (votes {trial.campaign_votes}), first token "
+                 f"{trial.first_token_s}" + (" [survivors deaf to each other]" if trial.survivors_deaf else ""))
     steady = [r for t in done["process"] for r in t.requests if r.ok and r.t_first is not None and r.t1 < t.lost_at]
     ttft = [r.t_first - r.t0 for r in steady if r.t_first is not None]
     decode = [(r.tokens - 1) / (r.t1 - r.t_first) for r in steady if r.tokens > 1 and r.t_first is not None and r.t1 > r.t_first]
@@ -327,7 +344,10 @@ def calibrate(trials: int, *, work: Path, netns: bool = True, echo: Any = print)
     engine_decode = [float(r.stats["generation_tps"]) for r in steady if r.stats and r.stats.get("generation_tps")]
     campaign = [c for k in kinds for t in done[k] for c in t.campaign_s]
     # One round of votes after the settle delay is a message each way: half is the one-way latency.
-    one_way_ms = [max(0.05, (c - SETTLE_S) * 1000.0 / 2.0) for c in campaign if c > SETTLE_S]
+    # Only campaigns that counted every survivor's vote measure a round; one that ended on its
+    # timeout with fewer (the survivors did not hear each other) measures the timeout.
+    complete = [c for k in kinds for t in done[k] for c, v in zip(t.campaign_s, t.campaign_votes) if v >= t.survivors]
+    one_way_ms = [max(0.05, (c - SETTLE_S) * 1000.0 / 2.0) for c in complete if c > SETTLE_S]
     raw = zenoh_latency_ms()
     assert ttft and decode and prompt_tokens, "no steady request measured: the cluster did not serve"
     prefill_tps = prompt_tokens / statistics.median(ttft)
@@ -341,6 +361,9 @@ def calibrate(trials: int, *, work: Path, netns: bool = True, echo: Any = print)
         "crash_detect_s": sorted(d for t in done["process"] for d in t.detect_s),
         "lease_detect_s": sorted(d for t in done.get("host", []) for d in t.detect_s),
         "campaign_s": sorted(campaign),
+        "campaigns_without_every_vote": {k: sum(1 for t in v for n in t.campaign_votes if n < t.survivors)
+                                         for k, v in done.items()},
+        "trials_survivors_deaf": {k: sum(1 for t in v if t.survivors_deaf) for k, v in done.items()},
         "session_after_loss_s": sorted(t.session_s for k in kinds for t in done[k] if t.session_s is not None),
         "latency_ms_median": round(statistics.median(one_way_ms), 3) if one_way_ms else None,
         "latency_jitter": round(_lognormal_sigma(one_way_ms), 3),

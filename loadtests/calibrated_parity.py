@@ -52,8 +52,11 @@ LABELS = {"process": "process killed (kill -9)", "host": "host lost (links down,
 TARGET = 0.30
 
 
-def real_failovers(kind: str, trials: int, work: Path, models: Path, echo: Any = print) -> list[float | None]:
+def real_failovers(kind: str, trials: int, work: Path, models: Path,
+                   echo: Any = print) -> tuple[list[float | None], list[bool]]:
+    """Loss -> first token of each real trial (None: none served), and whether its survivors were deaf to each other."""
     out: list[float | None] = []
+    deaf: list[bool] = []
     for i in range(trials):
         try:
             trial = run_trial(kind, work / f"{kind}-{i}", models, users=6, pre_s=8.0, post_s=14.0, think_s=0.2)
@@ -61,9 +64,12 @@ def real_failovers(kind: str, trials: int, work: Path, models: Path, echo: Any =
             echo(f"  real {kind} {i + 1}/{trials}: FAILED to set up ({type(exc).__name__}: {str(exc)[:200]})")
             continue
         out.append(trial.first_token_s)
+        deaf.append(trial.survivors_deaf)
         echo(f"  real {kind} {i + 1}/{trials}: first token {trial.first_token_s} s after the loss "
-             f"(detected after {[round(d, 3) for d in trial.detect_s]} s)")
-    return out
+             f"(detected after {[round(d, 3) for d in trial.detect_s]} s; campaigns "
+             f"{[round(c, 3) for c in trial.campaign_s]} s with {trial.campaign_votes} votes"
+             f"{'; the survivors did not hear each other' if trial.survivors_deaf else ''})")
+    return out, deaf
 
 
 def sim_failovers(mode: str, seeds: int) -> tuple[list[float], list[str]]:
@@ -114,6 +120,12 @@ def table(figures: dict[str, Any]) -> list[str]:
         lines.append(f"| {LABELS[kind]} | {f['real_served']} of {f['real_trials']} | {f['real_p50']} s | {f['real_p90']} s "
                      f"| {f['sim_ok']} of {f['sim_seeds']} | {f['sim_p50']} s | {f['sim_p90']} s "
                      f"| {off(f['real_p50'], f['sim_p50'])} | {off(f['real_p90'], f['sim_p90'])} |")
+        if f.get("real_trials_deaf"):
+            lines.append(f"| {LABELS[kind]}, only the trials whose survivors heard each other "
+                         f"({f['real_trials'] - f['real_trials_deaf']} of {f['real_trials']}) "
+                         f"| {f['real_heard_served']} | {f['real_heard_p50']} s | {f['real_heard_p90']} s "
+                         f"| {f['sim_ok']} of {f['sim_seeds']} | {f['sim_p50']} s | {f['sim_p90']} s "
+                         f"| {off(f['real_heard_p50'], f['sim_p50'])} | {off(f['real_heard_p90'], f['sim_p90'])} |")
     storm = figures.get("storm")
     if storm:
         lines += ["", "| storm: task events per abandoned request | real | simulated |", "|---|---|---|",
@@ -182,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     figures["commit"] = _commit()
     for kind in kinds:
         echo(f"# {LABELS[kind]}: {args.trials} real trials, {args.sim_seeds} simulated seeds")
-        real = real_failovers(kind, args.trials, work, models, echo)
+        real, deaf = real_failovers(kind, args.trials, work, models, echo)
         sim, failures = sim_failovers(KINDS[kind], args.sim_seeds)
         served = [v for v in real if v is not None]
+        heard = [v for v, d in zip(real, deaf) if v is not None and not d]
         figures["failover"][kind] = {
-            "real": real, "real_trials": len(real), "real_served": len(served),
+            "real": real, "real_deaf": deaf, "real_trials": len(real), "real_served": len(served),
             "real_p50": _q(served, 50), "real_p90": _q(served, 90),
+            "real_trials_deaf": sum(deaf), "real_heard_served": len(heard),
+            "real_heard_p50": _q(heard, 50), "real_heard_p90": _q(heard, 90),
             "sim_seeds": args.sim_seeds, "sim_ok": len(sim), "sim_p50": _q(sim, 50), "sim_p90": _q(sim, 90),
             "sim_failures": failures[:10],
         }

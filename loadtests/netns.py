@@ -234,7 +234,14 @@ def ns_http(netns: Netns, i: int, path: str, *, port: int, method: str = "GET", 
 API_PORT = 52415
 ZENOH_PORT = 52416
 VPN_PREFIX = "100.64.7."
-_PRIMARY = ("10.77.1.1", "10.77.2.1", "10.77.2.2")
+# The address of machine j as machine i reaches it: j's end of the link between them.
+# (Each machine bootstraps to its peers over the links it has; an address on a
+# subnet the machine is not on is unreachable from it.)
+_PEER_ADDRESS = {
+    (0, 1): "10.77.1.2", (1, 0): "10.77.1.1",
+    (1, 2): "10.77.2.2", (2, 1): "10.77.2.1",
+    (0, 2): "10.77.3.2", (2, 0): "10.77.3.1",
+}
 
 
 @contextmanager
@@ -266,7 +273,7 @@ def netns_cluster_with_links(
                 "SKULK_HOME": str(base / f"node-{i + 1}"), "SKULK_MODELS_DIR": str(models),
                 "SKULK_NODE_ID": f"m-{i + 1}", "SKULK_FRIENDLY_NAME": f"m-{i + 1}", "SKULK_NAMESPACE": namespace,
                 "SKULK_CLUSTER_KEY": key, "SKULK_API_PORT": str(API_PORT), "SKULK_LISTEN": f"tcp/0.0.0.0:{ZENOH_PORT}",
-                "SKULK_BOOTSTRAP_PEERS": ",".join(f"tcp/{_PRIMARY[j]}:{ZENOH_PORT}" for j in range(3) if j != i),
+                "SKULK_BOOTSTRAP_PEERS": ",".join(f"tcp/{_PEER_ADDRESS[i, j]}:{ZENOH_PORT}" for j in range(3) if j != i),
                 "SKULK_MULTICAST": "0", "SKULK_AUTO_PLACE": "none",
             })
             node_env.update(env or {})

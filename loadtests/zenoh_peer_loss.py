@@ -1,0 +1,191 @@
+"""Do two zenoh peers still hear each other after a third one's host is lost? A reproduction.
+
+Theory of operation
+-------------------
+The calibrated parity run (``python -m loadtests.calibrated_parity``) found
+that when the master's host is lost (every link of its network namespace
+down, so its TCP connections neither close nor reset), the two surviving
+nodes often stop hearing each other once the lost peer's lease expires, while
+each still lists the other as a member: their campaigns end on the 3 s
+timeout counting only their own vote, both become master at the same clock,
+and requests stall until the lost host comes back. This module shows that the
+cause is below Skulk: it uses nothing of Skulk but the namespaces
+(``loadtests.netns``) and the transport's zenoh settings (peer mode,
+``scouting/gossip`` on, multicast off, a 2 s lease, each peer connecting to
+the others over the link they share).
+
+Each trial builds three namespaces joined pairwise by veth links, starts one
+plain zenoh peer in each (``--peer``: subscribe ``p/*``, declare a liveliness
+token, publish 50 messages a second on ``p/<me>`` with the transport's
+control-message settings: congestion control DROP, priority
+INTERACTIVE_HIGH), takes every link of machine 2 down after ``--before``
+seconds, and counts, per half second, what machines 0 and 1 receive from each
+other, and the packets each sends the other (the veth counters). A trial is
+*deaf* when, from one second after the lost peer's liveliness token is
+withdrawn, either survivor receives nothing from the other for the rest of
+the trial although the packets keep flowing.
+
+Measured here (zenoh 1.10.2, the newest on PyPI): see ``docs/reliability.md``
+section 7. Re-declaring the subscribers or the publisher after the loss,
+``session.put`` instead of a declared publisher, or gossip off did not
+reliably restore delivery.
+
+Invariants kept: the namespaces are always deleted; no peer process outlives
+its trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+__all__ = ["peer_main", "run_trial", "main"]
+
+# The address of machine j as machine i reaches it (j's end of their link).
+_PEER_ADDRESS = {
+    (0, 1): "10.77.1.2", (1, 0): "10.77.1.1",
+    (1, 2): "10.77.2.2", (2, 1): "10.77.2.1",
+    (0, 2): "10.77.3.2", (2, 0): "10.77.3.1",
+}
+_PORT = 52416
+
+
+def peer_main(argv: list[str]) -> int:
+    """One zenoh peer (run inside a namespace): publish, count what arrives per sender every half second."""
+    import zenoh
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--me", required=True)
+    p.add_argument("--connect", required=True)
+    p.add_argument("--seconds", type=float, required=True)
+    p.add_argument("--lease-ms", type=int, default=2000)
+    args = p.parse_args(argv)
+    cfg = zenoh.Config()
+    cfg.insert_json5("mode", '"peer"')
+    cfg.insert_json5("listen/endpoints", json.dumps([f"tcp/0.0.0.0:{_PORT}"]))
+    cfg.insert_json5("connect/endpoints", json.dumps([f"tcp/{a}:{_PORT}" for a in args.connect.split(",")]))
+    cfg.insert_json5("scouting/multicast/enabled", "false")
+    cfg.insert_json5("scouting/gossip/enabled", "true")
+    cfg.insert_json5("transport/link/tx/lease", str(args.lease_ms))
+    cfg.insert_json5("transport/link/tx/keep_alive", "4")
+    session = zenoh.open(cfg)
+    lock = threading.Lock()
+    counts: dict[str, int] = {}
+
+    def on_sample(sample: Any) -> None:
+        sender = str(sample.key_expr).split("/")[1]
+        with lock:
+            counts[sender] = counts.get(sender, 0) + 1
+
+    def on_alive(sample: Any) -> None:
+        gone = str(sample.kind).endswith("DELETE")
+        print(json.dumps({"t": time.time(), "alive": str(sample.key_expr).rsplit("/", 1)[1], "gone": gone}), flush=True)
+
+    keep = [session.declare_subscriber("p/*", on_sample),
+            session.liveliness().declare_subscriber("p/alive/*", on_alive, history=True),
+            session.liveliness().declare_token(f"p/alive/{args.me}")]
+    pub = session.declare_publisher(f"p/{args.me}", congestion_control=zenoh.CongestionControl.DROP,
+                                    priority=zenoh.Priority.INTERACTIVE_HIGH)
+    start = last = time.time()
+    while time.time() - start < args.seconds:
+        pub.put(b"x")
+        time.sleep(0.02)
+        if time.time() - last >= 0.5:
+            last = time.time()
+            with lock:
+                snap = dict(counts)
+                counts.clear()
+            print(json.dumps({"t": last, "recv": snap}), flush=True)
+    del keep
+    sys.stdout.flush()
+    # zenoh's threads can keep a plain exit waiting; the trial has what it needs.
+    import os
+
+    os._exit(0)
+
+
+def _tx_packets(net: Any, i: int, dev: str) -> int:
+    return int(net.run(i, ["cat", f"/sys/class/net/{dev}/statistics/tx_packets"]).stdout.strip())
+
+
+def run_trial(*, before_s: float = 5.0, after_s: float = 10.0) -> dict[str, Any]:
+    """One trial (see the module docstring): the figures of machines 0 and 1 after machine 2's links went down."""
+    from loadtests.netns import Netns
+
+    with Netns(3) as net:
+        net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
+        net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
+        net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")
+        procs = []
+        for i in range(3):
+            connect = ",".join(_PEER_ADDRESS[i, j] for j in range(3) if j != i)
+            procs.append(subprocess.Popen(
+                [*net.prefix_argv(i), sys.executable, "-m", "loadtests.zenoh_peer_loss", "--peer", "--me", f"m{i}",
+                 "--connect", connect, "--seconds", str(before_s + after_s)],
+                stdout=subprocess.PIPE, text=True))
+        try:
+            time.sleep(before_s)
+            down_at = time.time()
+            net.run(2, ["sh", "-c", "ip link set eth2 down; ip link set eth3 down"])
+            packets = []
+            while time.time() - down_at < after_s - 1.5:
+                a = (_tx_packets(net, 0, "eth1"), _tx_packets(net, 1, "eth1"))
+                time.sleep(1.0)
+                b = (_tx_packets(net, 0, "eth1"), _tx_packets(net, 1, "eth1"))
+                packets.append((b[0] - a[0], b[1] - a[1]))
+            outs = [p.communicate(timeout=after_s + 30)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+    result: dict[str, Any] = {"packets_per_s_0_to_1": [x for x, _ in packets], "packets_per_s_1_to_0": [y for _, y in packets]}
+    for i, other in ((0, "m1"), (1, "m0")):
+        rows = [json.loads(line) for line in outs[i].splitlines() if line.startswith("{")]
+        gone = next((r["t"] for r in rows if r.get("alive") == "m2" and r.get("gone")), None)
+        result[f"m{i}_saw_m2_leave_after_s"] = None if gone is None else round(gone - down_at, 3)
+        since = (gone if gone is not None else down_at) + 1.0
+        after = [r["recv"].get(other, 0) for r in rows if "recv" in r and r["t"] >= since]
+        result[f"m{i}_heard_{other}_after"] = sum(after)
+        result[f"m{i}_windows_after"] = len(after)
+    result["deaf"] = result["m0_heard_m1_after"] == 0 or result["m1_heard_m0_after"] == 0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--peer":
+        return peer_main(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m loadtests.zenoh_peer_loss", description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--before", type=float, default=5.0, help="seconds of traffic before machine 2's links go down")
+    p.add_argument("--after", type=float, default=10.0, help="seconds watched after")
+    args = p.parse_args(argv)
+    from loadtests.netns import netns_available
+
+    ok, why = netns_available()
+    if not ok:
+        print(f"cannot run: {why}", file=sys.stderr)
+        return 2
+    from importlib.metadata import version
+
+    print(f"# zenoh {version('eclipse-zenoh')}: {args.trials} trial(s); three peers, machine 2's links down "
+          f"after {args.before} s, watched for {args.after} s", flush=True)
+    deaf = 0
+    for k in range(args.trials):
+        r = run_trial(before_s=args.before, after_s=args.after)
+        deaf += bool(r["deaf"])
+        print(f"trial {k + 1}: m2 left after {r['m0_saw_m2_leave_after_s']}/{r['m1_saw_m2_leave_after_s']} s; "
+              f"from then on m0 heard m1 {r['m0_heard_m1_after']} times, m1 heard m0 {r['m1_heard_m0_after']} times "
+              f"(50 sent per second each way; packets on the wire per second, m0->m1 {r['packets_per_s_0_to_1']}, "
+              f"m1->m0 {r['packets_per_s_1_to_0']})" + ("  DEAF" if r["deaf"] else ""), flush=True)
+    print(f"# deaf in {deaf} of {args.trials} trials", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
