@@ -214,14 +214,15 @@ def _first_token(records: list[Request], lost_at: float) -> float | None:
 
 
 @contextmanager
-def _cluster(kind: str, base: Path, models: Path) -> Iterator[tuple[RealCluster, Any]]:
+def _cluster(kind: str, base: Path, models: Path,
+             sysctls: dict[str, str] | None = None) -> Iterator[tuple[RealCluster, Any]]:
     if kind == "process":
         with loopback_cluster(base, 3, models=models, env=JSON_LOGS) as cluster:
             yield cluster, None
         return
     from loadtests.netns import netns_cluster_with_links
 
-    with netns_cluster_with_links(base, models, env=JSON_LOGS) as (cluster, net):
+    with netns_cluster_with_links(base, models, env=JSON_LOGS, sysctls=sysctls) as (cluster, net):
         yield cluster, net
 
 
@@ -239,10 +240,13 @@ def _lose(kind: str, cluster: RealCluster, net: Any, master: str) -> float:
 
 
 def run_trial(kind: str, base: Path, models: Path, *, users: int, pre_s: float, post_s: float, think_s: float,
-              max_tokens: int = 16, model: str = DEFAULT_MODEL_ID) -> Trial:
-    """One fresh cluster: place the model away from the master, stream, lose the master, measure."""
+              max_tokens: int = 16, model: str = DEFAULT_MODEL_ID, sysctls: dict[str, str] | None = None) -> Trial:
+    """One fresh cluster: place the model away from the master, stream, lose the master, measure.
+
+    ``sysctls`` apply to a lost-host trial's namespaces (e.g. ``net.ipv4.tcp_retries2``).
+    """
     assert kind in ("process", "host"), kind
-    with _cluster(kind, base, models) as (cluster, net):
+    with _cluster(kind, base, models, sysctls) as (cluster, net):
         master = cluster.wait_master()
         cluster.wait_memory_known()
         followers = [n for n in cluster.nodes if n != master]

@@ -52,14 +52,15 @@ LABELS = {"process": "process killed (kill -9)", "host": "host lost (links down,
 TARGET = 0.30
 
 
-def real_failovers(kind: str, trials: int, work: Path, models: Path,
-                   echo: Any = print) -> tuple[list[float | None], list[bool]]:
+def real_failovers(kind: str, trials: int, work: Path, models: Path, echo: Any = print,
+                   sysctls: dict[str, str] | None = None) -> tuple[list[float | None], list[bool]]:
     """Loss -> first token of each real trial (None: none served), and whether its survivors were deaf to each other."""
     out: list[float | None] = []
     deaf: list[bool] = []
     for i in range(trials):
         try:
-            trial = run_trial(kind, work / f"{kind}-{i}", models, users=6, pre_s=8.0, post_s=14.0, think_s=0.2)
+            trial = run_trial(kind, work / f"{kind}-{i}", models, users=6, pre_s=8.0, post_s=14.0, think_s=0.2,
+                              sysctls=sysctls)
         except (AssertionError, OSError, RuntimeError, TimeoutError) as exc:
             echo(f"  real {kind} {i + 1}/{trials}: FAILED to set up ({type(exc).__name__}: {str(exc)[:200]})")
             continue
@@ -180,21 +181,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="artifacts/parity/work")
     p.add_argument("--out", default="artifacts/parity/calibrated.json")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the docs section")
+    p.add_argument("--kind", action="append", choices=sorted(KINDS), help="only these crash kinds (repeatable)")
+    p.add_argument("--tcp-retries2", type=int, default=None,
+                   help="set net.ipv4.tcp_retries2 in the lost-host trials' namespaces (the deafness workaround, "
+                        "docs/operations.md); implies --no-docs")
     args = p.parse_args(argv)
     profile = json.loads(PROFILE_PATH.read_text(encoding="utf-8"))
     work = Path(args.work).resolve()  # the nodes run elsewhere: every path they get must be absolute
     work.mkdir(parents=True, exist_ok=True)
     models = models_dir(work)
-    kinds = [k for k in KINDS if not (k == "host" and args.no_netns)]
+    kinds = [k for k in KINDS if not (k == "host" and args.no_netns) and (not args.kind or k in args.kind)]
+    sysctls = {"net.ipv4.tcp_retries2": str(args.tcp_retries2)} if args.tcp_retries2 is not None else None
+    if sysctls is not None:
+        args.no_docs = True  # the docs table is the default configuration's
     echo = lambda line: print(line, flush=True)  # noqa: E731
     figures: dict[str, Any] = {"measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trials": args.trials,
                                "sim_seeds": args.sim_seeds, "failover": {}}
     from loadtests.calibrate import _commit
 
     figures["commit"] = _commit()
+    figures["sysctls"] = sysctls or {}
     for kind in kinds:
         echo(f"# {LABELS[kind]}: {args.trials} real trials, {args.sim_seeds} simulated seeds")
-        real, deaf = real_failovers(kind, args.trials, work, models, echo)
+        real, deaf = real_failovers(kind, args.trials, work, models, echo, sysctls if kind == "host" else None)
         sim, failures = sim_failovers(KINDS[kind], args.sim_seeds)
         served = [v for v in real if v is not None]
         heard = [v for v, d in zip(real, deaf) if v is not None and not d]

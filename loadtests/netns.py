@@ -253,10 +253,17 @@ def netns_cluster(base: Path, models: Path, *, env: Mapping[str, str] | None = N
 
 @contextmanager
 def netns_cluster_with_links(
-    base: Path, models: Path, *, env: Mapping[str, str] | None = None
+    base: Path, models: Path, *, env: Mapping[str, str] | None = None, sysctls: Mapping[str, str] | None = None
 ) -> Iterator[tuple[RealCluster, Netns]]:
-    """``netns_cluster``, yielding the namespaces too (to take a machine's links down: a lost host)."""
+    """``netns_cluster``, yielding the namespaces too (to take a machine's links down: a lost host).
+
+    ``sysctls`` are set in every namespace before the nodes start (the ``net.*``
+    ones are per namespace), e.g. ``{"net.ipv4.tcp_retries2": "3"}``.
+    """
     with Netns(3) as net:
+        for i in range(3):
+            for name, value in (sysctls or {}).items():
+                net.run(i, ["sysctl", "-q", "-w", f"{name}={value}"])
         net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
         net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
         net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")

@@ -21,9 +21,9 @@ control-message settings: congestion control DROP, priority
 INTERACTIVE_HIGH), takes every link of machine 2 down after ``--before``
 seconds, and counts, per half second, what machines 0 and 1 receive from each
 other, and the packets each sends the other (the veth counters). A trial is
-*deaf* when, from one second after the lost peer's liveliness token is
-withdrawn, either survivor receives nothing from the other for the rest of
-the trial although the packets keep flowing.
+*deaf* when either survivor hears nothing from the other for a second or
+more after the lost peer's liveliness token is withdrawn (or never again
+within the trial), although the packets keep flowing.
 
 ``--tcp-retries2 N`` sets ``net.ipv4.tcp_retries2`` in the three namespaces
 (it is per network namespace): how many retransmissions Linux makes before it
@@ -159,10 +159,14 @@ def run_trial(*, before_s: float = 5.0, after_s: float = 10.0, tcp_retries2: int
         gone = next((r["t"] for r in rows if r.get("alive") == "m2" and r.get("gone")), None)
         result[f"m{i}_saw_m2_leave_after_s"] = None if gone is None else round(gone - down_at, 3)
         since = (gone if gone is not None else down_at) + 1.0
-        after = [r["recv"].get(other, 0) for r in rows if "recv" in r and r["t"] >= since]
-        result[f"m{i}_heard_{other}_after"] = sum(after)
-        result[f"m{i}_windows_after"] = len(after)
-    result["deaf"] = result["m0_heard_m1_after"] == 0 or result["m1_heard_m0_after"] == 0
+        windows = [(r["t"], r["recv"].get(other, 0)) for r in rows if "recv" in r and r["t"] >= since]
+        result[f"m{i}_heard_{other}_after"] = sum(n for _, n in windows)
+        # Silent: from the lost peer's departure to the first half second in which the other survivor was heard.
+        back = next((t for t, n in windows if n > 0), None)
+        start = gone if gone is not None else down_at
+        result[f"m{i}_silent_s"] = None if back is None else round(back - 0.5 - start, 1)
+    silences = [result["m0_silent_s"], result["m1_silent_s"]]
+    result["deaf"] = any(v is None or v >= 1.0 for v in silences)
     return result
 
 
@@ -192,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     for k in range(args.trials):
         r = run_trial(before_s=args.before, after_s=args.after, tcp_retries2=args.tcp_retries2)
         deaf += bool(r["deaf"])
+        def silent(v: float | None) -> str:
+            return "never again" if v is None else f"again after {v} s"
+
         print(f"trial {k + 1}: m2 left after {r['m0_saw_m2_leave_after_s']}/{r['m1_saw_m2_leave_after_s']} s; "
-              f"from then on m0 heard m1 {r['m0_heard_m1_after']} times, m1 heard m0 {r['m1_heard_m0_after']} times "
+              f"then m0 heard m1 {silent(r['m0_silent_s'])}, m1 heard m0 {silent(r['m1_silent_s'])}; "
+              f"from a second after it m0 heard m1 {r['m0_heard_m1_after']} times, m1 heard m0 {r['m1_heard_m0_after']} times "
               f"(50 sent per second each way; packets on the wire per second, m0->m1 {r['packets_per_s_0_to_1']}, "
               f"m1->m0 {r['packets_per_s_1_to_0']})" + ("  DEAF" if r["deaf"] else ""), flush=True)
     print(f"# deaf in {deaf} of {args.trials} trials", flush=True)
