@@ -441,7 +441,8 @@ class EfficiencyChecker:
         key = (msg.origin, msg.session, msg.incarnation)
         entry = self._origins.get(key)
         if entry is None:
-            entry = self._origins[key] = [0, set(), None]
+            # [next expected, later ones held, when the gap opened, whether it opened while quiet]
+            entry = self._origins[key] = [0, set(), None, False]
         received: set[int] = entry[1]
         if msg.origin_idx < entry[0]:
             return
@@ -453,9 +454,15 @@ class EfficiencyChecker:
         gap_since = entry[2]
         if gap_since is not None and entry[0] > before:
             entry[2] = None
-            self._gap_filled(master, msg.origin, gap_since, now)
+            if entry[3]:
+                self._gap_filled(master, msg.origin, gap_since, now)
         if received and entry[2] is None:
-            entry[2] = now if quiet else None
+            # The gap's clock starts when it opens. One that opened while not quiet is not
+            # timed at all: the loss behind it may predate the quiet period, and timing it
+            # from a later arrival blamed the master for a resend lost before that
+            # (oversized_placement seed 239, a false E5 in the 10,000-seed nightly).
+            entry[2] = now
+            entry[3] = quiet
 
     def _gap_filled(self, master: str, origin: str, since: float, now: float) -> None:
         b = self.bounds

@@ -215,3 +215,17 @@ def test_e6_a_healthy_seed_checks_its_nacks_and_passes() -> None:
     r = run_scenario("oversized_placement", 1, quiet=True)
     assert r.ok, r.message
     assert r.checks["nacks_checked"] > 1
+
+
+def test_a_gap_that_opened_before_the_cluster_was_quiet_is_not_timed_from_a_later_arrival() -> None:
+    """Regression: a false E5 in the 10,000-seed nightly (``oversized_placement --seed 239``).
+
+    n2's local event 14 went missing at the master while the cluster was not yet quiet; the
+    master reported the gap at once and n2's resend was lost. Two seconds later, the cluster
+    quiet by then, event 21 arrived: E5 started the gap's clock at that arrival, so the lost
+    resend lay before it and E5 blamed the master for the 2.7 s until n2's own retry. A gap is
+    timed from when it opens, and only if it opened while quiet.
+    """
+    result = run_scenario("oversized_placement", 239, quiet=True)
+    assert result.ok, result.message
+    assert result.checks["local_gaps_filled"] > 0
