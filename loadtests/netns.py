@@ -31,7 +31,7 @@ from skulk.runtime.localcluster import LocalCluster, NodePlan
 
 __all__ = [
     "netns_available", "Netns", "Link", "ns_http", "netns_cluster", "netns_cluster_with_links", "sweep_stale",
-    "free_host_block", "VPN_PREFIX",
+    "free_host_block", "VPN_PREFIX", "PEER_ADDRESS", "link_three",
 ]
 
 
@@ -237,11 +237,18 @@ VPN_PREFIX = "100.64.7."
 # The address of machine j as machine i reaches it: j's end of the link between them.
 # (Each machine bootstraps to its peers over the links it has; an address on a
 # subnet the machine is not on is unreachable from it.)
-_PEER_ADDRESS = {
+PEER_ADDRESS = {
     (0, 1): "10.77.1.2", (1, 0): "10.77.1.1",
     (1, 2): "10.77.2.2", (2, 1): "10.77.2.1",
     (0, 2): "10.77.3.2", (2, 0): "10.77.3.1",
 }
+
+
+def link_three(net: Netns) -> None:
+    """The plain veth links between every pair of three machines (the addresses ``PEER_ADDRESS`` names)."""
+    net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
+    net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
+    net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")
 
 
 @contextmanager
@@ -264,9 +271,7 @@ def netns_cluster_with_links(
         for i in range(3):
             for name, value in (sysctls or {}).items():
                 net.run(i, ["sysctl", "-q", "-w", f"{name}={value}"])
-        net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
-        net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
-        net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")
+        link_three(net)
         net.link(0, 1, VPN_PREFIX + "1/24", VPN_PREFIX + "2/24", a_name="eth9", b_name="eth9")
         block = free_host_block()
         for i in range(3):
@@ -280,7 +285,7 @@ def netns_cluster_with_links(
                 "SKULK_HOME": str(base / f"node-{i + 1}"), "SKULK_MODELS_DIR": str(models),
                 "SKULK_NODE_ID": f"m-{i + 1}", "SKULK_FRIENDLY_NAME": f"m-{i + 1}", "SKULK_NAMESPACE": namespace,
                 "SKULK_CLUSTER_KEY": key, "SKULK_API_PORT": str(API_PORT), "SKULK_LISTEN": f"tcp/0.0.0.0:{ZENOH_PORT}",
-                "SKULK_BOOTSTRAP_PEERS": ",".join(f"tcp/{_PEER_ADDRESS[i, j]}:{ZENOH_PORT}" for j in range(3) if j != i),
+                "SKULK_BOOTSTRAP_PEERS": ",".join(f"tcp/{PEER_ADDRESS[i, j]}:{ZENOH_PORT}" for j in range(3) if j != i),
                 "SKULK_MULTICAST": "0", "SKULK_AUTO_PLACE": "none",
             })
             node_env.update(env or {})

@@ -53,12 +53,6 @@ from typing import Any
 
 __all__ = ["peer_main", "run_trial", "main"]
 
-# The address of machine j as machine i reaches it (j's end of their link).
-_PEER_ADDRESS = {
-    (0, 1): "10.77.1.2", (1, 0): "10.77.1.1",
-    (1, 2): "10.77.2.2", (2, 1): "10.77.2.1",
-    (0, 2): "10.77.3.2", (2, 0): "10.77.3.1",
-}
 _PORT = 52416
 
 
@@ -72,14 +66,14 @@ def peer_main(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, required=True)
     p.add_argument("--lease-ms", type=int, default=2000)
     args = p.parse_args(argv)
-    cfg = zenoh.Config()
-    cfg.insert_json5("mode", '"peer"')
-    cfg.insert_json5("listen/endpoints", json.dumps([f"tcp/0.0.0.0:{_PORT}"]))
-    cfg.insert_json5("connect/endpoints", json.dumps([f"tcp/{a}:{_PORT}" for a in args.connect.split(",")]))
-    cfg.insert_json5("scouting/multicast/enabled", "false")
-    cfg.insert_json5("scouting/gossip/enabled", "true")
-    cfg.insert_json5("transport/link/tx/lease", str(args.lease_ms))
-    cfg.insert_json5("transport/link/tx/keep_alive", "4")
+    from skulk.runtime.transport import TransportSettings, zenoh_config
+
+    # Skulk's own transport configuration (peer mode, gossip on, the lease, keep-alive), plain zenoh otherwise.
+    cfg = zenoh_config(TransportSettings(
+        node_id=args.me, namespace="repro", secret=b"unused", listen=(f"tcp/0.0.0.0:{_PORT}",),
+        connect=tuple(f"tcp/{a}:{_PORT}" for a in args.connect.split(",")), multicast=False,
+        lease_ms=args.lease_ms, api_port=0, incarnation="0",
+    ))
     session = zenoh.open(cfg)
     lock = threading.Lock()
     counts: dict[str, int] = {}
@@ -122,18 +116,16 @@ def _tx_packets(net: Any, i: int, dev: str) -> int:
 
 def run_trial(*, before_s: float = 5.0, after_s: float = 10.0, tcp_retries2: int | None = None) -> dict[str, Any]:
     """One trial (see the module docstring): the figures of machines 0 and 1 after machine 2's links went down."""
-    from loadtests.netns import Netns
+    from loadtests.netns import PEER_ADDRESS, Netns, link_three
 
     with Netns(3) as net:
-        net.link(0, 1, "10.77.1.1/24", "10.77.1.2/24", a_name="eth1", b_name="eth1")
-        net.link(1, 2, "10.77.2.1/24", "10.77.2.2/24", a_name="eth2", b_name="eth2")
-        net.link(0, 2, "10.77.3.1/24", "10.77.3.2/24", a_name="eth3", b_name="eth3")
+        link_three(net)
         if tcp_retries2 is not None:
             for i in range(3):
                 net.run(i, ["sysctl", "-q", "-w", f"net.ipv4.tcp_retries2={tcp_retries2}"])
         procs = []
         for i in range(3):
-            connect = ",".join(_PEER_ADDRESS[i, j] for j in range(3) if j != i)
+            connect = ",".join(PEER_ADDRESS[i, j] for j in range(3) if j != i)
             procs.append(subprocess.Popen(
                 [*net.prefix_argv(i), sys.executable, "-m", "loadtests.zenoh_peer_loss", "--peer", "--me", f"m{i}",
                  "--connect", connect, "--seconds", str(before_s + after_s)],
