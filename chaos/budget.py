@@ -174,11 +174,12 @@ def guarding(world: World, budget: Budget) -> Iterator[BudgetGuard]:
 def trace_tail(world: World, *, sim_s: float = 2.0, records_max: int = 25) -> str:
     """The last ``sim_s`` simulated seconds of the trace, condensed: counts by host and kind, then the last records."""
     tracer = world.tracer
-    if tracer is None or not tracer.records:
+    records = tracer.records if tracer is not None else []
+    if not records:
         return "(no trace: tracing was off)"
-    end = tracer.records[-1][0]
+    end = records[-1][0]
     recent: list[tuple[float, str, str, Any]] = []
-    for rec in reversed(tracer.records):
+    for rec in reversed(records):
         if rec[0] < end - sim_s:
             break
         recent.append(rec)

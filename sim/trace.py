@@ -10,7 +10,11 @@ digest is SHA-256 over those hashes in order. Two runs of the same seed must
 have the same digest; when they do not, the first index where the per-record
 hashes differ names the first divergent event.
 
-Only the last ``keep`` records are held in memory (the hashes are all kept);
+Only the last ``keep`` records are held in memory (the hashes are all kept),
+as four columns rather than a tuple per record: a run takes hundreds of
+thousands of steps, and a tuple is an object the cyclic garbage collector
+walks at each of its passes, long after the step (``records`` builds the
+tuples when a failure report asks for them);
 ``write_jsonl`` writes them with the core's wire codec, one JSON object per
 line, after a header line describing the run; raw bytes (a snapshot's
 encoded state in a ``SyncResponse``) are written as ``{"base64": ...}``.
@@ -48,9 +52,23 @@ class Tracer:
 
     def __init__(self, *, keep: int = 400_000) -> None:
         assert keep > 0
-        self.records: deque[tuple[float, str, str, Any]] = deque(maxlen=keep)
+        self._times: deque[float] = deque(maxlen=keep)
+        self._hosts: deque[str] = deque(maxlen=keep)
+        self._kinds: deque[str] = deque(maxlen=keep)
+        self._payloads: deque[Any] = deque(maxlen=keep)
         self._hashes = bytearray()
         self.count = 0
+
+    @property
+    def records(self) -> list[tuple[float, str, str, Any]]:
+        """The kept records as ``(time, host, kind, payload)``, oldest first (built on each call)."""
+        return list(zip(self._times, self._hosts, self._kinds, self._payloads))
+
+    def _keep(self, t: float, host: str, kind: str, payload: Any) -> None:
+        self._times.append(t)
+        self._hosts.append(host)
+        self._kinds.append(kind)
+        self._payloads.append(payload)
 
     @property
     def hashes(self) -> list[bytes]:
@@ -63,25 +81,29 @@ class Tracer:
 
     def step(self, t: float, host: str, inp: Any) -> None:
         kind = type(inp).__name__
-        self.records.append((t, host, kind, inp))
+        self._times.append(t)
+        self._hosts.append(host)
+        self._kinds.append(kind)
+        self._payloads.append(inp)
         self._hashes += _blake2b(_ENCODER.encode((t, host, kind, inp)), digest_size=8).digest()
         self.count += 1
 
     def note(self, t: float, host: str, kind: str, text: str) -> None:
-        self.records.append((t, host, kind, text))
+        self._keep(t, host, kind, text)
         self._add(_ENCODER.encode((t, host, kind, text)))
 
     def digest(self) -> str:
         return hashlib.sha256(self._hashes).hexdigest()
 
     def first_kept_index(self) -> int:
-        return self.count - len(self.records)
+        return self.count - len(self._times)
 
     def record_at(self, index: int) -> tuple[float, str, str, Any] | None:
         first = self.first_kept_index()
         if index < first or index >= self.count:
             return None
-        return self.records[index - first]
+        i = index - first
+        return (self._times[i], self._hosts[i], self._kinds[i], self._payloads[i])
 
     def hash_at(self, index: int) -> bytes:
         return bytes(self._hashes[8 * index : 8 * index + 8])
