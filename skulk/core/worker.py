@@ -204,27 +204,32 @@ class Worker:
         self._last_runners_key = runners_key
         effects: list[Effect] = []
         events: list[Event] = []
-        for task_id in [t for t in self.dispatched if t not in state.tasks]:
-            runner_id = self.dispatched.pop(task_id)
+        tasks, dispatched, settled = state.tasks, self.dispatched, self._settled
+        for task_id in [t for t in dispatched if t not in tasks]:
+            runner_id = dispatched.pop(task_id)
             if runner_id in self.runners:
                 effects.append(CancelRunnerTask(runner_id=runner_id, task_id=task_id))
         # A task marked running on an instance whose rank 0 is here, but that this
         # worker never dispatched, ran on a previous incarnation of this node
         # (it crashed and restarted). Running it again would stream from the
         # start to a client that already has part of it: fail it instead.
-        for task_id in sorted(state.tasks):
-            task = state.tasks[task_id]
-            if task.status != "running" or task_id in self.dispatched or task_id in self._settled:
-                continue
+        # Both passes below pick their few candidates first and sort only those (a
+        # pass never changes which other tasks qualify): the order of sorting every
+        # task, at a fraction of the cost.
+        for task_id in sorted(
+            t for t, task in tasks.items() if task.status == "running" and t not in dispatched and t not in settled
+        ):
+            task = tasks[task_id]
             inst = state.instances.get(task.instance_id)
             runner_id = inst.shard_assignments.node_to_runner.get(self.node_id) if inst is not None else None
             if inst is None or runner_id is None or inst.shard_assignments.runner_to_shard[runner_id].device_rank != 0:
                 continue
-            self._settled.add(task_id)
+            settled.add(task_id)
             events.append(
                 TaskFailed(task_id=task_id, error_message="the node running this request restarted; retry the request")
             )
-        self._settled &= set(state.tasks)
+        if settled:
+            settled.intersection_update(tasks)
         # Instances whose rank-0 runner here is serving: only their tasks can go out.
         serving: dict[InstanceId, RunnerId] = {}
         for runner_id, entry in self.runners.items():
@@ -234,14 +239,15 @@ class Worker:
                 serving[entry.instance.instance_id] = runner_id
         if not serving:
             return effects, events
-        for task_id in sorted(state.tasks):
-            if task_id in self.dispatched:
-                continue
-            task = state.tasks[task_id]
-            runner_id = serving.get(task.instance_id)
-            if runner_id is None or task.status == "failed" or task.instance_id not in state.instances:
-                continue
-            self.dispatched[task_id] = runner_id
+        instances = state.instances
+        for task_id in sorted(
+            t for t, task in tasks.items()
+            if t not in dispatched and task.instance_id in serving and task.status != "failed"
+            and task.instance_id in instances
+        ):
+            task = tasks[task_id]
+            runner_id = serving[task.instance_id]
+            dispatched[task_id] = runner_id
             effects.append(DispatchTask(runner_id=runner_id, task=task))
             if task.status != "running":
                 events.append(TaskStatusUpdated(task_id=task_id, status="running"))
