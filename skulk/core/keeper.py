@@ -53,7 +53,7 @@ from skulk.core.config import CoreConfig
 from skulk.core.effects import CancelTransfer, DeleteFiles, Effect, Log, StartTransfer
 from skulk.core.events import DownloadCompleted, Event, ModelCopyRemoved, ModelCopyUpdated
 from skulk.core.files import Coverage, ModelCopy, Need, covers, need_of, whole
-from skulk.core.ids import ModelId, NodeId, derive_id
+from skulk.core.ids import InstanceId, ModelId, NodeId, derive_id
 from skulk.core.inputs import FilesGone, FilesObserved, TransferEnded, TransferProgressed
 from skulk.core.instances import Instance
 from skulk.core.output import Output
@@ -182,11 +182,23 @@ class FileKeeper:
         self._reported_at: dict[ModelId, float] = {}
         self._seq = 0
         self._completed: set[ModelId] = set()  # complete copies already reported as DownloadCompleted
+        # ``needs`` of the last instances mapping seen, when this node is not the store (they
+        # depend on nothing else then). Mappings in a state are never changed in place, and
+        # the mapping is kept, so the same object means the same needs.
+        self._needs_of: tuple[dict[InstanceId, Instance], dict[ModelId, Need | None]] | None = None
 
     # --- what the state asks of this node -----------------------------------------------
 
     def needs(self, state: State) -> dict[ModelId, Need | None]:
-        """Each model this node must hold and the part of it (None: every file)."""
+        """Each model this node must hold and the part of it (None: every file).
+
+        Called after every applied event; the placements behind it change rarely,
+        so a node that is not the store reuses the answer for the same ``instances``.
+        """
+        store_here = resolve_store(state, self.config) == self.node_id
+        memo = self._needs_of
+        if not store_here and memo is not None and memo[0] is state.instances:
+            return dict(memo[1])
         wanted: dict[ModelId, list[Need | None]] = {}
         for iid in sorted(state.instances):
             inst = state.instances[iid]
@@ -194,7 +206,7 @@ class FileKeeper:
             runner = inst.shard_assignments.node_to_runner.get(self.node_id)
             if runner is not None:
                 wanted.setdefault(model, []).append(need_of(inst.shard_assignments.runner_to_shard[runner]))
-        if resolve_store(state, self.config) == self.node_id:
+        if store_here:
             for iid in sorted(state.instances):
                 inst = state.instances[iid]
                 n_layers = next(iter(inst.shard_assignments.runner_to_shard.values())).n_layers
@@ -203,7 +215,10 @@ class FileKeeper:
                 if copy.status == "requested" and copy.source == "hub" and model not in self.local:
                     n = copy.coverage.n_layers
                     wanted.setdefault(model, []).append(whole(n) if n > 0 else None)
-        return {m: _combine(needs) for m, needs in sorted(wanted.items())}
+        combined = {m: _combine(needs) for m, needs in sorted(wanted.items())}
+        if not store_here:
+            self._needs_of = (state.instances, combined)
+        return dict(combined)
 
     def covered(self, model: ModelId, need: Need | None) -> bool:
         """Whether this node's own disk holds ``need`` of ``model``, verified."""
