@@ -335,13 +335,16 @@ class FileKeeper:
         effects: list[Effect] = []
         events: list[Event] = []
         mine = state.model_copies.get(self.node_id, {})
+        # Called after every applied event: the sets below are built only when there is
+        # something to look up in them.
+        to_evict = sorted(m for m, copy in mine.items() if copy.status == "evicting" and m not in self.evicting)
         used_here = {
             inst.shard_assignments.model_id
             for inst in state.instances.values()
             if self.node_id in inst.shard_assignments.node_to_runner
-        }
-        for model in sorted(mine):
-            if mine[model].status == "evicting" and model not in self.evicting and model not in used_here:
+        } if to_evict else set()
+        for model in to_evict:
+            if model not in used_here:
                 self.evicting.add(model)
                 tr = self.transfers.pop(model, None)
                 if tr is not None:
@@ -350,7 +353,8 @@ class FileKeeper:
         store = resolve_store(state, self.config)
         needs = self.needs(state)
         # What no instance needs any more: stop waiting for it, forget why it failed.
-        for model in sorted((set(self.waiting) | set(self.failures)) - set(needs)):
+        gone = sorted((set(self.waiting) | set(self.failures)) - set(needs)) if self.waiting or self.failures else []
+        for model in gone:
             self.waiting.pop(model, None)
             self.failures.pop(model, None)
             events += self._sync(now, model, state, force=True)
