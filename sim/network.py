@@ -113,6 +113,8 @@ class Network:
         self.opts = opts
         self.rng = rng
         self.links: dict[tuple[NodeId, NodeId], list[Link]] = {}
+        # The same lists keyed by both (a, b) and (b, a): every message looks its route up.
+        self._routes: dict[tuple[NodeId, NodeId], list[Link]] = {}
         # Directed fault state, reference counted: (src, dst) -> count.
         self.cut: dict[tuple[NodeId, NodeId], int] = {}
         self.clogged: dict[tuple[NodeId, NodeId], int] = {}
@@ -150,6 +152,7 @@ class Network:
 
     def add_link(self, link: Link) -> None:
         links = self.links.setdefault((link.a, link.b), [])
+        self._routes[(link.a, link.b)] = self._routes[(link.b, link.a)] = links
         links.append(link)
         links.sort(key=lambda l: (KIND_PREFERENCE[l.kind], l.address_a))
 
@@ -158,7 +161,7 @@ class Network:
 
     def route(self, a: NodeId, b: NodeId) -> Link | None:
         """The best link up between ``a`` and ``b`` (None: no path at all)."""
-        for link in self.links.get(_pair(a, b), ()):
+        for link in self._routes.get((a, b), ()):
             if link.down == 0:
                 return link
         return None

@@ -260,18 +260,19 @@ class World:
                 watchdog = self._watchdog
                 assert watchdog is not None, "a watch step without a watchdog"
                 watchdog(self)
-            if self.env.now != self._instant:
-                self._instant = self.env.now
+            t = self.env.now
+            if t != self._instant:
+                self._instant = t
                 self._instant_steps = 0
             else:
                 self._instant_steps += 1
                 if self._instant_steps > _SAME_INSTANT_STEPS_MAX:
                     raise Livelock(
-                        f"{_SAME_INSTANT_STEPS_MAX} steps at t={self.env.now!r} without time moving "
+                        f"{_SAME_INSTANT_STEPS_MAX} steps at t={t!r} without time moving "
                         f"(last: {host.id} handling {type(inp).__name__})"
                     )
             if self.tracer is not None:
-                self.tracer.step(self.env.now, host.id, inp)
+                self.tracer.step(t, host.id, inp)
             if type(inp) is SubmitCommand:
                 self.clients.handled(host, inp.command.command_id, node.session)
             for observer in self.observers:
