@@ -21,21 +21,34 @@ control-message settings: congestion control DROP, priority
 INTERACTIVE_HIGH), takes every link of machine 2 down after ``--before``
 seconds, and counts, per half second, what machines 0 and 1 receive from each
 other, and the packets each sends the other (the veth counters). A trial is
-*deaf* when either survivor hears nothing from the other for a second or
-more after the lost peer's liveliness token is withdrawn (or never again
-within the trial), although the packets keep flowing.
+*deaf* when either survivor hears nothing from the other for two half seconds
+in a row or more after the lost peer's liveliness token is withdrawn (or
+never again within the trial), although the packets keep flowing.
 
-``--tcp-retries2 N`` sets ``net.ipv4.tcp_retries2`` in the three namespaces
-(it is per network namespace): how many retransmissions Linux makes before it
-gives up on a connection whose peer stopped acknowledging. With the default
-(15, many minutes) the survivors stay deaf until the lost machine returns;
-with 3 they hear each other again about a second after the lease expiry, and
-the messages held in between arrive at once. So the stall is zenoh waiting on
-its connection to the dead peer (a write into a full socket buffer; closing
-that session blocks too), not a lost subscription. Re-declaring the
-subscribers or the publisher after the loss, ``session.put`` instead of a
-declared publisher, QoS or batching off, or gossip off did not restore
-delivery. Measured figures: ``docs/operations.md`` (Known problem).
+The mechanism, found with ``--stacks-at S`` (the survivors' threads that are
+blocked in the kernel S seconds after the loss): when the lease expires,
+zenoh closes its links to the lost peer on its RX runtime, and every zenoh
+TCP link has ``SO_LINGER`` 10 s, so each close() waits in the kernel
+(``sk_stream_wait_close``) for an acknowledgement the lost host never sends.
+Each survivor had two such links, and zenoh's RX runtime has two threads
+(``rx-0``, ``rx-1``): both blocked, no link was read for up to 10 s. Skulk's
+``zenoh_config`` gives that runtime 8 threads (``ZENOH_RUNTIME``), and the
+peers here use it.
+
+Flags, one per candidate mitigation, so each figure can be re-measured:
+``--rx-threads N`` (instead of Skulk's 8; zenoh's own default is 2),
+``--sndbuf`` (``transport/link/tcp/so_sndbuf``), ``--wait-before-close-us``
+(block congestion control), ``--tcp-retries2 N`` (``net.ipv4.tcp_retries2``
+in the three namespaces: how many retransmissions Linux makes before it gives
+up on a connection whose peer stopped acknowledging, which also ends the
+lingering close). Measured, 5 trials each (``docs/operations.md``): deaf in
+0 of 5 with Skulk's settings (not one half second without the other's
+messages) and with ``--rx-threads 3``; 5 of 5 with ``--rx-threads 2``;
+``--rx-threads 2`` with ``--sndbuf 16384``: 3 of 5, with
+``--wait-before-close-us 100000``: 4 of 5, with ``--tcp-retries2 3``: 0 of 5.
+Re-declaring the subscribers or the publisher after the loss,
+``session.put`` instead of a declared publisher, QoS or batching off, or
+gossip off did not restore delivery.
 
 Invariants kept: the namespaces are always deleted; no peer process outlives
 its trial.

@@ -101,9 +101,10 @@ def key_prefix(namespace: str) -> str:
 # never acknowledged blocks its thread, non-blocking socket or not, until the linger time is up. Each
 # survivor had two such links, so both RX workers sat in the kernel (sk_stream_wait_close) for up to
 # 10 s and no other link was read: the survivors stopped hearing each other, a split brain.
-# With 8 workers the others keep reading. Measured with three plain zenoh 1.10.2 peers
+# With more workers the others keep reading. Measured with three plain zenoh 1.10.2 peers
 # (python -m loadtests.zenoh_peer_loss, 5 trials each): deaf 5 of 5 with zenoh's 2 workers,
-# 0 of 5 with 8; see docs/operations.md. 8 covers three hosts lost within the same 10 s.
+# 0 of 5 with 3 or 8 (not one half second without the other's messages); docs/operations.md.
+# 8 covers three hosts lost within the same 10 s (two blocked workers each).
 # zenoh reads ZENOH_RUNTIME once, when the process first opens a session; one set by the operator wins.
 ZENOH_RUNTIME = "(rx: (worker_threads: 8))"
 
