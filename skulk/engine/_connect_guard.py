@@ -7,7 +7,9 @@ only, no MLX) just before joining the ring, and closes ``--ready-fd`` once the
 ring is formed. If that does not happen before the deadline, the guard probes
 every other rank's address, writes one ``StatusChanged(RunnerFailed(...))``
 frame (code ``group_connect_timeout``, which makes the master re-place the
-instance on fresh ports) naming the unreachable ranks to the runner's event pipe (a single write
+instance on fresh ports) naming the unreachable ranks, the first of them also
+as ``unreachable_rank`` so re-placement avoids that rank's link, to the
+runner's event pipe (a single write
 of less than ``PIPE_BUF`` bytes, so it never interleaves with the runner's own
 frames), and kills the runner with SIGKILL. The guard also exits when the
 runner dies first.
@@ -26,7 +28,7 @@ import time
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerFailed
 from skulk.engine.protocol import StatusChanged, encode_frame
 
-__all__ = ["main", "diagnose_peers"]
+__all__ = ["main", "diagnose_peers", "probe_peers", "first_unreachable"]
 
 _MAX_MESSAGE_CHARS = 3000  # keeps the frame under PIPE_BUF: one atomic write
 
@@ -38,23 +40,38 @@ def _split_host(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def diagnose_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[str]:
-    """Probe every other rank's ring address; one line per peer, problems first."""
-    problems, fine = [], []
+def probe_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[tuple[int, str | None]]:
+    """Try a TCP connection to every other rank's ring address: ``(rank, problem)``, None when it accepted."""
+    out: list[tuple[int, str | None]] = []
     for other, address in enumerate(hosts):
         if other == rank:
             continue
         try:
             host, port = _split_host(address)
             with socket.create_connection((host, port), timeout=timeout_s):
-                fine.append(f"rank {other} at {address} accepts TCP connections")
+                out.append((other, None))
         except ConnectionRefusedError:
-            problems.append(f"rank {other} at {address} is unreachable: connection refused (runner not listening)")
+            out.append((other, "connection refused (runner not listening)"))
         except TimeoutError:
-            problems.append(f"rank {other} at {address} is unreachable: no answer within {timeout_s}s")
+            out.append((other, f"no answer within {timeout_s}s"))
         except (OSError, ValueError) as exc:
-            problems.append(f"rank {other} at {address} is unreachable: {exc}")
+            out.append((other, str(exc)))
+    return out
+
+
+def diagnose_peers(
+    hosts: tuple[str, ...] | list[str], rank: int, probes: list[tuple[int, str | None]] | None = None
+) -> list[str]:
+    """One line per peer from ``probes`` (``probe_peers`` when not given), problems first."""
+    probes = probe_peers(hosts, rank) if probes is None else probes
+    problems = [f"rank {r} at {hosts[r]} is unreachable: {p}" for r, p in probes if p is not None]
+    fine = [f"rank {r} at {hosts[r]} accepts TCP connections" for r, p in probes if p is None]
     return problems + fine
+
+
+def first_unreachable(probes: list[tuple[int, str | None]]) -> int | None:
+    """The lowest rank whose probe failed (None when every peer accepted)."""
+    return next((r for r, p in probes if p is not None), None)
 
 
 def _alive(pid: int) -> bool:
@@ -87,12 +104,14 @@ def main(argv: list[str] | None = None) -> None:
             return  # EOF or a byte: the runner joined the ring (or gave up itself)
         if not _alive(args.runner_pid):
             return
-    lines = diagnose_peers(hosts, args.rank)
+    probes = probe_peers(hosts, args.rank)
+    lines = diagnose_peers(hosts, args.rank, probes)
     message = (
         f"rank {args.rank} of {len(hosts)} could not join the ring at {hosts[args.rank]}: "
         f"the group-connect deadline of {args.deadline_s:g}s expired; " + "; ".join(lines)
     )[:_MAX_MESSAGE_CHARS]
-    frame = encode_frame(StatusChanged(status=RunnerFailed(error_message=message, code=GROUP_CONNECT_TIMEOUT)))
+    failed = RunnerFailed(error_message=message, code=GROUP_CONNECT_TIMEOUT, unreachable_rank=first_unreachable(probes))
+    frame = encode_frame(StatusChanged(status=failed))
     try:
         os.write(args.event_fd, frame)
     except OSError:

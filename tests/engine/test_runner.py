@@ -184,6 +184,7 @@ def test_group_connect_deadline_names_the_unreachable_rank(tiny_path: Path, runn
         assert failure.value.status.code == GROUP_CONNECT_TIMEOUT  # the master re-places on fresh ports
         assert "deadline of 2s expired" in message
         assert f"rank 1 at {hosts[1]} is unreachable" in message
+        assert failure.value.status.unreachable_rank == 1  # so re-placement avoids the hop into rank 1
         assert proc.wait_exit(20) != EXIT_OK
     finally:
         proc.kill()
