@@ -7,9 +7,9 @@ only, no MLX) just before joining the ring, and closes ``--ready-fd`` once the
 ring is formed. If that does not happen before the deadline, the guard probes
 every other rank's address, writes one ``StatusChanged(RunnerFailed(...))``
 frame (code ``group_connect_timeout``, which makes the master re-place the
-instance on fresh ports) naming the unreachable ranks, the first of them also
-as ``unreachable_rank`` so re-placement avoids that rank's link, to the
-runner's event pipe (a single write
+instance on fresh ports) naming the unreachable ranks, the likeliest culprit
+also as ``unreachable_rank`` (``first_unreachable``) so re-placement avoids
+that rank's link, to the runner's event pipe (a single write
 of less than ``PIPE_BUF`` bytes, so it never interleaves with the runner's own
 frames), and kills the runner with SIGKILL. The guard also exits when the
 runner dies first.
@@ -24,11 +24,12 @@ import select
 import signal
 import socket
 import time
+from typing import NamedTuple
 
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerFailed
 from skulk.engine.protocol import StatusChanged, encode_frame
 
-__all__ = ["main", "diagnose_peers", "probe_peers", "first_unreachable"]
+__all__ = ["main", "Probe", "diagnose_peers", "probe_peers", "first_unreachable"]
 
 _MAX_MESSAGE_CHARS = 3000  # keeps the frame under PIPE_BUF: one atomic write
 
@@ -40,38 +41,51 @@ def _split_host(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def probe_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[tuple[int, str | None]]:
-    """Try a TCP connection to every other rank's ring address: ``(rank, problem)``, None when it accepted."""
-    out: list[tuple[int, str | None]] = []
+class Probe(NamedTuple):
+    """One rank's ring address, tried: ``problem`` is None when it accepted a TCP connection."""
+
+    rank: int
+    problem: str | None
+    refused: bool = False  # the host answered, so the network works and the runner is not listening
+
+
+def probe_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[Probe]:
+    """Try a TCP connection to every other rank's ring address."""
+    out: list[Probe] = []
     for other, address in enumerate(hosts):
         if other == rank:
             continue
         try:
             host, port = _split_host(address)
             with socket.create_connection((host, port), timeout=timeout_s):
-                out.append((other, None))
+                out.append(Probe(other, None))
         except ConnectionRefusedError:
-            out.append((other, "connection refused (runner not listening)"))
+            out.append(Probe(other, "connection refused (runner not listening)", refused=True))
         except TimeoutError:
-            out.append((other, f"no answer within {timeout_s}s"))
+            out.append(Probe(other, f"no answer within {timeout_s}s"))
         except (OSError, ValueError) as exc:
-            out.append((other, str(exc)))
+            out.append(Probe(other, str(exc)))
     return out
 
 
-def diagnose_peers(
-    hosts: tuple[str, ...] | list[str], rank: int, probes: list[tuple[int, str | None]] | None = None
-) -> list[str]:
+def diagnose_peers(hosts: tuple[str, ...] | list[str], rank: int, probes: list[Probe] | None = None) -> list[str]:
     """One line per peer from ``probes`` (``probe_peers`` when not given), problems first."""
     probes = probe_peers(hosts, rank) if probes is None else probes
-    problems = [f"rank {r} at {hosts[r]} is unreachable: {p}" for r, p in probes if p is not None]
-    fine = [f"rank {r} at {hosts[r]} accepts TCP connections" for r, p in probes if p is None]
+    problems = [f"rank {p.rank} at {hosts[p.rank]} is unreachable: {p.problem}" for p in probes if p.problem]
+    fine = [f"rank {p.rank} at {hosts[p.rank]} accepts TCP connections" for p in probes if not p.problem]
     return problems + fine
 
 
-def first_unreachable(probes: list[tuple[int, str | None]]) -> int | None:
-    """The lowest rank whose probe failed (None when every peer accepted)."""
-    return next((r for r, p in probes if p is not None), None)
+def first_unreachable(probes: list[Probe]) -> int | None:
+    """The rank whose link to blame: the lowest the network did not carry to, else the lowest refused, else None.
+
+    A refusal proves the path works (the runner is not listening, perhaps
+    because its own guard already killed it at the same deadline), so a
+    timeout or a routing error is the better evidence of a dead link.
+    """
+    network = [p.rank for p in probes if p.problem and not p.refused]
+    refused = [p.rank for p in probes if p.problem and p.refused]
+    return min(network, default=min(refused, default=None))
 
 
 def _alive(pid: int) -> bool:

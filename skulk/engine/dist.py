@@ -42,8 +42,8 @@ __all__ = ["GroupConnectError", "connect_group", "diagnose_peers", "PlanChannel"
 class GroupConnectError(RuntimeError):
     """The ring could not be formed; the message carries the diagnosis.
 
-    ``unreachable_rank`` is the lowest rank whose ring address refused or
-    ignored a probe (None when every peer answered, or none was probed).
+    ``unreachable_rank`` is the rank whose link the probes blame
+    (``first_unreachable``; None when every peer answered).
     """
 
     def __init__(self, message: str, unreachable_rank: int | None = None) -> None:
