@@ -299,7 +299,9 @@ class SimRunner:
             )
         else:
             text = f"{deadline}: rank {rank} at {address} never connected"
-        self._report(RunnerFailed(error_message=text, permanent=False, code=GROUP_CONNECT_TIMEOUT))
+        self._report(
+            RunnerFailed(error_message=text, permanent=False, code=GROUP_CONNECT_TIMEOUT, unreachable_rank=unreachable)
+        )
         self.exit(1)
 
     def _shard_bytes(self) -> int:

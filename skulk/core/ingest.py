@@ -97,7 +97,9 @@ def _runner_status(master: Master, now: float, msg: LocalEventMessage, event: Ru
         return [], True
     effects = master.index(now, event, msg.origin, msg.origin_idx)
     if isinstance(event.status, RunnerFailed) and event.status.code == GROUP_CONNECT_TIMEOUT:
-        effects += master_policy.replace_instance(master, now, event.instance_id, event.status.error_message, event.node_id)
+        effects += master_policy.replace_instance(
+            master, now, event.instance_id, event.status.error_message, event.node_id, event.status.unreachable_rank
+        )
     elif isinstance(event.status, RunnerFailed) and event.status.permanent:
         effects += master_policy.fail_tasks_of(master, now, event.instance_id, event.status.error_message)
     return effects, False

@@ -220,6 +220,10 @@ class RunnerFailed(TaggedRecord, frozen=True, kw_only=True):
     # Machine-readable cause; GROUP_CONNECT_TIMEOUT asks the master to re-place
     # the instance on a fresh port.
     code: str | None = None
+    # With GROUP_CONNECT_TIMEOUT: the ring rank the runner found unreachable,
+    # when it knows, so re-placement avoids the right link (any rank may be
+    # the first to report).
+    unreachable_rank: int | None = None
 
 
 GROUP_CONNECT_TIMEOUT = "group_connect_timeout"

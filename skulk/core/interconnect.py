@@ -362,17 +362,20 @@ def hostfile(instance: Instance) -> tuple[str, ...]:
 class ConnectDiagnosis(Record, frozen=True, kw_only=True):
     """Why group connect failed, and what re-placement should avoid.
 
-    ``avoid_connection`` is the observed link the failing hop used (None when
-    the instance has no ring); ``link_still_observed`` says whether probes
-    still reach that address (then a firewall or a runner that never listened
-    is the likelier cause than the network).
+    ``avoid_connections`` are the links re-placement should not use (empty
+    when the instance has no ring): first the one the failing hop used, then
+    the same kind of link in the other direction between the same two nodes,
+    which a dead cable takes down too although its probes may not have said
+    so yet. ``link_still_observed`` says whether probes still reach the hop's
+    address (then a firewall or a runner that never listened is the likelier
+    cause than the network).
     """
 
     message: str
     unreachable_rank: int | None
     unreachable_node: NodeId | None
     address: str | None
-    avoid_connection: Connection | None
+    avoid_connections: tuple[Connection, ...]
     link_still_observed: bool
 
 
@@ -387,9 +390,10 @@ def diagnose_connect_failure(
     """Explain a group connect that did not complete within ``deadline_s``.
 
     ``reporting_node`` is the node whose runner gave up; ``unreachable_rank``
-    is the rank it could not reach, when the runner knows. Without it the
-    diagnosis names the rank the reporter connects to (its successor), since
-    that is the connection a rank makes itself.
+    is the rank it could not reach, when the runner knows. Without it (or
+    when it is not a rank of this ring: it comes from a runner) the diagnosis
+    names the rank the reporter connects to (its successor), since that is
+    the connection a rank makes itself.
     """
     iid = instance.instance_id
     ring = instance.ring
@@ -403,12 +407,14 @@ def diagnose_connect_failure(
             unreachable_rank=None,
             unreachable_node=None,
             address=None,
-            avoid_connection=None,
+            avoid_connections=(),
             link_still_observed=False,
         )
     world = len(ring)
-    target = (ranks[reporting_node] + 1) % world if unreachable_rank is None else unreachable_rank
-    assert 0 <= target < world, (target, world)
+    if unreachable_rank is not None and 0 <= unreachable_rank < world:
+        target = unreachable_rank
+    else:
+        target = (ranks[reporting_node] + 1) % world
     hop = ring[target]
     pred = ring[target - 1]
     ip = hop.address.rsplit(":", 1)[0].strip("[]")
@@ -422,6 +428,19 @@ def diagnose_connect_failure(
         min(observed, key=link_sort_key)
         if observed
         else Connection(source=pred.node_id, sink=hop.node_id, address=ip, kind=hop.kind)
+    )
+    # The way back over the same kind of link: probes report each direction on
+    # its own schedule, so a cable that just died may still be listed one way
+    # (ring_deadline seed 457 re-placed onto it and failed a second deadline).
+    back = tuple(
+        sorted(
+            (
+                c
+                for c in state.topology.connections
+                if c.source == hop.node_id and c.sink == pred.node_id and c.kind == avoid.kind
+            ),
+            key=link_sort_key,
+        )
     )
     if observed:
         cause = (
@@ -440,7 +459,7 @@ def diagnose_connect_failure(
         unreachable_rank=target,
         unreachable_node=hop.node_id,
         address=hop.address,
-        avoid_connection=avoid,
+        avoid_connections=(avoid, *back),
         link_still_observed=bool(observed),
     )
 

@@ -91,12 +91,23 @@ def fail_tasks_of(master: Master, now: float, instance_id: InstanceId, reason: s
     return master.index_all(now, events)
 
 
-def replace_instance(master: Master, now: float, instance_id: InstanceId, reason: str, reporter: NodeId) -> list[Effect]:
+def replace_instance(
+    master: Master,
+    now: float,
+    instance_id: InstanceId,
+    reason: str,
+    reporter: NodeId,
+    unreachable_rank: int | None = None,
+) -> list[Effect]:
     """Re-place an instance whose group connect failed, on a fresh port.
 
-    The link the failing hop used is avoided when another ring exists
-    (probes may still answer on an address whose ring ports are blocked);
-    when it is the only way, the fresh port alone is tried.
+    ``unreachable_rank`` is the rank the reporting runner could not reach,
+    when it says (see ``interconnect.diagnose_connect_failure``).
+
+    The link the failing hop used, in both directions, is avoided when
+    another ring exists (probes may still answer on an address whose ring
+    ports are blocked, or not yet have noticed a dead cable); when it is the
+    only way, the fresh port alone is tried.
     """
     state = master.state
     assert state is not None
@@ -104,16 +115,20 @@ def replace_instance(master: Master, now: float, instance_id: InstanceId, reason
     if old is None:
         return []
     diagnosis = interconnect.diagnose_connect_failure(
-        state, old, reporting_node=reporter, deadline_s=master.config.group_connect_deadline_s
+        state,
+        old,
+        reporting_node=reporter,
+        deadline_s=master.config.group_connect_deadline_s,
+        unreachable_rank=unreachable_rank,
     )
     effects = master.index_all(now, instance_removal_events(state, instance_id, f"re-placing: {reason}"))
     assert master.state is not None
     outcome: placement.Placed | placement.PlacementRefused = placement.PlacementRefused(
         message="", code="", pending=False
     )
-    if diagnosis.avoid_connection is not None:
+    if diagnosis.avoid_connections:
         outcome = placement.replace(
-            master.state, old, master.cards, master.config, reason=reason, avoid_connections=[diagnosis.avoid_connection]
+            master.state, old, master.cards, master.config, reason=reason, avoid_connections=diagnosis.avoid_connections
         )
     if not isinstance(outcome, placement.Placed):
         outcome = placement.replace(master.state, old, master.cards, master.config, reason=reason)

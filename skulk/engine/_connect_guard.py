@@ -7,7 +7,9 @@ only, no MLX) just before joining the ring, and closes ``--ready-fd`` once the
 ring is formed. If that does not happen before the deadline, the guard probes
 every other rank's address, writes one ``StatusChanged(RunnerFailed(...))``
 frame (code ``group_connect_timeout``, which makes the master re-place the
-instance on fresh ports) naming the unreachable ranks to the runner's event pipe (a single write
+instance on fresh ports) naming the unreachable ranks, the likeliest culprit
+also as ``unreachable_rank`` (``first_unreachable``) so re-placement avoids
+that rank's link, to the runner's event pipe (a single write
 of less than ``PIPE_BUF`` bytes, so it never interleaves with the runner's own
 frames), and kills the runner with SIGKILL. The guard also exits when the
 runner dies first.
@@ -22,11 +24,12 @@ import select
 import signal
 import socket
 import time
+from typing import NamedTuple
 
 from skulk.core.instances import GROUP_CONNECT_TIMEOUT, RunnerFailed
 from skulk.engine.protocol import StatusChanged, encode_frame
 
-__all__ = ["main", "diagnose_peers"]
+__all__ = ["main", "Probe", "diagnose_peers", "probe_peers", "first_unreachable"]
 
 _MAX_MESSAGE_CHARS = 3000  # keeps the frame under PIPE_BUF: one atomic write
 
@@ -38,23 +41,51 @@ def _split_host(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def diagnose_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[str]:
-    """Probe every other rank's ring address; one line per peer, problems first."""
-    problems, fine = [], []
+class Probe(NamedTuple):
+    """One rank's ring address, tried: ``problem`` is None when it accepted a TCP connection."""
+
+    rank: int
+    problem: str | None
+    refused: bool = False  # the host answered, so the network works and the runner is not listening
+
+
+def probe_peers(hosts: tuple[str, ...] | list[str], rank: int, timeout_s: float = 1.0) -> list[Probe]:
+    """Try a TCP connection to every other rank's ring address."""
+    out: list[Probe] = []
     for other, address in enumerate(hosts):
         if other == rank:
             continue
         try:
             host, port = _split_host(address)
             with socket.create_connection((host, port), timeout=timeout_s):
-                fine.append(f"rank {other} at {address} accepts TCP connections")
+                out.append(Probe(other, None))
         except ConnectionRefusedError:
-            problems.append(f"rank {other} at {address} is unreachable: connection refused (runner not listening)")
+            out.append(Probe(other, "connection refused (runner not listening)", refused=True))
         except TimeoutError:
-            problems.append(f"rank {other} at {address} is unreachable: no answer within {timeout_s}s")
+            out.append(Probe(other, f"no answer within {timeout_s}s"))
         except (OSError, ValueError) as exc:
-            problems.append(f"rank {other} at {address} is unreachable: {exc}")
+            out.append(Probe(other, str(exc)))
+    return out
+
+
+def diagnose_peers(hosts: tuple[str, ...] | list[str], rank: int, probes: list[Probe] | None = None) -> list[str]:
+    """One line per peer from ``probes`` (``probe_peers`` when not given), problems first."""
+    probes = probe_peers(hosts, rank) if probes is None else probes
+    problems = [f"rank {p.rank} at {hosts[p.rank]} is unreachable: {p.problem}" for p in probes if p.problem]
+    fine = [f"rank {p.rank} at {hosts[p.rank]} accepts TCP connections" for p in probes if not p.problem]
     return problems + fine
+
+
+def first_unreachable(probes: list[Probe]) -> int | None:
+    """The rank whose link to blame: the lowest the network did not carry to, else the lowest refused, else None.
+
+    A refusal proves the path works (the runner is not listening, perhaps
+    because its own guard already killed it at the same deadline), so a
+    timeout or a routing error is the better evidence of a dead link.
+    """
+    network = [p.rank for p in probes if p.problem and not p.refused]
+    refused = [p.rank for p in probes if p.problem and p.refused]
+    return min(network, default=min(refused, default=None))
 
 
 def _alive(pid: int) -> bool:
@@ -87,12 +118,14 @@ def main(argv: list[str] | None = None) -> None:
             return  # EOF or a byte: the runner joined the ring (or gave up itself)
         if not _alive(args.runner_pid):
             return
-    lines = diagnose_peers(hosts, args.rank)
+    probes = probe_peers(hosts, args.rank)
+    lines = diagnose_peers(hosts, args.rank, probes)
     message = (
         f"rank {args.rank} of {len(hosts)} could not join the ring at {hosts[args.rank]}: "
         f"the group-connect deadline of {args.deadline_s:g}s expired; " + "; ".join(lines)
     )[:_MAX_MESSAGE_CHARS]
-    frame = encode_frame(StatusChanged(status=RunnerFailed(error_message=message, code=GROUP_CONNECT_TIMEOUT)))
+    failed = RunnerFailed(error_message=message, code=GROUP_CONNECT_TIMEOUT, unreachable_rank=first_unreachable(probes))
+    frame = encode_frame(StatusChanged(status=failed))
     try:
         os.write(args.event_fd, frame)
     except OSError:

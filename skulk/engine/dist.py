@@ -34,13 +34,21 @@ from typing import Any
 
 import mlx.core as mx
 
-from skulk.engine._connect_guard import diagnose_peers
+from skulk.engine._connect_guard import diagnose_peers, first_unreachable, probe_peers
 
 __all__ = ["GroupConnectError", "connect_group", "diagnose_peers", "PlanChannel", "IDLE_TICK", "check_agreement"]
 
 
 class GroupConnectError(RuntimeError):
-    """The ring could not be formed; the message carries the diagnosis."""
+    """The ring could not be formed; the message carries the diagnosis.
+
+    ``unreachable_rank`` is the rank whose link the probes blame
+    (``first_unreachable``; None when every peer answered).
+    """
+
+    def __init__(self, message: str, unreachable_rank: int | None = None) -> None:
+        super().__init__(message)
+        self.unreachable_rank = unreachable_rank
 
 
 def connect_group(
@@ -84,10 +92,11 @@ def connect_group(
         group = mx.distributed.init(strict=True, backend="ring")
     except Exception as exc:
         waited = time.monotonic() - started
-        lines = diagnose_peers(hosts, rank)
+        probes = probe_peers(hosts, rank)
         raise GroupConnectError(
             f"rank {rank} of {world} could not join the ring at {hosts[rank]}: "
-            f"MLX ring init failed after {waited:.1f}s: {exc}; " + "; ".join(lines)
+            f"MLX ring init failed after {waited:.1f}s: {exc}; " + "; ".join(diagnose_peers(hosts, rank, probes)),
+            first_unreachable(probes),
         ) from exc
     finally:
         if guard is not None:

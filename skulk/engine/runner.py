@@ -272,9 +272,13 @@ class _Runner:
 
     # --- main thread ---------------------------------------------------------
 
-    def fail(self, message: str, *, permanent: bool = False, code: str | None = None) -> None:
+    def fail(
+        self, message: str, *, permanent: bool = False, code: str | None = None, unreachable_rank: int | None = None
+    ) -> None:
         _log(self.rank, f"failed: {message}")
-        self.events.status(RunnerFailed(error_message=message, permanent=permanent, code=code))
+        self.events.status(
+            RunnerFailed(error_message=message, permanent=permanent, code=code, unreachable_rank=unreachable_rank)
+        )
         os._exit(EXIT_FAILED)
 
     def run(self) -> None:
@@ -297,7 +301,7 @@ class _Runner:
                     self.spec.hosts, self.rank, self.spec.group_connect_deadline_s, event_fd=self.events.fd
                 )
             except GroupConnectError as exc:
-                self.fail(str(exc), code=GROUP_CONNECT_TIMEOUT)
+                self.fail(str(exc), code=GROUP_CONNECT_TIMEOUT, unreachable_rank=exc.unreachable_rank)
             self.events.status(RunnerConnected())
 
         def progress(done: int, total: int) -> None:

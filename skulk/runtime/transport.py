@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,8 +94,30 @@ def key_prefix(namespace: str) -> str:
     return f"skulk/{namespace}"
 
 
+# zenoh reads its link receivers on a tokio runtime of 2 worker threads (ZRuntime::RX), and its TCP
+# links set SO_LINGER to 10 s (zenoh-link-tcp, TCP_LINGER_TIMEOUT, fixed when zenoh is compiled). When
+# a peer's host is lost (its links down, nothing closes or resets), the lease expires after lease_ms
+# and zenoh closes the links to it on RX workers; on Linux, close() of a lingering socket whose FIN is
+# never acknowledged blocks its thread, non-blocking socket or not, until the linger time is up. Each
+# survivor had two such links, so both RX workers sat in the kernel (sk_stream_wait_close) for up to
+# 10 s and no other link was read: the survivors stopped hearing each other, a split brain.
+# With more workers the others keep reading. Measured with three plain zenoh 1.10.2 peers
+# (python -m loadtests.zenoh_peer_loss, 5 trials each): deaf 5 of 5 with zenoh's 2 workers,
+# 0 of 5 with 3 or 8 (not one half second without the other's messages); docs/operations.md.
+# 8 covers three hosts lost within the same 10 s (two blocked workers each).
+# zenoh reads ZENOH_RUNTIME once, when the process first opens a session; one set by the operator wins.
+ZENOH_RUNTIME = "(rx: (worker_threads: 8))"
+
+
 def zenoh_config(settings: TransportSettings) -> zenoh.Config:
-    """The zenoh session configuration for ``settings`` (peer mode)."""
+    """The zenoh session configuration for ``settings`` (peer mode).
+
+    Also gives zenoh's runtime its reader threads (``ZENOH_RUNTIME``, process-wide;
+    only if the environment does not set it already): call it before the
+    process's first ``zenoh.open``.
+    """
+    if "ZENOH_RUNTIME" not in os.environ:
+        os.environ["ZENOH_RUNTIME"] = ZENOH_RUNTIME
     cfg = zenoh.Config()
     cfg.insert_json5("mode", '"peer"')
     cfg.insert_json5("listen/endpoints", json.dumps(list(settings.listen)))

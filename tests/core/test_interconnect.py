@@ -171,11 +171,18 @@ def test_a_connect_failure_is_diagnosed_with_the_unreachable_rank_and_address():
     assert "within 120 s: rank 1 on node b listens at 169.254.0.2:52501" in diag.message
     assert "from rank 0 on node a over thunderbolt" in diag.message
     assert diag.link_still_observed and "firewall" in diag.message
-    assert diag.avoid_connection == link("a", "b", "169.254.0.2", "thunderbolt")
-    # Re-placing while avoiding that link moves the hop to ethernet.
-    avoid = [diag.avoid_connection]
-    new = placed(placement.replace(state, inst, cards_of(make_card()), CONFIG, reason=diag.message, avoid_connections=avoid))
-    assert new.ring[1].kind == "ethernet" and new.generation == 1
+    # The hop's own link first, then the same kind of link the other way.
+    assert diag.avoid_connections == (
+        link("a", "b", "169.254.0.2", "thunderbolt"),
+        link("b", "a", "169.254.0.1", "thunderbolt"),
+    )
+    # Re-placing while avoiding that link moves both hops to ethernet.
+    new = placed(
+        placement.replace(
+            state, inst, cards_of(make_card()), CONFIG, reason=diag.message, avoid_connections=diag.avoid_connections
+        )
+    )
+    assert [h.kind for h in new.ring] == ["ethernet", "ethernet"] and new.generation == 1
 
 
 def test_a_lost_link_is_named_as_lost_and_an_explicit_rank_is_honoured():
@@ -184,11 +191,58 @@ def test_a_lost_link_is_named_as_lost_and_an_explicit_rank_is_honoured():
     diag = interconnect.diagnose_connect_failure(state, inst, reporting_node=NodeId("a"), deadline_s=30, unreachable_rank=0)
     assert (diag.unreachable_rank, diag.unreachable_node, diag.address) == (0, "a", "169.254.0.1:52500")
     assert not diag.link_still_observed and "no longer observed from b" in diag.message
-    assert diag.avoid_connection == link("b", "a", "169.254.0.1", "thunderbolt")
+    # Rebuilt from the ring since probes dropped it; the way back is still listed, and avoided too.
+    assert diag.avoid_connections == (
+        link("b", "a", "169.254.0.1", "thunderbolt"),
+        link("a", "b", "169.254.0.2", "thunderbolt"),
+    )
+
+
+def test_a_dead_cable_is_avoided_both_ways_although_probes_still_list_the_way_back():
+    # ring_deadline seed 457: the probes had dropped only one direction of a dead
+    # thunderbolt cable when group connect failed; re-placing onto the other
+    # direction failed a second deadline.
+    names = ["a", "b", "c"]
+    links = full_mesh(names, "thunderbolt", "169.254.0") + full_mesh(names, "ethernet", "192.168.1")
+    state = build_state({n: mem(64 * GB) for n in names}, links)
+    inst = placed(placement.place(state, command(min_nodes=3), cards_of(make_card()), CONFIG))
+    assert [h.kind for h in inst.ring] == ["thunderbolt"] * 3
+    hop = inst.ring[1]
+    pred = inst.ring[0]
+    forward = next(c for c in links if c.source == pred.node_id and c.sink == hop.node_id and c.kind == "thunderbolt")
+    state = apply_events(state, [ConnectionLost(connection=forward)])
+    diag = interconnect.diagnose_connect_failure(
+        state, inst, reporting_node=inst.ring[2].node_id, deadline_s=10, unreachable_rank=1
+    )
+    back = next(c for c in links if c.source == hop.node_id and c.sink == pred.node_id and c.kind == "thunderbolt")
+    assert diag.avoid_connections[1:] == (back,)
+    new = placed(
+        placement.replace(
+            state, inst, cards_of(make_card()), CONFIG, reason=diag.message, avoid_connections=diag.avoid_connections
+        )
+    )
+    pair = {pred.node_id, hop.node_id}
+    over = [
+        h for h in new.ring
+        if {new.ring[h.rank - 1].node_id, h.node_id} == pair and h.kind == "thunderbolt"
+    ]
+    assert not over, new.ring
+
+
+def test_the_runner_named_rank_wins_over_the_reporters_successor_and_a_bad_one_is_ignored():
+    # Any rank may be the first to report; the one that names the unreachable
+    # rank decides which link is avoided, not the reporter's own successor.
+    state, inst = _two_node_instance()
+    named = interconnect.diagnose_connect_failure(state, inst, reporting_node=NodeId("b"), deadline_s=10, unreachable_rank=1)
+    assert named.unreachable_rank == 1 and named.avoid_connections[0].sink == "b"
+    # A rank outside the ring (it comes from a runner process) falls back to the successor.
+    for bad in (2, -1, 99):
+        diag = interconnect.diagnose_connect_failure(state, inst, reporting_node=NodeId("b"), deadline_s=10, unreachable_rank=bad)
+        assert diag.unreachable_rank == 0 and diag.avoid_connections[0].sink == "a"
 
 
 def test_a_diagnosis_for_a_node_outside_the_ring_says_so():
     state, inst = _two_node_instance()
     diag = interconnect.diagnose_connect_failure(state, inst, reporting_node=NodeId("zz"), deadline_s=120)
-    assert diag.unreachable_rank is None and diag.avoid_connection is None
+    assert diag.unreachable_rank is None and diag.avoid_connections == ()
     assert "no ring entry" in diag.message and str(InstanceId(inst.instance_id)) in diag.message

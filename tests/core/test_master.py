@@ -207,10 +207,10 @@ def test_an_unknown_auto_place_model_is_reported_once_and_nothing_is_placed() ->
     assert sum("cannot auto-place no/such-model" in m for _, _, m in c.log) == 1
 
 
-def _master_with_instance(links):
-    state = build_state({"a": mem(64 * GB), "b": mem(64 * GB)}, links)
+def _master_with_instance(links, names=("a", "b")):
+    state = build_state({n: mem(64 * GB) for n in names}, links)
     card = make_card(weight_bytes=GB)
-    cmd = PlaceInstance(command_id=CommandId("p"), model_id=ModelId("test/model"), min_nodes=2)
+    cmd = PlaceInstance(command_id=CommandId("p"), model_id=ModelId("test/model"), min_nodes=len(names))
     inst = placement.place(state, cmd, cards_of(card), CONFIG)
     assert isinstance(inst, placement.Placed)
     state = apply_events(state, [InstanceCreated(instance=inst.instance)])
@@ -228,9 +228,11 @@ def _master_with_instance(links):
     return master, inst.instance, holder
 
 
-def _fail_connect(master: Master, inst, reporter: str):
+def _fail_connect(master: Master, inst, reporter: str, unreachable_rank: int | None = None):
     runner = inst.shard_assignments.node_to_runner[reporter]
-    failed = RunnerFailed(error_message="group connect timed out", code=GROUP_CONNECT_TIMEOUT)
+    failed = RunnerFailed(
+        error_message="group connect timed out", code=GROUP_CONNECT_TIMEOUT, unreachable_rank=unreachable_rank
+    )
     event = RunnerStatusUpdated(runner_id=runner, node_id=NodeId(reporter), instance_id=inst.instance_id, status=failed)
     msg = LocalEventMessage(
         origin=NodeId(reporter),
@@ -254,6 +256,22 @@ def test_a_failed_hop_is_avoided_when_another_link_exists() -> None:
     hop_to_rank1 = new.ring[1]
     # The hop that failed (rank 0 -> rank 1 over thunderbolt) now runs over ethernet.
     assert hop_to_rank1.kind == "ethernet", new.ring
+
+
+def test_the_rank_the_runner_names_decides_the_avoided_link_whoever_reports_first() -> None:
+    # ring_deadline seed 457: rank 2 reported first, and the master avoided rank
+    # 2's own hop instead of the dead one into rank 1 the runner had named.
+    names = ("a", "b", "c")
+    links = full_mesh(list(names), "thunderbolt", "169.254.0") + full_mesh(list(names), "ethernet", "192.168.1")
+    master, inst, holder = _master_with_instance(links, names)
+    assert [h.kind for h in inst.ring] == ["thunderbolt"] * 3
+    dead = {inst.ring[0].node_id, inst.ring[1].node_id}
+    _fail_connect(master, inst, reporter=inst.ring[2].node_id, unreachable_rank=1)
+    (new,) = holder["state"].instances.values()
+    pairs = [({new.ring[h.rank - 1].node_id, h.node_id}, h.kind) for h in new.ring]
+    # Neither direction of the dead thunderbolt pair is used; the other hops keep thunderbolt.
+    assert all(kind == "ethernet" for pair, kind in pairs if pair == dead), new.ring
+    assert all(kind == "thunderbolt" for pair, kind in pairs if pair != dead), new.ring
 
 
 def test_when_the_failed_link_is_the_only_one_a_fresh_port_alone_is_tried() -> None:

@@ -184,6 +184,32 @@ def test_group_connect_deadline_names_the_unreachable_rank(tiny_path: Path, runn
         assert failure.value.status.code == GROUP_CONNECT_TIMEOUT  # the master re-places on fresh ports
         assert "deadline of 2s expired" in message
         assert f"rank 1 at {hosts[1]} is unreachable" in message
+        assert failure.value.status.unreachable_rank == 1  # so re-placement avoids the hop into rank 1
         assert proc.wait_exit(20) != EXIT_OK
     finally:
         proc.kill()
+
+
+def test_the_connect_guard_blames_a_rank_the_network_did_not_reach_before_one_that_refused() -> None:
+    import socket
+
+    from skulk.engine._connect_guard import Probe, first_unreachable, probe_peers
+    from tests.engine.helpers import free_ports
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    try:
+        closed = free_ports(1)[0]
+        hosts = [
+            "127.0.0.1:1",  # rank 0: the reporter itself, never probed
+            f"127.0.0.1:{closed}",  # rank 1: the host answers, nobody listens (perhaps killed by its own guard)
+            f"127.0.0.1:{listening.getsockname()[1]}",  # rank 2: fine
+        ]
+        probes = probe_peers(hosts, 0, timeout_s=2.0)
+    finally:
+        listening.close()
+    assert probes == [Probe(1, "connection refused (runner not listening)", refused=True), Probe(2, None)]
+    assert first_unreachable(probes) == 1  # only a refusal: still the best guess
+    assert first_unreachable(probes[1:]) is None
+    # A timeout or a routing error is evidence against the link; a refusal proves the path works.
+    assert first_unreachable([*probes, Probe(3, "no answer within 1.0s")]) == 3
+    assert first_unreachable([Probe(2, "[Errno 113] No route to host"), Probe(3, "no answer within 1.0s")]) == 2

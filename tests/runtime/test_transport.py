@@ -9,6 +9,7 @@ scouting off). Tests wait for conditions (``_until``), never for a fixed time:
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import zenoh
@@ -205,3 +206,19 @@ def test_captured_messages_replayed_are_dropped_and_stale_ones_too() -> None:
                 await p.transport.close()
 
     asyncio.run(main())
+
+
+def test_zenoh_config_gives_zenoh_its_reader_threads_unless_the_operator_chose(monkeypatch) -> None:
+    # zenoh reads ZENOH_RUNTIME when the process first opens a session: the configuration sets it
+    # (a lost host's lingering links each block one of zenoh's RX threads; docs/operations.md).
+    from skulk.runtime.transport import ZENOH_RUNTIME, zenoh_config
+
+    settings = TransportSettings(node_id="n", namespace="tns", secret=SECRET, listen=(), connect=(),
+                                 multicast=False, lease_ms=1000, api_port=0, incarnation="i")
+    monkeypatch.delenv("ZENOH_RUNTIME", raising=False)
+    zenoh_config(settings)
+    assert ZENOH_RUNTIME == "(rx: (worker_threads: 8))"
+    assert os.environ["ZENOH_RUNTIME"] == ZENOH_RUNTIME
+    monkeypatch.setenv("ZENOH_RUNTIME", "(rx: (worker_threads: 3))")
+    zenoh_config(settings)
+    assert os.environ["ZENOH_RUNTIME"] == "(rx: (worker_threads: 3))"
