@@ -204,8 +204,8 @@ CATALOGUE: tuple[Mutant, ...] = (
        "at=entered_at + limit,",
        "the worker's group-connect backstop fires with the runner's own deadline and pre-empts its diagnosis"),
     _m("runner.restarted_worker_reruns_orphans", "runner policy", "worker.py",
-       "if task.status != \"running\" or task_id in self.dispatched or task_id in self._settled:",
-       "if True:",
+       "if task.status == \"running\" and t not in dispatched and t not in settled",
+       "if False",
        "a restarted worker does not fail the tasks it was running before the crash",
        benign="the origin already ends a stream whose chunks come from a new incarnation of its runner node once "
               "it has a chunk (runner_restarted), and streams the rerun when it had none: the client sees an error "
