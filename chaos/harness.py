@@ -205,7 +205,42 @@ def run_scenario(
 
     ``budget`` bounds the run in core steps and in time (``chaos.budget``;
     None: unbounded, for benchmarks that must not be cut short).
+
+    A run makes next to no cyclic garbage, while it keeps hundreds of thousands
+    of objects alive (the trace's inputs, the states): the cyclic collector's
+    passes over them were a third of a run's time. It pauses for the whole run
+    and resumes only once the run's world is unreachable, so its next pass frees
+    the world from the youngest generation; resumed while the world still lived,
+    it moved all of it to an older generation, to be walked again by a costlier
+    pass later (memory is bounded by the budget's step count either way).
     """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _run(name, seed, overrides=overrides, canary=canary, tracing=tracing, artifacts_dir=artifacts_dir,
+                    quiet=quiet, print_options=print_options, hashes_out=hashes_out, write_trace=write_trace,
+                    budget=budget, efficiency=efficiency)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _run(
+    name: str,
+    seed: int,
+    *,
+    overrides: Mapping[str, str] | None,
+    canary: bool,
+    tracing: bool,
+    artifacts_dir: Path | None,
+    quiet: bool,
+    print_options: bool,
+    hashes_out: Path | None,
+    write_trace: bool,
+    budget: Budget | None,
+    efficiency: EfficiencyBounds | None,
+) -> RunResult:
+    """``run_scenario``'s body, with the cyclic collector paused by the caller."""
     scenario = get(name)
     over = dict(overrides or {})
     opts = build_options(scenario, seed, over, canary=canary)
@@ -231,13 +266,7 @@ def run_scenario(
     started = time.perf_counter()
     status, code, message, caught_by = "ok", exitcodes.OK, "", ""
     proc = world.process(_main(world, scenario, stage, checker))
-    collecting = gc.isenabled()
     try:
-        # A run makes next to no cyclic garbage, while the trace keeps hundreds of
-        # thousands of inputs alive: the cyclic collector's passes over them were a
-        # third of a run's time. It pauses for the run (memory is bounded by the
-        # budget's step count) and resumes after.
-        gc.disable()
         if budget is None:
             world.env.run(until=proc)
         else:
@@ -248,9 +277,6 @@ def run_scenario(
         message = f"{exc}\n{trace_tail(world)}"
     except Exception as exc:
         status, code, message, caught_by = _classify(exc)
-    finally:
-        if collecting:
-            gc.enable()
     wall = time.perf_counter() - started
     tracer = world.tracer
     result = RunResult(
