@@ -223,9 +223,11 @@ def run_trial(*, before_s: float = 5.0, after_s: float = 10.0, tcp_retries2: int
                                                    for r in rows if "recv" in r and r["t"] >= down_at]
         result[f"m{i}_heard_{other}_after"] = sum(n for _, n in windows)
         # Silent: the longest run of half seconds (ending after the lost peer's departure) in which the
-        # other survivor was not heard; None when that run lasts to the end of the trial.
+        # other survivor was not heard; None when that run lasts to the end of the trial. The last
+        # second is left out: the peers started (and so stop) up to a few hundred ms apart.
         start = gone if gone is not None else down_at
-        after = [n for t, n in ((r["t"], r["recv"].get(other, 0)) for r in rows if "recv" in r) if t > start]
+        horizon = down_at + after_s - 1.0
+        after = [n for t, n in ((r["t"], r["recv"].get(other, 0)) for r in rows if "recv" in r) if start < t <= horizon]
         longest = run = 0
         for n in after:
             run = run + 1 if n == 0 else 0

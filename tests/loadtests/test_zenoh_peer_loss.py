@@ -30,8 +30,10 @@ def test_the_survivors_hear_each_other_after_the_lost_peers_lease_expires() -> N
     r = run_trial(before_s=4.0, after_s=7.0)
     # The lost peer did leave (its lease expired), as seen by both survivors...
     assert r["m0_saw_m2_leave_after_s"] is not None and r["m1_saw_m2_leave_after_s"] is not None, r
-    # ...and each survivor heard the other again within a second of it, and kept hearing it.
-    assert r["m0_silent_s"] is not None and r["m0_silent_s"] < 1.0, r
-    assert r["m1_silent_s"] is not None and r["m1_silent_s"] < 1.0, r
+    # ...and each survivor kept hearing the other. Healthy, the longest silence was under half a
+    # second; the defect silences them for the linger time (10 s, past this trial's end, so
+    # ``None``). 3 s leaves room for a loaded CI machine and still cannot pass on the defect.
+    assert r["m0_silent_s"] is not None and r["m0_silent_s"] < 3.0, r
+    assert r["m1_silent_s"] is not None and r["m1_silent_s"] < 3.0, r
     assert r["m0_heard_m1_after"] > 0 and r["m1_heard_m0_after"] > 0, r
     assert not r["deaf"], r
