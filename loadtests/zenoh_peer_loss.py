@@ -46,7 +46,7 @@ lingering close). Measured, 5 trials each (``docs/operations.md``): deaf in
 messages) and with ``--rx-threads 3``; 5 of 5 with ``--rx-threads 2``;
 ``--rx-threads 2`` with ``--sndbuf 16384``: 3 of 5, with
 ``--wait-before-close-us 100000``: 4 of 5, with ``--tcp-retries2 3``: 4 of 5
-(silences of 1-2.5 s; an earlier measure that ignored the first second after
+(silences of 1-2.5 s; 2 of 5 on a quiet machine, up to 2 s; an earlier measure that ignored the first second after
 the departure counted 0 of 5).
 Re-declaring the subscribers or the publisher after the loss,
 ``session.put`` instead of a declared publisher, QoS or batching off, or
