@@ -172,12 +172,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 def _cmd_speed(args: argparse.Namespace) -> int:
     """Seeds per minute of this tree against a git revision, side by side (``chaos.speed``)."""
-    from chaos.speed import compare
+    from chaos.speed import RunFailed, compare
 
     print(f"# speed: this tree against {args.against}, seeds {args.start}..{args.start + args.seeds - 1} of each "
           f"scenario, best of {args.repeat}", flush=True)
-    compare(args.against, seeds=args.seeds, start=args.start, repeat=args.repeat,
-            scenarios=_scenarios(args.scenario) if args.scenario else None, echo=lambda l: print(l, flush=True))
+    try:
+        compare(args.against, seeds=args.seeds, start=args.start, repeat=args.repeat,
+                scenarios=_scenarios(args.scenario) if args.scenario else None, echo=lambda l: print(l, flush=True))
+    except RunFailed as exc:
+        print(f"speed: no figure: {exc}", file=sys.stderr, flush=True)
+        return exitcodes.ERROR
     return exitcodes.OK
 
 

@@ -13,7 +13,11 @@ trees and their ratio: over the scenarios both trees have (like for like),
 and over every scenario of this tree.
 
 Every run is a full run (tracing and every check on, the default budget
-where the tree has one): exactly what a sweep does, one process.
+where the tree has one): exactly what a sweep does, one process. Every run
+must pass: a run that fails ends early and would flatter its tree's figure
+(a scratch build that broke the core once "ran" 43x faster), so a child with
+a failed run reports its replay lines and the comparison stops with
+:class:`RunFailed`, naming the tree, instead of printing a figure.
 
 Invariants kept: the working tree is never written; both trees run the
 same (scenario, seed) pairs in the same order.
@@ -32,9 +36,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["measure", "compare", "child_main"]
+__all__ = ["measure", "compare", "child_main", "RunFailed"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# A child's exit code when a measured run failed (its stderr names the runs).
+_RUN_FAILED = 3
+
+
+class RunFailed(RuntimeError):
+    """A measured run did not pass, so no figure is given for its tree."""
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
@@ -56,11 +67,17 @@ def child_main(argv: Sequence[str] | None = None) -> int:
         if name in load_all():
             run_scenario(name, args.start + 10_000, quiet=True)
     out: dict[str, list[float]] = {}
+    failed: list[str] = []
     for name in names:
         cpu0, wall0 = time.process_time(), time.perf_counter()
-        for seed in range(args.start, args.start + args.seeds):
-            run_scenario(name, seed, quiet=True)
+        results = [run_scenario(name, seed, quiet=True) for seed in range(args.start, args.start + args.seeds)]
         out[name] = [time.process_time() - cpu0, time.perf_counter() - wall0, float(args.seeds)]
+        failed += [f"{r.scenario} seed {r.seed}: {r.status}: {r.message.splitlines()[0] if r.message else ''}"
+                   f"{f' ({r.replay})' if r.replay else ''}" for r in results if not r.ok]
+    if failed:
+        for line in failed:
+            print(f"speed: a measured run failed: {line}", file=sys.stderr, flush=True)
+        return _RUN_FAILED
     print(json.dumps(out), flush=True)
     return 0
 
@@ -72,6 +89,10 @@ def _run_child(tree: Path, seeds: int, start: int, scenarios: Sequence[str] | No
         cmd += ["--scenario", name]
     env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+    if done.returncode == _RUN_FAILED:
+        failures = [line for line in done.stderr.splitlines() if line.startswith("speed: a measured run failed")]
+        raise RunFailed(f"{len(failures)} measured run(s) failed in {tree}, so its figure would be wrong:\n"
+                        + "\n".join(failures[:10]))
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"the speed child in {tree} failed (exit {done.returncode}): {done.stderr.strip()[-600:]}")
