@@ -311,7 +311,7 @@ class FileKeeper:
             return Output([set_timer(TransferStallTimer(model), due)])
         del self.transfers[model]
         message = f"no new byte from {tr.source.name} for {self.config.transfer_stall_s:g} s"
-        effects: list[Effect] = [CancelTransfer(transfer_id=tr.transfer_id)]
+        effects = [CancelTransfer(transfer_id=tr.transfer_id)]
         effects += self._fail(now, model, tr.source.name, "stalled", message, backoff=False)
         return Output(effects, self._sync(now, model, state, force=True))
 

@@ -47,7 +47,7 @@ from skulk.core.instances import (
 )
 from skulk.core.output import Output
 from skulk.core.state import State
-from skulk.core.tasks import TokenChunk
+from skulk.core.tasks import Task, TokenChunk
 from skulk.core.telemetry import MemoryInfo
 from skulk.core.timers import RunnerDeadlineTimer, RunnerRestartTimer, cancel_timer, set_timer
 
@@ -81,7 +81,7 @@ class Worker:
         # Runners that must not be (re)started before a time, or ever (inf).
         self._blocked_until: dict[RunnerId, float] = {}
         self._failures: dict[RunnerId, RunnerFailed] = {}
-        self._last_tasks: dict[TaskId, object] | None = None
+        self._last_tasks: dict[TaskId, Task] | None = None
         # Tasks this worker already reported ended (finished, runner exit, restart orphan).
         self._settled: set[TaskId] = set()
         self._last_runners_key: tuple[tuple[RunnerId, bool, bool], ...] = ()
@@ -221,8 +221,8 @@ class Worker:
         ):
             task = tasks[task_id]
             inst = state.instances.get(task.instance_id)
-            runner_id = inst.shard_assignments.node_to_runner.get(self.node_id) if inst is not None else None
-            if inst is None or runner_id is None or inst.shard_assignments.runner_to_shard[runner_id].device_rank != 0:
+            local = inst.shard_assignments.node_to_runner.get(self.node_id) if inst is not None else None
+            if inst is None or local is None or inst.shard_assignments.runner_to_shard[local].device_rank != 0:
                 continue
             settled.add(task_id)
             events.append(
