@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["measure", "compare", "child_main", "RunFailed"]
+__all__ = ["compare", "side_by_side", "table", "child_main", "RunFailed"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,17 +99,6 @@ def _run_child(tree: Path, seeds: int, start: int, scenarios: Sequence[str] | No
     return json.loads(lines[-1])
 
 
-def measure(tree: Path, *, seeds: int, start: int = 1, repeat: int = 1,
-            scenarios: Sequence[str] | None = None) -> dict[str, list[float]]:
-    """The best (least CPU) of ``repeat`` children per scenario."""
-    best: dict[str, list[float]] = {}
-    for _ in range(repeat):
-        for name, row in _run_child(tree, seeds, start, scenarios).items():
-            if name not in best or row[0] < best[name][0]:
-                best[name] = row
-    return best
-
-
 def compare(
     against: str,
     *,
@@ -126,18 +115,34 @@ def compare(
                                  check=True, capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
         shutil.copy2(ROOT / "chaos" / "speed.py", tmp / "chaos" / "speed.py")
-        before: dict[str, list[float]] = {}
-        after: dict[str, list[float]] = {}
-        for r in range(repeat):
-            order = [(tmp, before), (ROOT, after)] if r % 2 == 0 else [(ROOT, after), (tmp, before)]
-            for tree, into in order:
-                for name, row in _run_child(tree, seeds, start, scenarios).items():
-                    if name not in into or row[0] < into[name][0]:
-                        into[name] = row
-            echo(f"# repeat {r + 1} of {repeat} done")
+        before, after = side_by_side(tmp, ROOT, seeds=seeds, start=start, repeat=repeat, scenarios=scenarios,
+                                     echo=echo)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _table(before, after, against, echo)
+    return table(before, after, against, echo)
+
+
+def side_by_side(
+    before_tree: Path,
+    after_tree: Path,
+    *,
+    seeds: int,
+    start: int = 1,
+    repeat: int = 2,
+    scenarios: Sequence[str] | None = None,
+    echo: Callable[[str], None] = print,
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Both trees' rows, children alternating (which goes first swaps each repeat); the least CPU counts."""
+    before: dict[str, list[float]] = {}
+    after: dict[str, list[float]] = {}
+    for r in range(repeat):
+        order = [(before_tree, before), (after_tree, after)] if r % 2 == 0 else [(after_tree, after), (before_tree, before)]
+        for tree, into in order:
+            for name, row in _run_child(tree, seeds, start, scenarios).items():
+                if name not in into or row[0] < into[name][0]:
+                    into[name] = row
+        echo(f"# repeat {r + 1} of {repeat} done")
+    return before, after
 
 
 def _rate(rows: dict[str, list[float]], names: Sequence[str], column: int) -> float:
@@ -146,8 +151,9 @@ def _rate(rows: dict[str, list[float]], names: Sequence[str], column: int) -> fl
     return 60.0 * runs / secs if secs > 0 else 0.0
 
 
-def _table(before: dict[str, list[float]], after: dict[str, list[float]], against: str,
-           echo: Callable[[str], None]) -> dict[str, Any]:
+def table(before: dict[str, list[float]], after: dict[str, list[float]], against: str,
+          echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Print seeds per CPU-minute per scenario, over the shared scenarios and over all of ``after``'s; return them."""
     echo(f"{'scenario':<24}{'before /min':>12}{'after /min':>12}{'ratio':>8}   (seeds per minute of CPU, one process)")
     for name in sorted(after):
         b = 60.0 * before[name][2] / before[name][0] if name in before and before[name][0] > 0 else None

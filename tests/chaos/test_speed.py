@@ -19,13 +19,17 @@ from chaos.mutate import scratch_copy
 from chaos.mutants import FAST, by_name
 
 
-def test_a_tree_whose_runs_pass_gets_its_cpu_wall_and_run_count(tmp_path: Path) -> None:
+def test_trees_whose_runs_pass_get_their_least_cpu_wall_and_run_count(tmp_path: Path) -> None:
     scratch_copy(tmp_path)
-    rows = speed._run_child(tmp_path, seeds=2, start=1, scenarios=["failover_grace"])
-    assert set(rows) == {"failover_grace"}
-    cpu_s, wall_s, runs = rows["failover_grace"]
-    assert runs == 2.0
-    assert 0.0 < cpu_s and 0.0 < wall_s
+    said: list[str] = []
+    before, after = speed.side_by_side(tmp_path, speed.ROOT, seeds=2, repeat=2, scenarios=["failover_grace"],
+                                       echo=said.append)
+    assert said == ["# repeat 1 of 2 done", "# repeat 2 of 2 done"]
+    for rows in (before, after):
+        assert set(rows) == {"failover_grace"}
+        cpu_s, wall_s, runs = rows["failover_grace"]
+        assert runs == 2.0
+        assert 0.0 < cpu_s and 0.0 < wall_s
 
 
 def test_a_tree_whose_run_fails_gets_no_figure_and_the_failure_is_named(tmp_path: Path) -> None:
