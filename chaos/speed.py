@@ -136,7 +136,9 @@ def side_by_side(
     before: dict[str, list[float]] = {}
     after: dict[str, list[float]] = {}
     for r in range(repeat):
-        order = [(before_tree, before), (after_tree, after)] if r % 2 == 0 else [(after_tree, after), (before_tree, before)]
+        order = [(before_tree, before), (after_tree, after)]
+        if r % 2:
+            order.reverse()
         for tree, into in order:
             for name, row in _run_child(tree, seeds, start, scenarios).items():
                 if name not in into or row[0] < into[name][0]:

@@ -85,7 +85,7 @@ def tools() -> Path:
 
 
 def silence(tree: Path, mypy_output: str) -> int:
-    """Append ``# type: ignore`` (replacing any narrower one) to each line of ``tree`` mypy reported; return how many."""
+    """Mark each line of ``tree`` mypy reported with ``# type: ignore`` (widening a narrow one); return how many."""
     lines_by_file: dict[str, set[int]] = {}
     for line in mypy_output.splitlines():
         m = _ERROR.match(line)
